@@ -1,0 +1,48 @@
+"""The `peft-spectral` command line.
+
+Each sub-command lives in its own module of this package and exposes `add_parser(subparsers)`, which adds its
+parser and sets `func` (called with the parsed arguments, returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+#: Sub-command modules, in the order `--help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ("demo", "train_svf", "mix", "compress", "cpi", "tasks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peft-spectral",
+        description="SVF + Transformer², SpectralCompress and CoreIsolation adapters for Hugging Face PEFT.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:  # a command whose module is not written yet is simply absent
+            if err.name != f"{__name__}.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
