@@ -1,0 +1,1 @@
+"""PEFT tuners of peft_spectral: one sub-package per method (config, layer, model)."""

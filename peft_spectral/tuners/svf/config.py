@@ -1,0 +1,121 @@
+"""Configuration of Singular Value Fine-tuning (SVF, Transformer², arXiv 2501.06252)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+#: Default targets per architecture: the MLP projections, as in the Transformer² reference code.
+SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
+    "llama": ["gate_proj", "up_proj", "down_proj"],
+    "mistral": ["gate_proj", "up_proj", "down_proj"],
+    "mixtral": ["w1", "w2", "w3"],
+    "qwen2": ["gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["gate_proj", "up_proj", "down_proj"],
+    "gemma": ["gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["gate_proj", "up_proj", "down_proj"],
+    "gemma3_text": ["gate_proj", "up_proj", "down_proj"],
+    "smollm3": ["gate_proj", "up_proj", "down_proj"],
+    "olmo2": ["gate_proj", "up_proj", "down_proj"],
+    "phi3": ["gate_up_proj", "down_proj"],
+    "gpt2": r".*\.mlp\.(c_fc|c_proj)$",
+    "gpt_neox": ["dense_h_to_4h", "dense_4h_to_h"],
+    "gptj": ["fc_in", "fc_out"],
+    "opt": ["fc1", "fc2"],
+    "falcon": ["dense_h_to_4h", "dense_4h_to_h"],
+}
+
+SVFMode = Literal["linear", "sigmoid"]
+
+
+@dataclass
+class SVFConfig(PeftConfig):
+    """Configuration of an [`SVFModel`]: one trainable scale per singular value of each targeted weight.
+
+    For a targeted weight `W = U diag(σ) Vᵀ` the adapted weight is `W' = U diag(σ ⊙ f(z)) Vᵀ`, where `z` is the only
+    trainable (and the only saved) tensor. `U`, `σ`, `V` come from the SVD cache and are never saved.
+
+    Args:
+        target_modules (`list[str]` or `str`, *optional*):
+            Module names (suffix match), a regex (full match), or `"all-linear"`. Defaults to the MLP projections
+            for known architectures (see `SVF_DEFAULT_TARGET_MODULES`); other models must name their targets.
+        exclude_modules (`list[str]` or `str`, *optional*): Modules never adapted (names or a regex).
+        layers_to_transform (`list[int]` or `int`, *optional*): Only adapt these layer indices.
+        layers_pattern (`list[str]` or `str`, *optional*): Name of the layer list (e.g. `"layers"`), used with
+            `layers_to_transform` when the architecture is not recognised.
+        mode (`str`): `"linear"`: `f(z) = z`, `z` initialised to 1 (the paper). `"sigmoid"`: `f(z) =
+            max_mult · sigmoid(z)`, then rescaled so that `Σ σ ⊙ f = Σ σ` (the reference code). Both are the base
+            model at initialisation.
+        rank (`int`, *optional*): Adapt only the top `rank` singular values of each weight; the rest of the spectrum
+            is kept exactly. `None` adapts all `min(out, in)` values.
+        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode.
+        init_value (`float`, *optional*): Initial `z`. Defaults to 1.0 (`"linear"`) or 0.1 (`"sigmoid"`, the reference).
+        init_noise_std (`float`): Standard deviation of Gaussian noise added to the initial `z` (the reference uses
+            0.01 in `"sigmoid"` mode). Non-zero noise makes the initial model differ slightly from the base.
+        init_seed (`int`): Seed of that noise, so that adapters are reproducible.
+        svd_cache_dir (`str`, *optional*): Directory of the SVD cache; defaults to the user cache directory.
+        use_svd_cache (`bool`): Set to `False` to always recompute the SVD (nothing is written).
+        modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex to adapt, or 'all-linear'. Defaults to the MLP projections of known "
+            "architectures."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude from adaptation."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt; all when None."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    mode: SVFMode = field(
+        default="linear",
+        metadata={"help": "'linear' (paper: sigma * z, z=1 at init) or 'sigmoid' (reference code: max_mult*sigmoid(z), sum-preserving)."},
+    )
+    rank: Optional[int] = field(
+        default=None, metadata={"help": "Adapt only the top-`rank` singular values; None adapts all."}
+    )
+    max_mult: float = field(default=2.0, metadata={"help": "Upper bound of the scale in 'sigmoid' mode."})
+    init_value: Optional[float] = field(
+        default=None, metadata={"help": "Initial z; 1.0 for 'linear', 0.1 for 'sigmoid' when None."}
+    )
+    init_noise_std: float = field(
+        default=0.0, metadata={"help": "Std of Gaussian noise on the initial z (reference: 0.01 in sigmoid mode)."}
+    )
+    init_seed: int = field(default=0, metadata={"help": "Seed of the initial noise."})
+    svd_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Directory of the SVD cache; the user cache dir when None."}
+    )
+    use_svd_cache: bool = field(default=True, metadata={"help": "Read and write the on-disk SVD cache."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules to train and save in full."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SVF
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.mode not in ("linear", "sigmoid"):
+            raise ValueError(f"SVFConfig.mode must be 'linear' or 'sigmoid', got {self.mode!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"SVFConfig.rank must be a positive integer or None, got {self.rank!r}")
+        if self.max_mult <= 0:
+            raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
+        if self.init_noise_std < 0:
+            raise ValueError(f"SVFConfig.init_noise_std must be >= 0, got {self.init_noise_std!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("SVFConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str.")
+        if self.init_value is None:
+            self.init_value = 1.0 if self.mode == "linear" else 0.1

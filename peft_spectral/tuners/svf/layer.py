@@ -1,0 +1,230 @@
+"""SVF tuner layers: a trainable scale per singular value of a frozen weight.
+
+Notation: `W` is the base weight in `(out, in)` orientation, `m = min(out, in)`, `σ` its singular values, `Q` the
+singular vectors of the smaller side (see [`peft_spectral.svd_cache`]), `k` the number of adapted values and
+`s ∈ R^k` the scales of the active adapter(s). With `D = diag(s - 1)` and `Q_k` the top-`k` columns of `Q`,
+
+    W' = W (I + Q_k D Q_kᵀ)    when Q = V (in <= out)
+    W' = (I + Q_k D Q_kᵀ) W    when Q = U (out < in)
+
+which equals `U diag(σ ⊙ s) Vᵀ` on the top-`k` subspace and keeps the rest of the spectrum. Written as a correction
+of the base weight it is exactly the base model when `s = 1` (bit for bit: the correction is `0`), needs only the
+smaller side's factors, and gives two exact ways to compute an output:
+
+* factored: transform the input (`x + ((x Q_k) ⊙ (s-1)) Q_kᵀ`) or the output, `2·tokens·m·k` extra FLOPs;
+* recomposed: build `W'` once, `2·out·in·k` extra FLOPs.
+
+The cheaper one is picked per call (recomposing only when no gradient is needed, since its backward is costlier).
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...svd_cache import SpectralFactors
+from .config import SVFConfig
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight of an `nn.Linear` or transformers `Conv1D` in `(out, in)` orientation (a view, no copy)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    if isinstance(layer, Conv1D):
+        return layer.weight.T
+    raise TypeError(
+        f"SVF supports torch.nn.Linear and transformers' Conv1D layers, got {type(layer).__module__}."
+        f"{type(layer).__name__}"
+    )
+
+
+class SVFLayer(BaseTunerLayer):
+    """Mixin holding the SVF state of one targeted layer.
+
+    Attributes:
+        svf_z (`nn.ParameterDict`): The trainable vector `z` of each adapter (the only saved tensors).
+        svf_S, svf_Q (buffers): Singular values and smaller-side singular vectors, shared by all adapters of the layer
+            and never saved.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("svf_z",)
+    other_param_names: tuple[str, ...] = ("svf_settings",)
+
+    def __init__(self, base_layer: nn.Module, factors: SpectralFactors, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.svf_z = nn.ParameterDict({})
+        self.svf_settings: dict[str, dict[str, Any]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._svf_weight_backup: Optional[torch.Tensor] = None
+
+        base = self.get_base_layer()
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self.out_features, self.in_features = weight_matrix(base).shape
+        m = min(self.out_features, self.in_features)
+        if tuple(factors.S.shape) != (m,) or tuple(factors.Q.shape) != (m, m):
+            raise ValueError(
+                f"SVF factors of shape S{tuple(factors.S.shape)}, Q{tuple(factors.Q.shape)} do not fit a weight of "
+                f"shape ({self.out_features}, {self.in_features})"
+            )
+        self.svf_side = factors.side
+        device = weight_matrix(base).device
+        self.register_buffer("svf_S", factors.S.to(device), persistent=False)
+        self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
+
+    @property
+    def svf_rank(self) -> int:
+        """Number of singular values of the weight, `min(out, in)`."""
+        return int(self.svf_S.shape[0])
+
+    def update_layer(self, adapter_name: str, config: SVFConfig, current_key: str = "") -> None:
+        """Add an adapter: a `z` of length `min(config.rank, m)`, initialised so that the layer is the base layer."""
+        k = min(config.rank or self.svf_rank, self.svf_rank)
+        z = torch.full((k,), float(config.init_value), dtype=torch.float32)
+        if config.init_noise_std > 0:
+            gen = torch.Generator().manual_seed(config.init_seed * 1_000_003 + zlib.crc32(current_key.encode()))
+            z += config.init_noise_std * torch.randn(k, generator=gen)
+        self.svf_z[adapter_name] = nn.Parameter(z.to(self.svf_S.device))
+        self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # ------------------------------------------------------------------ scales
+
+    def svf_scale(self, adapter_name: str) -> torch.Tensor:
+        """The per-singular-value scale `s = f(z)` of one adapter (length `k`), differentiable in `z`."""
+        z = self.svf_z[adapter_name]
+        settings = self.svf_settings[adapter_name]
+        if settings["mode"] == "linear":
+            return z
+        f = settings["max_mult"] * torch.sigmoid(z)
+        sigma = self.svf_S[: z.shape[0]].to(f.dtype)
+        return f * (sigma.sum() / (sigma * f).sum())
+
+    def _combined_delta(self, adapter_names: list[str]) -> Optional[torch.Tensor]:
+        """`Π_a s_a - 1` over the given adapters (padded with 1 to the longest `k`), or `None` if none applies."""
+        scales = [self.svf_scale(a) for a in adapter_names if a in self.svf_z]
+        if not scales:
+            return None
+        k = max(s.shape[0] for s in scales)
+        total = None
+        for s in scales:
+            if s.shape[0] < k:
+                s = torch.cat([s, s.new_ones(k - s.shape[0])])
+            total = s if total is None else total * s
+        return total - 1
+
+    def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        """`W' - W` in `(out, in)` orientation for the correction `delta = s - 1`."""
+        w = weight_matrix(self.get_base_layer()).to(self.svf_Q.dtype)
+        q = self.svf_Q[:, : delta.shape[0]]
+        if self.svf_side == "right":
+            return (w @ q) @ (q * delta).T
+        return (q * delta) @ (q.T @ w)
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the active (or given) adapters into the base weight. The original weight is kept for `unmerge`.
+
+        Args:
+            safe_merge (`bool`): Check the merged weight for NaN/inf before writing it.
+            adapter_names (`list[str]`, *optional*): Adapters to merge; the active ones when `None`.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.svf_z:
+                continue
+            z = self.svf_z[name].detach()
+            if not torch.isfinite(z).all():
+                raise ValueError(
+                    f"SVF adapter '{name}' has non-finite values in z ({int((~torch.isfinite(z)).sum())} of "
+                    f"{z.numel()}); refusing to merge it into the base weight"
+                )
+            with torch.no_grad():
+                delta = self._combined_delta([name])
+                w = weight_matrix(base)
+                new_w = (w.to(self.svf_Q.dtype) + self.delta_weight(delta)).to(w.dtype)
+                if safe_merge and not torch.isfinite(new_w).all():
+                    raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
+                if self._svf_weight_backup is None:
+                    self._svf_weight_backup = base.weight.data.clone()
+                base.weight.data = new_w.T.contiguous() if self.fan_in_fan_out else new_w
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before the first merge."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        base.weight.data = self._svf_weight_backup
+        self._svf_weight_backup = None
+        self.merged_adapters.clear()
+
+
+class SVFLinear(nn.Module, SVFLayer):
+    """SVF around an `nn.Linear` or a transformers `Conv1D`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SVFConfig,
+        factors: SpectralFactors,
+        current_key: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        SVFLayer.__init__(self, base_layer, factors)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, current_key)
+
+    def _use_recomposed(self, x: torch.Tensor, delta: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad):
+            return False
+        tokens = x.numel() // max(x.shape[-1], 1)
+        m = self.svf_rank
+        # factored costs 2·tokens·m·k, recomposed 2·out·in·k extra FLOPs
+        return tokens * m > self.out_features * self.in_features
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        delta = self._combined_delta(self.active_adapters)
+        if delta is None:
+            return self.base_layer(x, *args, **kwargs)
+
+        base = self.get_base_layer()
+        compute_dtype = self.svf_Q.dtype
+        if self._use_recomposed(x, delta):
+            w = weight_matrix(base)
+            new_w = (w.to(compute_dtype) + self.delta_weight(delta)).to(x.dtype)
+            bias = base.bias.to(x.dtype) if base.bias is not None else None
+            return F.linear(x, new_w, bias)
+
+        q = self.svf_Q[:, : delta.shape[0]]
+        if self.svf_side == "right":
+            xc = x.to(compute_dtype)
+            x = x + (((xc @ q) * delta) @ q.T).to(x.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **kwargs)
+        lin = y if base.bias is None else y - base.bias
+        return y + (((lin.to(compute_dtype) @ q) * delta) @ q.T).to(y.dtype)
+
+    def __repr__(self) -> str:
+        return "svf." + super().__repr__()
+

@@ -1,0 +1,247 @@
+"""`SVFModel`: injects [`SVFLinear`] layers into a transformers model."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...svd_cache import SVDCache
+from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
+from .layer import SVFLayer, SVFLinear, weight_matrix
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+def linear_module_names(model: nn.Module, limit: Optional[int] = None) -> list[str]:
+    """Names of the `nn.Linear`/`Conv1D` modules of `model` (for error messages)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    return names[:limit] if limit else names
+
+
+def layer_index(module_name: str) -> Optional[int]:
+    """The transformer block index in a module name (`model.layers.3.mlp.up_proj` → 3), or `None`."""
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+class SVFModel(BaseTuner):
+    """Singular Value Fine-tuning (Transformer², https://huggingface.co/papers/2501.06252) for PEFT.
+
+    Each targeted weight `W = U diag(σ) Vᵀ` becomes `U diag(σ ⊙ f(z)) Vᵀ` with one trainable `z` per singular value.
+    Use it through `peft.get_peft_model(model, SVFConfig(...))` after `import peft_spectral`.
+
+    Example:
+
+    ```py
+    >>> import peft_spectral
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(base_model, peft_spectral.SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"]))
+    >>> model.print_trainable_parameters()
+    ```
+    """
+
+    prefix: str = "svf_"
+    tuner_layer_cls = SVFLayer
+    target_module_mapping = SVF_DEFAULT_TARGET_MODULES
+
+    # ------------------------------------------------------------------ injection
+
+    def _prepare_adapter_config(self, peft_config: SVFConfig, model_config: dict) -> SVFConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            targets = self.target_module_mapping.get(model_type)
+            if targets is None:
+                examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear_module_names(self.model)})[:8])
+                raise ValueError(
+                    f"SVFConfig.target_modules is required: no default targets are known for model type "
+                    f"{model_type!r}. Name the linear layers to adapt, e.g. target_modules=[...] from: {examples}"
+                )
+            peft_config.target_modules = targets if isinstance(targets, str) else set(targets)
+        return peft_config
+
+    def _prepare_model(self, peft_config: SVFConfig, model: nn.Module) -> None:
+        """Match the targets, reject unsupported ones, and compute (or load) all SVD factors with one progress bar."""
+        matched = _matching_modules(peft_config, model)
+        if not matched:
+            examples = ", ".join(linear_module_names(model, limit=6)) or "(the model has no Linear/Conv1D layers)"
+            raise ValueError(
+                f"SVFConfig.target_modules={_describe(peft_config.target_modules)} matches no module of the model. "
+                f"Some linear modules of this model: {examples}"
+            )
+        unsupported = [(n, type(m).__name__) for n, m in matched if not isinstance(m, (nn.Linear, Conv1D, SVFLayer))]
+        if unsupported:
+            name, kind = unsupported[0]
+            raise TypeError(
+                f"SVF supports torch.nn.Linear and transformers' Conv1D layers; target '{name}' is a {kind}"
+                f" ({len(unsupported)} unsupported target(s) in all). Narrow target_modules."
+            )
+        cache = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache)
+        new = [(n, weight_matrix(m)) for n, m in matched if not isinstance(m, SVFLayer)]
+        self._svd_cache = cache
+        self._pending_factors = cache.get_many(new, desc="SVF: SVD of target weights")
+
+    def _create_and_replace(
+        self,
+        peft_config: SVFConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, SVFLayer):
+            target.update_layer(adapter_name, peft_config, current_key)
+            return
+        factors = getattr(self, "_pending_factors", {}).pop(current_key, None)
+        if factors is None:
+            factors = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache).get(weight_matrix(target))
+        new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: SVFConfig, adapter_name: str) -> None:
+        self._pending_factors = {}
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SVFConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict()
+        for key, value in remapped.items():
+            if key in model_state and model_state[key].shape != value.shape and ".svf_z." in key + ".":
+                module = key.split(".svf_z")[0].removeprefix("base_model.model.")
+                raise ValueError(
+                    f"SVF adapter does not fit this model: module '{module}' has {model_state[key].numel()} adapted "
+                    f"singular values here but the adapter holds {value.numel()} (it was trained on a model with "
+                    f"other weight shapes, or with another `rank`)."
+                )
+        return remapped
+
+    # ------------------------------------------------------------------ adapters
+
+    def svf_layers(self) -> list[tuple[str, SVFLinear]]:
+        """All SVF layers of the model with their module names."""
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, SVFLinear)]
+
+
+def _describe(targets: Any) -> str:
+    if isinstance(targets, (set, frozenset)):
+        return repr(sorted(targets))
+    return repr(targets)
+
+
+def _matching_modules(config: SVFConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules of `model` that `config` targets (resolving `"all-linear"`), skipping the inside of tuner layers."""
+    cfg = _maybe_include_all_linear_layers(copy.copy(config), model)
+    out = []
+    tuner_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in tuner_prefixes):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            tuner_prefixes.append(name + ".")
+        if check_target_module_exists(cfg, name):
+            out.append((name, module))
+    return out
+
+
+def combine_svf_adapters(
+    peft_model: nn.Module,
+    adapters: Sequence[str],
+    weights: Union[Sequence[float], Sequence[Sequence[float]], Mapping[str, Union[float, Sequence[float]]], torch.Tensor],
+    adapter_name: str,
+) -> str:
+    """Build a new SVF adapter with `z' = Σ_k α_k z_k` from existing adapters of `peft_model`.
+
+    The new adapter is an ordinary SVF adapter: it can be activated with `set_adapter`, saved with
+    `save_pretrained(..., selected_adapters=[adapter_name])` and loaded with `PeftModel.from_pretrained`.
+
+    Args:
+        peft_model (`PeftModel`): A model holding the SVF adapters to combine.
+        adapters (`Sequence[str]`): Names of the K source adapters.
+        weights: Mixing weights α: K floats (one per adapter), a `K × L` nested sequence or tensor (one per adapter
+            per transformer block, `L` blocks, the block index read from module names such as `layers.3`), or a
+            mapping from adapter name to a float or a list of `L` floats.
+        adapter_name (`str`): Name of the new adapter (must not exist yet).
+
+    Returns:
+        `str`: `adapter_name`.
+    """
+    if not adapters:
+        raise ValueError("combine_svf_adapters needs at least one source adapter")
+    configs = peft_model.peft_config
+    missing = [a for a in adapters if a not in configs]
+    if missing:
+        raise ValueError(f"combine_svf_adapters: unknown adapter(s) {missing}; available: {sorted(configs)}")
+    not_svf = [a for a in adapters if not isinstance(configs[a], SVFConfig)]
+    if not_svf:
+        raise ValueError(f"combine_svf_adapters: adapter(s) {not_svf} are not SVF adapters")
+    if adapter_name in configs:
+        raise ValueError(f"combine_svf_adapters: an adapter named {adapter_name!r} exists already")
+    modes = {configs[a].mode for a in adapters}
+    if len(modes) > 1:
+        raise ValueError(f"combine_svf_adapters: adapters use different modes {sorted(modes)}; z cannot be mixed")
+
+    alpha = _mixing_matrix(adapters, weights)  # (K, L) or (K, 1)
+    base_config = copy.deepcopy(configs[adapters[0]])
+    base_config.inference_mode = True
+    base_config.init_noise_std = 0.0
+    peft_model.add_adapter(adapter_name, base_config)
+
+    tuner = peft_model.base_model
+    for name, layer in tuner.svf_layers():
+        if adapter_name not in layer.svf_z:
+            continue
+        missing_here = [a for a in adapters if a not in layer.svf_z]
+        if missing_here:
+            raise ValueError(f"combine_svf_adapters: module '{name}' has no adapter(s) {missing_here}")
+        lengths = {layer.svf_z[a].shape[0] for a in adapters}
+        if len(lengths) > 1:
+            raise ValueError(f"combine_svf_adapters: module '{name}' has adapters of different rank {sorted(lengths)}")
+        if alpha.shape[1] == 1:
+            col = alpha[:, 0]
+        else:
+            idx = layer_index(name)
+            if idx is None or idx >= alpha.shape[1]:
+                raise ValueError(
+                    f"combine_svf_adapters: per-layer weights given for {alpha.shape[1]} layers, but module '{name}' "
+                    f"has layer index {idx}"
+                )
+            col = alpha[:, idx]
+        with torch.no_grad():
+            z = sum(float(c) * layer.svf_z[a].detach().float() for c, a in zip(col, adapters))
+            layer.svf_z[adapter_name].data.copy_(z)
+    return adapter_name
+
+
+def _mixing_matrix(adapters: Sequence[str], weights: Any) -> torch.Tensor:
+    k = len(adapters)
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - set(adapters)
+        if unknown or len(weights) != k:
+            raise ValueError(f"mixing weights name {sorted(weights)}, but the adapters are {list(adapters)}")
+        weights = [weights[a] for a in adapters]
+    alpha = torch.as_tensor(weights if not isinstance(weights, torch.Tensor) else weights.detach(), dtype=torch.float64)
+    if alpha.ndim == 1:
+        alpha = alpha[:, None]
+    if alpha.ndim != 2 or alpha.shape[0] != k:
+        raise ValueError(f"mixing weights must have shape ({k},) or ({k}, num_layers), got {tuple(alpha.shape)}")
+    if not torch.isfinite(alpha).all():
+        raise ValueError("mixing weights must be finite")
+    return alpha
