@@ -1,0 +1,147 @@
+"""`peft-spectral compress`: C2I or LASER search on a task, saved as a SpectralCompress adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """`"all"`/`None` → all layers; `"24-29"`, `"0-29:3"` (range with step), `"3,7,11"` or a mix like `"0-5,27"`."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        step = 1
+        if ":" in part:
+            part, step_text = part.split(":", 1)
+            step = int(step_text)
+            if step < 1:
+                raise argparse.ArgumentTypeError(f"layer step must be >= 1 in {text!r}")
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"empty layer range {part!r}")
+            layers.extend(range(lo, hi + 1, step))
+        else:
+            layers.append(int(part))
+    return sorted(set(layers))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compress",
+        help="find helpful low-rank truncations (Compress to Impress or LASER) and save them as an adapter",
+        description=(
+            "Search which weight matrices to replace by low-rank truncations for a task. 'c2i' ranks every "
+            "(matrix, rho) with one gradient pass on N calibration examples and evaluates the top ones; 'laser' "
+            "evaluates the whole grid (resumable with --state). Prints the chosen interventions and the test "
+            "accuracy before/after, and saves a SpectralCompress PEFT adapter to --output."
+        ),
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. a BigBench task such as epistemic_reasoning")
+    p.add_argument("--model", default=None, help="model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", "--mode", dest="method", choices=("c2i", "laser"), default="c2i")
+    p.add_argument("--clustered", action="store_true", help="C2I clustered mode (CL-nG-nE): multi-subspace truncation")
+    p.add_argument("--clusters", type=int, default=2, help="row clusters in clustered mode (default 2)")
+    p.add_argument("--n-grad", type=int, default=100, help="calibration examples for the gradient (default 100)")
+    p.add_argument("--n-eval", type=int, default=100, help="evaluation examples in clustered mode (default 100)")
+    p.add_argument("--n-val", type=int, default=None, help="validation examples for LASER / standard C2I (default all)")
+    p.add_argument("--matrices", type=_names, default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"], help="comma-separated matrix types or globs")
+    p.add_argument("--layers", type=parse_layers, default=None, help="'all', '24-29', '0-29:3' or '3,7,11'")
+    p.add_argument("--rhos", type=_floats, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions")
+    p.add_argument("--top-k", type=int, default=5, help="C2I: candidates evaluated (default 5)")
+    p.add_argument("--score", choices=("first_order", "raw"), default="first_order")
+    p.add_argument("--combine", action="store_true", help="C2I: greedily stack kept interventions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--state", default=None, help="LASER: JSON state file to resume an interrupted search")
+    p.add_argument("--test-examples", type=int, default=None, help="test examples for before/after (default all)")
+    p.add_argument("--strict", action="store_true", help="stop instead of warning when a split is smaller than asked")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="directory for the adapter and search.json")
+    p.set_defaults(func=run)
+    return p
+
+
+def _load_model(name: str | None):
+    if name is None:
+        from ..assets import load_default_model
+
+        return load_default_model()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import compress as C
+    from ..evaluation import evaluate
+    from ..tasks import load_task
+
+    task = load_task(args.task, seed=args.seed)
+    model, tok = _load_model(args.model)
+    modules = C.find_target_modules(model, args.matrices, args.layers)
+    validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
+    common = dict(tokenizer=tok, kind=task.kind, batch_size=args.batch_size)
+    if args.method == "laser":
+        grid = C.candidate_grid(modules, args.rhos)
+        print(f"LASER: {len(grid)} candidates ({len(modules)} matrices × {len(args.rhos)} rho) on "
+              f"{len(validation)} validation examples")
+        result = C.laser_search(model, validation, grid, state_path=args.state, **common)
+    else:
+        calibration = C.take_examples(task.train, args.n_grad, "calibration (train)", strict=args.strict)
+        if args.clustered:
+            evaluation = C.take_examples(task.validation, args.n_eval, "evaluation", strict=args.strict)
+        else:
+            evaluation = validation
+        result = C.c2i_search(
+            model, calibration, evaluation, modules, rhos=args.rhos, clusters=args.clusters if args.clustered else 1,
+            top_k=args.top_k, score=args.score, combine=args.combine, seed=args.seed, progress=True, **common
+        )
+    print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
+    print(f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "
+          f"{result.best.accuracy:.3f} (loglik {result.best.mean_loglik:.3f})")
+    if not result.chosen:
+        print("no intervention beat the unmodified model; nothing to save")
+    for iv in result.chosen:
+        print(f"  chosen: {iv}")
+
+    test = C.take_examples(task.test, args.test_examples, "test", strict=args.strict)
+    before = evaluate(model, tok, test, kind=task.kind, batch_size=args.batch_size)
+    after = before
+    adapted = None
+    if result.chosen:
+        adapted = C.apply_result(model, result)
+        after = evaluate(adapted, tok, test, kind=task.kind, batch_size=args.batch_size)
+    print(f"test accuracy ({len(test)} examples): before {before.accuracy:.3f} -> after {after.accuracy:.3f}")
+
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        if adapted is not None:
+            adapted.save_pretrained(out)
+        summary = result.to_dict()
+        summary["test"] = {"n": len(test), "before": before.accuracy, "after": after.accuracy}
+        (out / "search.json").write_text(json.dumps(summary, indent=1))
+        print(f"wrote {out}")
+    if adapted is not None:
+        adapted.unload()  # leave the caller's model as it was
+    return 0
