@@ -1,0 +1,53 @@
+"""`peft-spectral cpi` end to end on a tiny model (task and model loaders patched), and its argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import build_tiny_llama, build_tiny_tokenizer
+from peft_spectral.cli import main
+from peft_spectral.cli import cpi as cli_cpi
+from peft_spectral.tasks import Example, Task
+
+
+def _tasks(names, jsonl, seed=0):
+    out = []
+    for name in list(names) + list(jsonl):
+        ex = [Example(prompt=f"{name} {i}", target=str(i * 2)) for i in range(8)]
+        out.append(Task(name=name, kind="generation", train=ex, validation=[], test=ex[:2]))
+    return out
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    tok = build_tiny_tokenizer()
+    monkeypatch.setattr(cli_cpi, "load_tasks", _tasks)
+    monkeypatch.setattr(cli_cpi, "_load_model", lambda name: (build_tiny_llama(tok), tok))
+
+
+def test_cli_runs_and_resumes(patched, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["cpi", "--tasks", "a", "b", "--jsonl", "c.jsonl", "--steps", "1", "--output", str(out),
+            "--target-modules", "up_proj", "down_proj", "--p", "0.05", "--tau", "0.2", "--max-length", "32"]
+    assert main(argv + ["--until", "cores"]) == 0
+    assert json.loads((out / "state.json").read_text())["completed"] == ["probe", "cores"]
+    assert main(argv + ["--max-eval", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "groups (tau=0.2)" in text and "wrote" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["tasks"] == ["a", "b", "c.jsonl"] and set(report["scores"]) == {"a", "b", "c.jsonl"}
+    assert report["trainer_runs_this_process"][0].startswith("stage:")  # probes were not re-run
+    assert (out / "final" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--p", "1.5"), ("--p", "0"), ("--tau", "-0.5")])
+def test_cli_bad_hyper_parameters(patched, tmp_path, flag, value):
+    with pytest.raises(SystemExit, match="core_fraction|similarity_threshold"):
+        main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), flag, value])
+
+
+def test_cli_needs_tasks(patched, tmp_path):
+    with pytest.raises(SystemExit, match="at least one task"):
+        main(["cpi", "--output", str(tmp_path / "x")])
