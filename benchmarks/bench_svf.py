@@ -1,0 +1,248 @@
+"""SVF cost benchmark on the embedded SmolLM2-135M-Instruct (issue: foundation / SVF tuner).
+
+Measured in one run, on the same batch (4 × 256 tokens), so that ratios are comparable on a noisy machine:
+
+* trainable parameters, train-step time (forward + backward + AdamW) and peak memory of SVF (MLP targets and
+  all-linear) against LoRA r=16 on the same targets and IA3;
+* merged-SVF inference time against the base model;
+* adapter switch time (`set_adapter` between two SVF adapters);
+* SVD cache: warm load of all factors against recomputing them.
+
+Step times are taken round-robin over the methods (each round runs every method once) and the median is reported,
+so that load from other processes hits all methods alike. Peak memory is measured in a fresh subprocess per method
+(`ru_maxrss` after one step, minus the RSS after loading the model).
+
+Usage: `python benchmarks/bench_svf.py [--rounds 5] [--out docs/results]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+
+import peft_spectral
+from peft_spectral import SVFConfig
+from peft_spectral.assets import load_default_model
+from peft_spectral.svd_cache import SVDCache
+from peft_spectral.tuners.svf.layer import weight_matrix
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", *MLP]
+
+
+def method_configs() -> dict:
+    return {
+        "svf_mlp": lambda: SVFConfig(target_modules=MLP),
+        "lora16_mlp": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=MLP),
+        "svf_all": lambda: SVFConfig(target_modules=ALL),
+        "lora16_all": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL),
+        "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    }
+
+
+def make_batch(vocab: int, batch: int = 4, length: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def train_step(model, opt, batch) -> float:
+    t0 = time.perf_counter()
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _memory_worker(name: str, queue) -> None:
+    torch.manual_seed(0)
+    model, _ = load_default_model()
+    batch = make_batch(model.config.vocab_size)
+    base_rss = rss_mb()
+    # ru_maxrss is a high-water mark since process start; reset is impossible, so load first and report the delta
+    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = get_peft_model(model, method_configs()[name]())
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    train_step(model, opt, batch)
+    train_step(model, opt, batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"peak_mb": peak, "peak_over_loaded_mb": peak - max(base_rss, before_peak)})
+
+
+def measure_memory(name: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(name, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    base, _ = load_default_model()
+    load_s = time.perf_counter() - t0
+    base.eval()
+    batch = make_batch(base.config.vocab_size)
+    results: dict = {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
+        "batch": "4 x 256 tokens",
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "load_s": load_s,
+        "methods": {},
+    }
+
+    # --- SVD cache: recompute vs warm load -------------------------------------------------------------------
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = [(n, weight_matrix(m)) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        cold = SVDCache(tmp)
+        t = time.perf_counter()
+        cold.get_many(weights, progress=False)
+        recompute_s = time.perf_counter() - t
+        warm = SVDCache(tmp)
+        t = time.perf_counter()
+        warm.get_many(weights, progress=False)
+        warm_s = time.perf_counter() - t
+        assert warm.hits == len(weights) and warm.misses == 0
+    results["svd_cache"] = {
+        "matrices": len(weights),
+        "recompute_s": recompute_s,
+        "warm_load_s": warm_s,
+        "speedup": recompute_s / warm_s,
+    }
+    print(f"SVD cache: {len(weights)} matrices, recompute {recompute_s:.2f}s, warm {warm_s:.3f}s, "
+          f"{recompute_s / warm_s:.1f}x")
+
+    # --- train steps, round-robin ----------------------------------------------------------------------------
+    models, opts, times = {}, {}, {}
+    for name, make in method_configs().items():
+        m = get_peft_model(copy.deepcopy(base), make())
+        m.train()
+        models[name] = m
+        opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        results["methods"][name] = {"trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad)}
+        train_step(m, opts[name], batch)  # warm-up
+        times[name] = []
+    for r in range(args.rounds):
+        for name in models:
+            times[name].append(train_step(models[name], opts[name], batch))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in models))
+    for name in models:
+        results["methods"][name]["step_s_median"] = statistics.median(times[name])
+        results["methods"][name]["step_s_all"] = times[name]
+
+    # --- merged inference vs base, adapter switch -----------------------------------------------------------
+    svf = models["svf_mlp"]
+    svf.add_adapter("other", SVFConfig(target_modules=MLP))
+    with torch.no_grad():
+        for p in svf.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    switch = []
+    for _ in range(20):
+        t = time.perf_counter()
+        svf.set_adapter("other")
+        svf.set_adapter("default")
+        switch.append((time.perf_counter() - t) / 2)
+    svf.eval()
+    svf.merge_adapter()
+    base.eval()
+    fwd_base, fwd_merged, fwd_unmerged = [], [], []
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            t = time.perf_counter(); base(input_ids=batch); fwd_base.append(time.perf_counter() - t)
+            t = time.perf_counter(); svf(input_ids=batch); fwd_merged.append(time.perf_counter() - t)
+        svf.unmerge_adapter()
+        for _ in range(args.rounds):
+            t = time.perf_counter(); svf(input_ids=batch); fwd_unmerged.append(time.perf_counter() - t)
+    results["inference"] = {
+        "base_forward_s": statistics.median(fwd_base),
+        "svf_merged_forward_s": statistics.median(fwd_merged),
+        "svf_unmerged_forward_s": statistics.median(fwd_unmerged),
+        "merged_over_base": statistics.median(fwd_merged) / statistics.median(fwd_base),
+        "unmerged_over_base": statistics.median(fwd_unmerged) / statistics.median(fwd_base),
+        "adapter_switch_s": statistics.median(switch),
+    }
+    del models, opts
+
+    # --- peak memory, one subprocess per method --------------------------------------------------------------
+    if not args.skip_memory:
+        for name in method_configs():
+            results["methods"][name].update(measure_memory(name))
+            print(name, results["methods"][name])
+
+    m = results["methods"]
+    goals = {
+        "svf_step_vs_lora_mlp": m["svf_mlp"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
+        "svf_step_vs_lora_all": m["svf_all"]["step_s_median"] / m["lora16_all"]["step_s_median"],
+        "merged_inference_vs_base": results["inference"]["merged_over_base"],
+        "warm_cache_speedup": results["svd_cache"]["speedup"],
+    }
+    if "peak_over_loaded_mb" in m["svf_mlp"]:
+        goals["svf_peak_mem_vs_lora_mlp"] = m["svf_mlp"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
+        goals["svf_peak_mem_vs_lora_all"] = m["svf_all"]["peak_mb"] / m["lora16_all"]["peak_mb"]
+    results["ratios"] = goals
+    (out_dir / "svf_cost.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out_dir / "svf_cost.md")
+    print(json.dumps(goals, indent=2))
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m, r = results["methods"], results["ratios"]
+    lines = [
+        "# SVF cost on SmolLM2-135M-Instruct (2 CPU cores, fp32, batch 4×256)",
+        "",
+        "Generated by `python benchmarks/bench_svf.py`. Step time: median of round-robin rounds in one process.",
+        "",
+        "| method | trainable params | step (s) | peak RSS (MB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, v in m.items():
+        lines.append(f"| {name} | {v['trainable_params']:,} | {v['step_s_median']:.2f} | {v.get('peak_mb', float('nan')):.0f} |")
+    inf, cache = results["inference"], results["svd_cache"]
+    lines += [
+        "",
+        "| measure | value | goal |",
+        "|---|---:|---|",
+        f"| SVF step / LoRA r=16 step (MLP targets) | {r['svf_step_vs_lora_mlp']:.2f}× | ≤ 1.05× |",
+        f"| SVF step / LoRA r=16 step (all linear) | {r['svf_step_vs_lora_all']:.2f}× | ≤ 1.05× |",
+        f"| merged SVF forward / base forward | {inf['merged_over_base']:.2f}× | 1.00× |",
+        f"| unmerged SVF forward / base forward (no grad) | {inf['unmerged_over_base']:.2f}× | — |",
+        f"| adapter switch | {inf['adapter_switch_s'] * 1e3:.2f} ms | — |",
+        f"| SVD of {cache['matrices']} matrices: recompute / warm cache | {cache['recompute_s']:.2f} s / {cache['warm_load_s']:.3f} s = {cache['speedup']:.0f}× | ≥ 20× |",
+    ]
+    if "svf_peak_mem_vs_lora_mlp" in r:
+        lines.append(f"| SVF peak memory / LoRA (MLP) | {r['svf_peak_mem_vs_lora_mlp']:.2f}× | ≤ 1.3× |")
+        lines.append(f"| SVF peak memory / LoRA (all linear) | {r['svf_peak_mem_vs_lora_all']:.2f}× | ≤ 1.3× |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
