@@ -1,0 +1,286 @@
+"""Benchmark: LASER exhaustive search vs Compress to Impress (standard and clustered) on BigBench tasks.
+
+For each task, on the same candidate set (matrices × layers × rho, see --matrices/--layers/--rhos):
+
+1. base model: test accuracy;
+2. LASER: every candidate evaluated on the validation split (resumable state in --state-dir);
+3. C2I "100 grads + standard eval": one gradient pass on --n-grad training examples, the --top-k best-ranked
+   candidates evaluated on the same validation split as LASER;
+4. C2I clustered "100G-100E": same gradient pass, multi-subspace truncation (--clusters), top-k evaluated on
+   --n-eval validation examples;
+
+then each search's chosen adapter (a real SpectralCompress PEFT adapter) is evaluated on the test split. Writes
+`compress.json`, `compress.md` (table) and `compress.png` (per-matrix C2I scores by layer) to --out.
+
+Timings are wall-clock on whatever machine runs it (all in the same run, so ratios are comparable).
+
+    python benchmarks/bench_compress.py                 # the documented default setting
+    python benchmarks/bench_compress.py --smoke         # tiny random model, planted task: checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peft_spectral import compress as C  # noqa: E402
+from peft_spectral.evaluation import evaluate  # noqa: E402
+
+logger = logging.getLogger("bench_compress")
+
+DEFAULT_TASKS = ["epistemic_reasoning", "navigate", "causal_judgment"]
+FULL_GRID = 30 * 7 * 7  # SmolLM2-135M: 30 layers × 7 matrix types × 7 rho
+
+
+def _test_eval(model, tok, task, test, result, batch_size):
+    """Test accuracy of a search's chosen adapter (built as a PEFT adapter), plus its compressed-module memory."""
+    if not result.chosen:
+        return None, {}
+    adapted = C.apply_result(model, result)
+    try:
+        ev = evaluate(adapted, tok, test, kind=task.kind, batch_size=batch_size)
+        report = adapted.base_model.compression_report()
+    finally:
+        adapted.unload()
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+    memory = {
+        "dense_bytes": sum(r["dense_bytes"] for r in report.values()),
+        "factor_bytes": sum(r["factor_bytes"] for r in report.values()),
+        "modules": report,
+    }
+    return ev.accuracy, memory
+
+
+def run_task(name, model, tok, task, args, out_dir):
+    modules = C.find_target_modules(model, args.matrices, args.layers)
+    grid = C.candidate_grid(modules, args.rhos)
+    validation = C.take_examples(task.validation, args.n_val, "validation")
+    calibration = C.take_examples(task.train, args.n_grad, "calibration (train)")
+    evaluation_cl = C.take_examples(task.validation, args.n_eval, "evaluation (validation)")
+    test = C.take_examples(task.test, args.n_test, "test")
+    bs = args.batch_size
+    row = {"task": name, "kind": task.kind, "n_val": len(validation), "n_grad": len(calibration),
+           "n_eval_clustered": len(evaluation_cl), "n_test": len(test), "candidates": len(grid),
+           "modules": modules, "rhos": list(args.rhos)}
+    print(f"\n=== {name}: {len(grid)} candidates, val {len(validation)}, grad {len(calibration)}, "
+          f"test {len(test)}", flush=True)
+
+    t = time.perf_counter()
+    base_test = evaluate(model, tok, test, kind=task.kind, batch_size=bs)
+    row["base_test_acc"] = base_test.accuracy
+    row["test_eval_s"] = time.perf_counter() - t
+    print(f"base test acc {base_test.accuracy:.3f} ({row['test_eval_s']:.0f} s)", flush=True)
+
+    state = Path(args.state_dir) / f"laser_{name}.json" if args.state_dir else None
+    laser = C.laser_search(model, validation, grid, tokenizer=tok, kind=task.kind, batch_size=bs, state_path=state,
+                           progress=True)
+    print(f"LASER: {laser.evaluations} evals, {laser.wall_time_s:.0f} s, chosen {[str(i) for i in laser.chosen]}",
+          flush=True)
+
+    std = C.c2i_search(model, calibration, validation, modules, tokenizer=tok, kind=task.kind, rhos=args.rhos,
+                       clusters=1, top_k=args.top_k, batch_size=bs, method="c2i-standard")
+    print(f"C2I standard: {std.evaluations} evals, {std.wall_time_s:.0f} s, chosen {[str(i) for i in std.chosen]}",
+          flush=True)
+    cl = C.c2i_search(model, calibration, evaluation_cl, modules, tokenizer=tok, kind=task.kind, rhos=args.rhos,
+                      clusters=args.clusters, top_k=args.top_k, batch_size=bs, method="c2i-clustered")
+    print(f"C2I clustered: {cl.evaluations} evals, {cl.wall_time_s:.0f} s, chosen {[str(i) for i in cl.chosen]}",
+          flush=True)
+
+    row["methods"] = {}
+    for res in (laser, std, cl):
+        acc, memory = _test_eval(model, tok, task, test, res, bs)
+        entry = res.to_dict()
+        entry["test_acc"] = base_test.accuracy if acc is None else acc
+        entry["memory"] = {k: v for k, v in memory.items() if k != "modules"}
+        entry["memory_modules"] = memory.get("modules", {})
+        row["methods"][res.method] = entry
+        print(f"{res.method}: test acc {entry['test_acc']:.3f}", flush=True)
+    eval_times = [c.result.seconds for c in laser.candidates if c.result is not None and c.result.seconds > 0]
+    mean_eval = sum(eval_times) / max(1, len(eval_times))
+    row["laser_mean_eval_s"] = mean_eval
+    row["laser_full_grid_projected_s"] = (FULL_GRID + 1) * mean_eval
+    for m in ("c2i-standard", "c2i-clustered"):
+        e = row["methods"][m]
+        e["speedup_vs_laser"] = laser.wall_time_s / max(e["wall_time_s"], 1e-9)
+        e["eval_ratio_vs_laser"] = laser.evaluations / max(e["evaluations"], 1)
+    json.dump(row, open(out_dir / f"compress_{name}.partial.json", "w"), indent=1)
+    return row
+
+
+def full_grid_scoring(model, tok, task, args):
+    """Measured cost of C2I's scoring phase on the full grid (all linear matrices of all layers): SVD + gradient."""
+    modules = C.find_target_modules(model, C.MATRIX_TYPES)
+    calibration = C.take_examples(task.train, args.n_grad, "calibration (train)")
+    t = time.perf_counter()
+    svds = C.compute_svds(model, modules)
+    t_svd = time.perf_counter() - t
+    t = time.perf_counter()
+    grads, _ = C.singular_value_gradients(model, calibration, modules, svds=svds, tokenizer=tok,
+                                          batch_size=args.batch_size)
+    t_grad = time.perf_counter() - t
+    ranked = C.score_candidates(grads, svds, C.LASER_RHOS)
+    del svds, grads
+    per_matrix = {}
+    for c in ranked:
+        iv = c.intervention
+        per_matrix[iv.module] = min(per_matrix.get(iv.module, float("inf")), c.score)
+    return {"modules": len(modules), "candidates": len(ranked), "svd_s": t_svd, "gradient_s": t_grad,
+            "per_matrix_best_score": per_matrix, "top10": [(str(c.intervention), c.score) for c in ranked[:10]]}
+
+
+def plot(rows, full, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if full:
+        panels.append((f"{full['task']}: all {full['modules']} matrices (min over rho of predicted ΔL)",
+                       full["per_matrix_best_score"]))
+    for row in rows:
+        per = {}
+        for c in row["methods"]["c2i-standard"]["candidates"]:
+            per[c["module"]] = min(per.get(c["module"], float("inf")), c["score"])
+        panels.append((f"{row['task']}: benchmark candidates", per))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
+    for ax, (title, per) in zip(axes[:, 0], panels):
+        by_type = {}
+        for module, score in per.items():
+            iv = C.Intervention(module, 1.0)
+            by_type.setdefault(iv.matrix, []).append((iv.layer, score))
+        for mtype in C.MATRIX_TYPES:
+            if mtype in by_type:
+                pts = sorted(by_type[mtype])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1, label=mtype)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("C2I score ΔL (lower = better)")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(rows, full, meta):
+    lines = [
+        "# SpectralCompress benchmark: LASER vs Compress to Impress",
+        "",
+        f"Model: {meta['model']}; machine: {meta['machine']}; run {meta['date']}; total {meta['total_s']:.0f} s.",
+        f"Candidates (same for all methods): matrices {meta['matrices']}, layers {meta['layers']}, rho {meta['rhos']}.",
+        f"C2I: {meta['n_grad']} gradient examples, top-{meta['top_k']} evaluated; clustered mode with "
+        f"{meta['clusters']} row clusters. Accuracy = multiple-choice log-likelihood scoring.",
+        "",
+        "| task | method | val/eval acc (base → chosen) | test acc | search time (s) | evaluations | speed-up vs LASER |"
+        " compressed-module memory | chosen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['task']} | base | | {row['base_test_acc']:.3f} | | | | | |")
+        for m in ("laser", "c2i-standard", "c2i-clustered"):
+            e = row["methods"][m]
+            mem = e["memory"]
+            mem_s = (f"{mem['factor_bytes'] / 2**20:.2f} MiB vs {mem['dense_bytes'] / 2**20:.2f} MiB dense"
+                     if mem else "–")
+            speed = f"{e['speedup_vs_laser']:.1f}×" if "speedup_vs_laser" in e else "1×"
+            chosen = ", ".join(f"{c['module'].replace('model.layers.', 'L')}@{c['rho']:g}"
+                               + (f"×{c['clusters']}c" if c['clusters'] > 1 else "") for c in e["chosen"]) or "none"
+            lines.append(
+                f"| {row['task']} | {m} | {e['base']['accuracy']:.3f} → {e['best']['accuracy']:.3f} (n={e['base']['n']})"
+                f" | {e['test_acc']:.3f} | {e['wall_time_s']:.0f} | {e['evaluations']} | {speed} | {mem_s} | {chosen} |"
+            )
+    lines += ["", "Projected LASER time on the full grid (1470 candidates + base) from its mean evaluation time:", ""]
+    for row in rows:
+        lines.append(f"- {row['task']}: {row['laser_mean_eval_s']:.1f} s/eval → "
+                     f"{row['laser_full_grid_projected_s'] / 3600:.1f} h")
+    if full:
+        lines += ["", f"Measured C2I scoring of the full grid ({full['modules']} matrices, {full['candidates']} "
+                  f"candidates) on {full['task']}: SVD {full['svd_s']:.1f} s + gradient pass {full['gradient_s']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def smoke_setup():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from peft_spectral.tasks import Task
+    from test_spectral_compress_search import _planted_problem
+
+    model, tok, validation, train = _planted_problem()
+    task = Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
+    return model, tok, {"planted": task}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
+    p.add_argument("--matrices", nargs="+", default=["gate_proj", "up_proj", "down_proj"])
+    p.add_argument("--layers", type=int, nargs="+", default=[23, 26, 29])
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.01])
+    p.add_argument("--n-val", type=int, default=40)
+    p.add_argument("--n-grad", type=int, default=100)
+    p.add_argument("--n-eval", type=int, default=40)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--clusters", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--full-grid-scoring", action="store_true", help="also time C2I scoring of all matrices (task 1)")
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.smoke:
+        model, tok, tasks = smoke_setup()
+        args.layers, args.matrices, args.tasks = [1], ["up_proj", "down_proj"], ["planted"]
+        args.rhos = [0.9, 0.2]
+        model_name = "tiny random Llama (smoke test)"
+    else:
+        from peft_spectral.assets import load_default_model
+        from peft_spectral.tasks import load_task
+
+        model, tok = load_default_model()
+        model.eval()
+        tasks = {name: load_task(name, seed=0) for name in args.tasks}
+        model_name = "SmolLM2-135M-Instruct (embedded GGUF, fp32)"
+    rows, full = [], None
+    for name in args.tasks:
+        rows.append(run_task(name, model, tok, tasks[name], args, out_dir))
+        if args.full_grid_scoring and full is None:
+            full = full_grid_scoring(model, tok, tasks[name], args)
+            full["task"] = name
+            print(f"full-grid C2I scoring: SVD {full['svd_s']:.1f} s, gradient {full['gradient_s']:.1f} s", flush=True)
+    meta = {
+        "model": model_name,
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (shared)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "total_s": time.perf_counter() - t0,
+        "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos, "n_grad": args.n_grad,
+        "top_k": args.top_k, "clusters": args.clusters, "n_val": args.n_val, "n_eval": args.n_eval,
+        "n_test": args.n_test,
+    }
+    stem = "compress_smoke" if args.smoke else "compress"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": full},
+                                                     indent=1))
+    (out_dir / f"{stem}.md").write_text(markdown(rows, full, meta))
+    plot(rows, full, out_dir / f"{stem}.png")
+    for row in rows:
+        (out_dir / f"compress_{row['task']}.partial.json").unlink(missing_ok=True)
+    print((out_dir / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
