@@ -93,6 +93,8 @@ class CPIConfig:
         target_modules (`list[str]` or `str`): Modules adapted in `"adapter"` mode (default `"all-linear"`).
         probe_steps (`int`): Optimizer steps of each probe SFT.
         stage_steps (`int`, *optional*): Optimizer steps of each staged-SFT stage; defaults to `probe_steps`.
+        total_stage_steps (`int`, *optional*): Instead of `stage_steps`, a budget shared by all stages: each of the
+            G stages gets `total // G` steps (the first `total % G` one more). Useful to compare methods at one budget.
         learning_rate (`float`): Probe learning rate. `stage_learning_rate` defaults to it.
         weight_decay (`float`): AdamW weight decay (frozen cores are restored after each step regardless).
         batch_size (`int`), grad_accum (`int`): Per-step batch and gradient accumulation.
@@ -113,6 +115,7 @@ class CPIConfig:
     target_modules: Union[list[str], str] = "all-linear"
     probe_steps: int = 50
     stage_steps: Optional[int] = None
+    total_stage_steps: Optional[int] = None
     learning_rate: float = 1e-4
     stage_learning_rate: Optional[float] = None
     weight_decay: float = 0.0
@@ -143,13 +146,18 @@ class CPIConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}")
         if self.stage_steps is not None and self.stage_steps < 1:
             raise ValueError(f"`stage_steps` must be >= 1, got {self.stage_steps!r}")
+        if self.total_stage_steps is not None and self.total_stage_steps < 1:
+            raise ValueError(f"`total_stage_steps` must be >= 1, got {self.total_stage_steps!r}")
         if self.slerp_t is not None and not 0.0 <= self.slerp_t <= 1.0:
             raise ValueError(f"`slerp_t` must be in [0, 1] or None, got {self.slerp_t!r}")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
 
-    @property
-    def steps_per_stage(self) -> int:
+    def steps_for_stage(self, k: int, num_stages: int) -> int:
+        """Optimizer steps of stage `k` (0-based) out of `num_stages`."""
+        if self.total_stage_steps is not None:
+            base, extra = divmod(self.total_stage_steps, num_stages)
+            return max(1, base + (1 if k < extra else 0))
         return self.stage_steps if self.stage_steps is not None else self.probe_steps
 
     def to_dict(self) -> dict[str, Any]:
@@ -473,6 +481,68 @@ def base_model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 8) 
     return h.hexdigest()[:32]
 
 
+# ===================================================================================================== SFT
+
+
+def sft_train(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    config: CPIConfig,
+    *,
+    steps: int,
+    learning_rate: Optional[float] = None,
+    output_dir: Union[str, Path] = "cpi_trainer",
+    callbacks: Optional[list] = None,
+) -> list[float]:
+    """One supervised fine-tuning run with TRL's `SFTTrainer` (loss on the answer tokens only).
+
+    The examples are tokenized with [`encode_example`] (the prompt exactly as the evaluation formats it), so what is
+    trained is what is scored. Optimizer, batch size, schedule, weight decay and seed come from `config`. Used for
+    every probe and stage of [`CPIPipeline`] and by the benchmark's baselines, so all methods share one training path.
+
+    Returns:
+        `list[float]`: The logged training losses.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    if not examples:
+        raise ValueError("sft_train: no training examples")
+    cfg = config
+    dataset = build_sft_dataset(tokenizer, examples, max_length=cfg.max_length, chat=cfg.chat)
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=int(steps),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate if learning_rate is None else learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        optim=cfg.optim,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        activation_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        logging_steps=max(1, int(steps) // 10),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    with _quiet_datasets():
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks or [])
+        )
+    trainer.remove_callback(PrinterCallback)  # losses are returned (and recorded by the pipeline) instead
+    trainer.train()
+    return [round(float(h["loss"]), 6) for h in trainer.state.log_history if "loss" in h]
+
+
 # ================================================================================================= pipeline
 
 
@@ -592,6 +662,8 @@ class CPIPipeline:
         eval_fn (`Callable[[model, tokenizer, Task], dict]`, *optional*): Called per task at the end; its result goes
             into the report (e.g. a wrapper around `peft_spectral.evaluation.evaluate`).
         callbacks (`list[TrainerCallback]`, *optional*): Extra callbacks for every SFT run.
+        on_stage_end (`Callable[[CPIPipeline, int, list[str]], None]`, *optional*): Called after each stage with its
+            index and task names (e.g. to measure forgetting).
 
     Example:
 
@@ -613,6 +685,7 @@ class CPIPipeline:
         progress: bool = True,
         eval_fn: Optional[Callable[[torch.nn.Module, Any, Task], dict]] = None,
         callbacks: Optional[list] = None,
+        on_stage_end: Optional[Callable[["CPIPipeline", int, list[str]], None]] = None,
     ):
         from peft import PeftModel
 
@@ -628,6 +701,7 @@ class CPIPipeline:
         self.progress = progress
         self.eval_fn = eval_fn
         self.extra_callbacks = list(callbacks or [])
+        self.on_stage_end = on_stage_end
         self.trainer_runs: list[str] = []  # SFT runs done by this object (for tests and logs)
         self.fingerprint = base_model_fingerprint(model)
         self.tracked = _Tracked(model, self.config)
@@ -757,47 +831,15 @@ class CPIPipeline:
 
     def _sft(self, examples: Sequence[Example], *, steps: int, lr: float, label: str, freeze: Optional[FreezeMaskCallback] = None) -> list[float]:
         """One TRL SFT run on the current model; returns the logged training losses."""
-        from trl import SFTConfig, SFTTrainer
-
-        cfg = self.config
-        dataset = build_sft_dataset(self.tokenizer, examples, max_length=cfg.max_length, chat=cfg.chat)
-        args = SFTConfig(
-            output_dir=str(self.output_dir / "trainer"),
-            max_steps=steps,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=lr,
-            weight_decay=cfg.weight_decay,
-            lr_scheduler_type=cfg.lr_scheduler_type,
-            warmup_steps=cfg.warmup_steps,
-            optim=cfg.optim,
-            max_length=cfg.max_length,
-            completion_only_loss=True,
-            activation_checkpointing=False,
-            bf16=False,
-            fp16=False,
-            logging_steps=max(1, steps // 10),
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
+        callbacks = list(self.extra_callbacks) + ([freeze] if freeze is not None else [])
+        losses = sft_train(
+            self.model, self.tokenizer, examples, self.config, steps=steps, learning_rate=lr,
+            output_dir=self.output_dir / "trainer", callbacks=callbacks,
         )
-        callbacks = list(self.extra_callbacks)
-        if freeze is not None:
-            callbacks.append(freeze)
-        with _quiet_datasets():
-            trainer = SFTTrainer(
-                model=self.model, args=args, train_dataset=dataset, processing_class=self.tokenizer, callbacks=callbacks
-            )
-        trainer.remove_callback(PrinterCallback)  # losses go to the state file and the report instead
-        trainer.train()
         self.trainer_runs.append(label)
         if freeze is not None and not freeze.is_intact():  # pragma: no cover - guarded by the callback
             raise RuntimeError(f"{label}: frozen core entries changed during training")
-        return [round(float(h["loss"]), 6) for h in trainer.state.log_history if "loss" in h]
+        return losses
 
     # ------------------------------------------------------------------------------------------- steps
     def probe(self) -> None:
@@ -920,7 +962,7 @@ class CPIPipeline:
             examples = mixed_examples([self._train_examples(by_name[n]) for n in group], seed=cfg.seed + k)
             losses = self._sft(
                 examples,
-                steps=cfg.steps_per_stage,
+                steps=cfg.steps_for_stage(k, len(order)),
                 lr=cfg.stage_learning_rate or cfg.learning_rate,
                 label=f"stage:{k}",
                 freeze=callback,
@@ -932,6 +974,9 @@ class CPIPipeline:
             self._write_state()
             for kk, m in self._group_core(group).items():
                 frozen[kk] = frozen[kk] | m if kk in frozen else m
+            if self.on_stage_end is not None:
+                self.tracked.clear_frozen()
+                self.on_stage_end(self, k, list(group))
         self.tracked.clear_frozen()
         self._mark("staged", time.time() - start)
 

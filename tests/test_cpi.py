@@ -183,3 +183,10 @@ def test_mixed_examples_balanced():
     assert {e.prompt for e in mix} == {e.prompt for e in a + b}
     with pytest.raises(ValueError):
         mixed_examples([a, []])
+
+
+def test_stage_step_budget():
+    cfg = CPIConfig(probe_steps=7, total_stage_steps=10)
+    assert [cfg.steps_for_stage(k, 3) for k in range(3)] == [4, 3, 3]
+    assert CPIConfig(probe_steps=7).steps_for_stage(0, 3) == 7
+    assert CPIConfig(probe_steps=7, stage_steps=2).steps_for_stage(1, 3) == 2
