@@ -280,3 +280,24 @@ def test_c2i_keeps_nothing_when_nothing_helps(tiny_llama):
     assert result.chosen == [] and result.best == result.base
     with pytest.raises(ValueError, match="kept no intervention"):
         result.to_config()
+
+
+def test_compress_to_impress_modes_on_a_task(planted):
+    from peft_spectral.tasks import Task
+
+    model, tok, validation, train = planted
+    task = Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
+    modules = find_target_modules(model, ["up_proj", "down_proj"], layers=[1])
+    std = compress.compress_to_impress(model, tok, task, modules, mode="standard", n_grad=50, rhos=[0.9, 0.2],
+                                       top_k=2, batch_size=32)
+    assert std.method == "c2i-standard" and std.base.n == len(validation)
+    assert std.chosen == [Intervention(PLANTED, PLANTED_RHO)]
+    with pytest.warns(UserWarning, match="only 20 exist"):
+        cl = compress.compress_to_impress(model, tok, task, modules, mode="clustered", n_grad=50, n_eval=100,
+                                          clusters=2, rhos=[0.9, 0.2], top_k=2, batch_size=32)
+    assert cl.method == "c2i-clustered" and all(iv.clusters == 2 for iv in cl.chosen)
+    assert cl.to_config().modules == {iv.module: {"rho": iv.rho, "clusters": 2} for iv in cl.chosen}
+    with pytest.raises(ValueError, match="only 20 exist"):
+        compress.compress_to_impress(model, tok, task, modules, mode="clustered", n_eval=100, strict=True)
+    with pytest.raises(ValueError, match="mode"):
+        compress.compress_to_impress(model, tok, task, modules, mode="fast")
