@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
@@ -93,11 +92,6 @@ class SpectralCompressModel(BaseTuner):
                 f"SpectralCompressConfig.modules names modules that were not found or not targeted: {unmatched}. "
                 f"Targeted modules: {sorted(self.targeted_module_names)[:10]}..."
             )
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
 
     def compression_report(self, adapter_name: str | None = None) -> dict[str, dict]:
         """Per compressed module: rho, clusters, ranks, dense and factor parameter counts and bytes.
