@@ -1,0 +1,252 @@
+"""SVF training through TRL (GRPO, RLOO, SFT) on a tiny random Llama: only z moves, KL, checkpoints, PEFT paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import peft_spectral
+from peft_spectral import SVFConfig
+from peft_spectral.tasks import Example, Task
+from peft_spectral.training import (
+    NonFiniteGuard,
+    examples_to_dataset,
+    fix_reference_adapter,
+    paper_rl_preset,
+    reward_for_task,
+    sft_answer,
+    svf_parameters,
+    train_svf,
+)
+
+from conftest import build_tiny_llama, build_tiny_tokenizer
+
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+FAST_RL = dict(prompts_per_step=2, num_generations=2, max_completion_length=6)
+
+
+def mc_task(n: int = 8) -> Task:
+    examples = []
+    for i in range(n):
+        choices = ("red", "blue", "green")
+        label = i % 3
+        prompt = f"Q{i}: pick a colour.\nA. red\nB. blue\nC. green\nAnswer with the letter."
+        examples.append(Example(prompt=prompt, target=choices[label], choices=choices, label=label))
+    return Task(name="toy_mc", kind="multiple_choice", train=examples, validation=examples[:2], test=examples[:2])
+
+
+def varied_reward(completions, **kwargs):
+    """A reward that differs between sampled completions of a random model (so that the policy gradient is not 0)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ord(ch) % 2 for ch in t) / max(len(t), 1) for t in texts]
+
+
+def svf_config(**kw) -> SVFConfig:
+    return SVFConfig(target_modules=TARGETS, use_svd_cache=False, **kw)
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Base parameters by their original names (PEFT's `.base_layer` stripped)."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    out = {}
+    for name, p in model.named_parameters():
+        if "svf_" in name or "lora_" in name:
+            continue
+        out[name.replace(".base_layer", "")] = p.detach().clone()
+    return out
+
+
+def assert_only_z_changed(result, before):
+    after = base_weights(result.model)
+    assert set(after) == set(before)
+    for name, w in before.items():
+        assert torch.equal(after[name], w), f"base parameter {name} changed"
+    trainable = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".svf_z." in n + "." for n in trainable)
+    z = svf_parameters(result.model)
+    assert len(z) == 6
+    moved = max(float((v - 1).abs().max()) for v in z.values())
+    assert moved > 1e-5, "z did not move"
+    assert result.trainable_parameters == sum(v.numel() for v in z.values())
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_rl_trains_only_z(tmp_path, algorithm):
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok)
+    before = base_weights(model)
+    result = train_svf(
+        model, tok, mc_task(), method="rl", algorithm=algorithm, output_dir=str(tmp_path), max_steps=2,
+        svf_config=svf_config(), reward_funcs=[varied_reward], **FAST_RL,
+    )
+    assert_only_z_changed(result, before)
+    assert len(result.step_times) == 2
+    assert result.final("reward") is not None and math.isfinite(result.final("reward"))
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_sft_trains_only_z(tmp_path, chat):
+    tok = build_tiny_tokenizer(chat_template=chat)
+    model = build_tiny_llama(tok)
+    before = base_weights(model)
+    result = train_svf(
+        model, tok, mc_task(), method="sft", output_dir=str(tmp_path), max_steps=2, svf_config=svf_config(),
+        per_device_train_batch_size=4,
+    )
+    assert_only_z_changed(result, before)
+    losses = [r["loss"] for r in result.logs if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_sft_dataset_uses_chat_template_and_answer_format():
+    task = mc_task(3)
+    ds = examples_to_dataset(task.train, task.kind, tokenizer=build_tiny_tokenizer(), with_completion=True)
+    assert ds[0]["prompt"] == [{"role": "user", "content": task.train[0].prompt}]
+    assert ds[0]["completion"] == [{"role": "assistant", "content": "A. red"}]
+    assert ds[1]["label"] == 1 and ds[1]["choices"] == ["red", "blue", "green"]
+    plain = examples_to_dataset(task.train, task.kind, tokenizer=build_tiny_tokenizer(chat_template=False), with_completion=True)
+    assert plain[0]["prompt"].endswith("\n") and plain[0]["completion"] == "A. red"
+    assert sft_answer(Example("2+2?", "4"), "generation") == "4"
+    # the SFT answer is scored as right by the task's own reward
+    reward = reward_for_task(task)
+    assert reward([ds[i]["completion"] for i in range(3)], choices=ds["choices"], label=ds["label"]) == [1.0, 1.0, 1.0]
+    assert reward(["C", "A", "A"], choices=ds["choices"], label=ds["label"]) == [-1.0, -1.0, -1.0]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_kl_term_is_active(tmp_path, algorithm):
+    """With beta > 0 the reference pass runs (adapter disabled): the logged KL is positive once z has moved, and the
+    update differs from the beta = 0 run."""
+    zs = {}
+    for beta in (0.0, 0.5):
+        tok = build_tiny_tokenizer()
+        model = build_tiny_llama(tok)
+        result = train_svf(
+            model, tok, mc_task(), method="rl", algorithm=algorithm, output_dir=str(tmp_path / str(beta)),
+            max_steps=3, beta=beta, svf_config=svf_config(), reward_funcs=[varied_reward], learning_rate=0.2,
+            max_grad_norm=1.0, **FAST_RL,
+        )
+        zs[beta] = svf_parameters(result.model)
+        if beta > 0:
+            kls = [r["kl"] for r in result.logs if "kl" in r]
+            assert len(kls) == 3
+            assert abs(kls[0]) < 1e-6  # policy == reference at the first step
+            # GRPO's k3 estimate is >= 0; RLOO's first-order log-ratio estimate can have either sign
+            assert (kls[-1] > 1e-6) if algorithm == "grpo" else (abs(kls[-1]) > 1e-6)
+    assert any(not torch.allclose(zs[0.0][k], zs[0.5][k]) for k in zs[0.0])
+
+
+def test_reference_adapter_copies_existing_z(tmp_path):
+    """Re-training an SVF PeftModel with beta > 0: TRL's 'ref' adapter must equal the starting z (TRL itself only
+    copies `*.default.*` names, which SVF's `svf_z.default` is not)."""
+    tok = build_tiny_tokenizer()
+    model = get_peft_model(build_tiny_llama(tok), svf_config())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "pretrained" adapter: z away from its initial value
+        for name, p in model.named_parameters():
+            if "svf_z" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    start = svf_parameters(model)
+    result = train_svf(
+        model, tok, mc_task(), method="rl", algorithm="grpo", output_dir=str(tmp_path), max_steps=1, beta=0.3,
+        reward_funcs=[varied_reward], **FAST_RL,
+    )
+    ref = svf_parameters(result.model, "ref")
+    assert set(ref) == set(start)
+    for k in start:
+        assert torch.equal(ref[k], start[k])
+    kls = [r["kl"] for r in result.logs if "kl" in r]
+    assert kls and abs(kls[0]) < 1e-6
+    assert fix_reference_adapter(get_peft_model(build_tiny_llama(tok), svf_config())) == 0
+
+
+def test_checkpoint_resume_reaches_same_z(tmp_path):
+    def run(max_steps, out, resume=None, save_steps=None):
+        tok = build_tiny_tokenizer()
+        model = build_tiny_llama(tok)
+        return train_svf(
+            model, tok, mc_task(), method="rl", algorithm="grpo", output_dir=str(out), max_steps=max_steps,
+            svf_config=svf_config(), reward_funcs=[varied_reward], beta=0.1, save_steps=save_steps,
+            resume_from_checkpoint=resume, **FAST_RL,
+        )
+
+    full = svf_parameters(run(4, tmp_path / "full").model)
+    run(2, tmp_path / "half", save_steps=2)
+    ckpt = tmp_path / "half" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "optimizer.pt").exists()
+    resumed = svf_parameters(run(4, tmp_path / "half", resume=str(ckpt)).model)
+    for k in full:
+        assert torch.allclose(full[k], resumed[k], atol=1e-7, rtol=0), k
+    assert any(not torch.allclose(full[k], torch.ones_like(full[k])) for k in full)
+
+
+def test_trained_adapter_saves_loads_and_merges(tmp_path):
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok)
+    result = train_svf(
+        model, tok, mc_task(), method="sft", output_dir=str(tmp_path / "run"), max_steps=2, svf_config=svf_config(),
+        per_device_train_batch_size=4,
+    )
+    peft_model = result.model
+    peft_model.save_pretrained(tmp_path / "adapter")
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    loaded = PeftModel.from_pretrained(build_tiny_llama(tok), tmp_path / "adapter")
+    z0, z1 = svf_parameters(peft_model), svf_parameters(loaded)
+    assert all(torch.equal(z0[k], z1[k]) for k in z0)
+
+    # the path vLLM weight sync takes: merge_adapter / unmerge_adapter restore the base exactly
+    peft_model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        before = base_weights(peft_model)
+        peft_model.merge_adapter()
+        merged = peft_model(input_ids=ids).logits
+        peft_model.unmerge_adapter()
+    assert torch.allclose(merged, expected, atol=1e-5)
+    after = base_weights(peft_model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_nan_reward_is_a_clear_error(tmp_path):
+    tok = build_tiny_tokenizer()
+
+    def bad_reward(completions, **kwargs):
+        return [float("nan")] * len(completions)
+
+    from peft_spectral.rewards import checked_reward
+
+    with pytest.raises(ValueError, match="bad_reward"):
+        train_svf(
+            build_tiny_llama(tok), tok, mc_task(), output_dir=str(tmp_path), max_steps=1, svf_config=svf_config(),
+            reward_funcs=[checked_reward(bad_reward)], **FAST_RL,
+        )
+    guard = NonFiniteGuard()
+    with pytest.raises(FloatingPointError, match="reward"):
+        guard.on_log(None, type("S", (), {"global_step": 3})(), None, logs={"reward": float("nan")})
+
+
+def test_bad_arguments_name_themselves(tmp_path):
+    tok = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="method"):
+        train_svf(build_tiny_llama(tok), tok, mc_task(), method="ppo")
+    with pytest.raises(ValueError, match="algorithm"):
+        paper_rl_preset(str(tmp_path), algorithm="ppo")
+    with pytest.raises(ValueError, match="num_generations"):
+        paper_rl_preset(str(tmp_path), num_generations=1)
+    with pytest.raises(ValueError, match="kind"):
+        train_svf(build_tiny_llama(tok), tok, mc_task().train)
+
+
+def test_paper_preset_values(tmp_path):
+    args = paper_rl_preset(str(tmp_path), algorithm="grpo", beta=0.2, prompts_per_step=3, num_generations=4)
+    assert args.learning_rate == 2e-3 and args.max_grad_norm == 1e-3 and args.beta == 0.2
+    assert args.per_device_train_batch_size == 12 and args.num_generations == 4
+    assert args.optim.value.startswith("adamw") and args.lr_scheduler_type.value == "constant"
+    rloo = paper_rl_preset(str(tmp_path), algorithm="rloo", beta=0.1)
+    assert type(rloo).__name__ == "RLOOConfig" and rloo.beta == 0.1
