@@ -1,0 +1,93 @@
+"""Data-parallel SVF training: 2 CPU processes (gloo, launched with `accelerate launch --multi_gpu`,
+which on a machine without GPUs starts torchrun workers that Accelerate runs as MULTI_CPU over gloo; `--cpu` alone
+would start a single process) reach the same z as 1 process
+on the same global batch.
+
+The run is deterministic: SFT (no sampling), fp32, same seed, every example with the same number of completion tokens
+(so the per-process token-mean losses average to the global token-mean loss), global batch 4 = 1 × 4 = 2 × 2.
+This file is also the worker script (`python -m accelerate.commands.launch ... test_distributed.py OUT BATCH`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+STEPS = 3
+GLOBAL_BATCH = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(out_dir: str, per_device_batch: int) -> None:
+    sys.path.insert(0, str(HERE))
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from safetensors.torch import save_file
+
+    from peft_spectral import SVFConfig
+    from peft_spectral.tasks import Example, Task
+    from peft_spectral.training import svf_parameters, train_svf
+
+    torch.set_num_threads(1)
+    examples = [
+        Example(prompt=f"Item {i:02d}: which word?", target=word, choices=(), label=None)
+        for i, word in enumerate(["alpha", "bravo", "delta", "gamma", "kappa", "omega", "sigma", "theta"])
+    ]
+    task = Task(name="toy", kind="generation", train=examples, validation=[], test=[])
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok)
+    result = train_svf(
+        model, tok, task, method="sft", output_dir=os.path.join(out_dir, "run"), max_steps=STEPS,
+        svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"], use_svd_cache=False),
+        per_device_train_batch_size=per_device_batch, learning_rate=0.05, disable_tqdm=True,
+    )
+    state = result.trainer.accelerator.state
+    if state.is_main_process:
+        z = {k: v.contiguous() for k, v in svf_parameters(result.model).items()}
+        z["__world_size__"] = torch.tensor([state.num_processes])
+        save_file(z, os.path.join(out_dir, "z.safetensors"))
+
+
+def _launch(tmp_path: Path, num_processes: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = tmp_path / f"np{num_processes}"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if num_processes > 1 else ["--cpu"]), "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(Path(__file__).resolve()), str(out),
+        str(GLOBAL_BATCH // num_processes),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    z = load_file(str(out / "z.safetensors"))
+    assert int(z.pop("__world_size__")) == num_processes
+    return z
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    single = _launch(tmp_path, 1)
+    double = _launch(tmp_path, 2)
+    assert set(single) == set(double) and len(single) == 6
+    moved = max(float((v - 1).abs().max()) for v in single.values())
+    assert moved > 1e-3, "z did not move: the comparison would be vacuous"
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]))
