@@ -50,7 +50,7 @@ def build_tiny_tokenizer(chat_template: bool = True):
 
 
 def build_tiny_llama(tokenizer, seed: int = 0):
-    """A random `LlamaForCausalLM`: hidden 32, 2 layers, MLP 64, 4 heads / 2 KV heads, tied embeddings."""
+    """A random `LlamaForCausalLM` (init std 0.3): hidden 32, 2 layers, MLP 64, 4 heads / 2 KV heads, tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -62,6 +62,7 @@ def build_tiny_llama(tokenizer, seed: int = 0):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        initializer_range=0.3,  # large enough that greedy decoding does not repeat one token
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -74,7 +75,7 @@ def build_tiny_llama(tokenizer, seed: int = 0):
 
 
 def build_tiny_gpt2(tokenizer, seed: int = 0):
-    """A random `GPT2LMHeadModel`: n_embd 32, 2 layers, 4 heads (Conv1D projections)."""
+    """A random `GPT2LMHeadModel` (init std 0.3): n_embd 32, 2 layers, 4 heads (Conv1D projections)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -84,6 +85,7 @@ def build_tiny_gpt2(tokenizer, seed: int = 0):
         n_layer=2,
         n_head=4,
         n_positions=512,
+        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

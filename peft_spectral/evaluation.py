@@ -1,0 +1,428 @@
+"""Scoring a causal LM on [`~peft_spectral.tasks.Example`]s: prompt formatting, log-likelihoods, greedy generation.
+
+Every pipeline (SVF training, Transformer² dispatch, SpectralCompress search, CoreIsolation) calls these functions,
+so their signatures are a contract:
+
+- [`format_prompt`] turns an example into the text the model sees (chat template when the tokenizer has one).
+- [`option_logliks`], [`answer_logliks`] and [`answer_nll`] score answer texts given the prompt. The answer tokens
+  are the tokenizer's encoding of the answer text alone (no special tokens), appended to the encoded prompt, so the
+  prompt/answer boundary is always a token boundary.
+- [`generate_answers`] decodes greedily with left padding.
+- [`evaluate`] runs a whole split and returns an [`EvalResult`]; [`score_prediction`] judges one prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .rewards import score_code, score_generation, score_multiple_choice
+from .tasks import Example
+
+__all__ = [
+    "EvalResult",
+    "answer_logliks",
+    "answer_nll",
+    "evaluate",
+    "format_prompt",
+    "generate_answers",
+    "option_logliks",
+    "score_prediction",
+]
+
+_KINDS = ("multiple_choice", "generation", "code")
+_MODES = ("auto", "loglik", "generate")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt formatting and tokenisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _uses_chat(tokenizer, chat: bool | None) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is None:
+        return has_template
+    if chat and not has_template:
+        raise ValueError("chat=True but the tokenizer has no chat template; pass chat=None or chat=False")
+    return bool(chat)
+
+
+def format_prompt(tokenizer, example: Example | str, *, chat: bool | None = None) -> str:
+    """The text a model is given for `example`.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The model's tokenizer.
+        example ([`Example`] or `str`): The example (or a bare prompt string).
+        chat (`bool`, *optional*): `None` (default) applies the chat template when the tokenizer has one; `True`
+            requires it; `False` uses the plain prompt.
+
+    Returns:
+        `str`: With a chat template, the rendered single user turn followed by the assistant generation prompt.
+        Without, the prompt stripped of trailing whitespace plus a newline, so the answer starts a new line.
+    """
+    prompt = example if isinstance(example, str) else example.prompt
+    if _uses_chat(tokenizer, chat):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt.rstrip() + "\n"
+
+
+def _encode_prompt(tokenizer, example: Example | str, chat: bool | None = None) -> list[int]:
+    # A rendered chat template already contains its special tokens; a plain prompt gets the tokenizer's BOS etc.
+    use_chat = _uses_chat(tokenizer, chat)
+    text = format_prompt(tokenizer, example, chat=use_chat)
+    return list(tokenizer(text, add_special_tokens=not use_chat)["input_ids"])
+
+
+def _encode_answer(tokenizer, text: str) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError(f"answer text {text!r} encodes to zero tokens")
+    return ids
+
+
+def _pad_id(tokenizer, model=None) -> int:
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameter-less model
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Put `model` in eval mode and restore the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _progress(iterable, total: int, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Log-likelihoods
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _continuation_logprobs(
+    model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each continuation given its context, for one right-padded batch.
+
+    Args:
+        pairs: `(context_ids, continuation_ids)` pairs; the context must be non-empty.
+
+    Returns:
+        One 1-D tensor per pair (length of the continuation), differentiable if grad is enabled.
+    """
+    device = _device(model)
+    lengths = [len(c) + len(a) for c, a in pairs]
+    width = max(lengths)
+    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (context, answer) in enumerate(pairs):
+        if not context:
+            raise ValueError("the prompt encodes to zero tokens; cannot score an answer without context")
+        ids = context + answer
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    out = []
+    for row, (context, answer) in enumerate(pairs):
+        start, end = len(context), len(context) + len(answer)
+        step_logits = logits[row, start - 1 : end - 1].float()
+        targets = torch.tensor(answer, device=step_logits.device)
+        logp = torch.log_softmax(step_logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        out.append(logp)
+    return out
+
+
+def _batched_logprobs(
+    model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int, progress: bool = False
+) -> list[torch.Tensor]:
+    """[`_continuation_logprobs`] over many pairs, batched by similar length, returned in input order (no grad)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = _pad_id(tokenizer, model)
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    results: list[torch.Tensor | None] = [None] * len(pairs)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with _eval_mode(model), torch.no_grad():
+        for batch in _progress(batches, len(batches), progress, "scoring"):
+            for idx, logp in zip(batch, _continuation_logprobs(model, [pairs[i] for i in batch], pad_id)):
+                results[idx] = logp.detach().cpu()
+    return results  # type: ignore[return-value]
+
+
+def _option_pairs(tokenizer, examples: Sequence[Example]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    pairs, counts = [], []
+    for i, example in enumerate(examples):
+        if not example.choices:
+            raise ValueError(f"examples[{i}] has no choices; option_logliks needs multiple-choice examples")
+        context = _encode_prompt(tokenizer, example)
+        for choice in example.choices:
+            pairs.append((context, _encode_answer(tokenizer, choice)))
+        counts.append(len(example.choices))
+    return pairs, counts
+
+
+def _option_logprobs(model, tokenizer, examples, batch_size, progress=False) -> list[list[torch.Tensor]]:
+    pairs, counts = _option_pairs(tokenizer, examples)
+    flat = _batched_logprobs(model, tokenizer, pairs, batch_size, progress)
+    grouped, pos = [], 0
+    for count in counts:
+        grouped.append(flat[pos : pos + count])
+        pos += count
+    return grouped
+
+
+def option_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> list[list[float]]:
+    """Sum of log p(option | prompt) over the option's tokens, for every option of every example.
+
+    Args:
+        model: A causal LM (a `PreTrainedModel` or a `PeftModel`).
+        tokenizer: Its tokenizer.
+        examples (`Sequence[Example]`): Multiple-choice examples (non-empty `choices`).
+        batch_size (`int`, defaults to 8): Number of (prompt, option) sequences per forward pass.
+
+    Returns:
+        `list[list[float]]`: `result[i][j]` is the log-likelihood of `examples[i].choices[j]`.
+    """
+    return [[float(lp.sum()) for lp in options] for options in _option_logprobs(model, tokenizer, examples, batch_size)]
+
+
+def _target_pairs(tokenizer, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
+    return [(_encode_prompt(tokenizer, ex), _encode_answer(tokenizer, ex.target)) for ex in examples]
+
+
+def answer_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> torch.Tensor:
+    """Mean per-token log p(target | prompt) of each example's gold `target` (no gradient).
+
+    Returns:
+        `torch.Tensor`: Shape `(len(examples),)`, float32, on CPU.
+    """
+    if not examples:
+        return torch.zeros(0)
+    logps = _batched_logprobs(model, tokenizer, _target_pairs(tokenizer, examples), batch_size)
+    return torch.stack([lp.mean() for lp in logps])
+
+
+def answer_nll(model, tokenizer, examples: Sequence[Example]) -> torch.Tensor:
+    """Differentiable mean negative log-likelihood of the gold target tokens given the prompt.
+
+    All examples go through one forward pass (the caller picks the batch size). The mean is over all target tokens
+    of all examples. The model's train/eval mode is left as found, and gradients flow as usual.
+
+    Returns:
+        `torch.Tensor`: A scalar on the model's device.
+    """
+    if not examples:
+        raise ValueError("answer_nll needs at least one example")
+    logps = _continuation_logprobs(model, _target_pairs(tokenizer, examples), _pad_id(tokenizer, model))
+    return -torch.cat(logps).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of each example's formatted prompt.
+
+    Prompts are left-padded and batched by similar length; only the generated continuation is decoded (special
+    tokens skipped, surrounding whitespace stripped).
+
+    Returns:
+        `list[str]`: One answer per example, in input order.
+    """
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pad_id = _pad_id(tokenizer, model)
+    eos = _eos_ids(model, tokenizer)
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos or None,
+    )
+    encoded = [_encode_prompt(tokenizer, ex) for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    device = _device(model)
+    answers: list[str] = [""] * len(examples)
+    with _eval_mode(model), torch.no_grad():
+        for batch in _progress(batches, len(batches), progress, "generating"):
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, idx in enumerate(batch):
+                ids = encoded[idx]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+            )
+            for row, idx in enumerate(batch):
+                new_tokens = output[row, width:].tolist()
+                cut = next((k for k, t in enumerate(new_tokens) if t in eos), len(new_tokens))
+                answers[idx] = tokenizer.decode(new_tokens[:cut], skip_special_tokens=True).strip()
+    return answers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """The outcome of [`evaluate`].
+
+    Args:
+        accuracy (`float`): Fraction of examples judged correct (0.0 for an empty split).
+        mean_loglik (`float`): Mean over examples of the mean per-token log-likelihood of the gold target (a smooth
+            tie-breaker for searches).
+        n (`int`): Number of examples.
+        correct (`list[bool]`): Per-example verdicts, in input order.
+    """
+
+    accuracy: float
+    mean_loglik: float
+    n: int
+    correct: list[bool] = field(default_factory=list)
+
+
+def score_prediction(kind: str, prediction: str, example: Example) -> bool:
+    """Whether `prediction` (a generated answer) is correct for `example`.
+
+    - `"multiple_choice"`: the letter (`"B"`, `"(B)"`, `"Answer: B"`) or the option text must pick `example.label`.
+    - `"generation"`: normalised exact match against `example.target` (and any `example.meta["targets"]`), or, for
+      numeric targets, the same number (GSM8K-style extraction: `####`, else the last number).
+    - `"code"`: HumanEval style — `meta["code_prompt"]` (the stub, else the prompt) + completion + `meta["test"]` + `check(meta["entry_point"])` run in the
+      sandbox (see [`peft_spectral.sandbox.run_code`]).
+    """
+    if kind == "multiple_choice":
+        return score_multiple_choice(prediction, example.choices, example.label)
+    if kind == "generation":
+        return score_generation(prediction, _targets(example))
+    if kind == "code":
+        return score_code(
+            prediction,
+            test=example.meta.get("test", ""),
+            entry_point=example.meta.get("entry_point", ""),
+            prompt=example.meta.get("code_prompt", example.prompt),
+        )
+    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+
+def _targets(example: Example) -> list[str]:
+    targets = [example.target]
+    for extra in example.meta.get("targets", ()) or ():
+        if extra not in targets:
+            targets.append(extra)
+    return targets
+
+
+def _resolve_mode(kind: str, mode: str) -> str:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "loglik" if kind == "multiple_choice" else "generate"
+    if mode == "loglik" and kind != "multiple_choice":
+        raise ValueError(f"mode='loglik' scores options and needs kind='multiple_choice', got kind={kind!r}")
+    return mode
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    kind: str,
+    mode: str = "auto",
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> EvalResult:
+    """Accuracy and mean gold-answer log-likelihood of `model` on `examples`.
+
+    Args:
+        kind (`str`): `"multiple_choice"`, `"generation"` or `"code"` (usually `task.kind`).
+        mode (`str`, defaults to `"auto"`): `"loglik"` picks the option with the highest summed log-likelihood
+            (multiple choice only, the `"auto"` choice for it); `"generate"` decodes greedily and judges the text
+            with [`score_prediction`] (the `"auto"` choice for generation and code).
+        batch_size (`int`, defaults to 8): Sequences per forward pass / generate call.
+        max_new_tokens (`int`, defaults to 32): Generation budget (code tasks typically need ~256-512).
+        progress (`bool`, defaults to `False`): Show tqdm bars.
+
+    Returns:
+        [`EvalResult`]
+    """
+    mode = _resolve_mode(kind, mode)
+    examples = list(examples)
+    if not examples:
+        return EvalResult(accuracy=0.0, mean_loglik=0.0, n=0, correct=[])
+    if mode == "loglik":
+        grouped = _option_logprobs(model, tokenizer, examples, batch_size, progress)
+        correct, gold_means = [], []
+        for example, options in zip(examples, grouped):
+            sums = torch.stack([lp.sum() for lp in options])
+            correct.append(int(sums.argmax()) == example.label)
+            gold_means.append(float(options[example.label].mean()) if example.label is not None else float("nan"))
+        mean_loglik = float(torch.tensor(gold_means).nanmean()) if gold_means else 0.0
+    else:
+        predictions = generate_answers(
+            model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        )
+        correct = [score_prediction(kind, p, ex) for p, ex in zip(predictions, examples)]
+        mean_loglik = float(answer_logliks(model, tokenizer, examples, batch_size=batch_size).mean())
+    return EvalResult(accuracy=sum(correct) / len(correct), mean_loglik=mean_loglik, n=len(examples), correct=correct)
