@@ -631,6 +631,16 @@ def train_svf(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     runtime = time.perf_counter() - start
     peft_model = trainer.model
+    zero_std = [row["frac_reward_zero_std"] for row in metrics.history if "frac_reward_zero_std" in row]
+    if zero_std and min(zero_std) >= 1.0:
+        message = (
+            "no learning signal: in every step all completions of each prompt got the same reward, so the policy "
+            "gradient was 0 and the adapter did not move. Use more num_generations, a higher temperature, an easier "
+            "task or SFT first."
+        )
+        logger.warning(message)
+        if printer is not None:
+            printer(message)
     trainable = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
     return SVFTrainingResult(
         model=peft_model,
