@@ -1,0 +1,176 @@
+"""`peft-spectral mix` and `peft-spectral eval-two-pass`: Transformer² with saved SVF experts.
+
+* `mix` searches mixing weights α of the experts on a few-shot JSONL file with the cross-entropy method and saves
+  the mixture as an ordinary SVF adapter.
+* `eval-two-pass` evaluates a task with the two passes (pass 1: base / prompt dispatch / classifier expert /
+  a saved mixture; pass 2: the answer), printing accuracy, the chosen experts and the time of each pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _load_model(name: str | None):
+    if name is None:
+        from ..assets import load_default_model
+
+        return load_default_model()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _add_expert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", nargs="+", required=True, metavar="DIR",
+                   help="saved SVF expert adapters (directories or Hub ids)")
+    p.add_argument("--names", nargs="+", default=None, help="expert names (default: directory names)")
+    p.add_argument("--descriptions", nargs="+", default=None, help="one description per expert (for dispatch)")
+    p.add_argument("--model", default=None, help="base model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mix",
+        help="few-shot Transformer² mixing: search expert weights by CEM and save the mixed SVF adapter",
+        description=(
+            "Search mixing weights alpha (one per expert, or per expert per layer with --per-layer) of saved SVF "
+            "experts with the cross-entropy method, scoring accuracy on the labelled shots (mean log-likelihood "
+            "breaks ties), and save z' = sum_k alpha_k z_k as an ordinary SVF adapter in --output."
+        ),
+    )
+    _add_expert_args(p)
+    p.add_argument("--shots", required=True, metavar="FILE.jsonl",
+                   help="labelled examples: {prompt, choices, label} or {prompt, target} per line")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for the mixed adapter")
+    p.add_argument("--kind", choices=("multiple_choice", "generation", "code"), default=None,
+                   help="default: multiple_choice when the shots have choices, else generation")
+    p.add_argument("--per-layer", action="store_true", help="one alpha per expert per transformer block")
+    p.add_argument("--population", type=int, default=32)
+    p.add_argument("--elite-fraction", type=float, default=0.2)
+    p.add_argument("--init-std", type=float, default=0.5)
+    p.add_argument("--init-mean", type=float, default=None, help="default 1/K")
+    p.add_argument("--generations", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_mix)
+
+    e = subparsers.add_parser(
+        "eval-two-pass",
+        help="evaluate a task with Transformer² two-pass inference (dispatch, classifier expert or mixture)",
+        description=(
+            "Pass 1 picks an adaptation per prompt (base, prompt dispatch, a classifier expert, or a saved "
+            "mixture), pass 2 answers with it, prompts grouped by expert. Prints accuracy, expert choices and the "
+            "time of both passes; --output writes them as JSON."
+        ),
+    )
+    _add_expert_args(e)
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a BigBench task name")
+    src.add_argument("--task-file", metavar="FILE.jsonl", help="a JSONL task file (same format as mix --shots)")
+    e.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    e.add_argument("--strategy", choices=("base", "dispatch", "classifier", "mixture"), default="dispatch")
+    e.add_argument("--classifier", default=None, metavar="DIR", help="classifier expert adapter (--strategy classifier)")
+    e.add_argument("--mixture", default=None, metavar="DIR", help="saved mixed adapter (--strategy mixture)")
+    e.add_argument("--dispatch-mode", choices=("loglik", "generate"), default="loglik")
+    e.add_argument("--max-question-tokens", type=int, default=96)
+    e.add_argument("--mode", choices=("auto", "loglik", "generate"), default="auto", help="pass-2 scoring")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", default=None, metavar="FILE.json")
+    e.set_defaults(func=run_eval_two_pass)
+
+
+def _library(args):
+    from ..transformer2 import ExpertLibrary
+
+    if args.descriptions is not None and len(args.descriptions) != len(args.experts):
+        raise SystemExit(f"--descriptions: {len(args.descriptions)} given for {len(args.experts)} experts")
+    if args.names is not None and len(args.names) != len(args.experts):
+        raise SystemExit(f"--names: {len(args.names)} given for {len(args.experts)} experts")
+    model, tok = _load_model(args.model)
+    return ExpertLibrary.load(model, tok, args.experts, names=args.names, descriptions=args.descriptions)
+
+
+def run_mix(args: argparse.Namespace) -> int:
+    from ..transformer2 import CEMConfig, FewShotMixer, load_shots
+
+    shots = load_shots(args.shots)
+    kind = args.kind or ("multiple_choice" if all(s.choices for s in shots) else "generation")
+    config = CEMConfig(population=args.population, elite_fraction=args.elite_fraction, init_std=args.init_std,
+                       init_mean=args.init_mean, generations=args.generations, seed=args.seed,
+                       progress=not args.no_progress)
+    library = _library(args)
+    mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
+    result = mixer.search(config)
+    out = mixer.save(args.output, result=result, extra={"cem": {k: v for k, v in vars(config).items()}})
+    print(f"experts: {', '.join(mixer.experts)}")
+    alpha = result.best_alpha
+    if alpha.ndim == 1:
+        print("alpha: " + ", ".join(f"{n}={a:.3f}" for n, a in zip(mixer.experts, alpha.tolist())))
+    else:
+        print(f"alpha: per layer, shape {tuple(alpha.shape)}; mean per expert: "
+              + ", ".join(f"{n}={a:.3f}" for n, a in zip(mixer.experts, alpha.mean(1).tolist())))
+    acc, ll = result.best_fitness[:2]
+    print(f"best fitness on {len(shots)} shots: accuracy {acc:.3f}, mean log-likelihood {ll:.4f} "
+          f"({result.evaluations} evaluations, {result.seconds:.1f}s)")
+    print(f"saved mixed SVF adapter to {out}")
+    return 0
+
+
+def _load_examples(args):
+    if args.task_file:
+        from ..transformer2 import load_shots
+
+        examples = load_shots(args.task_file)
+        kind = "multiple_choice" if all(e.choices for e in examples) else "generation"
+        return examples, kind, Path(args.task_file).stem
+    from ..tasks import load_task
+
+    task = load_task(args.task, seed=args.seed)
+    return task.split(args.split), task.kind, task.name
+
+
+def run_eval_two_pass(args: argparse.Namespace) -> int:
+    from ..transformer2 import DispatchPrompt, FixedDispatcher, PromptDispatcher, two_pass_evaluate
+
+    examples, kind, name = _load_examples(args)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    if not examples:
+        raise SystemExit(f"no examples to evaluate in {name!r} ({args.split})")
+    library = _library(args)
+    prompt = DispatchPrompt(max_question_tokens=args.max_question_tokens)
+    if args.strategy == "base":
+        dispatcher = FixedDispatcher(None)
+    elif args.strategy == "dispatch":
+        dispatcher = PromptDispatcher(None, mode=args.dispatch_mode, prompt=prompt, batch_size=args.batch_size)
+    elif args.strategy == "classifier":
+        if not args.classifier:
+            raise SystemExit("--strategy classifier needs --classifier DIR")
+        adapter = library.load_extra_adapter(args.classifier, "t2_classifier", "classifier")
+        dispatcher = PromptDispatcher(adapter, mode=args.dispatch_mode, prompt=prompt, batch_size=args.batch_size)
+    else:
+        if not args.mixture:
+            raise SystemExit("--strategy mixture needs --mixture DIR")
+        dispatcher = FixedDispatcher(library.load_extra_adapter(args.mixture, "t2_mixture", "mixture"))
+    result = two_pass_evaluate(library, dispatcher, examples, kind=kind, mode=args.mode,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    summary = {"task": name, "split": args.split, "strategy": args.strategy, **result.to_dict(),
+               "choices": ["base" if c is None else c for c in result.choices]}
+    print(f"{name} ({args.split}, n={len(examples)}), strategy {args.strategy}: accuracy {result.accuracy:.3f}")
+    print("experts chosen: " + ", ".join(f"{k}={v}" for k, v in summary["group_sizes"].items()))
+    print(f"pass 1 {result.pass1_seconds:.2f}s, pass 2 {result.pass2_seconds:.2f}s "
+          f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,26 @@
+"""Transformer² inference: compose saved SVF experts by prompt dispatch, a classifier expert or few-shot CEM.
+
+* [`ExpertLibrary`]: a base model plus K saved SVF adapters, loaded once onto one `PeftModel` (shared `U`/`σ`/`V`).
+* Pass 1 ([`PromptDispatcher`], [`FixedDispatcher`]): choose an expert (or the base model) per prompt.
+* Pass 2 ([`two_pass_generate`], [`two_pass_evaluate`]): answer, prompts grouped by chosen expert, timed.
+* [`build_classifier_examples`] / [`train_classifier_expert`]: the classification expert.
+* [`FewShotMixer`] / [`cross_entropy_method`]: few-shot mixing weights α by CEM, saved as an SVF adapter.
+
+See `docs/transformer2.md`.
+"""
+
+from .cem import CEMConfig, CEMResult, FewShotMixer, cross_entropy_method, push_mixture_to_hub
+from .classifier import base_model_copy, build_classifier_examples, train_classifier_expert
+from .dispatch import DispatchPrompt, FixedDispatcher, PromptDispatcher, parse_category
+from .library import OTHERS, Expert, ExpertLibrary, ExpertLibraryError, check_compatible
+from .scoring import OptionScores, score_examples, score_option_ids
+from .shots import load_shots
+from .two_pass import TwoPassResult, group_by_choice, two_pass_evaluate, two_pass_generate
+
+__all__ = [
+    "CEMConfig", "CEMResult", "DispatchPrompt", "Expert", "ExpertLibrary", "ExpertLibraryError", "FewShotMixer",
+    "FixedDispatcher", "OTHERS", "OptionScores", "PromptDispatcher", "TwoPassResult", "base_model_copy",
+    "build_classifier_examples", "check_compatible", "cross_entropy_method", "group_by_choice", "load_shots",
+    "parse_category", "push_mixture_to_hub", "score_examples", "score_option_ids", "train_classifier_expert",
+    "two_pass_evaluate", "two_pass_generate",
+]

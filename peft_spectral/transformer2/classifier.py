@@ -1,0 +1,239 @@
+"""Strategy 2 of Transformer²: a *classification expert*, an SVF adapter trained to answer the category question.
+
+[`build_classifier_examples`] turns the experts' own task data into category questions (the same prompt the
+[`PromptDispatcher`] asks, with the expert's name as the answer); [`train_classifier_expert`] trains an SVF adapter
+on them by supervised fine-tuning — through `peft_spectral.training.train_svf(..., method="sft")` when that module is
+present, else directly with TRL's `SFTTrainer` — and saves it. Load it with
+[`ExpertLibrary.load_extra_adapter`] and dispatch with `PromptDispatcher(adapter=<its name>)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from ..evaluation import _uses_chat
+from ..tasks import Example, Task
+from ..tuners.svf.config import SVFConfig
+from .dispatch import DispatchPrompt
+from .library import OTHERS, ExpertLibrary
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_METADATA = "transformer2_classifier.json"
+
+
+def build_classifier_examples(
+    library: ExpertLibrary,
+    task_examples: Mapping[str, Sequence[Example]],
+    *,
+    others: Optional[Sequence[Example]] = None,
+    per_category: Optional[int] = None,
+    prompt: Optional[DispatchPrompt] = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Category questions built from the experts' task data.
+
+    Args:
+        library ([`ExpertLibrary`]): Gives the category names and descriptions.
+        task_examples (`Mapping[str, Sequence[Example]]`): For each expert name, examples of its task (typically
+            its training split).
+        others (`Sequence[Example]`, *optional*): Examples of unrelated tasks, labelled `others`.
+        per_category (`int`, *optional*): Cap of examples per category (classes are balanced to it).
+        prompt ([`DispatchPrompt`], *optional*): The category question; must match the one used at dispatch.
+        seed (`int`): Seed of the sub-sampling and shuffling.
+
+    Returns:
+        `list[Example]`: Multiple-choice examples whose choices are the categories and whose target is the expert
+        name (or `others`), shuffled.
+    """
+    if not task_examples:
+        raise ValueError("task_examples is empty: give examples of at least one expert's task")
+    unknown = [n for n in task_examples if n not in library.experts]
+    if unknown:
+        raise ValueError(f"task_examples names unknown expert(s) {unknown}; experts: {library.names}")
+    prompt = prompt or DispatchPrompt()
+    rng = random.Random(seed)
+    names = library.names
+    descriptions = [library.experts[n].description for n in names]
+    sources: list[tuple[str, Sequence[Example]]] = list(task_examples.items())
+    if others:
+        sources.append((OTHERS, others))
+    out: list[Example] = []
+    for label, exs in sources:
+        exs = list(exs)
+        if not exs:
+            raise ValueError(f"no examples for category {label!r}")
+        if per_category is not None and len(exs) > per_category:
+            exs = rng.sample(exs, per_category)
+        out.extend(prompt.example(library.tokenizer, names, descriptions, ex.prompt, label) for ex in exs)
+    rng.shuffle(out)
+    return out
+
+
+def base_model_copy(library: ExpertLibrary) -> nn.Module:
+    """A deep copy of the library's base model with every adapter removed (the original weights)."""
+    return copy.deepcopy(library.model).unload()
+
+
+def _sft_records(tokenizer, examples: Sequence[Example]) -> list[dict[str, Any]]:
+    from ..evaluation import format_prompt
+
+    if _uses_chat(tokenizer, None):
+        return [{"prompt": [{"role": "user", "content": ex.prompt}],
+                 "completion": [{"role": "assistant", "content": ex.target}]} for ex in examples]
+    return [{"prompt": format_prompt(tokenizer, ex), "completion": ex.target} for ex in examples]
+
+
+def train_classifier_expert(
+    library: ExpertLibrary,
+    examples: Sequence[Example],
+    output_dir: Union[str, Path],
+    *,
+    steps: int = 30,
+    learning_rate: float = 5e-3,
+    batch_size: int = 8,
+    max_length: Optional[int] = None,
+    svf_config: Optional[SVFConfig] = None,
+    seed: int = 0,
+    use_training_module: bool = True,
+    base_model: Optional[nn.Module] = None,
+    trainer_kwargs: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Train an SVF classification expert by SFT on category questions and save it to `output_dir`.
+
+    Args:
+        library ([`ExpertLibrary`]): The experts (the classifier is trained on a copy of their base model).
+        examples (`Sequence[Example]`): From [`build_classifier_examples`].
+        output_dir: Where the adapter is saved.
+        steps (`int`): Optimiser steps.
+        learning_rate (`float`): AdamW learning rate.
+        batch_size (`int`): Examples per step.
+        max_length (`int`, *optional*): Token limit of a training sequence; default: the longest example (none is
+            cut, so no answer is truncated away).
+        svf_config ([`SVFConfig`], *optional*): Adapter config; default: the experts' target modules, mode and rank.
+        seed (`int`): Training seed.
+        use_training_module (`bool`): Use `peft_spectral.training.train_svf(method="sft")` when it exists.
+        base_model (`nn.Module`, *optional*): A fresh copy of the base model to train on (default: a deep copy of the
+            library's, without adapters).
+        trainer_kwargs (`dict`, *optional*): Extra `SFTConfig` fields.
+
+    Returns:
+        `Path`: `output_dir`, holding an SVF adapter plus `transformer2_classifier.json` (categories, prompt).
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError("examples is empty: build them with build_classifier_examples")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ref = next(iter(library.experts.values())).config
+    if svf_config is None:
+        svf_config = SVFConfig(
+            target_modules=sorted(ref.target_modules) if isinstance(ref.target_modules, (set, list)) else ref.target_modules,
+            mode=ref.mode, rank=ref.rank, svd_cache_dir=ref.svd_cache_dir,
+        )
+    model = base_model if base_model is not None else base_model_copy(library)
+    if getattr(ref, "base_model_name_or_path", None):
+        model.name_or_path = ref.base_model_name_or_path  # so the saved config names the experts' base
+    trained = None
+    if use_training_module:
+        trained = _try_training_module(model, library.tokenizer, examples, output_dir, steps=steps,
+                                       learning_rate=learning_rate, batch_size=batch_size, svf_config=svf_config,
+                                       seed=seed)
+    if trained is None:
+        _train_with_trl(model, library.tokenizer, examples, output_dir, steps=steps, learning_rate=learning_rate,
+                        batch_size=batch_size, max_length=max_length, svf_config=svf_config, seed=seed,
+                        trainer_kwargs=trainer_kwargs or {})
+    meta = {"categories": library.names + [OTHERS], "n_examples": len(examples), "steps": steps,
+            "learning_rate": learning_rate, "trained_with": "peft_spectral.training" if trained else "trl.SFTTrainer"}
+    (output_dir / CLASSIFIER_METADATA).write_text(json.dumps(meta, indent=2))
+    return output_dir
+
+
+def _try_training_module(model, tokenizer, examples, output_dir, **kw) -> Optional[Path]:
+    try:
+        from .. import training  # written in parallel; optional here
+    except ImportError:
+        return None
+    fn = getattr(training, "train_svf", None)
+    if fn is None:
+        return None
+    n_val = max(1, len(examples) // 10)
+    task = Task(name="transformer2_classifier", kind="multiple_choice", train=examples[n_val:],
+                validation=examples[:n_val], test=examples[:n_val], description="Transformer² category question")
+    params = inspect.signature(fn).parameters
+    wanted = {"method": "sft", "output_dir": str(output_dir), "steps": kw["steps"], "max_steps": kw["steps"],
+              "learning_rate": kw["learning_rate"], "lr": kw["learning_rate"], "batch_size": kw["batch_size"],
+              "svf_config": kw["svf_config"], "peft_config": kw["svf_config"], "config": kw["svf_config"],
+              "seed": kw["seed"]}
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    call = {k: v for k, v in wanted.items() if k in params}
+    if "method" not in call and not accepts_any:
+        return None
+    call.setdefault("method", "sft")
+    try:
+        result = fn(model, tokenizer, task, **call)
+    except (TypeError, NotImplementedError) as err:
+        logger.warning("training.train_svf could not be used (%s); training with TRL's SFTTrainer instead", err)
+        return None
+    peft_model = result if hasattr(result, "save_pretrained") else getattr(result, "model", None)
+    if peft_model is not None and hasattr(peft_model, "peft_config"):
+        peft_model.save_pretrained(str(output_dir))
+    if not (output_dir / "adapter_config.json").is_file():
+        logger.warning("training.train_svf saved no adapter to %s; training with TRL's SFTTrainer instead", output_dir)
+        return None
+    return output_dir
+
+
+def _train_with_trl(model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length,
+                    svf_config, seed, trainer_kwargs) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    records = _sft_records(tokenizer, examples)
+    if max_length is None:
+        from ..evaluation import _encode_answer, _encode_prompt
+
+        max_length = max(len(_encode_prompt(tokenizer, ex)) + len(_encode_answer(tokenizer, ex.target)) for ex in examples) + 8
+    dataset = Dataset.from_list(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            logging_steps=max(1, steps // 5),
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            max_length=max_length,
+            completion_only_loss=True,
+            bf16=False,
+            fp16=False,
+            use_cpu=not _has_accelerator(model),
+            disable_tqdm=False,
+            **trainer_kwargs,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=copy.deepcopy(svf_config))
+        trainer.train()
+        trainer.model.save_pretrained(str(output_dir))
+
+
+def _has_accelerator(model) -> bool:
+    try:
+        return next(model.parameters()).device.type != "cpu"
+    except StopIteration:
+        return False

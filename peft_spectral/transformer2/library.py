@@ -1,0 +1,368 @@
+"""The expert library: one base model, K saved SVF experts loaded once as adapters of one `PeftModel`.
+
+Every expert is an ordinary SVF adapter (a directory or a Hub id holding `adapter_config.json` and
+`adapter_model.safetensors`). They are loaded as named adapters of a single [`~peft.PeftModel`], so the base weights
+and the spectral factors `U`/`σ`/`V` (the `svf_S`/`svf_Q` buffers of each [`~peft_spectral.SVFLinear`]) exist once;
+switching experts only changes which `z` is active and never recomputes an SVD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..adapter_io import load_adapter, validate_adapter_dir
+from ..tuners.svf.config import SVFConfig
+from ..tuners.svf.layer import SVFLinear
+from ..tuners.svf.model import layer_index
+
+logger = logging.getLogger(__name__)
+
+#: Category name that means "no expert fits": the unadapted base model answers.
+OTHERS = "others"
+#: Names that cannot be given to an expert.
+RESERVED_NAMES = frozenset({OTHERS, "base", "none", "default"})
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class ExpertLibraryError(ValueError):
+    """The experts given to an [`ExpertLibrary`] cannot be used together."""
+
+
+@dataclass
+class Expert:
+    """One SVF expert of an [`ExpertLibrary`].
+
+    Args:
+        name (`str`): Short category name, also the adapter name (letters, digits, `_` and `-`; not `others`).
+        source (`str`): Local directory or Hub id of the saved SVF adapter.
+        description (`str`): One line describing the questions this expert is for (shown to the dispatcher).
+        config (`SVFConfig`, *optional*): The adapter's config, filled in when the library loads it.
+    """
+
+    name: str
+    source: str
+    description: str = ""
+    config: Optional[SVFConfig] = field(default=None, repr=False)
+
+
+ExpertSpec = Union[str, os.PathLike, Expert, Mapping[str, Any]]
+
+
+def _expert_from_spec(spec: ExpertSpec, index: int) -> Expert:
+    if isinstance(spec, Expert):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"name", "source", "path", "description"}
+        if unknown:
+            raise ExpertLibraryError(f"experts[{index}] has unknown key(s) {sorted(unknown)}")
+        source = spec.get("source", spec.get("path"))
+        if not source:
+            raise ExpertLibraryError(f"experts[{index}] names no 'source' (adapter directory or Hub id)")
+        return Expert(name=str(spec.get("name") or _default_name(str(source))), source=str(source),
+                      description=str(spec.get("description", "")))
+    if isinstance(spec, (str, os.PathLike)):
+        return Expert(name=_default_name(str(spec)), source=str(spec))
+    raise ExpertLibraryError(f"experts[{index}] must be a path, a Hub id, an Expert or a mapping, got {type(spec).__name__}")
+
+
+def _default_name(source: str) -> str:
+    name = Path(source.rstrip("/")).name or source
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
+    """Name and description an expert directory declares, if any.
+
+    Looks for `transformer2_expert.json` (`{"name": ..., "description": ...}`) in a local adapter directory. Returns an
+    empty dict when there is none (Hub ids are not fetched for this).
+    """
+    path = Path(source) / "transformer2_expert.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return {k: str(v) for k, v in data.items() if k in ("name", "description")}
+    return {}
+
+
+def _normalise_targets(targets: Any) -> Any:
+    if isinstance(targets, (set, frozenset, list, tuple)):
+        return tuple(sorted(targets))
+    return targets
+
+
+class ExpertLibrary:
+    """A base model with K SVF experts loaded once onto one `PeftModel`.
+
+    Args:
+        model (`PeftModel`): The model holding the experts as adapters (use [`ExpertLibrary.load`] to build it).
+        tokenizer: Its tokenizer.
+        experts (`Sequence[Expert]`): The experts, in order; their names are the adapter names.
+
+    Example:
+
+    ```py
+    >>> from peft_spectral.transformer2 import ExpertLibrary
+    >>> library = ExpertLibrary.load(base_model, tokenizer, [
+    ...     {"name": "math", "source": "svf-math", "description": "arithmetic word problems"},
+    ...     {"name": "logic", "source": "me/svf-logic", "description": "logical deduction puzzles"},
+    ... ])
+    >>> with library.use("math"):
+    ...     out = library.model.generate(**inputs)
+    ```
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, experts: Sequence[Expert]):
+        if not experts:
+            raise ExpertLibraryError("an ExpertLibrary needs at least one expert; `experts` is empty")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.experts: dict[str, Expert] = {e.name: e for e in experts}
+        self.extra_adapters: dict[str, str] = {}  # name -> role ("classifier", "mixture")
+        self.switch_seconds: list[float] = []
+        missing = [e.name for e in experts if e.name not in model.peft_config]
+        if missing:
+            raise ExpertLibraryError(f"the model holds no adapter(s) named {missing}")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(
+        cls,
+        base_model: nn.Module,
+        tokenizer: Any,
+        experts: Sequence[ExpertSpec],
+        *,
+        names: Optional[Sequence[str]] = None,
+        descriptions: Optional[Sequence[str]] = None,
+        check_base_model: bool = True,
+        **hub_kwargs: Any,
+    ) -> "ExpertLibrary":
+        """Validate K saved SVF adapters and load them onto `base_model` as one `PeftModel`.
+
+        Args:
+            base_model (`PreTrainedModel`): The unadapted model. It is wrapped in place (as `PeftModel.from_pretrained`
+                does); use `library.model` afterwards.
+            tokenizer: Its tokenizer.
+            experts: Adapter directories / Hub ids, [`Expert`]s, or mappings with `source`, `name`, `description`.
+            names (`Sequence[str]`, *optional*): Names overriding those of `experts` (default: the `name` given, the
+                `transformer2_expert.json` of the directory, else the directory name).
+            descriptions (`Sequence[str]`, *optional*): Descriptions overriding those of `experts`.
+            check_base_model (`bool`): Refuse experts whose `base_model_name_or_path` differ from each other.
+            **hub_kwargs: Passed to `huggingface_hub.snapshot_download` for Hub ids (e.g. `revision`, `token`).
+
+        Raises:
+            [`ExpertLibraryError`]: no experts; bad or duplicate names; experts of different base models, target
+                modules, SVF mode or rank (the experts concerned are named).
+            [`~peft_spectral.adapter_io.AdapterLoadError`]: an expert directory is missing, not SVF or corrupt.
+        """
+        if experts is None or len(experts) == 0:
+            raise ExpertLibraryError("`experts` is empty: give at least one saved SVF adapter (directory or Hub id)")
+        specs = [_expert_from_spec(s, i) for i, s in enumerate(experts)]
+        for arg, values in (("names", names), ("descriptions", descriptions)):
+            if values is not None and len(values) != len(specs):
+                raise ExpertLibraryError(f"`{arg}` has {len(values)} entries but {len(specs)} experts were given")
+        for i, spec in enumerate(specs):
+            meta = read_expert_metadata(spec.source) if Path(spec.source).is_dir() else {}
+            explicit_name = isinstance(experts[i], (Expert, Mapping)) and (
+                not isinstance(experts[i], Mapping) or "name" in experts[i]
+            )
+            if names is not None:
+                spec.name = names[i]
+            elif not explicit_name and meta.get("name"):
+                spec.name = meta["name"]
+            if descriptions is not None:
+                spec.description = descriptions[i]
+            elif not spec.description:
+                spec.description = meta.get("description", "")
+        _check_names([s.name for s in specs])
+
+        folders = []
+        for spec in specs:
+            folder, config = validate_adapter_dir(spec.source, expected_type="SVF", **hub_kwargs)
+            spec.config = config
+            folders.append(folder)
+        check_compatible(specs, check_base_model=check_base_model)
+        _warn_base_mismatch(base_model, specs[0])
+
+        model = load_adapter(base_model, folders[0], adapter_name=specs[0].name, expected_type="SVF")
+        for spec, folder in zip(specs[1:], folders[1:]):
+            load_adapter(model, folder, adapter_name=spec.name, expected_type="SVF")
+        model.set_adapter(specs[0].name)
+        model.eval()
+        return cls(model, tokenizer, specs)
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def names(self) -> list[str]:
+        """Expert names, in order."""
+        return list(self.experts)
+
+    @property
+    def svf_layers(self) -> list[tuple[str, SVFLinear]]:
+        """The SVF layers of the model with their module names."""
+        return self.model.base_model.svf_layers()
+
+    @property
+    def num_layers(self) -> int:
+        """Number of transformer blocks with SVF layers (`1 +` the largest block index in module names)."""
+        indices = [layer_index(n) for n, _ in self.svf_layers]
+        indices = [i for i in indices if i is not None]
+        return max(indices) + 1 if indices else 1
+
+    def svd_cache_stats(self) -> dict[str, int]:
+        """Hits / misses / stale entries of the tuner's SVD cache (misses = SVDs computed)."""
+        cache = getattr(self.model.base_model, "_svd_cache", None)
+        if cache is None:
+            return {"hits": 0, "misses": 0, "stale": 0}
+        return {"hits": cache.hits, "misses": cache.misses, "stale": cache.stale}
+
+    def register_adapter(self, name: str, role: str) -> None:
+        """Declare an extra adapter of `self.model` (a classifier or a mixture) that dispatch may select."""
+        if name not in self.model.peft_config:
+            raise ExpertLibraryError(f"the model holds no adapter named {name!r}")
+        if name in self.experts:
+            raise ExpertLibraryError(f"{name!r} is already an expert name")
+        self.extra_adapters[name] = role
+
+    def load_extra_adapter(self, source: Union[str, os.PathLike], name: str, role: str, **hub_kwargs: Any) -> str:
+        """Load another saved SVF adapter (e.g. a classifier expert or a saved mixture) onto the same model.
+
+        The adapter must fit the experts' base model; its target modules may differ.
+        """
+        if name in self.model.peft_config:
+            raise ExpertLibraryError(f"an adapter named {name!r} is loaded already")
+        folder, config = validate_adapter_dir(source, expected_type="SVF", **hub_kwargs)
+        first = next(iter(self.experts.values()))
+        base_a, base_b = getattr(config, "base_model_name_or_path", None), first.config.base_model_name_or_path
+        if base_a and base_b and base_a != base_b:
+            raise ExpertLibraryError(
+                f"adapter {str(source)!r} was trained on base model {base_a!r}, the experts on {base_b!r}"
+            )
+        active = self.model.active_adapter
+        load_adapter(self.model, folder, adapter_name=name, expected_type="SVF")
+        self.model.set_adapter(active)
+        self.register_adapter(name, role)
+        return name
+
+    # ------------------------------------------------------------------ switching
+
+    def resolve(self, choice: Optional[str]) -> Optional[str]:
+        """Map a dispatcher's answer to an adapter name, or `None` (the base model).
+
+        `None`, `"others"` (any case) and `"base"` mean the base model. A name that is neither an expert nor a
+        registered extra adapter also means the base model, with a warning in the log.
+        """
+        if choice is None:
+            return None
+        text = str(choice).strip()
+        if text.lower() in (OTHERS, "base", "none", ""):
+            return None
+        if text in self.experts or text in self.extra_adapters:
+            return text
+        lowered = {n.lower(): n for n in list(self.experts) + list(self.extra_adapters)}
+        if text.lower() in lowered:
+            return lowered[text.lower()]
+        logger.warning("dispatcher chose unknown expert %r; answering with the base model (experts: %s)",
+                       choice, ", ".join(self.experts))
+        return None
+
+    @contextlib.contextmanager
+    def use(self, adapter: Optional[str]) -> Iterator[None]:
+        """Context in which `adapter` (or the base model, for `None`) answers.
+
+        For `None` every adapter layer is disabled (`PeftModel.disable_adapter`), so outputs are bit-identical to the
+        unadapted model. The previously active adapter is restored afterwards. The time taken to switch is appended
+        to `self.switch_seconds`.
+        """
+        model = self.model
+        previous = model.active_adapter
+        if adapter is None:
+            start = time.perf_counter()
+            with model.disable_adapter():
+                self.switch_seconds.append(time.perf_counter() - start)
+                yield
+            return
+        if adapter not in model.peft_config:
+            raise ExpertLibraryError(f"unknown adapter {adapter!r}; loaded: {sorted(model.peft_config)}")
+        start = time.perf_counter()
+        model.set_adapter(adapter, inference_mode=True)
+        self.switch_seconds.append(time.perf_counter() - start)
+        try:
+            yield
+        finally:
+            if previous != adapter:
+                model.set_adapter(previous, inference_mode=True)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    for name in names:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ExpertLibraryError(
+                f"expert name {name!r} is not valid: use letters, digits, '_' and '-' only (it becomes an adapter name)"
+            )
+        if name.lower() in RESERVED_NAMES:
+            raise ExpertLibraryError(f"expert name {name!r} is reserved ({sorted(RESERVED_NAMES)}); choose another")
+    dupes = sorted({n for n in names if list(names).count(n) > 1})
+    if dupes:
+        raise ExpertLibraryError(f"expert names must be unique; repeated: {dupes}")
+
+
+def check_compatible(experts: Sequence[Expert], *, check_base_model: bool = True) -> None:
+    """Raise [`ExpertLibraryError`] unless all experts share base model, target modules, SVF mode and rank.
+
+    Args:
+        experts (`Sequence[Expert]`): Experts with their `config` filled in.
+        check_base_model (`bool`): Compare `base_model_name_or_path` (skipped where it is unset).
+    """
+    if not experts:
+        raise ExpertLibraryError("no experts given")
+    ref = experts[0]
+    for other in experts[1:]:
+        a, b = ref.config, other.config
+        if check_base_model:
+            ba, bb = getattr(a, "base_model_name_or_path", None), getattr(b, "base_model_name_or_path", None)
+            if ba and bb and ba != bb:
+                raise ExpertLibraryError(
+                    f"experts come from different base models: {ref.name!r} ({ref.source}) from {ba!r}, "
+                    f"{other.name!r} ({other.source}) from {bb!r}"
+                )
+        checks = (
+            ("target modules", _normalise_targets(a.target_modules), _normalise_targets(b.target_modules)),
+            ("excluded modules", _normalise_targets(a.exclude_modules), _normalise_targets(b.exclude_modules)),
+            ("layers_to_transform", _normalise_targets(a.layers_to_transform),
+             _normalise_targets(b.layers_to_transform)),
+            ("SVF mode", a.mode, b.mode),
+            ("SVF rank", a.rank, b.rank),
+        )
+        for what, va, vb in checks:
+            if va != vb:
+                raise ExpertLibraryError(
+                    f"experts have different {what}: {ref.name!r} ({ref.source}) has {va!r}, "
+                    f"{other.name!r} ({other.source}) has {vb!r}; their z vectors cannot be switched or mixed"
+                )
+
+
+def _warn_base_mismatch(model: nn.Module, expert: Expert) -> None:
+    expected = getattr(expert.config, "base_model_name_or_path", None)
+    actual = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if expected and actual and str(expected) != str(actual):
+        logger.warning(
+            "the experts were trained on %r but the given base model is %r; loading goes on (shapes are checked)",
+            expected, actual,
+        )
+
+
+def svf_z_snapshot(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """A copy of every `z` of `adapter` (module name → tensor), for tests and comparisons."""
+    return {n: m.svf_z[adapter].detach().clone() for n, m in model.base_model.svf_layers() if adapter in m.svf_z}
