@@ -18,6 +18,8 @@ What TRL does with a PEFT model and how SVF copes (checked by `tests/test_traini
   [`fix_reference_adapter`] copies `z` into it (called by [`build_trainer`]).
 * generation backends that merge adapters (vLLM weight sync): `merge_adapter`/`unmerge_adapter` restore the base
   weight bit for bit (SVF keeps the original weight while merged).
+* a model loaded from GGUF (the embedded default) is dequantized to fp32 but keeps transformers' GGUF quantizer flag,
+  which makes `Trainer` refuse to train it: [`as_plain_fp32`] drops the flag (called by [`train_svf`]).
 * checkpoints save only the adapter (`adapter_model.safetensors`, the z vectors); resuming loads it with
   `load_adapter(..., is_trainable=True)` and restores optimizer, scheduler and RNG states.
 """
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MetricsLogger",
+    "as_plain_fp32",
+    "with_lettered_options",
     "NonFiniteGuard",
     "SVFTrainingResult",
     "build_trainer",
@@ -70,6 +74,24 @@ _LETTERED = re.compile(r"(?m)^\s*\(?A[.):]\s")
 # --------------------------------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def with_lettered_options(example: Example, instruction: str = "Answer with the letter of the correct option.") -> Example:
+    """A multiple-choice example whose prompt lists its options as `A. ...`, `B. ...` and asks for the letter.
+
+    BigBench prompts often do not show the options; a policy that generates its answer (RL) must see them. A prompt
+    that already lists lettered options is returned unchanged. The options, label and target are kept, so the
+    letter (`"B"`) and the option text are both scored right by [`peft_spectral.rewards.extract_choice`].
+    """
+    if not example.choices:
+        raise ValueError(f"with_lettered_options needs a multiple-choice example, got one without choices: {example.prompt[:60]!r}")
+    if len(example.choices) > 26:
+        raise ValueError(f"with_lettered_options supports at most 26 options, got {len(example.choices)}")
+    if _LETTERED.search(example.prompt):
+        return example
+    options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(example.choices))
+    prompt = f"{example.prompt.rstrip()}\n\nOptions:\n{options}\n\n{instruction}".rstrip()
+    return Example(prompt=prompt, target=example.target, choices=example.choices, label=example.label, meta=example.meta)
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -425,6 +447,38 @@ def fix_reference_adapter(model: torch.nn.Module, source: str = "default", refer
     return fixed
 
 
+def as_plain_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop transformers' GGUF quantizer flag from a model whose weights were dequantized on load.
+
+    `from_pretrained(..., gguf_file=...)` dequantizes every tensor to an ordinary float tensor but keeps
+    `hf_quantizer`/`quantization_config`, and `Trainer` then refuses to train the model ("purely quantized"). Models
+    quantized in memory (bitsandbytes, ...) are left alone. Returns the same model.
+    """
+    for module in model.modules():
+        quantizer = getattr(module, "hf_quantizer", None)
+        config = getattr(module, "config", None)
+        qconfig = getattr(config, "quantization_config", None) if config is not None else None
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) or getattr(
+            qconfig, "quant_method", None
+        )
+        if qconfig is None and quantizer is None:
+            continue
+        if str(getattr(method, "value", method)).lower() != "gguf":
+            continue
+        if any(not p.dtype.is_floating_point for p in module.parameters()):
+            continue
+        if quantizer is not None:
+            module.hf_quantizer = None
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False
+        if config is not None:
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
+    return model
+
+
 def _default_svf_config(model: torch.nn.Module, svf_config: Optional[Any]) -> Any:
     if svf_config is not None:
         return svf_config
@@ -468,6 +522,7 @@ def build_trainer(
     is_peft = isinstance(model, PeftModel)
     if is_peft and peft_config is not None:
         raise ValueError("model is already a PeftModel: pass peft_config=None to keep training its adapter")
+    as_plain_fp32(model.get_base_model() if is_peft else model)
     if not is_peft:
         peft_config = _default_svf_config(model, peft_config)
     callbacks = list(callbacks or [])

@@ -250,3 +250,39 @@ def test_paper_preset_values(tmp_path):
     assert args.optim.value.startswith("adamw") and args.lr_scheduler_type.value == "constant"
     rloo = paper_rl_preset(str(tmp_path), algorithm="rloo", beta=0.1)
     assert type(rloo).__name__ == "RLOOConfig" and rloo.beta == 0.1
+
+
+def test_gguf_flag_is_dropped_so_trainer_accepts_the_model(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok)
+    gguf = SimpleNamespace(quant_method="gguf")
+    model.hf_quantizer = SimpleNamespace(quantization_config=gguf, is_trainable=False, is_qat_trainable=False)
+    model.config.quantization_config = gguf
+    model.is_quantized = True  # what transformers' quantizer sets on a GGUF load
+    with pytest.raises(ValueError, match="quantized"):
+        validate_quantization_for_training(model)
+    from peft_spectral.training import as_plain_fp32
+
+    as_plain_fp32(model)
+    assert model.hf_quantizer is None and not model.is_quantized and not hasattr(model.config, "quantization_config")
+    validate_quantization_for_training(model)
+    other = build_tiny_llama(tok)
+    other.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="bitsandbytes"))
+    assert as_plain_fp32(other).hf_quantizer is not None  # real quantization is left alone
+
+
+def test_with_lettered_options():
+    from peft_spectral.training import with_lettered_options
+
+    ex = Example(prompt="Is the sky blue?", target="yes", choices=("yes", "no"), label=0)
+    lettered = with_lettered_options(ex)
+    assert "A. yes\nB. no" in lettered.prompt and lettered.label == 0 and lettered.choices == ex.choices
+    assert with_lettered_options(lettered) is lettered
+    reward = reward_for_task("multiple_choice")
+    assert reward(["A", "B. no", "yes"], choices=[ex.choices] * 3, label=[0, 0, 0]) == [1.0, -1.0, 1.0]
+    with pytest.raises(ValueError, match="choices"):
+        with_lettered_options(Example(prompt="2+2", target="4"))
