@@ -73,22 +73,12 @@ def _load_task(name: str, seed: int):
 
 def _load_model(name: Optional[str]):
     """`(model, tokenizer)`: the embedded default model when `name` is None, else a local path or Hub id (fp32)."""
-    if name is None:
-        from .. import assets
-
-        loader = getattr(assets, "load_model", None)
-        if loader is not None:
-            return loader(None)
-        return assets.load_default_model()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..assets import load_model
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return load_model(name)
     except OSError as err:
         raise SystemExit(f"--model {name!r}: cannot load it ({err})") from None
-    return model.eval(), tokenizer
 
 
 def _resume_arg(value: Optional[str]) -> Any:
