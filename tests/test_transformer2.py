@@ -375,7 +375,8 @@ def test_push_mixture_to_hub_uploads_folder(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------- classifier
 
 
-def test_classifier_examples_and_training(library, tmp_path):
+@pytest.mark.parametrize("use_training_module", [True, False], ids=["training.train_svf", "trl"])
+def test_classifier_examples_and_training(library, tmp_path, use_training_module):
     lib, _ = library
     data = {
         "arith": [Example(prompt=f"What is {i} + {i}?", target=str(2 * i)) for i in range(4)],
@@ -393,8 +394,10 @@ def test_classifier_examples_and_training(library, tmp_path):
     from peft_spectral.transformer2 import train_classifier_expert
 
     out = train_classifier_expert(lib, exs, tmp_path / "clf", steps=2, batch_size=4, learning_rate=0.05,
-                                  use_training_module=False)
-    assert (out / "adapter_config.json").is_file() and (out / "transformer2_classifier.json").is_file()
+                                  use_training_module=use_training_module)
+    assert (out / "adapter_config.json").is_file()
+    meta = json.loads((out / "transformer2_classifier.json").read_text())
+    assert meta["trained_with"] == ("peft_spectral.training" if use_training_module else "trl.SFTTrainer")
     name = lib.load_extra_adapter(out, "clf", "classifier")
     z = svf_z_snapshot(lib.model, name)
     assert any(not torch.allclose(v, torch.ones_like(v)) for v in z.values())  # it trained

@@ -10,7 +10,6 @@ present, else directly with TRL's `SFTTrainer` — and saves it. Load it with
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import random
@@ -21,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from ..evaluation import _uses_chat
-from ..tasks import Example, Task
+from ..tasks import Example
 from ..tuners.svf.config import SVFConfig
 from .dispatch import DispatchPrompt
 from .library import OTHERS, ExpertLibrary
@@ -145,11 +144,13 @@ def train_classifier_expert(
     model = base_model if base_model is not None else base_model_copy(library)
     if getattr(ref, "base_model_name_or_path", None):
         model.name_or_path = ref.base_model_name_or_path  # so the saved config names the experts' base
+    if max_length is None:
+        max_length = _longest(library.tokenizer, examples) + 8
     trained = None
     if use_training_module:
         trained = _try_training_module(model, library.tokenizer, examples, output_dir, steps=steps,
-                                       learning_rate=learning_rate, batch_size=batch_size, svf_config=svf_config,
-                                       seed=seed)
+                                       learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
+                                       svf_config=svf_config, seed=seed)
     if trained is None:
         _train_with_trl(model, library.tokenizer, examples, output_dir, steps=steps, learning_rate=learning_rate,
                         batch_size=batch_size, max_length=max_length, svf_config=svf_config, seed=seed,
@@ -160,38 +161,20 @@ def train_classifier_expert(
     return output_dir
 
 
-def _try_training_module(model, tokenizer, examples, output_dir, **kw) -> Optional[Path]:
+def _try_training_module(model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length,
+                         svf_config, seed) -> Optional[Path]:
+    """Train through `peft_spectral.training.train_svf(method="sft")`; `None` when that module is unavailable."""
     try:
-        from .. import training  # written in parallel; optional here
+        from ..training import train_svf  # the package's TRL glue
     except ImportError:
         return None
-    fn = getattr(training, "train_svf", None)
-    if fn is None:
-        return None
-    n_val = max(1, len(examples) // 10)
-    task = Task(name="transformer2_classifier", kind="multiple_choice", train=examples[n_val:],
-                validation=examples[:n_val], test=examples[:n_val], description="Transformer² category question")
-    params = inspect.signature(fn).parameters
-    wanted = {"method": "sft", "output_dir": str(output_dir), "steps": kw["steps"], "max_steps": kw["steps"],
-              "learning_rate": kw["learning_rate"], "lr": kw["learning_rate"], "batch_size": kw["batch_size"],
-              "svf_config": kw["svf_config"], "peft_config": kw["svf_config"], "config": kw["svf_config"],
-              "seed": kw["seed"]}
-    accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    call = {k: v for k, v in wanted.items() if k in params}
-    if "method" not in call and not accepts_any:
-        return None
-    call.setdefault("method", "sft")
-    try:
-        result = fn(model, tokenizer, task, **call)
-    except (TypeError, NotImplementedError) as err:
-        logger.warning("training.train_svf could not be used (%s); training with TRL's SFTTrainer instead", err)
-        return None
-    peft_model = result if hasattr(result, "save_pretrained") else getattr(result, "model", None)
-    if peft_model is not None and hasattr(peft_model, "peft_config"):
-        peft_model.save_pretrained(str(output_dir))
-    if not (output_dir / "adapter_config.json").is_file():
-        logger.warning("training.train_svf saved no adapter to %s; training with TRL's SFTTrainer instead", output_dir)
-        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_svf(
+            model, tokenizer, list(examples), method="sft", kind="multiple_choice", output_dir=tmp,
+            max_steps=steps, svf_config=copy.deepcopy(svf_config), learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
+        )
+        result.model.save_pretrained(str(output_dir))
     return output_dir
 
 
@@ -201,10 +184,6 @@ def _train_with_trl(model, tokenizer, examples, output_dir, *, steps, learning_r
     from trl import SFTConfig, SFTTrainer
 
     records = _sft_records(tokenizer, examples)
-    if max_length is None:
-        from ..evaluation import _encode_answer, _encode_prompt
-
-        max_length = max(len(_encode_prompt(tokenizer, ex)) + len(_encode_answer(tokenizer, ex.target)) for ex in examples) + 8
     dataset = Dataset.from_list(records)
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
@@ -230,6 +209,12 @@ def _train_with_trl(model, tokenizer, examples, output_dir, *, steps, learning_r
                              peft_config=copy.deepcopy(svf_config))
         trainer.train()
         trainer.model.save_pretrained(str(output_dir))
+
+
+def _longest(tokenizer, examples: Sequence[Example]) -> int:
+    from ..evaluation import _encode_answer, _encode_prompt
+
+    return max(len(_encode_prompt(tokenizer, ex)) + len(_encode_answer(tokenizer, ex.target)) for ex in examples)
 
 
 def _has_accelerator(model) -> bool:
