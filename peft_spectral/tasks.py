@@ -235,7 +235,7 @@ def humaneval_examples(problems: Sequence[dict] | None = None) -> list[Example]:
     out = []
     for p in problems:
         stub = p["prompt"]
-        prompt = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{stub.rstrip()}\n```"
+        prompt = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{stub.strip()}\n```"
         meta = {"code_prompt": stub, "test": p["test"], "entry_point": p["entry_point"], "task_id": p.get("task_id", "")}
         out.append(Example(prompt=prompt, target=stub + p["canonical_solution"], meta=meta))
     return out

@@ -127,3 +127,16 @@ def test_real_tasks_load():
     assert add.kind == "generation" and len(add.train + add.validation + add.test) == 100
     he = load_task("humaneval")
     assert he.kind == "code" and len(he.train + he.validation + he.test) == 164
+
+
+def test_cli_tasks_list_and_show(fake_bigbench, capsys):
+    from peft_spectral.cli import main
+
+    assert main(["tasks", "--filter", "maths"]) == 0
+    assert capsys.readouterr().out.split() == ["maths", "maths/add", "maths/sub"]
+    assert main(["tasks", "--show", "mc_task", "-n", "2", "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "kind:        multiple_choice" in out and "train 6, validation 2, test 2" in out
+    assert out.count(">>> target: ") == 2 and ". right" in out
+    assert main(["tasks", "--show", "missing_task"]) == 1
+    assert "unknown BigBench task" in capsys.readouterr().out
