@@ -159,9 +159,17 @@ def extract_code(text: str, entry_point: str = "") -> str:
 
 
 def build_program(completion: str, *, test: str, entry_point: str, prompt: str = "") -> str:
-    """The HumanEval program: prompt + completion (or the completion alone when it redefines `entry_point`), then the
-    tests and `check(entry_point)`."""
+    """The HumanEval program: stub + completion, then the tests and `check(entry_point)`.
+
+    `prompt` is the function stub, or a text holding it in a ```python block (its content is used). A completion
+    that redefines `entry_point` follows the stub (keeping its imports and helpers) and overrides it; any other
+    completion continues the stub's body. A fenced completion is unwrapped first.
+    """
     code = extract_code(completion, entry_point)
+    if "```" in prompt:  # an instruction with the stub in a code block (e.g. Example.prompt of HumanEval)
+        prompt = extract_code(prompt, entry_point)
+    if prompt and not prompt.endswith("\n"):
+        prompt += "\n"
     defines = bool(entry_point) and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.M)
     # A full definition follows the stub (keeping its imports and helpers) and overrides it; a body continues it.
     body = prompt + "\n" + code if defines else prompt + code
@@ -232,7 +240,7 @@ def _targets_of(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def numeric_match_reward(completions: list, *, target: list, positive: float = 1.0, negative: float = -1.0, **kwargs):
+def numeric_match_reward(completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs):
     """+1 when the completion's final number (`#### x`, else the last number; commas allowed) equals `target`."""
     targets = _column({"target": target}, "target", len(completions), "numeric_match_reward")
     out = []
@@ -254,7 +262,7 @@ def multiple_choice_reward(completions: list, *, positive: float = 1.0, negative
     ]
 
 
-def exact_match_reward(completions: list, *, target: list, positive: float = 1.0, negative: float = -1.0, **kwargs):
+def exact_match_reward(completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs):
     """+1 on a normalised exact match with `target` (a string or a list of accepted strings), or equal numbers."""
     targets = _column({"target": target}, "target", len(completions), "exact_match_reward")
     return [

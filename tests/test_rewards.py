@@ -131,3 +131,17 @@ def test_checked_reward_rejects_nan_none_inf():
         R.checked_reward(lambda completions, **kw: None)(["a"])
     ok = R.checked_reward(R.exact_match_reward)
     assert ok(["x"], target=["x"]) == [1.0] and ok.__name__ == "exact_match_reward"
+
+
+def test_code_reward_with_instruction_prompt_and_missing_columns():
+    from peft_spectral.tasks import humaneval_examples
+
+    problem = {"task_id": "t", "prompt": STUB, "canonical_solution": "    return a + b\n", "test": TEST, "entry_point": "add"}
+    (ex,) = humaneval_examples([problem])
+    # the instruction-style prompt (stub inside a ```python block) works as code_prompt too
+    for completion, expected in (("    return a + b\n", 1.0), (ex.target, 1.0), ("    return 0\n", -1.0)):
+        assert R.code_reward([completion], test=[TEST], entry_point=["add"], code_prompt=[ex.prompt]) == [expected]
+    with pytest.raises(ValueError, match="entry_point"):
+        R.code_reward(["x"], test=[TEST])
+    with pytest.raises(ValueError, match="target"):
+        R.exact_match_reward(["x"])
