@@ -88,20 +88,35 @@ def load_tasks(names: list[str], assets: Path, seed: int) -> list[Task]:
     return [_fallback_bigbench_task(n, assets, seed) for n in names]
 
 
+def _as_plain_fp32(model):
+    """A GGUF checkpoint is dequantized to float32 on load but stays flagged as quantized, which makes
+    `transformers.Trainer` refuse to train it; drop the flags (the weights are ordinary fp32 tensors)."""
+    for module in model.modules():
+        if getattr(module, "hf_quantizer", None) is not None:
+            module.hf_quantizer = None
+        for attr in ("is_quantized", "quantization_method"):
+            module.__dict__.pop(attr, None)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return model
+
+
 def load_model(assets: Path):
     try:
         from peft_spectral.assets import load_default_model
     except ImportError:
         load_default_model = None
     if load_default_model is not None:
-        return load_default_model()
+        model, tok = load_default_model()
+        return _as_plain_fp32(model), tok
     logger.warning("peft_spectral.assets not available: loading the GGUF from %s", assets)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = next((assets / "model").rglob("*.gguf"))
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return model.eval(), tok
+    return _as_plain_fp32(model).eval(), tok
 
 
 def smoke_setup():

@@ -1060,7 +1060,8 @@ def _report_markdown(rep: dict) -> str:
     lines += [
         f"p = {cfg['core_fraction']} ({cfg['core_scope']}), τ = {cfg['similarity_threshold']}, "
         f"train_params = {cfg['train_params']}, probe_steps = {cfg['probe_steps']}, "
-        f"stage_steps = {cfg['stage_steps'] or cfg['probe_steps']}",
+        f"stage_steps = {cfg['stage_steps'] or cfg['probe_steps']}"
+        + (f" (total {cfg['total_stage_steps']} shared by the stages)" if cfg.get("total_stage_steps") else ""),
         "",
     ]
     if rep.get("jaccard") is not None:
