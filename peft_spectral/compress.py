@@ -67,6 +67,8 @@ __all__ = [
     "compute_svds",
     "singular_value_gradients",
     "score_candidates",
+    "C2IScores",
+    "c2i_scores",
     "apply_interventions",
     "c2i_search",
     "compress_to_impress",
@@ -536,6 +538,55 @@ def apply_result(model: nn.Module, result: SearchResult, adapter_name: str = "de
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class C2IScores:
+    """The product of C2I's gradient pass, reusable by several searches (e.g. both paper modes).
+
+    Attributes:
+        grads (`dict[str, torch.Tensor]`): `g` per module.
+        svds (`dict[str, tuple]`): `(U, S, V)` per module.
+        loss (`float`): The calibration loss `L`.
+        n_calibration (`int`): Number of calibration examples.
+        timings (`dict`): `svd_s` and `gradient_s`.
+    """
+
+    grads: dict
+    svds: dict
+    loss: float
+    n_calibration: int
+    timings: dict
+
+    @property
+    def seconds(self) -> float:
+        return float(self.timings.get("svd_s", 0.0) + self.timings.get("gradient_s", 0.0))
+
+
+def c2i_scores(
+    model: nn.Module,
+    calibration: Sequence[Example],
+    modules: Sequence[str],
+    *,
+    tokenizer=None,
+    loss_fn: Optional[LossFn] = None,
+    batch_size: int = 8,
+    svds: Optional[dict[str, tuple]] = None,
+    progress: bool = False,
+) -> C2IScores:
+    """C2I's scoring phase: SVDs of the candidate matrices and one gradient pass over `calibration`."""
+    t = time.perf_counter()
+    svds = dict(svds or {})
+    missing = [m for m in modules if m not in svds]
+    svds.update(compute_svds(model, missing, progress=progress))
+    t_svd = time.perf_counter() - t
+    t = time.perf_counter()
+    grads, loss = singular_value_gradients(
+        model, calibration, modules, svds=svds, tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
+        progress=progress,
+    )
+    return C2IScores(grads, svds, loss, len(calibration), {"svd_s": t_svd, "gradient_s": time.perf_counter() - t})
+
+
+
 def c2i_search(
     model: nn.Module,
     calibration: Sequence[Example],
@@ -554,6 +605,8 @@ def c2i_search(
     eval_fn: Optional[EvalFn] = None,
     loss_fn: Optional[LossFn] = None,
     svds: Optional[dict[str, tuple]] = None,
+    scores: Optional[C2IScores] = None,
+    base: Optional[EvalSummary] = None,
     seed: int = 0,
     method: Optional[str] = None,
     progress: bool = False,
@@ -576,7 +629,14 @@ def c2i_search(
         batch_size: Batch size of the gradient pass and of the default evaluation.
         eval_fn, loss_fn: Override the evaluation / loss (tests, custom tasks).
         svds: Precomputed SVDs of `modules` (computed if missing).
+        scores: A finished scoring phase ([`c2i_scores`]) to reuse instead of running the gradient pass; its
+            time is still counted in the result's `wall_time_s` (so two modes sharing it report honest times).
+        base: A finished evaluation of the unmodified model on `evaluation`, reused likewise (counted as one
+            evaluation and its seconds added to the wall time).
         seed: Clustering seed.
+
+    Returns:
+        [`SearchResult`] whose `wall_time_s` = scoring time + evaluation time.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -584,27 +644,29 @@ def c2i_search(
     eval_fn = eval_fn or default_eval_fn(tokenizer, kind, batch_size=batch_size)
     timings: dict[str, float] = {}
 
-    t = time.perf_counter()
-    svds = dict(svds or {})
-    missing = [m for m in modules if m not in svds]
-    svds.update(compute_svds(model, missing, progress=progress))
-    timings["svd_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    grads, loss = singular_value_gradients(
-        model, calibration, modules, svds=svds, tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
-        progress=progress,
-    )
-    timings["gradient_s"] = time.perf_counter() - t
-    timings["calibration_loss"] = loss
-
-    ranked = score_candidates(grads, svds, rhos, score=score, clusters=clusters)
+    if scores is None:
+        scores = c2i_scores(model, calibration, modules, tokenizer=tokenizer, loss_fn=loss_fn,
+                            batch_size=batch_size, svds=svds, progress=progress)
+        timings["scoring_shared"] = False
+    else:
+        unknown = [m for m in modules if m not in scores.grads]
+        if unknown:
+            raise ValueError(f"the given C2I scores do not cover {unknown}")
+        timings["scoring_shared"] = True
+    timings.update(scores.timings)
+    timings["calibration_loss"] = scores.loss
+    svds = scores.svds
+    ranked = score_candidates({m: scores.grads[m] for m in modules}, svds, rhos, score=score, clusters=clusters)
     to_eval = [c for c in ranked if c.score < 0] if only_predicted_gains else list(ranked)
     to_eval = to_eval[:top_k]
 
     t = time.perf_counter()
     cache = _TruncationCache(model, svds, seed=seed)
-    base = _timed_eval(eval_fn, model, evaluation)
+    reused_base_s = 0.0
+    if base is None:
+        base = _timed_eval(eval_fn, model, evaluation)
+    else:
+        reused_base_s = base.seconds
     evaluations, n_examples = 1, len(evaluation)
     kept: list[ScoredCandidate] = []
     from tqdm.auto import tqdm
@@ -627,11 +689,12 @@ def c2i_search(
             evaluations, n_examples = evaluations + 1, n_examples + len(evaluation)
             if r.beats(best):
                 chosen, best = trial, r
-    timings["evaluation_s"] = time.perf_counter() - t
+    timings["evaluation_s"] = time.perf_counter() - t + reused_base_s
     name = method or ("c2i-clustered" if clusters > 1 else "c2i-standard")
+    wall = time.perf_counter() - t_start + reused_base_s + (scores.seconds if timings["scoring_shared"] else 0.0)
     return SearchResult(
         method=name, chosen=chosen, base=base, best=best, evaluations=evaluations, evaluated_examples=n_examples,
-        wall_time_s=time.perf_counter() - t_start, timings=timings, candidates=ranked, seed=seed,
+        wall_time_s=wall, timings=timings, candidates=ranked, seed=seed,
     )
 
 
@@ -701,6 +764,7 @@ def laser_search(
     batch_size: int = 8,
     eval_fn: Optional[EvalFn] = None,
     state_path: Optional[str | os.PathLike] = None,
+    base: Optional[EvalSummary] = None,
     progress: bool = True,
 ) -> SearchResult:
     """LASER's exhaustive search: evaluate every candidate on `validation`, keep the best if it beats the base.
@@ -714,6 +778,8 @@ def laser_search(
         candidates: The grid (see [`candidate_grid`]).
         eval_fn: Overrides the default evaluation ([`peft_spectral.evaluation.evaluate`]).
         state_path: JSON state file for resuming.
+        base: A finished evaluation of the unmodified model on `validation` to reuse (still counted as one
+            evaluation, its seconds added to the wall time).
 
     Raises:
         `ValueError`: if the state file belongs to another search (other candidates or examples).
@@ -749,7 +815,11 @@ def laser_search(
 
     cache = _TruncationCache(model, {})
     if state["base"] is None:
-        state["base"] = asdict(_timed_eval(eval_fn, model, validation))
+        if base is not None:
+            state["base"] = asdict(base)
+            elapsed_before += base.seconds
+        else:
+            state["base"] = asdict(_timed_eval(eval_fn, model, validation))
         state["evaluations"] += 1
         save()
     todo = [iv for iv in candidates if iv.key not in state["results"]]

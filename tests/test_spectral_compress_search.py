@@ -301,3 +301,25 @@ def test_compress_to_impress_modes_on_a_task(planted):
         compress.compress_to_impress(model, tok, task, modules, mode="clustered", n_eval=100, strict=True)
     with pytest.raises(ValueError, match="mode"):
         compress.compress_to_impress(model, tok, task, modules, mode="fast")
+
+
+def test_shared_scores_and_base_are_counted_honestly(planted):
+    model, tok, validation, train = planted
+    modules = find_target_modules(model, ["up_proj", "down_proj"], layers=[1])
+    scores = compress.c2i_scores(model, train[:40], modules, tokenizer=tok, batch_size=32)
+    scores.timings["gradient_s"] += 100.0  # make the shared cost visible
+    base = compress.default_eval_fn(tok, "multiple_choice", batch_size=32)(model, validation)
+    base.seconds = 50.0
+    own = c2i_search(model, train[:40], validation, modules, tokenizer=tok, rhos=[0.9, 0.2], top_k=2,
+                     batch_size=32)
+    shared = c2i_search(model, train[:40], validation, modules, tokenizer=tok, rhos=[0.9, 0.2], top_k=2,
+                        batch_size=32, scores=scores, base=base)
+    assert [c.intervention for c in shared.candidates] == [c.intervention for c in own.candidates]
+    assert shared.chosen == own.chosen and shared.evaluations == own.evaluations == 3
+    assert shared.wall_time_s > 150.0 and shared.timings["scoring_shared"]
+    laser = laser_search(model, validation, candidate_grid(modules, [0.2]), tokenizer=tok, batch_size=32,
+                         base=base, progress=False)
+    assert laser.evaluations == 3 and laser.wall_time_s > 50.0 and laser.base.accuracy == base.accuracy
+    with pytest.raises(ValueError, match="do not cover"):
+        c2i_search(model, train[:40], validation, find_target_modules(model, ["o_proj"]), tokenizer=tok,
+                   scores=scores)
