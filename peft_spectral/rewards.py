@@ -107,15 +107,27 @@ def _numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
 
 
-_LETTER_PATTERNS = (
-    re.compile(r"^\s*\(?([A-Z])\)?\s*(?:[.:)\]]|$|\s)"),  # "B", "(B)", "B.", "B) ..."
+_STRICT_LETTER_PATTERNS = (
+    re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.:)]?\s*$"),  # the whole answer is a letter: "B", "(b)", "C."
+    re.compile(r"^\s*\(([A-Za-z])\)"),  # "(b) blue"
+    re.compile(r"^\s*([A-Za-z])[.)]\s"),  # "B. blue", "b) blue"
     re.compile(r"(?i)\banswer\s*(?:is|:)?\s*\(?([A-Z])\)?(?:[.:)\s]|$)"),  # "the answer is (B)", "Answer: B"
     re.compile(r"(?i)\boption\s*\(?([A-Z])\)?(?:[.:)\s]|$)"),  # "option B"
 )
+_LOOSE_LETTER_PATTERN = re.compile(r"^\s*([A-Z])(?:[:\]]|\s|$)")  # "B is right" (capital letter only)
+
+
+def _letter(pattern: re.Pattern, text: str, n: int) -> int | None:
+    match = pattern.search(text)
+    if match:
+        idx = ord(match.group(1).upper()) - ord("A")
+        if 0 <= idx < n:
+            return idx
+    return None
 
 
 def extract_choice(text: str, choices: Sequence[str]) -> int | None:
-    """Index of the option that `text` picks, by letter (`A`, `(b)`, `Answer: C`) or by option text.
+    """Index of the option that `text` picks, by letter (`B`, `(b)`, `B. ...`, `Answer: C`) or by option text.
 
     Returns `None` when nothing matches unambiguously.
     """
@@ -123,22 +135,20 @@ def extract_choice(text: str, choices: Sequence[str]) -> int | None:
     n = len(choices)
     if not text or n == 0:
         return None
-    for pattern in _LETTER_PATTERNS:
-        match = pattern.search(text if pattern is not _LETTER_PATTERNS[0] else text.upper()[:4] + text[4:])
-        if match:
-            idx = ord(match.group(1).upper()) - ord("A")
-            if 0 <= idx < n:
-                return idx
-    norm = normalize_answer(text)
+    for pattern in _STRICT_LETTER_PATTERNS:
+        idx = _letter(pattern, text, n)
+        if idx is not None:
+            return idx
     options = [normalize_answer(c) for c in choices]
-    exact = [i for i, opt in enumerate(options) if opt and opt == norm]
-    if len(exact) == 1:
-        return exact[0]
-    first_line = normalize_answer(text.splitlines()[0])
-    exact = [i for i, opt in enumerate(options) if opt and opt == first_line]
-    if len(exact) == 1:
-        return exact[0]
-    # An option mentioned at the start of the answer (longest first so "not entailment" beats "entailment").
+    for candidate in (normalize_answer(text), normalize_answer(text.splitlines()[0])):
+        exact = [i for i, opt in enumerate(options) if opt and opt == candidate]
+        if len(exact) == 1:
+            return exact[0]
+    idx = _letter(_LOOSE_LETTER_PATTERN, text, n)
+    if idx is not None:
+        return idx
+    # An option mentioned at the start of the answer (longest first so "non-entailment" beats "entailment").
+    norm = normalize_answer(text)
     starts = [i for i, opt in enumerate(options) if opt and norm.startswith(opt)]
     if starts:
         return max(starts, key=lambda i: len(options[i]))

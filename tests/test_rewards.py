@@ -145,3 +145,14 @@ def test_code_reward_with_instruction_prompt_and_missing_columns():
         R.code_reward(["x"], test=[TEST])
     with pytest.raises(ValueError, match="target"):
         R.exact_match_reward(["x"])
+
+
+def test_extract_choice_edge_cases():
+    opts = ["dog", "cat", "a bird"]
+    assert R.extract_choice("b", opts) == 1 and R.extract_choice("(c)", opts) == 2
+    assert R.extract_choice("b) cat", opts) == 1 and R.extract_choice("C. a bird", opts) == 2
+    assert R.extract_choice("a bird", opts) == 2  # an article is not the letter A
+    assert R.extract_choice("a cat, clearly", opts) == 1  # by text, not the letter A
+    assert R.extract_choice("B is correct", opts) == 1
+    assert R.extract_choice("Z", opts) is None and R.extract_choice("", opts) is None
+    assert R.extract_choice("The answer is C.", opts) == 2
