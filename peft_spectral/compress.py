@@ -237,14 +237,43 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.T if type(module).__name__ == "Conv1D" else w
 
 
-def compute_svds(model: nn.Module, modules: Sequence[str], *, progress: bool = False) -> dict[str, tuple]:
-    """Thin SVDs `(U, S, V)` (float32, CPU) of the named modules' weights, computed once and reused across ρ."""
+def compute_svds(
+    model: nn.Module, modules: Sequence[str], *, cache=None, progress: bool = False
+) -> dict[str, tuple]:
+    """Thin SVDs `(U, S, V)` (float32, CPU) of the named modules' weights, computed once and reused across ρ.
+
+    Args:
+        model: The model.
+        modules: Module names.
+        cache ([`~peft_spectral.svd_cache.SVDCache`] or `bool`, *optional*): Take the factors from the on-disk SVD
+            cache (`True` = the default cache directory). The cache keeps `S` and the smaller side's singular vectors;
+            the other side is recovered in float64 as `U = W V / σ` (or `V = Wᵀ U / σ`). Without a cache every
+            SVD is computed with [`~peft_spectral.linalg.thin_svd`].
+    """
     from tqdm.auto import tqdm
 
-    out = {}
-    for name in tqdm(modules, desc="SVD", disable=not progress):
-        out[name] = thin_svd(_weight_matrix(model.get_submodule(name)).detach().cpu())
-    return out
+    weights = [(name, _weight_matrix(model.get_submodule(name)).detach().cpu()) for name in modules]
+    if cache is None or cache is False:
+        return {name: thin_svd(w) for name, w in tqdm(weights, desc="SVD", disable=not progress)}
+    if cache is True:
+        from .svd_cache import SVDCache
+
+        cache = SVDCache()
+    factors = cache.get_many(weights, progress=progress)
+    return {name: _full_svd_from_factors(w, factors[name]) for name, w in weights}
+
+
+def _full_svd_from_factors(weight: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = weight.to(torch.float64)
+    s = factors.S.to(torch.float64)
+    q = factors.Q.to(torch.float64)
+    floor = float(s[0]) * 1e-12 if len(s) and float(s[0]) > 0 else 1e-30
+    safe = s.clamp_min(floor)
+    if factors.side == "right":
+        v, u = q, (w @ q) / safe
+    else:
+        u, v = q, (w.T @ q) / safe
+    return u.float().contiguous(), s.float().contiguous(), v.float().contiguous()
 
 
 class _TruncationCache:
@@ -570,13 +599,17 @@ def c2i_scores(
     loss_fn: Optional[LossFn] = None,
     batch_size: int = 8,
     svds: Optional[dict[str, tuple]] = None,
+    svd_cache=None,
     progress: bool = False,
 ) -> C2IScores:
-    """C2I's scoring phase: SVDs of the candidate matrices and one gradient pass over `calibration`."""
+    """C2I's scoring phase: SVDs of the candidate matrices and one gradient pass over `calibration`.
+
+    `svd_cache` is passed to [`compute_svds`] (an `SVDCache`, or `True` for the default one).
+    """
     t = time.perf_counter()
     svds = dict(svds or {})
     missing = [m for m in modules if m not in svds]
-    svds.update(compute_svds(model, missing, progress=progress))
+    svds.update(compute_svds(model, missing, cache=svd_cache, progress=progress))
     t_svd = time.perf_counter() - t
     t = time.perf_counter()
     grads, loss = singular_value_gradients(

@@ -323,3 +323,25 @@ def test_shared_scores_and_base_are_counted_honestly(planted):
     with pytest.raises(ValueError, match="do not cover"):
         c2i_search(model, train[:40], validation, find_target_modules(model, ["o_proj"]), tokenizer=tok,
                    scores=scores)
+
+
+def test_svds_from_the_on_disk_cache_give_the_same_gradients(tiny_llama, tmp_path):
+    from peft_spectral.svd_cache import SVDCache
+
+    model, tok = tiny_llama
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
+    ref = compute_svds(model, names)
+    cache = SVDCache(tmp_path)
+    cold = compute_svds(model, names, cache=cache)
+    warm = compute_svds(model, names, cache=cache)
+    assert cache.misses == 3 and cache.hits == 3
+    examples = _examples(4, seed=5)
+    g_ref, _ = singular_value_gradients(model, examples, names, svds=ref, tokenizer=tok)
+    g_warm, _ = singular_value_gradients(model, examples, names, svds=warm, tokenizer=tok)
+    for name in names:
+        u, s, v = warm[name]
+        w = model.get_submodule(name).weight.detach()
+        torch.testing.assert_close((u * s) @ v.T, w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s, ref[name][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_warm[name], g_ref[name], atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(cold[name][1], warm[name][1])
