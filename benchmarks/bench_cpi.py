@@ -215,11 +215,16 @@ def main(argv=None) -> int:
     score = make_scorer(tok, tasks, args.n_test, args.eval_batch, args.max_new_tokens)
     results: dict = {"tasks": {t.name: {"kind": t.kind, "n_train": len(t.train), "n_test": min(args.n_test, len(t.test))} for t in tasks}}
     timings: dict = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint() -> None:  # partial results, in case the run is cut short
+        (args.out / "cpi.partial.json").write_text(json.dumps({"results": results, "timings_s": timings}, indent=1))
 
     t0 = time.time()
     results["base"] = score(model)
     timings["eval_base_s"] = round(time.time() - t0, 1)
     logger.info("base: %s", results["base"])
+    checkpoint()
 
     from peft import get_peft_model
 
@@ -234,6 +239,7 @@ def main(argv=None) -> int:
     timings["multitask_train_s"] = round(time.time() - t0, 1)
     results["multitask"] = {"final": score(peft_model)}
     logger.info("multi-task: %s (%.0f s)", results["multitask"]["final"], time.time() - t0)
+    checkpoint()
 
     # naive multi-stage SFT: S/T steps per task, in order
     t0 = time.time()
@@ -246,7 +252,10 @@ def main(argv=None) -> int:
         after_own[task.name] = s[task.name]
         stages.append(s)
         logger.info("naive stage %d (%s): %s", k, task.name, s)
+        results["naive_partial"] = stages
+        checkpoint()
     timings["naive_s"] = round(time.time() - t0, 1)
+    results.pop("naive_partial", None)
     final = stages[-1]
     results["naive_multistage"] = {
         "final": final, "after_each_stage": stages, "steps_per_stage": per_stage,
@@ -272,10 +281,14 @@ def main(argv=None) -> int:
             cpi_stages.append({"stage": k, "group": group, "scores": s})
             cpi_after_own.update({n: s[n] for n in group})
             logger.info("CPI stage %d %s: %s", k, group, s)
+            results["cpi_partial"] = {"stages": cpi_stages, "jaccard": pipe.state.get("jaccard"),
+                                      "groups": pipe.state.get("groups")}
+            checkpoint()
 
     pipe = CPIPipeline(model, tok, tasks, cfg, state_dir, progress=False, on_stage_end=on_stage_end)
     rep = pipe.run()
     timings["cpi_s"] = round(time.time() - t0, 1)
+    results.pop("cpi_partial", None)
     final = score(pipe.model)
     cpi_stages.append({"stage": len(rep["stage_order"]) - 1, "group": rep["stage_order"][-1], "scores": final})
     results["cpi_ft"] = {
@@ -309,6 +322,7 @@ def main(argv=None) -> int:
     }
     results["timings_s"] = timings
     write_outputs(results, names, args.out)
+    (args.out / "cpi.partial.json").unlink(missing_ok=True)
     logger.info("done in %.0f s -> %s", time.time() - t_start, args.out)
     return 0
 
