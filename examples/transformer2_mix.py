@@ -56,12 +56,15 @@ def main() -> None:
     parser.add_argument("--experts", nargs="+", default=None, help="saved SVF experts (directories or Hub ids)")
     parser.add_argument("--task", default=str(DATA / "capitals.jsonl"), help="JSONL task to answer (test split)")
     parser.add_argument("--shots", default=None, help="JSONL few-shot examples (default: the task's validation split)")
+    parser.add_argument("--expert-steps", type=int, default=None,
+                        help="SFT steps per expert when --experts is not given (default 20; 2 with --tiny)")
     parser.add_argument("--output", default="runs/transformer2", help="output directory")
     args = parser.parse_args()
     out = Path(args.output)
     base, tokenizer = load(args.tiny, args.model)
 
-    experts = args.experts or train_experts(base, tokenizer, out / "experts", steps=2 if args.tiny else 20)
+    experts = args.experts or train_experts(base, tokenizer, out / "experts",
+                                                 steps=args.expert_steps or (2 if args.tiny else 20))
 
     # One PeftModel holds every expert as an adapter: the SVD factors exist once, switching recomputes nothing.
     library = ExpertLibrary.load(base, tokenizer, experts)
