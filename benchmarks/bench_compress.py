@@ -39,7 +39,7 @@ from peft_spectral.evaluation import evaluate  # noqa: E402
 
 logger = logging.getLogger("bench_compress")
 
-DEFAULT_TASKS = ["epistemic_reasoning", "navigate", "sports_understanding"]
+DEFAULT_TASKS = ["epistemic_reasoning", "sports_understanding", "navigate"]
 FULL_GRID = 30 * 7 * 7  # SmolLM2-135M: 30 layers × 7 matrix types × 7 rho
 
 
@@ -210,7 +210,9 @@ def markdown(rows, full, meta):
         f"Model: {meta['model']}; machine: {meta['machine']}; run {meta['date']}; total {meta['total_s']:.0f} s.",
         f"Candidates (same for all methods): matrices {meta['matrices']}, layers {meta['layers']}, rho {meta['rhos']}.",
         f"C2I: {meta['n_grad']} gradient examples, top-{meta['top_k']} evaluated; clustered mode with "
-        f"{meta['clusters']} row clusters. Accuracy = multiple-choice log-likelihood scoring.",
+        f"{meta['clusters']} row clusters. Validation {meta['n_val']}, clustered evaluation {meta['n_eval']}, test "
+        f"{meta['n_test']} examples per task. Accuracy = multiple-choice log-likelihood scoring; torch threads "
+        f"{meta['threads']}.",
         "",
         "| task | method | val/eval acc (base → chosen) | test acc | search time (s) | evaluations | speed-up vs LASER |"
         " compressed-module memory | chosen |",
@@ -262,12 +264,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
     p.add_argument("--matrices", nargs="+", default=["up_proj", "down_proj"])
-    p.add_argument("--layers", type=int, nargs="+", default=[26, 29])
+    p.add_argument("--layers", type=int, nargs="+", default=[27, 29])
     p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.01])
-    p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--n-grad", type=int, default=100)
-    p.add_argument("--n-eval", type=int, default=20)
-    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--n-val", type=int, default=12)
+    p.add_argument("--n-grad", type=int, default=32,
+                   help="gradient examples (the paper uses 100; the default is cut to fit a shared 2-core CPU)")
+    p.add_argument("--n-eval", type=int, default=12)
+    p.add_argument("--n-test", type=int, default=24)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--budget-min", type=float, default=30.0,
                    help="skip the optional full-grid scoring when it would not fit in this total wall time")
@@ -321,7 +324,7 @@ def main(argv=None):
         "total_s": time.perf_counter() - t0,
         "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos, "n_grad": args.n_grad,
         "top_k": args.top_k, "clusters": args.clusters, "n_val": args.n_val, "n_eval": args.n_eval,
-        "n_test": args.n_test,
+        "n_test": args.n_test, "threads": args.threads,
     }
     stem = "compress_smoke" if args.smoke else "compress"
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": full},
