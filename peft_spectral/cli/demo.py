@@ -1,0 +1,47 @@
+"""`peft-spectral demo`: the main job (see `peft_spectral.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..demo import DemoConfig
+
+    d = DemoConfig()
+    p = subparsers.add_parser(
+        "demo",
+        help="adapt the embedded model with SVF/Transformer², SpectralCompress and CoreIsolation; print a summary",
+        description=(
+            "Runs the three methods on real BigBench tasks: SVF experts trained briefly with RL (TRL GRPO), "
+            "Transformer² few-shot CEM mixing and prompt dispatch on an unseen task, a Compress-to-Impress search, "
+            "and a small CPI-FT run. Prints one summary table and writes report.md with plots to --output. "
+            "Re-running continues from what is cached there."
+        ),
+    )
+    p.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--output", default=d.output_dir, help=f"output/resume directory (default {d.output_dir})")
+    p.add_argument("--expert-tasks", nargs="+", default=list(d.expert_tasks), help="tasks of the SVF experts")
+    p.add_argument("--unseen-task", default=d.unseen_task, help="Transformer² task no expert was trained on")
+    p.add_argument("--compress-task", default=d.compress_task, help="task of the C2I search")
+    p.add_argument("--cpi-tasks", nargs="+", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
+    p.add_argument("--svf-steps", type=int, default=d.svf_steps, help="GRPO steps per expert")
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="test examples per accuracy")
+    p.add_argument("--quick", action="store_true", help="a much smaller setting, for a smoke run")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import DemoConfig, run_demo
+
+    kwargs = dict(model=args.model, output_dir=args.output, expert_tasks=tuple(args.expert_tasks),
+                  unseen_task=args.unseen_task, compress_task=args.compress_task, cpi_tasks=tuple(args.cpi_tasks),
+                  seed=args.seed)
+    if args.quick:
+        config = DemoConfig.quick(**kwargs)
+    else:
+        config = DemoConfig(svf_steps=args.svf_steps, eval_examples=args.eval_examples, **kwargs)
+    run_demo(config)
+    return 0

@@ -1,0 +1,387 @@
+"""The main job: adapt one model with all three methods on real tasks and report the numbers.
+
+`peft-spectral demo` runs, on the embedded SmolLM2-135M-Instruct (or `--model`) and BigBench tasks:
+
+1. **SVF experts**: one SVF adapter per expert task, trained briefly with RL (GRPO, ±1 rewards) through TRL;
+2. **Transformer²**: the experts composed for a task none of them saw — few-shot CEM mixing weights, and the
+   two-pass prompt dispatch, with the time of each pass;
+3. **SpectralCompress**: a Compress-to-Impress search (one gradient pass) on one task, accuracy before and after;
+4. **CoreIsolation**: a small CPI-FT run on three tasks.
+
+Every step writes its result (JSON, adapters, plots) under the output directory and is skipped when that result
+exists, so an interrupted run continues where it stopped. The summary table is printed and written to
+`report.md` next to the plots (CEM fitness curve, C2I scores by layer, CPI Jaccard heat map).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DemoConfig:
+    """Settings of [`run_demo`].
+
+    Args:
+        model (`str`, *optional*): Hub id or local path; the embedded SmolLM2-135M-Instruct when `None`.
+        output_dir (`str`): Where results are written (and resumed from).
+        expert_tasks (`Sequence[str]`): BigBench tasks of the SVF experts.
+        unseen_task (`str`): Task for Transformer² that no expert was trained on.
+        compress_task (`str`): Task of the C2I search.
+        cpi_tasks (`Sequence[str]`): Tasks of the CPI-FT run.
+        svf_steps (`int`): GRPO steps per expert.
+        eval_examples (`int`): Test examples per task for every accuracy in the table.
+        cem_shots, cem_population, cem_generations (`int`): Few-shot CEM settings (reference: 32 / 50 generations).
+        c2i_layers (`Sequence[int]`, *optional*): Layers whose MLP and `o_proj` matrices are C2I candidates (all when `None`).
+        c2i_grad_examples, c2i_eval_examples (`int`): Gradient and evaluation samples of the C2I search.
+        cpi_probe_steps, cpi_stage_steps (`int`): SFT steps of each CPI probe and each stage.
+        seed (`int`): Seed of splits, sampling and searches.
+    """
+
+    model: Optional[str] = None
+    output_dir: str = "runs/demo"
+    expert_tasks: Sequence[str] = ("arithmetic", "date_understanding", "epistemic_reasoning")
+    unseen_task: str = "logical_deduction"
+    compress_task: str = "epistemic_reasoning"
+    cpi_tasks: Sequence[str] = ("arithmetic", "date_understanding", "epistemic_reasoning")
+    svf_steps: int = 6
+    eval_examples: int = 60
+    cem_shots: int = 16
+    cem_population: int = 12
+    cem_generations: int = 8
+    c2i_layers: Optional[Sequence[int]] = tuple(range(0, 30, 3))
+    c2i_grad_examples: int = 100
+    c2i_eval_examples: int = 40
+    cpi_probe_steps: int = 8
+    cpi_stage_steps: int = 8
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "DemoConfig":
+        """A smaller setting for smoke runs (minutes instead of a quarter of an hour)."""
+        small = dict(svf_steps=2, eval_examples=16, cem_shots=8, cem_population=6, cem_generations=3,
+                     c2i_layers=(27, 28, 29), c2i_grad_examples=16, c2i_eval_examples=12, cpi_probe_steps=2,
+                     cpi_stage_steps=2)
+        small.update(overrides)
+        return cls(**small)
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    method: str
+    task: str
+    base_accuracy: float
+    adapted_accuracy: float
+    trainable_params: int
+    wall_time_s: float
+    note: str = ""
+
+
+@dataclass
+class DemoReport:
+    rows: list[Row] = field(default_factory=list)
+    plots: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class _Steps:
+    """Result cache of the demo: one JSON file per step under the output directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn: Callable[[Path], dict]) -> dict:
+        path = self.root / f"{name}.json"
+        if path.exists():
+            print(f"[demo] {name}: cached ({path})")
+            return json.loads(path.read_text())
+        work = self.root / name
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        result = fn(work)
+        result.setdefault("wall_time_s", time.perf_counter() - t0)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(path)
+        return result
+
+
+def _accuracy(model, tokenizer, task, n: int) -> float:
+    from .evaluation import evaluate
+
+    return float(evaluate(model, tokenizer, task.test[:n], kind=task.kind).accuracy)
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> DemoReport:
+    """Run (or resume) the demo and return its report; see the module docstring."""
+    from .assets import load_model
+    from .tasks import load_task
+
+    out = Path(config.output_dir)
+    steps = _Steps(out)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list))
+    t0 = time.perf_counter()
+    base, tok = load_model(config.model)
+    base.eval()
+    printer(f"[demo] model loaded in {time.perf_counter() - t0:.1f}s")
+
+    names = sorted({*config.expert_tasks, config.unseen_task, config.compress_task, *config.cpi_tasks})
+    tasks = {n: load_task(n, seed=config.seed) for n in names}
+
+    base_acc = steps.run("base", lambda work: {n: _accuracy(base, tok, tasks[n], config.eval_examples) for n in names})
+    printer("[demo] base accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in base_acc.items()))
+
+    report = DemoReport()
+    svf = steps.run("svf_experts", lambda work: _svf_experts(base, tok, tasks, config, work, printer))
+    for name in config.expert_tasks:
+        r = svf["experts"][name]
+        report.rows.append(Row("SVF (GRPO)", name, base_acc[name], r["accuracy"], r["trainable_params"], r["seconds"],
+                               f"{config.svf_steps} RL steps"))
+
+    t2 = steps.run("transformer2", lambda work: _transformer2(base, tok, tasks, svf, config, work))
+    unseen = config.unseen_task
+    report.rows.append(Row("Transformer² few-shot CEM", unseen, t2["base_accuracy"], t2["cem_accuracy"], 0,
+                           t2["cem_seconds"], f"{config.cem_shots} shots, {t2['cem_evaluations']} evaluations"))
+    report.rows.append(Row("Transformer² prompt dispatch", unseen, t2["base_accuracy"], t2["dispatch_accuracy"], 0,
+                           t2["pass1_seconds"] + t2["pass2_seconds"],
+                           f"pass 1 = {100 * t2['pass1_over_pass2']:.0f}% of pass 2"))
+    report.plots["cem_fitness"] = t2["plot"]
+
+    c2i = steps.run("compress", lambda work: _compress(base, tok, tasks[config.compress_task], config, work))
+    report.rows.append(Row("C2I (SpectralCompress)", config.compress_task, c2i["before"], c2i["after"], 0,
+                           c2i["search_seconds"], f"{c2i['evaluations']} evaluations, kept {len(c2i['chosen'])}"))
+    report.plots["c2i_scores"] = c2i["plot"]
+
+    cpi = steps.run("cpi", lambda work: _cpi(base, tok, [tasks[n] for n in config.cpi_tasks], config, work))
+    for name in config.cpi_tasks:
+        report.rows.append(Row("CPI-FT (CoreIsolation)", name, base_acc[name], cpi["accuracy"][name],
+                               cpi["trainable_params"], cpi["seconds"], f"groups {cpi['groups']}"))
+    report.plots["cpi_jaccard"] = cpi["plot"]
+    report.details = {"base": base_acc, "svf": svf, "transformer2": t2, "compress": c2i, "cpi": cpi}
+
+    table = format_table(report.rows)
+    printer("\n" + table)
+    write_report(report, out / "report.md", table)
+    printer(f"\n[demo] report: {out / 'report.md'}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------------ steps
+
+
+def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> dict:
+    from tqdm.auto import tqdm
+
+    from .training import train_svf
+
+    experts = {}
+    for name in config.expert_tasks:
+        task = tasks[name]
+        target = work / name
+        t = time.perf_counter()
+        result = train_svf(copy.deepcopy(base), tok, task, method="rl", algorithm="grpo",
+                           max_steps=config.svf_steps, output_dir=str(work / f"{name}_checkpoints"),
+                           printer=tqdm.write, seed=config.seed)
+        seconds = time.perf_counter() - t
+        model = result.model
+        model.save_pretrained(target)
+        (target / "transformer2_expert.json").write_text(json.dumps({"name": name, "description": task.description}))
+        shutil.rmtree(work / f"{name}_checkpoints", ignore_errors=True)
+        acc = _accuracy(model, tok, task, config.eval_examples)
+        printer(f"[demo] SVF expert {name}: accuracy {acc:.3f} after {config.svf_steps} steps ({seconds:.0f}s)")
+        experts[name] = {"path": str(target), "accuracy": acc, "seconds": seconds,
+                         "trainable_params": result.trainable_parameters, "reward": result.final("reward")}
+    return {"experts": experts}
+
+
+def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path) -> dict:
+    from .evaluation import evaluate
+    from .transformer2 import CEMConfig, ExpertLibrary, FewShotMixer, PromptDispatcher, two_pass_evaluate
+
+    task = tasks[config.unseen_task]
+    specs = [{"name": n, "source": e["path"], "description": tasks[n].description} for n, e in svf["experts"].items()]
+    library = ExpertLibrary.load(copy.deepcopy(base), tok, specs)
+    test = task.test[: config.eval_examples]
+    with library.model.disable_adapter():
+        base_acc = float(evaluate(library.model, tok, test, kind=task.kind).accuracy)
+    mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)
+    cem = mixer.search(CEMConfig(population=config.cem_population, generations=config.cem_generations,
+                                 seed=config.seed))
+    mixer.save(work / "mixture", result=cem)
+    with library.use(mixer.adapter_name):
+        cem_acc = float(evaluate(library.model, tok, test, kind=task.kind).accuracy)
+    dispatch = two_pass_evaluate(library, PromptDispatcher(), test, kind=task.kind)
+    plot = plot_fitness(cem.history, work / "cem_fitness.png", title=f"Few-shot CEM on {task.name}")
+    return {
+        "base_accuracy": base_acc,
+        "cem_accuracy": cem_acc,
+        "cem_alpha": cem.best_alpha.tolist(),
+        "cem_fitness_curve": cem.fitness_curve,
+        "cem_evaluations": cem.evaluations,
+        "cem_seconds": cem.seconds,
+        "dispatch_accuracy": float(dispatch.accuracy),
+        "dispatch_choices": {k: len(v) for k, v in dispatch.groups.items()},
+        "pass1_seconds": dispatch.pass1_seconds,
+        "pass2_seconds": dispatch.pass2_seconds,
+        "pass1_over_pass2": dispatch.pass1_over_pass2,
+        "plot": str(plot),
+    }
+
+
+def _compress(base, tok, task, config: DemoConfig, work: Path) -> dict:
+    from . import compress as C
+    from .evaluation import evaluate
+
+    model = copy.deepcopy(base)
+    modules = C.find_target_modules(model, ["o_proj", *MLP], list(config.c2i_layers) if config.c2i_layers else None)
+    calibration = C.take_examples(task.train, config.c2i_grad_examples, "calibration (train)")
+    evaluation = C.take_examples(task.validation, config.c2i_eval_examples, "evaluation (validation)")
+    result = C.c2i_search(model, calibration, evaluation, modules, tokenizer=tok, kind=task.kind, clusters=1,
+                          seed=config.seed, progress=True)
+    test = task.test[: config.eval_examples]
+    before = float(evaluate(model, tok, test, kind=task.kind).accuracy)
+    after = before
+    if result.chosen:
+        adapted = C.apply_result(model, result)
+        after = float(evaluate(adapted, tok, test, kind=task.kind).accuracy)
+        adapted.save_pretrained(work / "adapter")
+    plot = plot_c2i_scores(result.candidates, work / "c2i_scores.png", title=f"C2I scores on {task.name}")
+    return {
+        "before": before,
+        "after": after,
+        "chosen": [str(iv) for iv in result.chosen],
+        "evaluations": result.evaluations,
+        "search_seconds": result.wall_time_s,
+        "search_base": result.base.accuracy,
+        "search_best": result.best.accuracy,
+        "plot": str(plot),
+    }
+
+
+def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
+    from .cpi import CPIConfig, CPIPipeline
+
+    cpi_config = CPIConfig(probe_steps=config.cpi_probe_steps, stage_steps=config.cpi_stage_steps,
+                           target_modules=MLP, batch_size=4, max_length=128, seed=config.seed)
+    accuracy: dict[str, float] = {}
+
+    def eval_fn(model, tokenizer, task):
+        accuracy[task.name] = _accuracy(model, tokenizer, task, config.eval_examples)
+        return {"accuracy": accuracy[task.name]}
+
+    t = time.perf_counter()
+    pipe = CPIPipeline(copy.deepcopy(base), tok, tasks, cpi_config, work / "state", eval_fn=eval_fn)
+    result = pipe.run()
+    seconds = time.perf_counter() - t
+    if not accuracy:  # resumed past the final evaluation: evaluate the final model again
+        for task in tasks:
+            eval_fn(pipe.model, tok, task)
+    jaccard = work / "state" / "jaccard.png"
+    return {
+        "accuracy": accuracy,
+        "groups": result.get("groups"),
+        "jaccard": result.get("jaccard"),
+        "trainable_params": _trainable(pipe.model),
+        "seconds": seconds,
+        "plot": str(jaccard) if jaccard.exists() else "",
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ output
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The summary as a markdown table (also readable in a terminal)."""
+    lines = [
+        "| method | task | base acc | adapted acc | trainable params | wall time (s) | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.task} | {r.base_accuracy:.3f} | {r.adapted_accuracy:.3f} | "
+                     f"{r.trainable_params:,} | {r.wall_time_s:.0f} | {r.note} |")
+    return "\n".join(lines)
+
+
+def write_report(report: DemoReport, path: Path, table: str) -> None:
+    parts = ["# peft_spectral demo", "", table, ""]
+    titles = {"cem_fitness": "Transformer² few-shot CEM: best fitness per generation",
+              "c2i_scores": "Compress to Impress: first-order score of each matrix by layer",
+              "cpi_jaccard": "CPI-FT: Jaccard similarity of task core regions"}
+    for key, plot in report.plots.items():
+        if plot:
+            rel = Path(os.path.relpath(Path(plot).resolve(), path.parent.resolve()))
+            parts += [f"## {titles.get(key, key)}", "", f"![{key}]({rel.as_posix()})", ""]
+    path.write_text("\n".join(parts))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Path:
+    """Best-so-far, generation-best and generation-mean fitness per CEM generation."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    gens = list(range(1, len(history) + 1))
+    for key, label in (("best", "best so far"), ("generation_best", "generation best"),
+                       ("generation_mean", "generation mean")):
+        ax.plot(gens, [h[key] for h in history], marker="o", label=label)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("accuracy on the shots")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -> Path:
+    """For each matrix type, the best (lowest) first-order score over ρ, by layer."""
+    plt = _pyplot()
+    best: dict[str, dict[int, float]] = {}
+    for c in candidates:
+        iv = c.intervention
+        if iv.layer is None or c.score is None:
+            continue
+        per = best.setdefault(iv.matrix, {})
+        per[iv.layer] = min(per.get(iv.layer, float("inf")), float(c.score))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for matrix, per in sorted(best.items()):
+        layers = sorted(per)
+        ax.plot(layers, [per[l] for l in layers], marker="o", label=matrix)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("estimated Δloss of the best ρ (lower = helps)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
