@@ -160,7 +160,7 @@ def markdown(results: dict) -> str:
         def a(x):
             return f"{x['test_accuracy']:.3f}" if x else "—"
 
-        ratio = lora.get("trainable_parameters", 0) / max(svf.get("trainable_parameters", 1), 1) if lora else 0
+        ratio = lora.get("trainable_parameters", 0) / max(svf.get("trainable_parameters", 1), 1) if lora and svf else 0
         lines.append(
             f"| {name} | {r['base']['accuracy']:.3f} | {a(svf)} | {a(lora)} | {a(sft)} | "
             f"{svf.get('trainable_parameters', '—')} | {lora.get('trainable_parameters', '—')} | "
@@ -228,25 +228,32 @@ def main() -> int:
     for name, task in tasks.items():
         row: dict[str, Any] = {"n_train": len(task.train), "n_test": min(args.n_test, len(task.test)),
                                "description": task.description}
+        results["tasks"][name] = row  # written after every method, so an interrupted run keeps what it measured
+
+        def save() -> None:
+            results["total_wall_s"] = time.perf_counter() - t0
+            _write(results, args)
+
         probed = json.loads(Path(args.base_from).read_text()).get(name) if args.base_from else None
         if probed and probed.get("n") == row["n_test"]:
             row["base"] = {k: probed[k] for k in ("accuracy", "n", "eval_s")} | {"from_probe": True}
         else:
             row["base"] = accuracy(base, tok, task.test[: args.n_test], args)
         print(f"[{name}] base {row['base']['accuracy']:.3f}", flush=True)
+        save()
         row["svf_rl"], svf_model = run_method(base, tok, task, "rl", copy.deepcopy(svf_cfg), args, work / name / "svf_rl")
         print(f"[{name}] SVF-RL {row['svf_rl']['test_accuracy']:.3f} ({row['svf_rl']['s_per_step']:.2f} s/step)", flush=True)
         write_expert(svf_model, task, row["svf_rl"], args, Path(args.experts))
         del svf_model
+        save()
         lora_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MLP, task_type="CAUSAL_LM")
         row["lora_rl"], _ = run_method(base, tok, task, "rl", lora_cfg, args, work / name / "lora_rl", learning_rate=args.lora_lr)
         print(f"[{name}] LoRA-RL {row['lora_rl']['test_accuracy']:.3f} ({row['lora_rl']['s_per_step']:.2f} s/step)", flush=True)
+        save()
         if args.sft:
             row["svf_sft"], _ = run_method(base, tok, task, "sft", copy.deepcopy(svf_cfg), args, work / name / "svf_sft")
             print(f"[{name}] SVF-SFT {row['svf_sft']['test_accuracy']:.3f}", flush=True)
-        results["tasks"][name] = row
-        results["total_wall_s"] = time.perf_counter() - t0
-        _write(results, args)
+        save()
     verdict(results)
     results["total_wall_s"] = time.perf_counter() - t0
     _write(results, args)
@@ -255,7 +262,9 @@ def main() -> int:
 
 
 def verdict(results: dict) -> None:
-    rows = list(results["tasks"].values())
+    rows = [r for r in results["tasks"].values() if "svf_rl" in r and "lora_rl" in r]
+    if not rows:
+        return
     improved = sum(r["svf_rl"]["test_accuracy"] > r["base"]["accuracy"] for r in rows)
     ties_or_wins = sum(r["svf_rl"]["test_accuracy"] >= r["lora_rl"]["test_accuracy"] for r in rows)
     ratios = [r["lora_rl"]["trainable_parameters"] / r["svf_rl"]["trainable_parameters"] for r in rows]
