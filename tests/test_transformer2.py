@@ -197,7 +197,7 @@ def test_prompt_dispatch_generate_mode_garbage_means_base(library):
 
 def test_prompt_dispatch_loglik_picks_most_likely_category(library):
     lib, _ = library
-    dispatcher = PromptDispatcher(None, mode="loglik", prompt=DispatchPrompt(max_question_tokens=16))
+    dispatcher = PromptDispatcher(None, mode="loglik", prompt=DispatchPrompt(max_question_tokens=16), label_tokens="full")
     exs = [Example(prompt=f"Question number {i}: what is {i} + {i}?", target="") for i in range(5)]
     choices = dispatcher(lib, exs)
     assert all(c in lib.names + [OTHERS] for c in choices)
@@ -210,6 +210,19 @@ def test_prompt_dispatch_loglik_picks_most_likely_category(library):
     # the shared instruction prefix is cached and reused on the next call
     assert len(dispatcher._prefix) == 1
     assert dispatcher(lib, exs) == choices and len(dispatcher._prefix) == 1
+
+
+def test_distinct_label_prefixes(library):
+    from peft_spectral.transformer2.dispatch import distinct_prefixes
+
+    assert distinct_prefixes([[5, 1], [6, 2, 3], [6, 4]]) == [[5], [6, 2], [6, 4]]
+    assert distinct_prefixes([[1, 2], [1, 2, 3]]) == [[1, 2], [1, 2, 3]]
+    lib, _ = library
+    exs = [Example(prompt=f"Question {i}?", target="") for i in range(3)]
+    fast = PromptDispatcher(None, label_tokens="distinct")(lib, exs)
+    assert all(c in lib.names + [OTHERS] for c in fast)
+    with pytest.raises(ValueError, match="label_tokens"):
+        PromptDispatcher(None, label_tokens="some")
 
 
 def test_dispatch_prompt_truncates_question():

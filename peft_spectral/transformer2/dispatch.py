@@ -69,6 +69,20 @@ def parse_category(text: str, names: Sequence[str]) -> Optional[str]:
     return best[1] if best else None
 
 
+def distinct_prefixes(labels: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each token sequence cut after the first token that no other sequence shares at that point.
+
+    A sequence that is a prefix of another stays whole. `[[5, 1], [6, 2, 3], [6, 4]]` → `[[5], [6, 2], [6, 4]]`.
+    """
+    out = []
+    for i, seq in enumerate(labels):
+        k = 1
+        while k < len(seq) and any(list(o[:k]) == list(seq[:k]) for j, o in enumerate(labels) if j != i):
+            k += 1
+        out.append(list(seq[:k]))
+    return out
+
+
 def truncate_text(tokenizer, text: str, max_tokens: Optional[int]) -> str:
     """The first `max_tokens` tokens of `text` (decoded back to text); `text` itself when it is shorter."""
     if max_tokens is None:
@@ -120,6 +134,9 @@ class PromptDispatcher:
         prompt ([`DispatchPrompt`], *optional*): The category question.
         batch_size (`int`): Prompts per forward pass.
         max_new_tokens (`int`): Generation budget in `"generate"` mode.
+        label_tokens (`str`): In `"loglik"` mode, `"distinct"` (default) scores each category name only up to the
+            first token that tells it apart from the others (usually one token: no second forward pass, the answer
+            greedy decoding would start), `"full"` scores every token of the names.
     """
 
     def __init__(
@@ -130,9 +147,13 @@ class PromptDispatcher:
         prompt: Optional[DispatchPrompt] = None,
         batch_size: int = 8,
         max_new_tokens: int = 8,
+        label_tokens: str = "distinct",
     ):
         if mode not in ("loglik", "generate"):
             raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
+        if label_tokens not in ("distinct", "full"):
+            raise ValueError(f"label_tokens must be 'distinct' or 'full', got {label_tokens!r}")
+        self.label_tokens = label_tokens
         self.adapter = adapter
         self.mode = mode
         self.prompt = prompt or DispatchPrompt()
@@ -169,7 +190,10 @@ class PromptDispatcher:
         tok = library.tokenizer
         prompts = [_encode_prompt(tok, q) for q in questions]
         choices = questions[0].choices
-        options = [[_encode_answer(tok, c) for c in choices] for _ in questions]
+        labels = [_encode_answer(tok, c) for c in choices]
+        if self.label_tokens == "distinct":
+            labels = distinct_prefixes(labels)
+        options = [labels for _ in questions]
         prefix = self._shared_prefix(library, prompts)
         scores = score_option_ids(library.model, prompts, options, pad_id=_pad_id(tok, library.model),
                                   batch_size=self.batch_size, prefix=prefix, share_prefix=False)
