@@ -119,6 +119,15 @@ def test_library_loads_experts_once_without_recomputing_svd(expert_dirs, monkeyp
     assert len(calls) == after_load
 
 
+def test_expert_metadata_files(tmp_path):
+    from peft_spectral.transformer2.library import read_expert_metadata
+
+    (tmp_path / "expert.json").write_text(json.dumps({"task": "arithmetic/2_digit", "description": "Sums.\n Big."}))
+    assert read_expert_metadata(tmp_path) == {"name": "arithmetic_2_digit", "description": "Sums. Big."}
+    (tmp_path / "transformer2_expert.json").write_text(json.dumps({"name": "math", "description": "d"}))
+    assert read_expert_metadata(tmp_path) == {"name": "math", "description": "d"}
+
+
 def test_library_bad_inputs(expert_dirs, tmp_path):
     tok = build_tiny_tokenizer()
     with pytest.raises(ExpertLibraryError, match="empty"):

@@ -38,11 +38,26 @@ def setup(tmp_path_factory):
     return root, experts, shots
 
 
-def test_mix_command_saves_loadable_mixture(setup, capsys):
+def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            uploads.append((folder_path, repo_id))
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     root, experts, shots = setup
     out = root / "mixed"
     rc = main(["mix", "--model", str(root / "model"), "--experts", *experts, "--shots", str(shots),
-               "--output", str(out), "--population", "4", "--generations", "2", "--no-progress"])
+               "--output", str(out), "--population", "4", "--generations", "2", "--no-progress",
+               "--push-to-hub", "me/mix"])
+    assert uploads == [(str(out), "me/mix")]
     assert rc == 0
     text = capsys.readouterr().out
     assert "alpha: alpha=" in text and "best fitness on 4 shots" in text

@@ -60,6 +60,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--generations", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the mixed adapter to this Hub repo")
     p.set_defaults(func=run_mix)
 
     e = subparsers.add_parser(
@@ -123,6 +124,10 @@ def run_mix(args: argparse.Namespace) -> int:
     print(f"best fitness on {len(shots)} shots: accuracy {acc:.3f}, mean log-likelihood {ll:.4f} "
           f"({result.evaluations} evaluations, {result.seconds:.1f}s)")
     print(f"saved mixed SVF adapter to {out}")
+    if args.push_to_hub:
+        from ..transformer2 import push_mixture_to_hub
+
+        print(f"pushed to {push_mixture_to_hub(out, args.push_to_hub)}")
     return 0
 
 

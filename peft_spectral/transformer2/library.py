@@ -84,13 +84,24 @@ def _default_name(source: str) -> str:
 def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
     """Name and description an expert directory declares, if any.
 
-    Looks for `transformer2_expert.json` (`{"name": ..., "description": ...}`) in a local adapter directory. Returns an
-    empty dict when there is none (Hub ids are not fetched for this).
+    Reads `transformer2_expert.json` (`{"name": ..., "description": ...}`) or, failing that, the `expert.json` written
+    by `benchmarks/bench_svf_rl.py` (`{"task": ..., "description": ...}`, the name derived from the task) of a local
+    adapter directory. Returns an empty dict when there is none (Hub ids are not fetched for this).
     """
-    path = Path(source) / "transformer2_expert.json"
+    folder = Path(source)
+    path = folder / "transformer2_expert.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return {k: str(v) for k, v in data.items() if k in ("name", "description")}
+    path = folder / "expert.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        out = {}
+        if data.get("task"):
+            out["name"] = re.sub(r"[^A-Za-z0-9_\-]", "_", str(data["task"]))
+        if data.get("description"):
+            out["description"] = " ".join(str(data["description"]).split())
+        return out
     return {}
 
 
