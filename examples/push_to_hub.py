@@ -72,6 +72,10 @@ def main() -> None:
     for f in files:
         print(f"  {f.name:32s} {f.stat().st_size:>10,d} bytes")
 
+    base_path = getattr(config, "base_model_name_or_path", None)
+    if base_path and Path(base_path).exists():
+        print(f"note: the adapter's base model is the local path {base_path}; AutoPeftModelForCausalLM cannot fetch it on "
+              "other machines, so users must load the base model themselves (see docs/hub.md)")
     if args.dry_run:
         print(f"dry run: nothing uploaded; the {len(files)} files above are in {out}")
         return

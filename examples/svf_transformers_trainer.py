@@ -2,7 +2,7 @@
 
 Only the singular-value scales `z` of the MLP projections train; the saved adapter holds nothing else.
 
-    python examples/svf_transformers_trainer.py                  # embedded SmolLM2-135M-Instruct (CPU, ~1 min)
+    python examples/svf_transformers_trainer.py                  # embedded SmolLM2-135M-Instruct (CPU, a few minutes)
     python examples/svf_transformers_trainer.py --model HuggingFaceTB/SmolLM2-360M-Instruct
     python examples/svf_transformers_trainer.py --tiny           # tiny random model, a few seconds
 """

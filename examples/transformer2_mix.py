@@ -81,7 +81,7 @@ def main() -> None:
     # Strategy 3: few-shot CEM. Search alpha on labelled shots of the task; z' = sum_k alpha_k z_k.
     shots = load_shots(args.shots) if args.shots else task.validation
     mixer = FewShotMixer(library, shots, kind=task.kind)
-    cem = CEMConfig(population=6, generations=2, progress=False) if args.tiny else CEMConfig(population=16, generations=10)
+    cem = CEMConfig(population=6, generations=2, progress=False) if args.tiny else CEMConfig(population=8, generations=5)
     result = mixer.search(cem)
     print(f"CEM: best alpha {[round(a, 3) for a in result.best_alpha.tolist()]}, fitness {result.best_fitness}, "
           f"curve {[round(f, 3) for f in result.fitness_curve]}")
