@@ -5,7 +5,7 @@ classifier expert and few-shot CEM; dispatch accuracy on the experts' own test s
 expert-switch time / pass-2 time. Writes `docs/results/transformer2.json`, `docs/results/transformer2.md` and the
 CEM fitness plot `docs/results/cem_fitness.png`.
 
-Usage (defaults sized for a shared 2-core CPU, ~15 min)::
+Usage (defaults sized for a shared 2-core CPU, ~20 min; the defaults are the settings of docs/results)::
 
     python benchmarks/bench_transformer2.py --experts-dir benchmarks/experts
     python benchmarks/bench_transformer2.py --train-experts arithmetic date_understanding epistemic_reasoning \
@@ -129,22 +129,22 @@ def main() -> int:
                    help="first train quick SVF-SFT experts on these BigBench tasks into --experts-dir")
     p.add_argument("--expert-steps", type=int, default=10)
     p.add_argument("--unseen", nargs="+", default=None, help="unseen BigBench tasks (default: 2 from a preference list)")
-    p.add_argument("--n-test", type=int, default=40, help="test examples per unseen task")
-    p.add_argument("--n-dispatch", type=int, default=20, help="test examples per expert task for dispatch accuracy")
+    p.add_argument("--n-test", type=int, default=32, help="test examples per unseen task")
+    p.add_argument("--n-dispatch", type=int, default=16, help="test examples per expert task for dispatch accuracy")
     p.add_argument("--shots", type=int, default=8, help="few-shot examples (from the train split) for CEM")
     p.add_argument("--population", type=int, default=6)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--elite-fraction", type=float, default=0.2)
     p.add_argument("--init-std", type=float, default=0.5)
-    p.add_argument("--classifier-steps", type=int, default=12)
+    p.add_argument("--classifier-steps", type=int, default=8)
     p.add_argument("--classifier-batch", type=int, default=4)
     p.add_argument("--classifier-per-task", type=int, default=16)
     p.add_argument("--classifier-lr", type=float, default=1e-2)
-    p.add_argument("--classifier-layers", type=int, default=6,
+    p.add_argument("--classifier-layers", type=int, default=0,
                    help="the classifier adapts the MLPs of the last N blocks only (cheaper backward); 0 = all")
     p.add_argument("--no-lettered", action="store_true",
                    help="keep BigBench prompts as they are (default: list lettered options, as the RL experts saw)")
-    p.add_argument("--max-question-tokens", type=int, default=24)
+    p.add_argument("--max-question-tokens", type=int, default=32)
     p.add_argument("--gen-prompts", type=int, default=8, help="prompts for the two-pass generation timing")
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
