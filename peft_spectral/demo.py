@@ -54,10 +54,10 @@ class DemoConfig:
 
     model: Optional[str] = None
     output_dir: str = "runs/demo"
-    expert_tasks: Sequence[str] = ("arithmetic", "date_understanding", "epistemic_reasoning")
-    unseen_task: str = "logical_deduction"
+    expert_tasks: Sequence[str] = ("sports_understanding", "strategyqa", "anachronisms")
+    unseen_task: str = "navigate"
     compress_task: str = "epistemic_reasoning"
-    cpi_tasks: Sequence[str] = ("arithmetic", "date_understanding", "epistemic_reasoning")
+    cpi_tasks: Sequence[str] = ("arithmetic/2_digit_addition", "epistemic_reasoning", "object_counting")
     svf_steps: int = 6
     eval_examples: int = 60
     cem_shots: int = 16
