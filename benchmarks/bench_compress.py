@@ -207,7 +207,8 @@ def markdown(rows, full, meta):
     lines = [
         "# SpectralCompress benchmark: LASER vs Compress to Impress",
         "",
-        f"Model: {meta['model']}; machine: {meta['machine']}; run {meta['date']}; total {meta['total_s']:.0f} s.",
+        f"Model: {meta['model']}; machine: {meta['machine']}; run {meta['date']}; total "
+        + (f"{meta['total_s']:.0f} s." if meta["total_s"] == meta["total_s"] else "wall time: see per-method times."),
         f"Candidates (same for all methods): matrices {meta['matrices']}, layers {meta['layers']}, rho {meta['rhos']}.",
         f"C2I: {meta['n_grad']} gradient examples, top-{meta['top_k']} evaluated; clustered mode with "
         f"{meta['clusters']} row clusters. Validation {meta['n_val']}, clustered evaluation {meta['n_eval']}, test "
@@ -250,6 +251,26 @@ def markdown(rows, full, meta):
     return "\n".join(lines) + "\n"
 
 
+def rebuild_from_partials(args, out_dir):
+    rows = [json.loads((out_dir / f"compress_{n}.partial.json").read_text()) for n in args.tasks
+            if (out_dir / f"compress_{n}.partial.json").exists()]
+    if not rows:
+        raise SystemExit("no partial results found")
+    meta = {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
+        "machine": f"{platform.machine()} CPU, shared with other jobs",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f" (partial: {len(rows)} of {len(args.tasks)} tasks)",
+        "total_s": float("nan"), "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos,
+        "n_grad": rows[0]["n_grad"], "top_k": args.top_k, "clusters": args.clusters, "n_val": rows[0]["n_val"],
+        "n_eval": rows[0]["n_eval_clustered"], "n_test": rows[0]["n_test"], "threads": args.threads,
+    }
+    (out_dir / "compress.json").write_text(json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": None},
+                                                      indent=1))
+    (out_dir / "compress.md").write_text(markdown(rows, None, meta))
+    plot(rows, None, out_dir / "compress.png")
+    print((out_dir / "compress.md").read_text())
+
+
 def smoke_setup():
     sys.path.insert(0, str(ROOT / "tests"))
     from peft_spectral.tasks import Task
@@ -282,6 +303,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: 1 when the machine is loaded, else all cores)")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--from-partials", action="store_true",
+                   help="only rebuild compress.json/md/png from the per-task partial files of an unfinished run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads is None:
@@ -290,6 +313,8 @@ def main(argv=None):
     torch.manual_seed(0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.from_partials:
+        return rebuild_from_partials(args, out_dir)
     t0 = time.perf_counter()
     if args.smoke:
         model, tok, tasks = smoke_setup()
