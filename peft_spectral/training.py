@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from .rewards import checked_reward, make_reward
 from .tasks import Example, Task
