@@ -149,7 +149,9 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
     names = sorted({*config.expert_tasks, config.unseen_task, config.compress_task, *config.cpi_tasks})
     tasks = {n: load_task(n, seed=config.seed) for n in names}
 
-    base_acc = steps.run("base", lambda work: {n: _accuracy(base, tok, tasks[n], config.eval_examples) for n in names})
+    base_acc = steps.run(
+        "base", lambda work: {"accuracy": {n: _accuracy(base, tok, tasks[n], config.eval_examples) for n in names}}
+    )["accuracy"]
     printer("[demo] base accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in base_acc.items()))
 
     report = DemoReport()
