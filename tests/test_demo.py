@@ -1,0 +1,39 @@
+"""The demo's plumbing: resumable steps, summary table, plots and report (the full run needs the real model)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from peft_spectral.cli import build_parser
+from peft_spectral.demo import DemoConfig, DemoReport, Row, _Steps, format_table, plot_c2i_scores, plot_fitness, write_report
+
+
+def test_steps_are_cached_and_resumed(tmp_path):
+    calls = []
+    steps = _Steps(tmp_path)
+    first = steps.run("a", lambda work: calls.append(work) or {"x": 1})
+    again = _Steps(tmp_path).run("a", lambda work: calls.append(work) or {"x": 2})
+    assert calls == [tmp_path / "a"] and first["x"] == again["x"] == 1 and "wall_time_s" in again
+
+
+def test_table_report_and_plots(tmp_path):
+    history = [{"best": 0.2 + 0.1 * g, "generation_best": 0.3, "generation_mean": 0.1} for g in range(4)]
+    fit = plot_fitness(history, tmp_path / "fit.png")
+    iv = lambda layer, m: SimpleNamespace(layer=layer, matrix=m)  # noqa: E731
+    cands = [SimpleNamespace(intervention=iv(l, m), score=0.01 * l - 0.1) for l in range(3) for m in ("up_proj", "o_proj")]
+    c2i = plot_c2i_scores(cands, tmp_path / "c2i.png")
+    assert fit.read_bytes()[:4] == b"\x89PNG" and c2i.read_bytes()[:4] == b"\x89PNG"
+    rows = [Row("SVF (GRPO)", "navigate", 0.5, 0.625, 51840, 12.0, "6 RL steps")]
+    table = format_table(rows)
+    assert "| SVF (GRPO) | navigate | 0.500 | 0.625 | 51,840 | 12 | 6 RL steps |" in table
+    report = DemoReport(rows=rows, plots={"cem_fitness": str(fit), "c2i_scores": str(c2i)})
+    write_report(report, tmp_path / "report.md", table)
+    text = (tmp_path / "report.md").read_text()
+    assert "![cem_fitness](fit.png)" in text and "![c2i_scores](c2i.png)" in text
+
+
+def test_cli_demo_options():
+    args = build_parser().parse_args(["demo", "--quick", "--output", "x", "--unseen-task", "snarks"])
+    assert args.quick and args.output == "x" and args.unseen_task == "snarks"
+    quick = DemoConfig.quick(unseen_task="snarks")
+    assert quick.svf_steps < DemoConfig().svf_steps and quick.unseen_task == "snarks"
