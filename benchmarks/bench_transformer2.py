@@ -143,7 +143,7 @@ def main() -> int:
     p.add_argument("--classifier-layers", type=int, default=0,
                    help="the classifier adapts the MLPs of the last N blocks only (cheaper backward); 0 = all")
     p.add_argument("--no-lettered", action="store_true",
-                   help="keep BigBench prompts as they are (default: list lettered options, as the RL experts saw)")
+                   help="do not add lettered options to prompts lacking them (load_task's prompts have them)")
     p.add_argument("--max-question-tokens", type=int, default=32)
     p.add_argument("--gen-prompts", type=int, default=8, help="prompts for the two-pass generation timing")
     p.add_argument("--gen-tokens", type=int, default=48)
@@ -205,7 +205,7 @@ def main() -> int:
     trained_on = {t.name for t in expert_tasks.values()}
     unseen_names = args.unseen or [t for t in UNSEEN_PREFERENCE if t not in trained_on][:2]
     unseen = {n: load_task(n, seed=0) for n in unseen_names}
-    if not args.no_lettered:
+    if not args.no_lettered:  # load_task's BigBench prompts list lettered options already; make sure of it
         from peft_spectral.training import with_lettered_options
 
         for t in list(unseen.values()) + list(expert_tasks.values()):
@@ -407,7 +407,7 @@ def markdown(r: dict) -> str:
     cl = s["classifier"]
     lines += [
         "",
-        f"Classifier expert: SVF adapter (MLPs of the last {cl['last_layers']} blocks) trained by SFT on "
+        f"Classifier expert: SVF adapter (MLPs of {'all' if cl['last_layers'] == 'all' else 'the last ' + str(cl['last_layers'])} blocks) trained by SFT on "
         f"{cl['n_examples']} category questions "
         f"({cl['per_task']} per expert task, from their train splits), {cl['steps']} steps × batch {cl['batch_size']}, "
         f"lr {cl['learning_rate']}, {cl['seconds']:.0f} s. Dispatch scores the category names by log-likelihood; "
