@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft.tuners._buffer_dict import BufferDict
+from .._linear import linear_features
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .config import CoreIsolationConfig
@@ -43,17 +44,9 @@ class CoreIsolationLayer(BaseTunerLayer):
         self._pre_merge_weights: list[torch.Tensor] = []
         self.kwargs = kwargs
 
-        base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
-            self.in_features, self.out_features = base.in_features, base.out_features
-            self.fan_in_fan_out = False
-        elif _is_conv1d(base):
-            self.in_features, self.out_features = base.weight.shape
-            self.fan_in_fan_out = True
-        else:
-            raise TypeError(
-                f"CoreIsolation supports `torch.nn.Linear` and transformers' `Conv1D` only, got {type(base).__name__}"
-            )
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(
+            self.get_base_layer(), "CoreIsolation"
+        )
 
     def update_layer(self, adapter_name: str, config: CoreIsolationConfig, inference_mode: bool = False, **kwargs):
         """Add adapter `adapter_name`: a zero delta and an all-`False` mask shaped like the base weight."""

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
+from .._linear import linear_features
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -60,18 +61,9 @@ class SpectralCompressLayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
 
-        base = self.get_base_layer()
-        if isinstance(base, nn.Linear):
-            self.in_features, self.out_features = base.in_features, base.out_features
-            self.fan_in_fan_out = False
-        elif _is_conv1d(base):
-            self.in_features, self.out_features = base.weight.shape
-            self.fan_in_fan_out = True
-        else:
-            raise TypeError(
-                f"SpectralCompress supports torch.nn.Linear and transformers' Conv1D, got {type(base).__name__}"
-                f" for module {module_name!r}"
-            )
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(
+            self.get_base_layer(), "SpectralCompress", module_name
+        )
 
     # ---------------------------------------------------------------------------------------------------------------
     # weights
