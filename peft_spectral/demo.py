@@ -45,7 +45,8 @@ class DemoConfig:
         svf_steps (`int`): GRPO steps per expert.
         eval_examples (`int`): Test examples per task for every accuracy in the table.
         cem_shots, cem_population, cem_generations (`int`): Few-shot CEM settings (reference: 32 / 50 generations).
-        c2i_layers (`Sequence[int]`, *optional*): Layers whose MLP and `o_proj` matrices are C2I candidates (all when `None`).
+        c2i_layers (`Sequence[int]`, *optional*): Layers whose MLP and `o_proj` matrices are C2I candidates; when
+            `None`, every `c2i_layer_stride`-th layer of the model.
         c2i_grad_examples, c2i_eval_examples (`int`): Gradient and evaluation samples of the C2I search.
         cpi_probe_steps, cpi_stage_steps (`int`): SFT steps of each CPI probe and each stage.
         seed (`int`): Seed of splits, sampling and searches.
@@ -62,7 +63,8 @@ class DemoConfig:
     cem_shots: int = 16
     cem_population: int = 12
     cem_generations: int = 8
-    c2i_layers: Optional[Sequence[int]] = tuple(range(0, 30, 3))
+    c2i_layers: Optional[Sequence[int]] = None
+    c2i_layer_stride: int = 3
     c2i_grad_examples: int = 100
     c2i_eval_examples: int = 40
     cpi_probe_steps: int = 8
@@ -73,7 +75,7 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> "DemoConfig":
         """A smaller setting for smoke runs (minutes instead of a quarter of an hour)."""
         small = dict(svf_steps=2, eval_examples=16, cem_shots=8, cem_population=6, cem_generations=3,
-                     c2i_layers=(27, 28, 29), c2i_grad_examples=16, c2i_eval_examples=12, cpi_probe_steps=2,
+                     c2i_layer_stride=10, c2i_grad_examples=16, c2i_eval_examples=12, cpi_probe_steps=2,
                      cpi_stage_steps=2)
         small.update(overrides)
         return cls(**small)
@@ -255,7 +257,10 @@ def _compress(base, tok, task, config: DemoConfig, work: Path) -> dict:
     from .evaluation import evaluate
 
     model = copy.deepcopy(base)
-    modules = C.find_target_modules(model, ["o_proj", *MLP], list(config.c2i_layers) if config.c2i_layers else None)
+    layers = config.c2i_layers
+    if layers is None:
+        layers = range(0, model.config.num_hidden_layers, config.c2i_layer_stride)
+    modules = C.find_target_modules(model, ["o_proj", *MLP], list(layers))
     calibration = C.take_examples(task.train, config.c2i_grad_examples, "calibration (train)")
     evaluation = C.take_examples(task.validation, config.c2i_eval_examples, "evaluation (validation)")
     result = C.c2i_search(model, calibration, evaluation, modules, tokenizer=tok, kind=task.kind, clusters=1,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from peft_spectral.cli import build_parser
 from peft_spectral.demo import DemoConfig, DemoReport, Row, _Steps, format_table, plot_c2i_scores, plot_fitness, write_report
 
@@ -37,3 +39,25 @@ def test_cli_demo_options():
     assert args.quick and args.output == "x" and args.unseen_task == "snarks"
     quick = DemoConfig.quick(unseen_task="snarks")
     assert quick.svf_steps < DemoConfig().svf_steps and quick.unseen_task == "snarks"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
+    """All four steps on real BigBench tasks (downloads the bigbench archive once), with a tiny random model."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    from peft_spectral.demo import run_demo
+
+    tok = build_tiny_tokenizer()
+    build_tiny_llama(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    config = DemoConfig.quick(model=str(tmp_path / "model"), output_dir=str(tmp_path / "run"))
+    report = run_demo(config, printer=lambda *_: None)
+    methods = [r.method for r in report.rows]
+    assert methods.count("SVF (GRPO)") == 3 and methods.count("CPI-FT (CoreIsolation)") == 3
+    assert {"Transformer² few-shot CEM", "Transformer² prompt dispatch", "C2I (SpectralCompress)"} <= set(methods)
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert text.count("![") == 3
+    # a second run resumes every step from the cache
+    again = run_demo(config, printer=lambda *_: None)
+    assert [r.adapted_accuracy for r in again.rows] == [r.adapted_accuracy for r in report.rows]
