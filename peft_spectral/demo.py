@@ -62,7 +62,7 @@ class DemoConfig:
     eval_examples: int = 60
     cem_shots: int = 16
     cem_population: int = 12
-    cem_generations: int = 8
+    cem_generations: int = 6
     c2i_layers: Optional[Sequence[int]] = None
     c2i_layer_stride: int = 3
     c2i_grad_examples: int = 100
