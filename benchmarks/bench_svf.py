@@ -65,6 +65,15 @@ def train_step(model, opt, batch) -> float:
     return time.perf_counter() - t0
 
 
+def hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -75,14 +84,13 @@ def _memory_worker(name: str, queue) -> None:
     model, _ = load_default_model()
     batch = make_batch(model.config.vocab_size)
     base_rss = rss_mb()
-    # ru_maxrss is a high-water mark since process start; reset is impossible, so load first and report the delta
-    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before_peak = hwm_mb()
     model = get_peft_model(model, method_configs()[name]())
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     train_step(model, opt, batch)
     train_step(model, opt, batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = hwm_mb()
     queue.put({"peak_mb": peak, "peak_over_loaded_mb": peak - max(base_rss, before_peak)})
 
 
