@@ -162,7 +162,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
         report.rows.append(Row("SVF (GRPO)", name, base_acc[name], r["accuracy"], r["trainable_params"], r["seconds"],
                                f"{config.svf_steps} RL steps"))
 
-    t2 = steps.run("transformer2", lambda work: _transformer2(base, tok, tasks, svf, config, work))
+    t2 = steps.run("transformer2",
+                   lambda work: _transformer2(base, tok, tasks, svf, config, work, base_acc[config.unseen_task]))
     unseen = config.unseen_task
     report.rows.append(Row("Transformer² few-shot CEM", unseen, t2["base_accuracy"], t2["cem_accuracy"], 0,
                            t2["cem_seconds"], f"{config.cem_shots} shots, {t2['cem_evaluations']} evaluations"))
@@ -171,7 +172,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
                            f"pass 1 = {100 * t2['pass1_over_pass2']:.0f}% of pass 2"))
     report.plots["cem_fitness"] = t2["plot"]
 
-    c2i = steps.run("compress", lambda work: _compress(base, tok, tasks[config.compress_task], config, work))
+    c2i = steps.run("compress", lambda work: _compress(base, tok, tasks[config.compress_task], config, work,
+                                                        base_acc[config.compress_task]))
     report.rows.append(Row("C2I (SpectralCompress)", config.compress_task, c2i["before"], c2i["after"], 0,
                            c2i["search_seconds"], f"{c2i['evaluations']} evaluations, kept {len(c2i['chosen'])}"))
     report.plots["c2i_scores"] = c2i["plot"]
@@ -218,16 +220,14 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
     return {"experts": experts}
 
 
-def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path) -> dict:
+def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, base_acc: float) -> dict:
     from .evaluation import evaluate
     from .transformer2 import CEMConfig, ExpertLibrary, FewShotMixer, PromptDispatcher, two_pass_evaluate
 
     task = tasks[config.unseen_task]
     specs = [{"name": n, "source": e["path"], "description": tasks[n].description} for n, e in svf["experts"].items()]
     library = ExpertLibrary.load(copy.deepcopy(base), tok, specs)
-    test = task.test[: config.eval_examples]
-    with library.model.disable_adapter():
-        base_acc = float(evaluate(library.model, tok, test, kind=task.kind).accuracy)
+    test = task.test[: config.eval_examples]  # the base model's accuracy on it is `base_acc` (step "base")
     mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)
     cem = mixer.search(CEMConfig(population=config.cem_population, generations=config.cem_generations,
                                  seed=config.seed))
@@ -252,7 +252,7 @@ def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path) -
     }
 
 
-def _compress(base, tok, task, config: DemoConfig, work: Path) -> dict:
+def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) -> dict:
     from . import compress as C
     from .evaluation import evaluate
 
@@ -265,8 +265,7 @@ def _compress(base, tok, task, config: DemoConfig, work: Path) -> dict:
     evaluation = C.take_examples(task.validation, config.c2i_eval_examples, "evaluation (validation)")
     result = C.c2i_search(model, calibration, evaluation, modules, tokenizer=tok, kind=task.kind, clusters=1,
                           seed=config.seed, progress=True)
-    test = task.test[: config.eval_examples]
-    before = float(evaluate(model, tok, test, kind=task.kind).accuracy)
+    test = task.test[: config.eval_examples]  # `before` is the base model's accuracy on it (step "base")
     after = before
     if result.chosen:
         adapted = C.apply_result(model, result)

@@ -108,6 +108,42 @@ def test_evaluate_loglik_restores_mode_and_agrees_with_option_logliks(tiny_llama
     assert result.mean_loglik == pytest.approx(float(E.answer_logliks(model, tok, MC).mean()), abs=1e-4)
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_evaluate_shared_prompt_scoring_equals_per_sequence_scoring(fixture, request, monkeypatch):
+    model, tok = request.getfixturevalue(fixture)
+    examples = MC + [Example("Which colour is the sky on a clear day, friend?", "light blue",
+                             ("deep red", "light blue", "a rather dark green"), 1)]
+    slow = E.evaluate(model, tok, examples, kind="multiple_choice", batch_size=2, shared_prompt_scoring=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the per-sequence path must not run")
+
+    monkeypatch.setattr(E, "_option_logprobs", refuse)
+    fast = E.evaluate(model, tok, examples, kind="multiple_choice", batch_size=2)
+    assert fast.correct == slow.correct and fast.n == slow.n == 4
+    assert fast.mean_loglik == pytest.approx(slow.mean_loglik, abs=1e-4)
+
+
+def test_evaluate_falls_back_when_the_model_cannot_take_a_cache(tiny_llama, caplog):
+    model, tok = tiny_llama
+
+    class NoCacheLM(torch.nn.Module):  # a forward that takes only input_ids/attention_mask
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    wrapped = NoCacheLM(model)
+    expected = E.evaluate(model, tok, MC, kind="multiple_choice", shared_prompt_scoring=False)
+    with caplog.at_level("WARNING", logger="peft_spectral.evaluation"):
+        got = E.evaluate(wrapped, tok, MC, kind="multiple_choice")
+    assert got.correct == expected.correct
+    assert got.mean_loglik == pytest.approx(expected.mean_loglik, abs=1e-5)
+    assert "NoCacheLM" in caplog.text
+
+
 def test_evaluate_generate_uses_score_prediction(tiny_llama, monkeypatch):
     model, tok = tiny_llama
     answers = {"Say hi": "Hi!", "What is 3 plus 4?": "3 plus 4 is 7.", "A much longer prompt, to force padding!": "no"}

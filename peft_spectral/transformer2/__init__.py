@@ -13,7 +13,7 @@ from .cem import CEMConfig, CEMResult, FewShotMixer, cross_entropy_method, push_
 from .classifier import base_model_copy, build_classifier_examples, train_classifier_expert
 from .dispatch import DispatchPrompt, FixedDispatcher, PromptDispatcher, parse_category
 from .library import OTHERS, Expert, ExpertLibrary, ExpertLibraryError, check_compatible
-from .scoring import OptionScores, score_examples, score_option_ids
+from ..option_scoring import OptionScores, score_examples, score_option_ids
 from .shots import load_shots
 from .two_pass import TwoPassResult, group_by_choice, two_pass_evaluate, two_pass_generate
 

@@ -6,7 +6,7 @@ answers. The cross-entropy method samples a population of α from a Gaussian (cl
 fraction and refits the Gaussian to it.
 
 A fitness evaluation only rewrites the `z` of one mixture adapter (a `K × r` matrix product per layer: no SVD, no
-new adapter) and scores the shots' options with one forward pass per shot batch ([`peft_spectral.transformer2.scoring`]).
+new adapter) and scores the shots' options with one forward pass per shot batch ([`peft_spectral.option_scoring`]).
 The best mixture is saved as an ordinary SVF adapter ([`FewShotMixer.save`]).
 """
 
@@ -28,7 +28,7 @@ from ..evaluation import _pad_id, evaluate
 from ..tasks import Example
 from ..tuners.svf.model import combine_svf_adapters, layer_index
 from .library import ExpertLibrary
-from .scoring import encode_examples, multiple_choice_metrics, score_option_ids
+from ..option_scoring import encode_examples, multiple_choice_metrics, score_option_ids
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Protocol, Sequence, Union
 from ..evaluation import _encode_answer, _encode_prompt, _pad_id, generate_answers
 from ..tasks import Example
 from .library import OTHERS, ExpertLibrary
-from .scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
+from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
 
 logger = logging.getLogger(__name__)
 

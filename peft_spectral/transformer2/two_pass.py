@@ -17,7 +17,7 @@ from ..evaluation import answer_logliks, generate_answers, score_prediction
 from ..tasks import Example
 from .dispatch import DispatcherLike
 from .library import ExpertLibrary
-from .scoring import multiple_choice_metrics, score_examples
+from ..option_scoring import multiple_choice_metrics, score_examples
 
 logger = logging.getLogger(__name__)
 

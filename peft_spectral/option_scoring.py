@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..evaluation import _encode_answer, _encode_prompt, _eval_mode, _pad_id
-from ..tasks import Example
+from .evaluation import _encode_answer, _encode_prompt, _eval_mode, _pad_id
+from .tasks import Example
 
 
 @dataclass
@@ -115,6 +116,7 @@ def score_option_ids(
     batch_size: int = 8,
     share_prefix: bool = True,
     prefix: Optional[PrefixState] = None,
+    progress: bool = False,
 ) -> OptionScores:
     """Summed log-likelihood of every option token sequence given its prompt token sequence.
 
@@ -127,6 +129,7 @@ def score_option_ids(
         share_prefix (`bool`): Run the longest common prefix of all prompts once.
         prefix ([`PrefixState`], *optional*): A precomputed prefix (for the current model state) that every prompt
             starts with; overrides `share_prefix`.
+        progress (`bool`): Show a tqdm bar over the batches.
 
     Returns:
         [`OptionScores`]
@@ -157,7 +160,8 @@ def score_option_ids(
     sums: list[list[float]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     with _eval_mode(model):
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="scoring", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
             segs = [list(prompts[i][plen:]) for i in rows]
             width = max(len(s) for s in segs)
@@ -228,10 +232,13 @@ def encode_examples(tokenizer, examples: Sequence[Example]) -> tuple[list[list[i
     return prompts, options
 
 
-def score_examples(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> OptionScores:
+def score_examples(
+    model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, progress: bool = False
+) -> OptionScores:
     """[`score_option_ids`] for multiple-choice [`Example`]s."""
     prompts, options = encode_examples(tokenizer, examples)
-    return score_option_ids(model, prompts, options, pad_id=_pad_id(tokenizer, model), batch_size=batch_size)
+    return score_option_ids(model, prompts, options, pad_id=_pad_id(tokenizer, model), batch_size=batch_size,
+                            progress=progress)
 
 
 def multiple_choice_metrics(scores: OptionScores, labels: Sequence[Optional[int]]) -> tuple[list[bool], float]:
