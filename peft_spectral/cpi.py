@@ -35,12 +35,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import random
-import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
 

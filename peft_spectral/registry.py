@@ -8,7 +8,6 @@ upgrade that changes it breaks one function (and `tests/test_registry.py`) inste
 
 from __future__ import annotations
 
-import enum
 
 from peft.utils import PeftType, register_peft_method
 

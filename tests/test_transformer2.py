@@ -264,6 +264,18 @@ def test_grouping_by_expert_matches_one_prompt_at_a_time(library):
     assert res.outputs == [o.outputs[0] for o in one]
 
 
+def test_fixed_dispatcher_runs_every_prompt_on_one_adapter(library):
+    lib, _ = library
+    exs = [_mc(f"Prompt {c}: ok?", i % 3) for i, c in enumerate("ABCD")]
+    res = two_pass_evaluate(lib, FixedDispatcher("logic"), exs)
+    assert set(res.groups) == {"logic"} and len(res.groups["logic"]) == len(exs)
+    with lib.use("logic"):
+        expected = score_examples(lib.model, lib.tokenizer, exs).argmax()
+    assert res.correct == [p == e.label for p, e in zip(expected, exs)]
+    base = two_pass_evaluate(lib, FixedDispatcher(None), exs)
+    assert set(base.groups) == {"base"}
+
+
 def test_fast_option_scoring_matches_evaluation(library):
     lib, _ = library
     exs = [Example(prompt="Shared intro. " + "x" * i + "?", target="A", choices=("A", "bb b", "ccc"), label=0)

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
 
 from ...registry import add_peft_type
 
