@@ -24,7 +24,7 @@ def _tasks(names, jsonl, seed=0):
 def patched(monkeypatch):
     tok = build_tiny_tokenizer()
     monkeypatch.setattr(cli_cpi, "load_tasks", _tasks)
-    monkeypatch.setattr(cli_cpi, "_load_model", lambda name: (build_tiny_llama(tok), tok))
+    monkeypatch.setattr(cli_cpi, "load_model_or_exit", lambda name: (build_tiny_llama(tok), tok))
 
 
 def test_cli_runs_and_resumes(patched, tmp_path, capsys):

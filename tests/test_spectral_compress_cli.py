@@ -33,7 +33,7 @@ def planted_task():
 def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, method):
     model, tok, task = planted_task
     monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
-    monkeypatch.setattr(cli_compress, "_load_model", lambda name: (model, tok))
+    monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
     out = tmp_path / method
     argv = ["compress", "--task", "planted", "--method", method, "--matrices", "up_proj,down_proj",
             "--rhos", "0.9,0.2", "--top-k", "2", "--n-grad", "1000", "--batch-size", "32", "--output", str(out)]
@@ -54,7 +54,7 @@ def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, me
 def test_cli_rejects_unknown_matrix(planted_task, monkeypatch):
     model, tok, task = planted_task
     monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
-    monkeypatch.setattr(cli_compress, "_load_model", lambda name: (model, tok))
+    monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
     args = build_parser().parse_args(["compress", "--task", "planted", "--matrices", "wq"])
     with pytest.raises(ValueError, match="match no linear module"):
         args.func(args)

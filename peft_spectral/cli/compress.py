@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from ._common import floats, load_model_or_exit, names
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,17 +35,6 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(set(layers))
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compress",
@@ -63,10 +54,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-grad", type=int, default=100, help="calibration examples for the gradient (default 100)")
     p.add_argument("--n-eval", type=int, default=100, help="evaluation examples in clustered mode (default 100)")
     p.add_argument("--n-val", type=int, default=None, help="validation examples for LASER / standard C2I (default all)")
-    p.add_argument("--matrices", type=_names, default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+    p.add_argument("--matrices", type=names, default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                          "down_proj"], help="comma-separated matrix types or globs")
     p.add_argument("--layers", type=parse_layers, default=None, help="'all', '24-29', '0-29:3' or '3,7,11'")
-    p.add_argument("--rhos", type=_floats, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions")
+    p.add_argument("--rhos", type=floats, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions")
     p.add_argument("--top-k", type=int, default=5, help="C2I: candidates evaluated (default 5)")
     p.add_argument("--score", choices=("first_order", "raw"), default="first_order")
     p.add_argument("--combine", action="store_true", help="C2I: greedily stack kept interventions")
@@ -80,24 +71,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(name: str | None):
-    if name is None:
-        from ..assets import load_default_model
-
-        return load_default_model()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import compress as C
     from ..evaluation import evaluate
     from ..tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
-    model, tok = _load_model(args.model)
+    model, tok = load_model_or_exit(args.model)
     modules = C.find_target_modules(model, args.matrices, args.layers)
     validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
     common = dict(tokenizer=tok, kind=task.kind, batch_size=args.batch_size)

@@ -7,15 +7,9 @@ import json
 import logging
 from pathlib import Path
 
+from ._common import load_model_or_exit, number
+
 logger = logging.getLogger(__name__)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
-    return value
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -37,9 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="state/output directory (resumed when it exists)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps of each probe (default 50)")
     p.add_argument("--stage-steps", type=int, default=None, help="optimizer steps of each stage (default: --steps)")
-    p.add_argument("--p", "--core-fraction", dest="core_fraction", type=_fraction, default=0.01,
+    p.add_argument("--p", "--core-fraction", dest="core_fraction", type=number, default=0.01,
                    help="core fraction p in (0, 1) (default 0.01)")
-    p.add_argument("--tau", "--similarity-threshold", dest="tau", type=_fraction, default=0.1,
+    p.add_argument("--tau", "--similarity-threshold", dest="tau", type=number, default=0.1,
                    help="Jaccard threshold tau in [0, 1] (default 0.1)")
     p.add_argument("--scope", choices=("global", "per_tensor"), default="global", help="top-p scope (default global)")
     p.add_argument("--train-params", choices=("adapter", "full"), default="adapter",
@@ -62,17 +56,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
     return p
-
-
-def _load_model(name: str | None):
-    if name is None:
-        from ..assets import load_default_model
-
-        return load_default_model()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
 
 
 def load_tasks(names: list[str], jsonl: list[str], seed: int = 0) -> list:
@@ -127,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"peft-spectral cpi: {err}") from err
     tasks = load_tasks(args.tasks, args.jsonl, seed=args.seed)
-    model, tok = _load_model(args.model)
+    model, tok = load_model_or_exit(args.model)
     pipe = CPIPipeline(
         model, tok, tasks, config, args.output, progress=True,
         eval_fn=None if args.no_eval else make_eval_fn(args.max_eval),

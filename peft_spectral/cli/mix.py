@@ -13,18 +13,9 @@ import json
 import logging
 from pathlib import Path
 
+from ._common import load_model_or_exit
+
 logger = logging.getLogger(__name__)
-
-
-def _load_model(name: str | None):
-    if name is None:
-        from ..assets import load_default_model
-
-        return load_default_model()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
 
 
 def _add_expert_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +88,7 @@ def _library(args):
         raise SystemExit(f"--descriptions: {len(args.descriptions)} given for {len(args.experts)} experts")
     if args.names is not None and len(args.names) != len(args.experts):
         raise SystemExit(f"--names: {len(args.names)} given for {len(args.experts)} experts")
-    model, tok = _load_model(args.model)
+    model, tok = load_model_or_exit(args.model)
     return ExpertLibrary.load(model, tok, args.experts, names=args.names, descriptions=args.descriptions)
 
 

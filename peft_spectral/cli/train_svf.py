@@ -9,25 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ._common import load_model_or_exit, names, non_negative_float, positive_int
+
 logger = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -44,21 +28,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task name (e.g. a BigBench task such as elementary_math_qa)")
     p.add_argument("--method", choices=("rl", "sft"), default="rl")
     p.add_argument("--algorithm", choices=("grpo", "rloo"), default="grpo", help="RL algorithm (default grpo)")
-    p.add_argument("--steps", type=_positive_int, default=40, help="optimizer steps (default 40)")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (default 40)")
     p.add_argument("--output", required=True, help="directory for the adapter (and checkpoints under it)")
     p.add_argument("--model", default=None, help="model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--beta", type=_non_negative_float, default=0.0, help="KL weight lambda (RL; paper 0-0.3)")
+    p.add_argument("--beta", type=non_negative_float, default=0.0, help="KL weight lambda (RL; paper 0-0.3)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3, the paper's)")
-    p.add_argument("--prompts-per-step", type=_positive_int, default=2, help="RL: prompts per step (default 2)")
-    p.add_argument("--num-generations", type=_positive_int, default=4, help="RL: samples per prompt (default 4)")
-    p.add_argument("--max-completion-length", type=_positive_int, default=8, help="RL: new tokens (default 8)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="SFT: examples per step (default 8)")
-    p.add_argument("--target-modules", type=_names, default=None, help="comma-separated; default: MLP projections")
+    p.add_argument("--prompts-per-step", type=positive_int, default=2, help="RL: prompts per step (default 2)")
+    p.add_argument("--num-generations", type=positive_int, default=4, help="RL: samples per prompt (default 4)")
+    p.add_argument("--max-completion-length", type=positive_int, default=8, help="RL: new tokens (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="SFT: examples per step (default 8)")
+    p.add_argument("--target-modules", type=names, default=None, help="comma-separated; default: MLP projections")
     p.add_argument("--mode", choices=("linear", "sigmoid"), default="linear", help="SVF scale function")
-    p.add_argument("--train-examples", type=_positive_int, default=None, help="use only the first N train examples")
+    p.add_argument("--train-examples", type=positive_int, default=None, help="use only the first N train examples")
     p.add_argument("--eval-examples", type=int, default=0,
                    help="evaluate base and adapter on the first N test examples (generation mode); 0 skips")
-    p.add_argument("--save-steps", type=_positive_int, default=None, help="write a resumable checkpoint every N steps")
+    p.add_argument("--save-steps", type=positive_int, default=None, help="write a resumable checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from ('last' for the newest)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -69,16 +53,6 @@ def _load_task(name: str, seed: int):
     from ..tasks import load_task
 
     return load_task(name, seed=seed)
-
-
-def _load_model(name: Optional[str]):
-    """`(model, tokenizer)`: the embedded default model when `name` is None, else a local path or Hub id (fp32)."""
-    from ..assets import load_model
-
-    try:
-        return load_model(name)
-    except OSError as err:
-        raise SystemExit(f"--model {name!r}: cannot load it ({err})") from None
 
 
 def _resume_arg(value: Optional[str]) -> Any:
@@ -97,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     task = _load_task(args.task, args.seed)
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model_or_exit(args.model)
     train = task.train[: args.train_examples] if args.train_examples else task.train
     if not train:
         raise SystemExit(f"--task {args.task!r} has no train examples")
