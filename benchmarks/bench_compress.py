@@ -344,7 +344,7 @@ def main(argv=None):
             print(f"skipping full-grid scoring: {elapsed:.0f} s elapsed, ~{estimate:.0f} s needed", flush=True)
     meta = {
         "model": model_name,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads (shared)",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "total_s": time.perf_counter() - t0,
         "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos, "n_grad": args.n_grad,
