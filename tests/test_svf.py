@@ -152,6 +152,61 @@ def test_forward_matches_dense_reference_both_paths(tok, mode, builder):
         torch.testing.assert_close(layer(few).double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2])
+@pytest.mark.parametrize("rank", [None, 20])
+def test_fast_factored_form_matches_reference_and_regular_gradients(tok, builder, rank):
+    targets = MLP if builder is build_tiny_llama else ["c_fc", "c_proj", "c_attn"]
+    models = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        models[fast] = get_peft_model(builder(tok), SVFConfig(target_modules=targets, rank=rank, fast_factored=fast))
+        randomize_z(models[fast])
+    layers = [m for m in models[True].modules() if isinstance(m, SVFLinear)]
+    assert {m.svf_side for m in layers} == {"left", "right"}
+    for layer in layers:
+        assert layer.svf_P is not None and layer._fast_form(layer.svf_z["default"].shape[0])
+        ref_w = dense_reference(layer)
+        base_layer = layer.get_base_layer()
+        bias = base_layer.bias.double() if base_layer.bias is not None else None
+        x = torch.randn(3, 4, layer.in_features)
+        expected = torch.nn.functional.linear(x.double(), ref_w, bias)
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-5)
+    # same loss and same z gradients as the regular factored form
+    batch = ids()
+    grads = {}
+    for fast, model in models.items():
+        model.eval()  # no dropout (GPT-2), gradients still flow
+        out = model(batch, labels=batch)
+        out.loss.backward()
+        grads[fast] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads[fast] and all(".svf_z." in n for n in grads[fast])
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-3, atol=1e-6)
+
+
+def test_fast_factored_is_base_up_to_rounding_and_not_saved(tok, tmp_path):
+    base = build_tiny_llama(tok)
+    x = ids()
+    with torch.no_grad():
+        ref = base(x).logits
+    model = get_peft_model(base, SVFConfig(target_modules=MLP, fast_factored=True))
+    model.train()
+    torch.testing.assert_close(model(x).logits, ref, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(".svf_z" in k for k in saved)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fast_factored"] is True
+    with pytest.raises(ValueError, match="fast_factored"):
+        SVFConfig(fast_factored="yes")
+
+
+def test_fast_factored_not_used_for_small_rank(llama):
+    model = get_peft_model(llama, SVFConfig(target_modules=MLP, rank=4, fast_factored=True))
+    layer = next(m for m in model.modules() if isinstance(m, SVFLinear))
+    assert layer.svf_P is not None and not layer._fast_form(4)  # 2·k·m < m²: the two-matmul form is cheaper
+
+
 def test_only_z_receives_gradients(llama):
     model = get_peft_model(llama, SVFConfig(target_modules=MLP))
     model.train()

@@ -56,6 +56,11 @@ class SVFConfig(PeftConfig):
         init_noise_std (`float`): Standard deviation of Gaussian noise added to the initial `z` (the reference uses
             0.01 in `"sigmoid"` mode). Non-zero noise makes the initial model differ slightly from the base.
         init_seed (`int`): Seed of that noise, so that adapters are reproducible.
+        fast_factored (`bool`): Also keep the larger side's scaled singular vectors (`W V = U Σ` or `Uᵀ W = Σ Vᵀ`,
+            one more copy of each targeted weight in memory, never saved) and compute the factored output as
+            `U Σ (s ⊙ Vᵀ x)`: one extra `m × m` matmul per token instead of two, which makes training steps cheaper
+            (see the SVF cost benchmark). The output at `s = 1` then equals the base model up to float rounding
+            instead of bit for bit. Used only where more than half of the singular values are adapted.
         svd_cache_dir (`str`, *optional*): Directory of the SVD cache; defaults to the user cache directory.
         use_svd_cache (`bool`): Set to `False` to always recompute the SVD (nothing is written).
         modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
@@ -92,6 +97,11 @@ class SVFConfig(PeftConfig):
         default=0.0, metadata={"help": "Std of Gaussian noise on the initial z (reference: 0.01 in sigmoid mode)."}
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the initial noise."})
+    fast_factored: bool = field(
+        default=False,
+        metadata={"help": "Keep U*Sigma (or Sigma*V^T) in memory for a cheaper factored forward/backward (one more "
+                  "weight copy per target; base output reproduced up to rounding)."},
+    )
     svd_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Directory of the SVD cache; the user cache dir when None."}
     )
@@ -113,6 +123,8 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.rank must be a positive integer or None, got {self.rank!r}")
         if self.max_mult <= 0:
             raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
+        if not isinstance(self.fast_factored, bool):
+            raise ValueError(f"SVFConfig.fast_factored must be a bool, got {self.fast_factored!r}")
         if self.init_noise_std < 0:
             raise ValueError(f"SVFConfig.init_noise_std must be >= 0, got {self.init_noise_std!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

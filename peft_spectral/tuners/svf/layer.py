@@ -15,6 +15,10 @@ smaller side's factors, and gives two exact ways to compute an output:
 * recomposed: build `W'` once, `2·out·in·k` extra FLOPs.
 
 The cheaper one is picked per call (recomposing only when no gradient is needed, since its backward is costlier).
+
+With `SVFConfig(fast_factored=True)` the layer also keeps `P = W Q` (right) or `P = Qᵀ W` (left), i.e. `U Σ` or
+`Σ Vᵀ`, and computes the factored output as `((x Q) ⊙ s) Pᵀ` or `((x Pᵀ) ⊙ s) Qᵀ`: `tokens·m²` extra FLOPs instead of
+`2·tokens·m·k`, for one more weight-sized buffer and an output at `s = 1` that matches the base up to rounding.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class SVFLayer(BaseTunerLayer):
         device = weight_matrix(base).device
         self.register_buffer("svf_S", factors.S.to(device), persistent=False)
         self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
+        self.register_buffer("svf_P", None, persistent=False)
 
     @property
     def svf_rank(self) -> int:
@@ -93,7 +98,15 @@ class SVFLayer(BaseTunerLayer):
             z += config.init_noise_std * torch.randn(k, generator=gen)
         self.svf_z[adapter_name] = nn.Parameter(z.to(self.svf_S.device))
         self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
+        if getattr(config, "fast_factored", False) and self.svf_P is None:
+            self.svf_P = self._scaled_factor()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _scaled_factor(self) -> torch.Tensor:
+        """`W Q = U Σ` (right side, `(out, m)`) or `Qᵀ W = Σ Vᵀ` (left side, `(m, in)`) of the current base weight."""
+        with torch.no_grad():
+            w = weight_matrix(self.get_base_layer()).to(self.svf_Q.dtype)
+            return (w @ self.svf_Q) if self.svf_side == "right" else (self.svf_Q.T @ w)
 
     # ------------------------------------------------------------------ scales
 
@@ -193,9 +206,13 @@ class SVFLinear(nn.Module, SVFLayer):
         if torch.is_grad_enabled() and (delta.requires_grad or x.requires_grad):
             return False
         tokens = x.numel() // max(x.shape[-1], 1)
-        m = self.svf_rank
-        # factored costs 2·tokens·m·k, recomposed 2·out·in·k extra FLOPs
-        return tokens * m > self.out_features * self.in_features
+        m, k = self.svf_rank, delta.shape[0]
+        # extra multiply-adds: factored 2·tokens·m·k (fast form: tokens·m²), recomposed 2·out·in·k
+        factored = tokens * m * m if self._fast_form(k) else 2 * tokens * m * k
+        return factored > 2 * self.out_features * self.in_features * k
+
+    def _fast_form(self, k: int) -> bool:
+        return self.svf_P is not None and 2 * k > self.svf_rank
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
@@ -216,6 +233,8 @@ class SVFLinear(nn.Module, SVFLayer):
             bias = base.bias.to(x.dtype) if base.bias is not None else None
             return F.linear(x, new_w, bias)
 
+        if self._fast_form(delta.shape[0]):
+            return self._fast_factored_forward(x, delta, base)
         q = self.svf_Q[:, : delta.shape[0]]
         if self.svf_side == "right":
             xc = x.to(compute_dtype)
@@ -224,6 +243,21 @@ class SVFLinear(nn.Module, SVFLayer):
         y = self.base_layer(x, *args, **kwargs)
         lin = y if base.bias is None else y - base.bias
         return y + (((lin.to(compute_dtype) @ q) * delta) @ q.T).to(y.dtype)
+
+    def _fast_factored_forward(self, x: torch.Tensor, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """`U Σ (s ⊙ Vᵀ x)` from the kept scaled factor `P` (see `SVFConfig.fast_factored`)."""
+        m, k = self.svf_rank, delta.shape[0]
+        scale = delta + 1
+        if k < m:
+            scale = torch.cat([scale, scale.new_ones(m - k)])
+        xc = x.to(self.svf_Q.dtype)
+        if self.svf_side == "right":
+            y = ((xc @ self.svf_Q) * scale) @ self.svf_P.T
+        else:
+            y = ((xc @ self.svf_P.T) * scale) @ self.svf_Q.T
+        if base.bias is not None:
+            y = y + base.bias.to(y.dtype)
+        return y.to(x.dtype)
 
     def __repr__(self) -> str:
         return "svf." + super().__repr__()
