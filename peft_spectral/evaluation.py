@@ -447,9 +447,6 @@ def _shared_prompt_loglik(model, tokenizer, examples, batch_size, progress) -> "
     """`evaluate`'s loglik mode through [`peft_spectral.option_scoring`]; `None` when the model cannot run it."""
     from .option_scoring import multiple_choice_metrics, score_examples
 
-    for i, example in enumerate(examples):
-        if not example.choices:
-            raise ValueError(f"examples[{i}] has no choices; mode='loglik' needs multiple-choice examples")
     try:
         scores = score_examples(model, tokenizer, examples, batch_size=batch_size, progress=progress)
     except TypeError as err:  # forward without position_ids / cache / logits_to_keep
