@@ -94,6 +94,24 @@ def forgetting(after_own: dict[str, float], final: dict[str, float]) -> dict:
     return {"per_task": per, "mean": round(sum(per.values()) / len(per), 4) if per else None}
 
 
+_SHARED_SETTINGS = ("budget_steps", "lr", "weight_decay", "batch_size", "max_length", "n_train_cap", "n_test", "seed")
+
+
+def load_baselines(path: Path, args, names: list[str]) -> dict:
+    """Base, multi-task and naive multi-stage results of an earlier run, checked to share this run's settings."""
+    earlier = json.loads(Path(path).read_text())
+    setup = earlier["setup"]
+    current = {"budget_steps": args.budget, "lr": args.lr, "weight_decay": args.weight_decay,
+               "batch_size": args.batch_size, "max_length": args.max_length, "n_train_cap": args.n_train,
+               "n_test": args.n_test, "seed": args.seed}
+    differ = {k: (setup.get(k), current[k]) for k in _SHARED_SETTINGS if setup.get(k) != current[k]}
+    if differ or list(earlier["base"]["final"]) != names:
+        raise SystemExit(f"--baselines-from {path}: other settings or tasks (earlier vs now: {differ}, "
+                         f"tasks {list(earlier['base']['final'])} vs {names})")
+    return {"base": earlier["base"]["final"], "multitask": {"final": earlier["multitask"]["final"]},
+            "naive_multistage": earlier["naive_multistage"], "baselines_from": str(path)}
+
+
 def _reset(peft_model) -> None:
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -123,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--state-dir", type=Path, default=Path("/tmp/bench_cpi_state"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny random model + synthetic tasks (seconds)")
+    ap.add_argument("--baselines-from", type=Path, default=None,
+                    help="cpi.json of an earlier run with the same tasks, budget and training settings: reuse its base, "
+                    "multi-task and naive multi-stage results and run only CPI-FT (e.g. to vary --p or --tau)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -155,48 +176,52 @@ def main(argv=None) -> int:
     def checkpoint() -> None:  # partial results, in case the run is cut short
         (args.out / "cpi.partial.json").write_text(json.dumps({"results": results, "timings_s": timings}, indent=1))
 
-    t0 = time.time()
-    results["base"] = score(model)
-    timings["eval_base_s"] = round(time.time() - t0, 1)
-    logger.info("base: %s", results["base"])
-    checkpoint()
-
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, CoreIsolationConfig(target_modules=MLP))
-    trainer_dir = args.state_dir / "baselines"
-
-    # multi-task SFT (mixed, balanced)
-    t0 = time.time()
-    _reset(peft_model)
-    sft_train(peft_model, tok, mixed_examples([t.train for t in tasks], seed=args.seed), cfg, steps=args.budget,
-              output_dir=trainer_dir)
-    timings["multitask_train_s"] = round(time.time() - t0, 1)
-    results["multitask"] = {"final": score(peft_model)}
-    logger.info("multi-task: %s (%.0f s)", results["multitask"]["final"], time.time() - t0)
-    checkpoint()
-
-    # naive multi-stage SFT: S/T steps per task, in order
-    t0 = time.time()
-    _reset(peft_model)
-    per_stage = [args.budget // T + (1 if k < args.budget % T else 0) for k in range(T)]
-    after_own, stages = {}, []
-    for k, task in enumerate(tasks):
-        sft_train(peft_model, tok, task.train, cfg, steps=per_stage[k], output_dir=trainer_dir)
-        s = score(peft_model, names[: k + 1]) if k < T - 1 else score(peft_model)
-        after_own[task.name] = s[task.name]
-        stages.append(s)
-        logger.info("naive stage %d (%s): %s", k, task.name, s)
-        results["naive_partial"] = stages
+    if args.baselines_from:
+        results.update(load_baselines(args.baselines_from, args, names))
+        logger.info("base, multi-task and naive multi-stage results taken from %s", args.baselines_from)
+    else:
+        t0 = time.time()
+        results["base"] = score(model)
+        timings["eval_base_s"] = round(time.time() - t0, 1)
+        logger.info("base: %s", results["base"])
         checkpoint()
-    timings["naive_s"] = round(time.time() - t0, 1)
-    results.pop("naive_partial", None)
-    final = stages[-1]
-    results["naive_multistage"] = {
-        "final": final, "after_each_stage": stages, "steps_per_stage": per_stage,
-        "forgetting": forgetting({k: v for k, v in after_own.items() if k != names[-1]}, final),
-    }
-    peft_model.unload()  # the base model is untouched: CoreIsolation never writes into it while unmerged
+
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, CoreIsolationConfig(target_modules=MLP))
+        trainer_dir = args.state_dir / "baselines"
+
+        # multi-task SFT (mixed, balanced)
+        t0 = time.time()
+        _reset(peft_model)
+        sft_train(peft_model, tok, mixed_examples([t.train for t in tasks], seed=args.seed), cfg, steps=args.budget,
+                  output_dir=trainer_dir)
+        timings["multitask_train_s"] = round(time.time() - t0, 1)
+        results["multitask"] = {"final": score(peft_model)}
+        logger.info("multi-task: %s (%.0f s)", results["multitask"]["final"], time.time() - t0)
+        checkpoint()
+
+        # naive multi-stage SFT: S/T steps per task, in order
+        t0 = time.time()
+        _reset(peft_model)
+        per_stage = [args.budget // T + (1 if k < args.budget % T else 0) for k in range(T)]
+        after_own, stages = {}, []
+        for k, task in enumerate(tasks):
+            sft_train(peft_model, tok, task.train, cfg, steps=per_stage[k], output_dir=trainer_dir)
+            s = score(peft_model, names[: k + 1]) if k < T - 1 else score(peft_model)
+            after_own[task.name] = s[task.name]
+            stages.append(s)
+            logger.info("naive stage %d (%s): %s", k, task.name, s)
+            results["naive_partial"] = stages
+            checkpoint()
+        timings["naive_s"] = round(time.time() - t0, 1)
+        results.pop("naive_partial", None)
+        final = stages[-1]
+        results["naive_multistage"] = {
+            "final": final, "after_each_stage": stages, "steps_per_stage": per_stage,
+            "forgetting": forgetting({k: v for k, v in after_own.items() if k != names[-1]}, final),
+        }
+        peft_model.unload()  # the base model is untouched: CoreIsolation never writes into it while unmerged
 
     # CPI-FT
     t0 = time.time()
@@ -274,7 +299,9 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
         f"Model: {s['model']}. Trained: {s['trained']}; {s['optimizer']}, lr {s['lr']}, weight decay "
         f"{s['weight_decay']}, batch {s['batch_size']}, max length {s['max_length']}. Same budget for every method: "
         f"{s['budget_steps']} optimizer steps (CPI-FT: {len(names)} probes × {s['probe_steps']} + stages). "
-        f"p = {s['p']}, τ = {s['tau']}. Test examples per task: {s['n_test']}.",
+        f"p = {s['p']}, τ = {s['tau']}. Test examples per task: {s['n_test']}."
+        + (f" Base, multi-task and naive multi-stage rows reused from `{results['baselines_from']}` (same settings)."
+           if results.get("baselines_from") else ""),
         "",
         "| method | " + " | ".join(names) + " | average | forgetting (mean) |",
         "|---" * (len(names) + 3) + "|",
