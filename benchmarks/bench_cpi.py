@@ -94,17 +94,18 @@ def forgetting(after_own: dict[str, float], final: dict[str, float]) -> dict:
     return {"per_task": per, "mean": round(sum(per.values()) / len(per), 4) if per else None}
 
 
-_SHARED_SETTINGS = ("budget_steps", "lr", "weight_decay", "batch_size", "max_length", "n_train_cap", "n_test", "seed")
+def baseline_settings(args) -> dict:
+    """The settings that the baselines' results depend on (recorded in `setup`, compared by `--baselines-from`)."""
+    return {"budget_steps": args.budget, "lr": args.lr, "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size, "max_length": args.max_length, "n_train_cap": args.n_train,
+            "n_test": args.n_test, "seed": args.seed}
 
 
 def load_baselines(path: Path, args, names: list[str]) -> dict:
     """Base, multi-task and naive multi-stage results of an earlier run, checked to share this run's settings."""
     earlier = json.loads(Path(path).read_text())
     setup = earlier["setup"]
-    current = {"budget_steps": args.budget, "lr": args.lr, "weight_decay": args.weight_decay,
-               "batch_size": args.batch_size, "max_length": args.max_length, "n_train_cap": args.n_train,
-               "n_test": args.n_test, "seed": args.seed}
-    differ = {k: (setup.get(k), current[k]) for k in _SHARED_SETTINGS if setup.get(k) != current[k]}
+    differ = {k: (setup.get(k), v) for k, v in baseline_settings(args).items() if setup.get(k) != v}
     if differ or list(earlier["base"]["final"]) != names:
         raise SystemExit(f"--baselines-from {path}: other settings or tasks (earlier vs now: {differ}, "
                          f"tasks {list(earlier['base']['final'])} vs {names})")
@@ -274,10 +275,9 @@ def main(argv=None) -> int:
     timings["total_s"] = round(time.time() - t_start, 1)
     results["setup"] = {
         "model": "tiny random llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
-        "budget_steps": args.budget, "probe_steps": args.probe_steps, "lr": args.lr, "weight_decay": args.weight_decay,
-        "batch_size": args.batch_size, "max_length": args.max_length, "p": args.p, "tau": args.tau,
+        **baseline_settings(args), "probe_steps": args.probe_steps, "p": args.p, "tau": args.tau,
         "trained": "CoreIsolation deltas of gate/up/down_proj (all methods)", "optimizer": "AdamW (torch)",
-        "n_train_cap": args.n_train, "n_test": args.n_test, "seed": args.seed, "torch": torch.__version__,
+        "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
     }
     results["timings_s"] = timings
