@@ -31,11 +31,13 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peft_spectral import compress as C  # noqa: E402
 from peft_spectral.evaluation import evaluate  # noqa: E402
+
 
 logger = logging.getLogger("bench_compress")
 
@@ -78,11 +80,21 @@ def run_task(name, model, tok, task, args, out_dir):
     evaluation_cl = C.take_examples(task.validation, args.n_eval, "evaluation (validation)")
     test = C.take_examples(task.test, args.n_test, "test")
     bs = args.batch_size
-    row = {"task": name, "kind": task.kind, "n_val": len(validation), "n_grad": len(calibration),
-           "n_eval_clustered": len(evaluation_cl), "n_test": len(test), "candidates": len(grid),
-           "modules": modules, "rhos": list(args.rhos)}
-    print(f"\n=== {name}: {len(grid)} candidates, val {len(validation)}, grad {len(calibration)}, "
-          f"test {len(test)}", flush=True)
+    row = {
+        "task": name,
+        "kind": task.kind,
+        "n_val": len(validation),
+        "n_grad": len(calibration),
+        "n_eval_clustered": len(evaluation_cl),
+        "n_test": len(test),
+        "candidates": len(grid),
+        "modules": modules,
+        "rhos": list(args.rhos),
+    }
+    print(
+        f"\n=== {name}: {len(grid)} candidates, val {len(validation)}, grad {len(calibration)}, test {len(test)}",
+        flush=True,
+    )
 
     t = time.perf_counter()
     base_test = evaluate(model, tok, test, kind=task.kind, batch_size=bs)
@@ -95,26 +107,66 @@ def run_task(name, model, tok, task, args, out_dir):
     print(f"base val acc {base_val.accuracy:.3f} ({base_val.seconds:.0f} s)", flush=True)
 
     state = Path(args.state_dir) / f"laser_{name}.json" if args.state_dir else None
-    laser = C.laser_search(model, validation, grid, tokenizer=tok, kind=task.kind, batch_size=bs, state_path=state,
-                           base=base_val, progress=True)
-    print(f"LASER: {laser.evaluations} evals, {laser.wall_time_s:.0f} s, chosen {[str(i) for i in laser.chosen]}",
-          flush=True)
+    laser = C.laser_search(
+        model,
+        validation,
+        grid,
+        tokenizer=tok,
+        kind=task.kind,
+        batch_size=bs,
+        state_path=state,
+        base=base_val,
+        progress=True,
+    )
+    print(
+        f"LASER: {laser.evaluations} evals, {laser.wall_time_s:.0f} s, chosen {[str(i) for i in laser.chosen]}",
+        flush=True,
+    )
 
     # One gradient pass serves both C2I modes; each mode's reported time includes it in full.
     scores = C.c2i_scores(model, calibration, modules, tokenizer=tok, batch_size=bs)
-    print(f"C2I scoring: SVD {scores.timings['svd_s']:.0f} s, gradient {scores.timings['gradient_s']:.0f} s",
-          flush=True)
-    std = C.c2i_search(model, calibration, validation, modules, tokenizer=tok, kind=task.kind, rhos=args.rhos,
-                       clusters=1, top_k=args.top_k, batch_size=bs, scores=scores, base=base_val,
-                       method="c2i-standard")
-    print(f"C2I standard: {std.evaluations} evals, {std.wall_time_s:.0f} s, chosen {[str(i) for i in std.chosen]}",
-          flush=True)
+    print(
+        f"C2I scoring: SVD {scores.timings['svd_s']:.0f} s, gradient {scores.timings['gradient_s']:.0f} s", flush=True
+    )
+    std = C.c2i_search(
+        model,
+        calibration,
+        validation,
+        modules,
+        tokenizer=tok,
+        kind=task.kind,
+        rhos=args.rhos,
+        clusters=1,
+        top_k=args.top_k,
+        batch_size=bs,
+        scores=scores,
+        base=base_val,
+        method="c2i-standard",
+    )
+    print(
+        f"C2I standard: {std.evaluations} evals, {std.wall_time_s:.0f} s, chosen {[str(i) for i in std.chosen]}",
+        flush=True,
+    )
     same_eval = [ex.prompt for ex in evaluation_cl] == [ex.prompt for ex in validation]
-    cl = C.c2i_search(model, calibration, evaluation_cl, modules, tokenizer=tok, kind=task.kind, rhos=args.rhos,
-                      clusters=args.clusters, top_k=args.top_k, batch_size=bs, scores=scores,
-                      base=base_val if same_eval else None, method="c2i-clustered")
-    print(f"C2I clustered: {cl.evaluations} evals, {cl.wall_time_s:.0f} s, chosen {[str(i) for i in cl.chosen]}",
-          flush=True)
+    cl = C.c2i_search(
+        model,
+        calibration,
+        evaluation_cl,
+        modules,
+        tokenizer=tok,
+        kind=task.kind,
+        rhos=args.rhos,
+        clusters=args.clusters,
+        top_k=args.top_k,
+        batch_size=bs,
+        scores=scores,
+        base=base_val if same_eval else None,
+        method="c2i-clustered",
+    )
+    print(
+        f"C2I clustered: {cl.evaluations} evals, {cl.wall_time_s:.0f} s, chosen {[str(i) for i in cl.chosen]}",
+        flush=True,
+    )
 
     row["methods"] = {}
     cache = {}
@@ -135,7 +187,7 @@ def run_task(name, model, tok, task, args, out_dir):
         e = row["methods"][m]
         e["speedup_vs_laser"] = laser.wall_time_s / max(e["wall_time_s"], 1e-9)
         e["eval_ratio_vs_laser"] = laser.evaluations / max(e["evaluations"], 1)
-    json.dump(row, open(out_dir / f"compress_{name}.partial.json", "w"), indent=1)
+    (out_dir / f"compress_{name}.partial.json").write_text(json.dumps(row, indent=1))
     return row
 
 
@@ -150,8 +202,9 @@ def full_grid_scoring(model, tok, task, args):
     svds = C.compute_svds(model, modules, cache=cache)
     t_svd = time.perf_counter() - t
     t = time.perf_counter()
-    grads, _ = C.singular_value_gradients(model, calibration, modules, svds=svds, tokenizer=tok,
-                                          batch_size=args.batch_size)
+    grads, _ = C.singular_value_gradients(
+        model, calibration, modules, svds=svds, tokenizer=tok, batch_size=args.batch_size
+    )
     t_grad = time.perf_counter() - t
     ranked = C.score_candidates(grads, svds, C.LASER_RHOS)
     n_grad = len(calibration)
@@ -160,9 +213,17 @@ def full_grid_scoring(model, tok, task, args):
     for c in ranked:
         iv = c.intervention
         per_matrix[iv.module] = min(per_matrix.get(iv.module, float("inf")), c.score)
-    return {"modules": len(modules), "candidates": len(ranked), "svd_s": t_svd, "gradient_s": t_grad,
-            "svd_cache_hits": cache.hits, "svd_cache_misses": cache.misses, "n_grad": n_grad,
-            "per_matrix_best_score": per_matrix, "top10": [(str(c.intervention), c.score) for c in ranked[:10]]}
+    return {
+        "modules": len(modules),
+        "candidates": len(ranked),
+        "svd_s": t_svd,
+        "gradient_s": t_grad,
+        "svd_cache_hits": cache.hits,
+        "svd_cache_misses": cache.misses,
+        "n_grad": n_grad,
+        "per_matrix_best_score": per_matrix,
+        "top10": [(str(c.intervention), c.score) for c in ranked[:10]],
+    }
 
 
 def plot(rows, full, path):
@@ -173,8 +234,12 @@ def plot(rows, full, path):
 
     panels = []
     if full:
-        panels.append((f"{full['task']}: all {full['modules']} matrices (min over rho of predicted ΔL)",
-                       full["per_matrix_best_score"]))
+        panels.append(
+            (
+                f"{full['task']}: all {full['modules']} matrices (min over rho of predicted ΔL)",
+                full["per_matrix_best_score"],
+            )
+        )
     for row in rows:
         per = {}
         for c in row["methods"]["c2i-standard"]["candidates"]:
@@ -210,13 +275,17 @@ def markdown(rows, full, meta):
         f"Model: {meta['model']}; machine: {meta['machine']}; run {meta['date']}; total "
         + (f"{meta['total_s']:.0f} s." if meta["total_s"] == meta["total_s"] else "wall time: see per-method times."),
         f"Candidates (same for all methods): matrices {meta['matrices']}, layers {meta['layers']}, rho {meta['rhos']}.",
-        f"C2I: {meta['n_grad']} gradient examples, top-{meta['top_k']} evaluated; clustered mode with "
-        f"{meta['clusters']} row clusters. Validation {meta['n_val']}, clustered evaluation {meta['n_eval']}, test "
-        f"{meta['n_test']} examples per task. Accuracy = multiple-choice log-likelihood scoring; torch threads "
-        f"{meta['threads']}.",
+        (
+            f"C2I: {meta['n_grad']} gradient examples, top-{meta['top_k']} evaluated; clustered mode with "
+            f"{meta['clusters']} row clusters. Validation {meta['n_val']}, clustered evaluation {meta['n_eval']}, test "
+            f"{meta['n_test']} examples per task. Accuracy = multiple-choice log-likelihood scoring; torch threads "
+            f"{meta['threads']}."
+        ),
         "",
-        "| task | method | val/eval acc (base → chosen) | test acc | search time (s) | evaluations | speed-up vs LASER |"
-        " compressed-module memory | chosen |",
+        (
+            "| task | method | val/eval acc (base → chosen) | test acc | search time (s) | evaluations | speed-up vs LASER |"
+            " compressed-module memory | chosen |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -224,48 +293,78 @@ def markdown(rows, full, meta):
         for m in ("laser", "c2i-standard", "c2i-clustered"):
             e = row["methods"][m]
             mem = e["memory"]
-            mem_s = (f"{mem['factor_bytes'] / 2**20:.2f} MiB vs {mem['dense_bytes'] / 2**20:.2f} MiB dense"
-                     if mem else "–")
+            mem_s = (
+                f"{mem['factor_bytes'] / 2**20:.2f} MiB vs {mem['dense_bytes'] / 2**20:.2f} MiB dense" if mem else "–"
+            )
             speed = f"{e['speedup_vs_laser']:.1f}×" if "speedup_vs_laser" in e else "1×"
-            chosen = ", ".join(f"{c['module'].replace('model.layers.', 'L')}@{c['rho']:g}"
-                               + (f"×{c['clusters']}c" if c['clusters'] > 1 else "") for c in e["chosen"]) or "none"
+            chosen = (
+                ", ".join(
+                    f"{c['module'].replace('model.layers.', 'L')}@{c['rho']:g}"
+                    + (f"×{c['clusters']}c" if c["clusters"] > 1 else "")
+                    for c in e["chosen"]
+                )
+                or "none"
+            )
             lines.append(
                 f"| {row['task']} | {m} | {e['base']['accuracy']:.3f} → {e['best']['accuracy']:.3f} (n={e['base']['n']})"
                 f" | {e['test_acc']:.3f} | {e['wall_time_s']:.1f} | {e['evaluations']} | {speed} | {mem_s} | {chosen} |"
             )
     lines += ["", "Projected LASER time on the full grid (1470 candidates + base) from its mean evaluation time:", ""]
     for row in rows:
-        lines.append(f"- {row['task']}: {row['laser_mean_eval_s']:.1f} s/eval → "
-                     f"{row['laser_full_grid_projected_s'] / 3600:.1f} h")
+        lines.append(
+            f"- {row['task']}: {row['laser_mean_eval_s']:.1f} s/eval → "
+            f"{row['laser_full_grid_projected_s'] / 3600:.1f} h"
+        )
     if full:
         scoring = full["svd_s"] + full["gradient_s"]
-        lines += ["", f"Measured C2I scoring of the full grid ({full['modules']} matrices, {full['candidates']} "
-                  f"candidates) on {full['task']}: SVD {full['svd_s']:.1f} s (on-disk SVD cache: {full['svd_cache_hits']} hits, "
-                  f"{full['svd_cache_misses']} computed) + gradient pass with {args_n_grad(full)} examples "
-                  f"{full['gradient_s']:.1f} s.",
-                  f"Projected full-grid C2I standard = that scoring + (1 + top-{meta['top_k']}) evaluations:", ""]
+        lines += [
+            "",
+            (
+                f"Measured C2I scoring of the full grid ({full['modules']} matrices, {full['candidates']} "
+                f"candidates) on {full['task']}: SVD {full['svd_s']:.1f} s (on-disk SVD cache: {full['svd_cache_hits']} hits, "
+                f"{full['svd_cache_misses']} computed) + gradient pass with {args_n_grad(full)} examples "
+                f"{full['gradient_s']:.1f} s."
+            ),
+            f"Projected full-grid C2I standard = that scoring + (1 + top-{meta['top_k']}) evaluations:",
+            "",
+        ]
         for row in rows:
             c2i = scoring + (1 + meta["top_k"]) * row["laser_mean_eval_s"]
-            lines.append(f"- {row['task']}: {c2i:.0f} s vs LASER {row['laser_full_grid_projected_s']:.0f} s → "
-                         f"{row['laser_full_grid_projected_s'] / c2i:.0f}× less search time (projection)")
+            lines.append(
+                f"- {row['task']}: {c2i:.0f} s vs LASER {row['laser_full_grid_projected_s']:.0f} s → "
+                f"{row['laser_full_grid_projected_s'] / c2i:.0f}× less search time (projection)"
+            )
     return "\n".join(lines) + "\n"
 
 
 def rebuild_from_partials(args, out_dir):
-    rows = [json.loads((out_dir / f"compress_{n}.partial.json").read_text()) for n in args.tasks
-            if (out_dir / f"compress_{n}.partial.json").exists()]
+    rows = [
+        json.loads((out_dir / f"compress_{n}.partial.json").read_text())
+        for n in args.tasks
+        if (out_dir / f"compress_{n}.partial.json").exists()
+    ]
     if not rows:
         raise SystemExit("no partial results found")
     meta = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
         "machine": f"{platform.machine()} CPU, shared with other jobs",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f" (partial: {len(rows)} of {len(args.tasks)} tasks)",
-        "total_s": float("nan"), "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos,
-        "n_grad": rows[0]["n_grad"], "top_k": args.top_k, "clusters": args.clusters, "n_val": rows[0]["n_val"],
-        "n_eval": rows[0]["n_eval_clustered"], "n_test": rows[0]["n_test"], "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        + f" (partial: {len(rows)} of {len(args.tasks)} tasks)",
+        "total_s": float("nan"),
+        "matrices": args.matrices,
+        "layers": args.layers,
+        "rhos": args.rhos,
+        "n_grad": rows[0]["n_grad"],
+        "top_k": args.top_k,
+        "clusters": args.clusters,
+        "n_val": rows[0]["n_val"],
+        "n_eval": rows[0]["n_eval_clustered"],
+        "n_test": rows[0]["n_test"],
+        "threads": args.threads,
     }
-    (out_dir / "compress.json").write_text(json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": None},
-                                                      indent=1))
+    (out_dir / "compress.json").write_text(
+        json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": None}, indent=1)
+    )
     (out_dir / "compress.md").write_text(markdown(rows, None, meta))
     plot(rows, None, out_dir / "compress.png")
     print((out_dir / "compress.md").read_text())
@@ -273,8 +372,9 @@ def rebuild_from_partials(args, out_dir):
 
 def smoke_setup():
     sys.path.insert(0, str(ROOT / "tests"))
-    from peft_spectral.tasks import Task
     from test_spectral_compress_search import _planted_problem
+
+    from peft_spectral.tasks import Task
 
     model, tok, validation, train = _planted_problem()
     task = Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
@@ -288,23 +388,38 @@ def main(argv=None):
     p.add_argument("--layers", type=int, nargs="+", default=[27, 29])
     p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.01])
     p.add_argument("--n-val", type=int, default=12)
-    p.add_argument("--n-grad", type=int, default=32,
-                   help="gradient examples (the paper uses 100; the default is cut to fit a shared 2-core CPU)")
+    p.add_argument(
+        "--n-grad",
+        type=int,
+        default=32,
+        help="gradient examples (the paper uses 100; the default is cut to fit a shared 2-core CPU)",
+    )
     p.add_argument("--n-eval", type=int, default=12)
     p.add_argument("--n-test", type=int, default=24)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--budget-min", type=float, default=30.0,
-                   help="skip the optional full-grid scoring when it would not fit in this total wall time")
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=30.0,
+        help="skip the optional full-grid scoring when it would not fit in this total wall time",
+    )
     p.add_argument("--clusters", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--full-grid-scoring", action="store_true", help="also time C2I scoring of all matrices (task 1)")
     p.add_argument("--state-dir", default=None)
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 1 when the machine is loaded, else all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 when the machine is loaded, else all cores)",
+    )
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--from-partials", action="store_true",
-                   help="only rebuild compress.json/md/png from the per-task partial files of an unfinished run")
+    p.add_argument(
+        "--from-partials",
+        action="store_true",
+        help="only rebuild compress.json/md/png from the per-task partial files of an unfinished run",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads is None:
@@ -347,13 +462,21 @@ def main(argv=None):
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "total_s": time.perf_counter() - t0,
-        "matrices": args.matrices, "layers": args.layers, "rhos": args.rhos, "n_grad": args.n_grad,
-        "top_k": args.top_k, "clusters": args.clusters, "n_val": args.n_val, "n_eval": args.n_eval,
-        "n_test": args.n_test, "threads": args.threads,
+        "matrices": args.matrices,
+        "layers": args.layers,
+        "rhos": args.rhos,
+        "n_grad": args.n_grad,
+        "top_k": args.top_k,
+        "clusters": args.clusters,
+        "n_val": args.n_val,
+        "n_eval": args.n_eval,
+        "n_test": args.n_test,
+        "threads": args.threads,
     }
     stem = "compress_smoke" if args.smoke else "compress"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": full},
-                                                     indent=1))
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "tasks": rows, "full_grid_scoring": full}, indent=1)
+    )
     (out_dir / f"{stem}.md").write_text(markdown(rows, full, meta))
     plot(rows, full, out_dir / f"{stem}.png")
     for row in rows:

@@ -29,15 +29,20 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from peft_spectral.cpi import CPIConfig, CPIPipeline, mixed_examples, sft_train  # noqa: E402
-from peft_spectral.tasks import Example, Task  # noqa: E402
-from peft_spectral.tuners.core_isolation import CoreIsolationConfig  # noqa: E402
 from peft_spectral.assets import load_default_model  # noqa: E402
-from peft_spectral.tasks import load_task  # noqa: E402
+from peft_spectral.cpi import CPIConfig, CPIPipeline, mixed_examples, sft_train  # noqa: E402
+from peft_spectral.tasks import (  # noqa: E402
+    Example,
+    Task,
+    load_task,
+)
+from peft_spectral.tuners.core_isolation import CoreIsolationConfig  # noqa: E402
+
 
 logger = logging.getLogger("bench_cpi")
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -63,11 +68,17 @@ def smoke_setup():
     def task(name, fn, kind="generation"):
         ex = [Example(prompt=f"{name}: {i}", target=fn(i)) for i in range(40)]
         if kind == "multiple_choice":
-            ex = [Example(prompt=e.prompt, target=e.target, choices=("yes", "no"), label=0 if e.target == "yes" else 1) for e in ex]
+            ex = [
+                Example(prompt=e.prompt, target=e.target, choices=("yes", "no"), label=0 if e.target == "yes" else 1)
+                for e in ex
+            ]
         return Task(name=name, kind=kind, train=ex[10:], validation=[], test=ex[:10])
 
-    tasks = [task("inc", lambda i: str(i + 1)), task("parity", lambda i: "yes" if i % 2 else "no", "multiple_choice"),
-             task("rev", lambda i: str(i)[::-1])]
+    tasks = [
+        task("inc", lambda i: str(i + 1)),
+        task("parity", lambda i: "yes" if i % 2 else "no", "multiple_choice"),
+        task("rev", lambda i: str(i)[::-1]),
+    ]
     return build_tiny_llama(tok), tok, tasks
 
 
@@ -82,7 +93,9 @@ def make_scorer(tok, tasks: list[Task], n_test: int, batch_size: int, max_new_to
         for t in tasks:
             if names is not None and t.name not in names:
                 continue
-            res = evaluate(model, tok, t.test[:n_test], kind=t.kind, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            res = evaluate(
+                model, tok, t.test[:n_test], kind=t.kind, batch_size=batch_size, max_new_tokens=max_new_tokens
+            )
             out[t.name] = round(float(res.accuracy), 4)
         return out
 
@@ -96,9 +109,16 @@ def forgetting(after_own: dict[str, float], final: dict[str, float]) -> dict:
 
 def baseline_settings(args) -> dict:
     """The settings that the baselines' results depend on (recorded in `setup`, compared by `--baselines-from`)."""
-    return {"budget_steps": args.budget, "lr": args.lr, "weight_decay": args.weight_decay,
-            "batch_size": args.batch_size, "max_length": args.max_length, "n_train_cap": args.n_train,
-            "n_test": args.n_test, "seed": args.seed}
+    return {
+        "budget_steps": args.budget,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "n_train_cap": args.n_train,
+        "n_test": args.n_test,
+        "seed": args.seed,
+    }
 
 
 def load_baselines(path: Path, args, names: list[str]) -> dict:
@@ -107,10 +127,16 @@ def load_baselines(path: Path, args, names: list[str]) -> dict:
     setup = earlier["setup"]
     differ = {k: (setup.get(k), v) for k, v in baseline_settings(args).items() if setup.get(k) != v}
     if differ or list(earlier["base"]["final"]) != names:
-        raise SystemExit(f"--baselines-from {path}: other settings or tasks (earlier vs now: {differ}, "
-                         f"tasks {list(earlier['base']['final'])} vs {names})")
-    return {"base": earlier["base"]["final"], "multitask": {"final": earlier["multitask"]["final"]},
-            "naive_multistage": earlier["naive_multistage"], "baselines_from": str(path)}
+        raise SystemExit(
+            f"--baselines-from {path}: other settings or tasks (earlier vs now: {differ}, "
+            f"tasks {list(earlier['base']['final'])} vs {names})"
+        )
+    return {
+        "base": earlier["base"]["final"],
+        "multitask": {"final": earlier["multitask"]["final"]},
+        "naive_multistage": earlier["naive_multistage"],
+        "baselines_from": str(path),
+    }
 
 
 def _reset(peft_model) -> None:
@@ -142,9 +168,13 @@ def main(argv=None) -> int:
     ap.add_argument("--state-dir", type=Path, default=Path("/tmp/bench_cpi_state"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny random model + synthetic tasks (seconds)")
-    ap.add_argument("--baselines-from", type=Path, default=None,
-                    help="cpi.json of an earlier run with the same tasks, budget and training settings: reuse its base, "
-                    "multi-task and naive multi-stage results and run only CPI-FT (e.g. to vary --p or --tau)")
+    ap.add_argument(
+        "--baselines-from",
+        type=Path,
+        default=None,
+        help="cpi.json of an earlier run with the same tasks, budget and training settings: reuse its base, "
+        "multi-task and naive multi-stage results and run only CPI-FT (e.g. to vary --p or --tau)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -165,12 +195,23 @@ def main(argv=None) -> int:
     if args.budget - T * args.probe_steps < 1:
         raise SystemExit(f"--budget {args.budget} leaves no stage steps after {T} probes of {args.probe_steps}")
     cfg = CPIConfig(
-        core_fraction=args.p, similarity_threshold=args.tau, target_modules=MLP, probe_steps=args.probe_steps,
-        total_stage_steps=args.budget - T * args.probe_steps, learning_rate=args.lr, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        core_fraction=args.p,
+        similarity_threshold=args.tau,
+        target_modules=MLP,
+        probe_steps=args.probe_steps,
+        total_stage_steps=args.budget - T * args.probe_steps,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
     )
     score = make_scorer(tok, tasks, args.n_test, args.eval_batch, args.max_new_tokens)
-    results: dict = {"tasks": {t.name: {"kind": t.kind, "n_train": len(t.train), "n_test": min(args.n_test, len(t.test))} for t in tasks}}
+    results: dict = {
+        "tasks": {
+            t.name: {"kind": t.kind, "n_train": len(t.train), "n_test": min(args.n_test, len(t.test))} for t in tasks
+        }
+    }
     timings: dict = {}
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -195,8 +236,14 @@ def main(argv=None) -> int:
         # multi-task SFT (mixed, balanced)
         t0 = time.time()
         _reset(peft_model)
-        sft_train(peft_model, tok, mixed_examples([t.train for t in tasks], seed=args.seed), cfg, steps=args.budget,
-                  output_dir=trainer_dir)
+        sft_train(
+            peft_model,
+            tok,
+            mixed_examples([t.train for t in tasks], seed=args.seed),
+            cfg,
+            steps=args.budget,
+            output_dir=trainer_dir,
+        )
         timings["multitask_train_s"] = round(time.time() - t0, 1)
         results["multitask"] = {"final": score(peft_model)}
         logger.info("multi-task: %s (%.0f s)", results["multitask"]["final"], time.time() - t0)
@@ -219,7 +266,9 @@ def main(argv=None) -> int:
         results.pop("naive_partial", None)
         final = stages[-1]
         results["naive_multistage"] = {
-            "final": final, "after_each_stage": stages, "steps_per_stage": per_stage,
+            "final": final,
+            "after_each_stage": stages,
+            "steps_per_stage": per_stage,
             "forgetting": forgetting({k: v for k, v in after_own.items() if k != names[-1]}, final),
         }
         peft_model.unload()  # the base model is untouched: CoreIsolation never writes into it while unmerged
@@ -242,8 +291,11 @@ def main(argv=None) -> int:
             cpi_stages.append({"stage": k, "group": group, "scores": s})
             cpi_after_own.update({n: s[n] for n in group})
             logger.info("CPI stage %d %s: %s", k, group, s)
-            results["cpi_partial"] = {"stages": cpi_stages, "jaccard": pipe.state.get("jaccard"),
-                                      "groups": pipe.state.get("groups")}
+            results["cpi_partial"] = {
+                "stages": cpi_stages,
+                "jaccard": pipe.state.get("jaccard"),
+                "groups": pipe.state.get("groups"),
+            }
             checkpoint()
 
     pipe = CPIPipeline(model, tok, tasks, cfg, state_dir, progress=False, on_stage_end=on_stage_end)
@@ -253,10 +305,16 @@ def main(argv=None) -> int:
     final = score(pipe.model)
     cpi_stages.append({"stage": len(rep["stage_order"]) - 1, "group": rep["stage_order"][-1], "scores": final})
     results["cpi_ft"] = {
-        "final": final, "after_each_stage": cpi_stages, "groups": rep["groups"], "stage_order": rep["stage_order"],
-        "jaccard": rep["jaccard"], "core_sizes": rep["core_sizes"], "frozen_counts": rep["frozen_counts"],
-        "forgetting": forgetting(cpi_after_own, final) if cpi_after_own else {"per_task": {}, "mean": None,
-                                                                                "note": "one group: no later stage"},
+        "final": final,
+        "after_each_stage": cpi_stages,
+        "groups": rep["groups"],
+        "stage_order": rep["stage_order"],
+        "jaccard": rep["jaccard"],
+        "core_sizes": rep["core_sizes"],
+        "frozen_counts": rep["frozen_counts"],
+        "forgetting": forgetting(cpi_after_own, final)
+        if cpi_after_own
+        else {"per_task": {}, "mean": None, "note": "one group: no later stage"},
         "stage_steps": [cfg.steps_for_stage(k, len(rep["stage_order"])) for k in range(len(rep["stage_order"]))],
         "pipeline_timings_s": rep["timings_s"],
     }
@@ -269,14 +327,22 @@ def main(argv=None) -> int:
     nf = results["naive_multistage"]["forgetting"]["mean"]
     cf = results["cpi_ft"]["forgetting"]["mean"]
     results["goals"] = {
-        "forgetting_cpi_le_half_naive": None if cf is None or nf is None else bool(cf <= 0.5 * nf) if nf > 0 else bool(cf <= 0),
+        "forgetting_cpi_le_half_naive": None
+        if cf is None or nf is None
+        else bool(cf <= 0.5 * nf)
+        if nf > 0
+        else bool(cf <= 0),
         "average_cpi_ge_multitask": bool(results["cpi_ft"]["average"] >= results["multitask"]["average"]),
     }
     timings["total_s"] = round(time.time() - t_start, 1)
     results["setup"] = {
         "model": "tiny random llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
-        **baseline_settings(args), "probe_steps": args.probe_steps, "p": args.p, "tau": args.tau,
-        "trained": "CoreIsolation deltas of gate/up/down_proj (all methods)", "optimizer": "AdamW (torch)",
+        **baseline_settings(args),
+        "probe_steps": args.probe_steps,
+        "p": args.p,
+        "tau": args.tau,
+        "trained": "CoreIsolation deltas of gate/up/down_proj (all methods)",
+        "optimizer": "AdamW (torch)",
         "torch": torch.__version__,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
     }
@@ -290,8 +356,12 @@ def main(argv=None) -> int:
 def write_outputs(results: dict, names: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpi.json").write_text(json.dumps(results, indent=2))
-    methods = [("base (no training)", "base"), ("multi-task SFT (mixed)", "multitask"),
-               ("naive multi-stage SFT", "naive_multistage"), ("CPI-FT", "cpi_ft")]
+    methods = [
+        ("base (no training)", "base"),
+        ("multi-task SFT (mixed)", "multitask"),
+        ("naive multi-stage SFT", "naive_multistage"),
+        ("CPI-FT", "cpi_ft"),
+    ]
     s = results["setup"]
     lines = [
         "# CPI-FT benchmark",
@@ -300,8 +370,11 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
         f"{s['weight_decay']}, batch {s['batch_size']}, max length {s['max_length']}. Same budget for every method: "
         f"{s['budget_steps']} optimizer steps (CPI-FT: {len(names)} probes × {s['probe_steps']} + stages). "
         f"p = {s['p']}, τ = {s['tau']}. Test examples per task: {s['n_test']}."
-        + (f" Base, multi-task and naive multi-stage rows reused from `{results['baselines_from']}` (same settings)."
-           if results.get("baselines_from") else ""),
+        + (
+            f" Base, multi-task and naive multi-stage rows reused from `{results['baselines_from']}` (same settings)."
+            if results.get("baselines_from")
+            else ""
+        ),
         "",
         "| method | " + " | ".join(names) + " | average | forgetting (mean) |",
         "|---" * (len(names) + 3) + "|",
@@ -310,17 +383,24 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
         r = results[key]
         fg = r.get("forgetting", {}).get("mean") if isinstance(r.get("forgetting"), dict) else None
         fg_text = "–" if fg is None else f"{fg:+.3f}"
-        lines.append(f"| {label} | " + " | ".join(f"{r['final'][n]:.3f}" for n in names)
-                     + f" | {r['average']:.3f} | {fg_text} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{r['final'][n]:.3f}" for n in names)
+            + f" | {r['average']:.3f} | {fg_text} |"
+        )
     c = results["cpi_ft"]
     lines += [
         "",
-        f"Forgetting = score right after the stage that trained a task − its final score (positive = forgot), averaged "
-        f"over tasks trained before the last stage. Naive per task: {results['naive_multistage']['forgetting']['per_task']}; "
-        f"CPI-FT per task: {c['forgetting']['per_task']}.",
+        (
+            f"Forgetting = score right after the stage that trained a task − its final score (positive = forgot), averaged "
+            f"over tasks trained before the last stage. Naive per task: {results['naive_multistage']['forgetting']['per_task']}; "
+            f"CPI-FT per task: {c['forgetting']['per_task']}."
+        ),
         "",
-        f"CPI-FT groups (τ = {s['tau']}): {c['groups']}; stage order {c['stage_order']}; stage steps {c['stage_steps']}; "
-        f"core sizes {c['core_sizes']}; frozen entries per stage {c['frozen_counts']}.",
+        (
+            f"CPI-FT groups (τ = {s['tau']}): {c['groups']}; stage order {c['stage_order']}; stage steps {c['stage_steps']}; "
+            f"core sizes {c['core_sizes']}; frozen entries per stage {c['frozen_counts']}."
+        ),
         "",
         "Jaccard similarity of the core regions:",
         "",
@@ -333,8 +413,16 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
     lines += [
         "",
         "Goals: CPI-FT forgetting ≤ ½ naive multi-stage: **"
-        + ("met" if g["forgetting_cpi_le_half_naive"] else "not met" if g["forgetting_cpi_le_half_naive"] is not None else "n/a")
-        + "**; CPI-FT average ≥ multi-task SFT: **" + ("met" if g["average_cpi_ge_multitask"] else "not met") + "**.",
+        + (
+            "met"
+            if g["forgetting_cpi_le_half_naive"]
+            else "not met"
+            if g["forgetting_cpi_le_half_naive"] is not None
+            else "n/a"
+        )
+        + "**; CPI-FT average ≥ multi-task SFT: **"
+        + ("met" if g["average_cpi_ge_multitask"] else "not met")
+        + "**.",
         "",
         f"Wall time: {results['timings_s']}",
         "",
@@ -362,9 +450,16 @@ def plot(results: dict, names: list[str], path: Path) -> None:
     for i in range(len(names)):
         for j in range(len(names)):
             ax1.text(j, i, f"{jac[i, j]:.2f}", ha="center", va="center", color="w" if jac[i, j] < 0.6 else "k")
-    ax1.set_title(f"Jaccard of core regions (p={results['setup']['p']})\ngroups: {results['cpi_ft']['groups']}", fontsize=9)
+    ax1.set_title(
+        f"Jaccard of core regions (p={results['setup']['p']})\ngroups: {results['cpi_ft']['groups']}", fontsize=9
+    )
     fig.colorbar(im, ax=ax1, fraction=0.046)
-    methods = [("base", "base"), ("multi-task", "multitask"), ("naive multi-stage", "naive_multistage"), ("CPI-FT", "cpi_ft")]
+    methods = [
+        ("base", "base"),
+        ("multi-task", "multitask"),
+        ("naive multi-stage", "naive_multistage"),
+        ("CPI-FT", "cpi_ft"),
+    ]
     width = 0.2
     x = np.arange(len(names) + 1)
     for i, (label, key) in enumerate(methods):

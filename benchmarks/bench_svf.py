@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 
-import peft_spectral
 from peft_spectral import SVFConfig
 from peft_spectral.assets import load_default_model
 from peft_spectral.svd_cache import SVDCache
 from peft_spectral.tuners.svf.layer import weight_matrix
+
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", *MLP]
@@ -131,7 +131,11 @@ def main() -> None:
 
     # --- SVD cache: recompute vs warm load -------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
-        weights = [(n, weight_matrix(m)) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        weights = [
+            (n, weight_matrix(m))
+            for n, m in base.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+        ]
         cold = SVDCache(tmp)
         t = time.perf_counter()
         cold.get_many(weights, progress=False)
@@ -147,8 +151,10 @@ def main() -> None:
         "warm_load_s": warm_s,
         "speedup": recompute_s / warm_s,
     }
-    print(f"SVD cache: {len(weights)} matrices, recompute {recompute_s:.2f}s, warm {warm_s:.3f}s, "
-          f"{recompute_s / warm_s:.1f}x")
+    print(
+        f"SVD cache: {len(weights)} matrices, recompute {recompute_s:.2f}s, warm {warm_s:.3f}s, "
+        f"{recompute_s / warm_s:.1f}x"
+    )
 
     # --- train steps, round-robin ----------------------------------------------------------------------------
     models, opts, times = {}, {}, {}
@@ -187,11 +193,17 @@ def main() -> None:
     fwd_base, fwd_merged, fwd_unmerged = [], [], []
     with torch.no_grad():
         for _ in range(args.rounds):
-            t = time.perf_counter(); base(input_ids=batch); fwd_base.append(time.perf_counter() - t)
-            t = time.perf_counter(); svf(input_ids=batch); fwd_merged.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            base(input_ids=batch)
+            fwd_base.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            svf(input_ids=batch)
+            fwd_merged.append(time.perf_counter() - t)
         svf.unmerge_adapter()
         for _ in range(args.rounds):
-            t = time.perf_counter(); svf(input_ids=batch); fwd_unmerged.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            svf(input_ids=batch)
+            fwd_unmerged.append(time.perf_counter() - t)
     results["inference"] = {
         "base_forward_s": statistics.median(fwd_base),
         "svf_merged_forward_s": statistics.median(fwd_merged),
@@ -239,7 +251,9 @@ def write_markdown(results: dict, path: Path) -> None:
         "|---|---:|---:|---:|",
     ]
     for name, v in m.items():
-        lines.append(f"| {name} | {v['trainable_params']:,} | {v['step_s_median']:.2f} | {v.get('peak_mb', float('nan')):.0f} |")
+        lines.append(
+            f"| {name} | {v['trainable_params']:,} | {v['step_s_median']:.2f} | {v.get('peak_mb', float('nan')):.0f} |"
+        )
     inf, cache = results["inference"], results["svd_cache"]
     lines += [
         "",
@@ -257,8 +271,12 @@ def write_markdown(results: dict, path: Path) -> None:
     if "svf_peak_mem_vs_lora_mlp" in r:
         lines.append(f"| SVF peak memory / LoRA (MLP) | {r['svf_peak_mem_vs_lora_mlp']:.2f}× | ≤ 1.3× |")
         lines.append(f"| SVF peak memory / LoRA (all linear) | {r['svf_peak_mem_vs_lora_all']:.2f}× | ≤ 1.3× |")
-        lines.append(f"| SVF `fast_factored` peak memory / LoRA (MLP) | {r['svf_fast_peak_mem_vs_lora_mlp']:.2f}× | ≤ 1.3× |")
-        lines.append(f"| SVF `fast_factored` peak memory / LoRA (all linear) | {r['svf_fast_peak_mem_vs_lora_all']:.2f}× | ≤ 1.3× |")
+        lines.append(
+            f"| SVF `fast_factored` peak memory / LoRA (MLP) | {r['svf_fast_peak_mem_vs_lora_mlp']:.2f}× | ≤ 1.3× |"
+        )
+        lines.append(
+            f"| SVF `fast_factored` peak memory / LoRA (all linear) | {r['svf_fast_peak_mem_vs_lora_all']:.2f}× | ≤ 1.3× |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -39,6 +40,7 @@ from peft_spectral import SVFConfig  # noqa: E402
 from peft_spectral.evaluation import evaluate  # noqa: E402
 from peft_spectral.tasks import Example, Task  # noqa: E402
 from peft_spectral.training import train_svf, with_lettered_options  # noqa: E402
+
 
 logger = logging.getLogger("bench_svf_rl")
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -52,8 +54,14 @@ def load(args) -> tuple[Any, Any, dict[str, Task]]:
         tasks = {}
         for name in ("toy_a", "toy_b", "toy_c"):
             ex = [
-                with_lettered_options(Example(prompt=f"{name} {i}: is {i} even?", target="yes" if i % 2 == 0 else "no",
-                                              choices=("yes", "no"), label=i % 2))
+                with_lettered_options(
+                    Example(
+                        prompt=f"{name} {i}: is {i} even?",
+                        target="yes" if i % 2 == 0 else "no",
+                        choices=("yes", "no"),
+                        label=i % 2,
+                    )
+                )
                 for i in range(24)
             ]
             tasks[name] = Task(name=name, kind="multiple_choice", train=ex[8:], validation=[], test=ex[:8])
@@ -75,19 +83,37 @@ def load(args) -> tuple[Any, Any, dict[str, Task]]:
 
 def accuracy(model, tok, examples, args) -> dict[str, float]:
     start = time.perf_counter()
-    res = evaluate(model, tok, examples, kind="multiple_choice", mode="generate",
-                   max_new_tokens=args.max_completion_length, batch_size=args.eval_batch_size)
+    res = evaluate(
+        model,
+        tok,
+        examples,
+        kind="multiple_choice",
+        mode="generate",
+        max_new_tokens=args.max_completion_length,
+        batch_size=args.eval_batch_size,
+    )
     return {"accuracy": res.accuracy, "n": res.n, "eval_s": time.perf_counter() - start}
 
 
 def run_method(base, tok, task: Task, method: str, peft_config, args, out_dir: Path, **kw) -> tuple[dict, Any]:
     model = copy.deepcopy(base)
-    common: dict[str, Any] = dict(output_dir=str(out_dir / "ckpt"), max_steps=args.steps, svf_config=peft_config, seed=args.seed,
-                                  train_limit=args.train_examples)
+    common: dict[str, Any] = {
+        "output_dir": str(out_dir / "ckpt"),
+        "max_steps": args.steps,
+        "svf_config": peft_config,
+        "seed": args.seed,
+        "train_limit": args.train_examples,
+    }
     if method == "rl":
-        common.update(method="rl", algorithm=args.algorithm, beta=args.beta, prompts_per_step=args.prompts_per_step,
-                      num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                      temperature=args.temperature)
+        common.update(
+            method="rl",
+            algorithm=args.algorithm,
+            beta=args.beta,
+            prompts_per_step=args.prompts_per_step,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+        )
     else:
         common.update(method="sft", per_device_train_batch_size=args.sft_batch_size)
     common.update(kw)
@@ -116,8 +142,11 @@ def probe(base, tok, tasks, args) -> None:
         acc = accuracy(base, tok, task.test[: args.n_test], args)
         chance = statistics.mean(1 / len(e.choices) for e in task.test[: args.n_test])
         rows[name] = {**acc, "chance": chance, "n_train": len(task.train), "n_test_total": len(task.test)}
-        print(f"{name}: base {acc['accuracy']:.3f} (chance {chance:.3f}, n={acc['n']}, train {len(task.train)}, "
-              f"{acc['eval_s']:.1f} s)", flush=True)
+        print(
+            f"{name}: base {acc['accuracy']:.3f} (chance {chance:.3f}, n={acc['n']}, train {len(task.train)}, "
+            f"{acc['eval_s']:.1f} s)",
+            flush=True,
+        )
     if args.probe_out:
         Path(args.probe_out).write_text(json.dumps(rows, indent=1))
 
@@ -135,8 +164,18 @@ def write_expert(model, task: Task, row: dict, args, root: Path) -> None:
         f"(greedy, {row['test_n']} held-out examples of `load_task('{task.name}', seed={args.seed})`): "
         f"{row['test_accuracy']:.3f}. See docs/results/svf_rl.md.\n"
     )
-    (out / "expert.json").write_text(json.dumps({"task": task.name, "description": desc, "kind": task.kind,
-                                                 "test_accuracy": row["test_accuracy"], "steps": args.steps}, indent=1))
+    (out / "expert.json").write_text(
+        json.dumps(
+            {
+                "task": task.name,
+                "description": desc,
+                "kind": task.kind,
+                "test_accuracy": row["test_accuracy"],
+                "steps": args.steps,
+            },
+            indent=1,
+        )
+    )
 
 
 def markdown(results: dict) -> str:
@@ -145,11 +184,17 @@ def markdown(results: dict) -> str:
         "# SVF-RL vs LoRA on BigBench (SmolLM2-135M-Instruct, CPU)",
         "",
         f"Generated by `benchmarks/bench_svf_rl.py` on {results['machine']}; wall {results['total_wall_s'] / 60:.1f} min"
-        + (f" ({results['parallel_processes']} tasks in parallel processes)." if results.get("parallel_processes") else "."),
-        f"RL: TRL {cfg['algorithm'].upper()}, {cfg['steps']} steps × {cfg['prompts_per_step']} prompts × "
-        f"{cfg['num_generations']} samples (temperature {cfg['temperature']}), max {cfg['max_completion_length']} new "
-        f"tokens, ±1 rewards, beta {cfg['beta']}, AdamW, max grad norm 1e-3; SVF lr 2e-3, LoRA lr {cfg['lora_lr']}. "
-        f"Accuracy: greedy generation on the first {cfg['n_test']} test examples.",
+        + (
+            f" ({results['parallel_processes']} tasks in parallel processes)."
+            if results.get("parallel_processes")
+            else "."
+        ),
+        (
+            f"RL: TRL {cfg['algorithm'].upper()}, {cfg['steps']} steps × {cfg['prompts_per_step']} prompts × "
+            f"{cfg['num_generations']} samples (temperature {cfg['temperature']}), max {cfg['max_completion_length']} new "
+            f"tokens, ±1 rewards, beta {cfg['beta']}, AdamW, max grad norm 1e-3; SVF lr 2e-3, LoRA lr {cfg['lora_lr']}. "
+            f"Accuracy: greedy generation on the first {cfg['n_test']} test examples."
+        ),
         "",
         "| task | base | SVF-RL | LoRA-RL (r=16) | SVF-SFT | SVF params | LoRA params | ratio | s/step SVF-RL | s/step LoRA-RL |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -195,8 +240,12 @@ def main() -> int:
     ap.add_argument("--experts", default=str(ROOT / "benchmarks" / "experts"))
     ap.add_argument("--work", default="/tmp/bench_svf_rl")
     ap.add_argument("--base-from", default=None, help="probe JSON whose base accuracies are reused (same n-test)")
-    ap.add_argument("--merge", type=lambda s: [x for x in s.split(",") if x], default=None,
-                    help="combine per-task result JSON files into --out")
+    ap.add_argument(
+        "--merge",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=None,
+        help="combine per-task result JSON files into --out",
+    )
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -226,8 +275,11 @@ def main() -> int:
         "tasks": {},
     }
     for name, task in tasks.items():
-        row: dict[str, Any] = {"n_train": len(task.train), "n_test": min(args.n_test, len(task.test)),
-                               "description": task.description}
+        row: dict[str, Any] = {
+            "n_train": len(task.train),
+            "n_test": min(args.n_test, len(task.test)),
+            "description": task.description,
+        }
         results["tasks"][name] = row  # written after every method, so an interrupted run keeps what it measured
 
         def save() -> None:
@@ -241,17 +293,29 @@ def main() -> int:
             row["base"] = accuracy(base, tok, task.test[: args.n_test], args)
         print(f"[{name}] base {row['base']['accuracy']:.3f}", flush=True)
         save()
-        row["svf_rl"], svf_model = run_method(base, tok, task, "rl", copy.deepcopy(svf_cfg), args, work / name / "svf_rl")
-        print(f"[{name}] SVF-RL {row['svf_rl']['test_accuracy']:.3f} ({row['svf_rl']['s_per_step']:.2f} s/step)", flush=True)
+        row["svf_rl"], svf_model = run_method(
+            base, tok, task, "rl", copy.deepcopy(svf_cfg), args, work / name / "svf_rl"
+        )
+        print(
+            f"[{name}] SVF-RL {row['svf_rl']['test_accuracy']:.3f} ({row['svf_rl']['s_per_step']:.2f} s/step)",
+            flush=True,
+        )
         write_expert(svf_model, task, row["svf_rl"], args, Path(args.experts))
         del svf_model
         save()
         lora_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MLP, task_type="CAUSAL_LM")
-        row["lora_rl"], _ = run_method(base, tok, task, "rl", lora_cfg, args, work / name / "lora_rl", learning_rate=args.lora_lr)
-        print(f"[{name}] LoRA-RL {row['lora_rl']['test_accuracy']:.3f} ({row['lora_rl']['s_per_step']:.2f} s/step)", flush=True)
+        row["lora_rl"], _ = run_method(
+            base, tok, task, "rl", lora_cfg, args, work / name / "lora_rl", learning_rate=args.lora_lr
+        )
+        print(
+            f"[{name}] LoRA-RL {row['lora_rl']['test_accuracy']:.3f} ({row['lora_rl']['s_per_step']:.2f} s/step)",
+            flush=True,
+        )
         save()
         if args.sft:
-            row["svf_sft"], _ = run_method(base, tok, task, "sft", copy.deepcopy(svf_cfg), args, work / name / "svf_sft")
+            row["svf_sft"], _ = run_method(
+                base, tok, task, "sft", copy.deepcopy(svf_cfg), args, work / name / "svf_sft"
+            )
             print(f"[{name}] SVF-SFT {row['svf_sft']['test_accuracy']:.3f}", flush=True)
         save()
     verdict(results)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -48,9 +49,17 @@ from peft_spectral.transformer2 import (  # noqa: E402
 )
 from peft_spectral.transformer2.two_pass import run_pass1  # noqa: E402
 
+
 logger = logging.getLogger("bench_transformer2")
-UNSEEN_PREFERENCE = ["sports_understanding", "navigate", "snarks", "causal_judgment", "date_understanding",
-                     "epistemic_reasoning", "logical_deduction"]
+UNSEEN_PREFERENCE = [
+    "sports_understanding",
+    "navigate",
+    "snarks",
+    "causal_judgment",
+    "date_understanding",
+    "epistemic_reasoning",
+    "logical_deduction",
+]
 REFERENCE_CEM = {"population": 32, "elite_fraction": 0.2, "init_std": 0.5, "generations": 50, "clamp": [0, 1]}
 
 
@@ -111,24 +120,46 @@ def train_quick_experts(model, tok, tasks: list[str], out_root: Path, steps: int
             continue
         task = load_task(name, seed=0)
         start = time.perf_counter()
-        result = train_svf(copy.deepcopy(model), tok, task, method="sft", output_dir=str(out_root / f".ckpt-{expert_name(name)}"),
-                           max_steps=steps, svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"]),
-                           per_device_train_batch_size=batch_size, max_length=256, learning_rate=5e-3)
+        result = train_svf(
+            copy.deepcopy(model),
+            tok,
+            task,
+            method="sft",
+            output_dir=str(out_root / f".ckpt-{expert_name(name)}"),
+            max_steps=steps,
+            svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"]),
+            per_device_train_batch_size=batch_size,
+            max_length=256,
+            learning_rate=5e-3,
+        )
         result.model.save_pretrained(str(target))
-        (target / "transformer2_expert.json").write_text(json.dumps({
-            "name": expert_name(name), "description": short_description(task.description),
-            "trained": f"SVF-SFT, {steps} steps x {batch_size}, lr 5e-3 (quick fallback)",
-            "seconds": time.perf_counter() - start}))
+        (target / "transformer2_expert.json").write_text(
+            json.dumps(
+                {
+                    "name": expert_name(name),
+                    "description": short_description(task.description),
+                    "trained": f"SVF-SFT, {steps} steps x {batch_size}, lr 5e-3 (quick fallback)",
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        )
         logger.info("trained fallback expert %s in %.0fs", name, time.perf_counter() - start)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts-dir", default=str(REPO / "benchmarks" / "experts"))
-    p.add_argument("--train-experts", nargs="*", default=None, metavar="TASK",
-                   help="first train quick SVF-SFT experts on these BigBench tasks into --experts-dir")
+    p.add_argument(
+        "--train-experts",
+        nargs="*",
+        default=None,
+        metavar="TASK",
+        help="first train quick SVF-SFT experts on these BigBench tasks into --experts-dir",
+    )
     p.add_argument("--expert-steps", type=int, default=10)
-    p.add_argument("--unseen", nargs="+", default=None, help="unseen BigBench tasks (default: 2 from a preference list)")
+    p.add_argument(
+        "--unseen", nargs="+", default=None, help="unseen BigBench tasks (default: 2 from a preference list)"
+    )
     p.add_argument("--n-test", type=int, default=32, help="test examples per unseen task")
     p.add_argument("--n-dispatch", type=int, default=16, help="test examples per expert task for dispatch accuracy")
     p.add_argument("--shots", type=int, default=8, help="few-shot examples (from the train split) for CEM")
@@ -140,10 +171,17 @@ def main() -> int:
     p.add_argument("--classifier-batch", type=int, default=4)
     p.add_argument("--classifier-per-task", type=int, default=16)
     p.add_argument("--classifier-lr", type=float, default=1e-2)
-    p.add_argument("--classifier-layers", type=int, default=0,
-                   help="the classifier adapts the MLPs of the last N blocks only (cheaper backward); 0 = all")
-    p.add_argument("--no-lettered", action="store_true",
-                   help="do not add lettered options to prompts lacking them (load_task's prompts have them)")
+    p.add_argument(
+        "--classifier-layers",
+        type=int,
+        default=0,
+        help="the classifier adapts the MLPs of the last N blocks only (cheaper backward); 0 = all",
+    )
+    p.add_argument(
+        "--no-lettered",
+        action="store_true",
+        help="do not add lettered options to prompts lacking them (load_task's prompts have them)",
+    )
     p.add_argument("--max-question-tokens", type=int, default=32)
     p.add_argument("--gen-prompts", type=int, default=8, help="prompts for the two-pass generation timing")
     p.add_argument("--gen-tokens", type=int, default=48)
@@ -221,18 +259,31 @@ def main() -> int:
     # ---------------------------------------------------------------- classifier expert
     t0 = time.perf_counter()
     clf_data = build_classifier_examples(
-        library, {n: t.train for n, t in expert_tasks.items()}, per_category=args.classifier_per_task,
-        prompt=prompt, seed=args.seed)
+        library,
+        {n: t.train for n, t in expert_tasks.items()},
+        per_category=args.classifier_per_task,
+        prompt=prompt,
+        seed=args.seed,
+    )
     clf_config = None
     if args.classifier_layers:
         from peft_spectral import SVFConfig
 
         n_layers = library.num_layers
-        clf_config = SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"],
-                               layers_to_transform=list(range(max(0, n_layers - args.classifier_layers), n_layers)))
-    clf_dir = train_classifier_expert(library, clf_data, work / "classifier", steps=args.classifier_steps,
-                                      batch_size=args.classifier_batch, learning_rate=args.classifier_lr,
-                                      seed=args.seed, svf_config=clf_config)
+        clf_config = SVFConfig(
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+            layers_to_transform=list(range(max(0, n_layers - args.classifier_layers), n_layers)),
+        )
+    clf_dir = train_classifier_expert(
+        library,
+        clf_data,
+        work / "classifier",
+        steps=args.classifier_steps,
+        batch_size=args.classifier_batch,
+        learning_rate=args.classifier_lr,
+        seed=args.seed,
+        svf_config=clf_config,
+    )
     clf_name = library.load_extra_adapter(clf_dir, "t2_classifier", "classifier")
     classifier_seconds = time.perf_counter() - t0
     logger.info("classifier expert trained in %.0fs", classifier_seconds)
@@ -248,12 +299,17 @@ def main() -> int:
         for name, task in expert_tasks.items():
             exs = task.test[: args.n_dispatch]
             choices, secs = run_pass1(library, disp, exs)
-            per_task[name] = {"n": len(exs), "accuracy": sum(c == name for c in choices) / len(exs),
-                              "chosen": {("base" if k is None else k): choices.count(k) for k in set(choices)},
-                              "pass1_seconds": secs}
+            per_task[name] = {
+                "n": len(exs),
+                "accuracy": sum(c == name for c in choices) / len(exs),
+                "chosen": {("base" if k is None else k): choices.count(k) for k in set(choices)},
+                "pass1_seconds": secs,
+            }
         total = sum(v["n"] for v in per_task.values())
         results["dispatch_accuracy"][label] = {
-            "per_task": per_task, "overall": sum(v["accuracy"] * v["n"] for v in per_task.values()) / total}
+            "per_task": per_task,
+            "overall": sum(v["accuracy"] * v["n"] for v in per_task.values()) / total,
+        }
         logger.info("dispatch accuracy %s: %.3f", label, results["dispatch_accuracy"][label]["overall"])
 
     # ---------------------------------------------------------------- unseen tasks
@@ -266,24 +322,35 @@ def main() -> int:
             row[label] = res.to_dict()
             logger.info("%s %s: accuracy %.3f (groups %s)", tname, label, res.accuracy, row[label]["group_sizes"])
         shots = task.train[: args.shots]
-        cem_config = CEMConfig(population=args.population, generations=args.generations,
-                               elite_fraction=args.elite_fraction, init_std=args.init_std, seed=args.seed)
+        cem_config = CEMConfig(
+            population=args.population,
+            generations=args.generations,
+            elite_fraction=args.elite_fraction,
+            init_std=args.init_std,
+            seed=args.seed,
+        )
         mixer = FewShotMixer(library, shots, batch_size=bs, adapter_name=f"mix_{expert_name(tname)}")
         search = mixer.search(cem_config)
-        res = two_pass_evaluate(library, FixedDispatcher(mixer.adapter_name), test, kind="multiple_choice",
-                                batch_size=bs)
-        row["few_shot_cem"] = {**res.to_dict(), "n_shots": len(shots), "alpha": dict(zip(mixer.experts, search.best_alpha.tolist())),
-                               "best_fitness_on_shots": list(search.best_fitness), "search_seconds": search.seconds,
-                               "evaluations": search.evaluations,
-                               "seconds_per_evaluation": search.seconds / max(1, search.evaluations),
-                               "history": search.history}
+        res = two_pass_evaluate(
+            library, FixedDispatcher(mixer.adapter_name), test, kind="multiple_choice", batch_size=bs
+        )
+        row["few_shot_cem"] = {
+            **res.to_dict(),
+            "n_shots": len(shots),
+            "alpha": dict(zip(mixer.experts, search.best_alpha.tolist())),
+            "best_fitness_on_shots": list(search.best_fitness),
+            "search_seconds": search.seconds,
+            "evaluations": search.evaluations,
+            "seconds_per_evaluation": search.seconds / max(1, search.evaluations),
+            "history": search.history,
+        }
         curves[tname] = search.history
         logger.info("%s few-shot CEM: accuracy %.3f, alpha %s", tname, res.accuracy, row["few_shot_cem"]["alpha"])
         results["unseen"][tname] = row
 
     # ---------------------------------------------------------------- two-pass generation timing
     per = max(1, args.gen_prompts // len(unseen))
-    gen_prompts = [ex for t in unseen.values() for ex in t.train[args.shots: args.shots + per]]  # not shots, not test
+    gen_prompts = [ex for t in unseen.values() for ex in t.train[args.shots : args.shots + per]]  # not shots, not test
     timing = {}
     for label, disp in dispatchers.items():
         res = two_pass_generate(library, disp, gen_prompts, max_new_tokens=args.gen_tokens, batch_size=bs)
@@ -304,18 +371,36 @@ def main() -> int:
         "experts": specs,
         "expert_tasks": sorted(trained_on),
         "unseen_tasks": unseen_names,
-        "n_test": args.n_test, "n_dispatch": args.n_dispatch, "n_shots": args.shots,
-        "cem": {"population": args.population, "generations": args.generations,
-                "elite_fraction": args.elite_fraction, "init_std": args.init_std, "clamp": [0, 1],
-                "init_mean": "1/K", "reference": REFERENCE_CEM},
+        "n_test": args.n_test,
+        "n_dispatch": args.n_dispatch,
+        "n_shots": args.shots,
+        "cem": {
+            "population": args.population,
+            "generations": args.generations,
+            "elite_fraction": args.elite_fraction,
+            "init_std": args.init_std,
+            "clamp": [0, 1],
+            "init_mean": "1/K",
+            "reference": REFERENCE_CEM,
+        },
         "lettered_prompts": not args.no_lettered,
-        "classifier": {"steps": args.classifier_steps, "last_layers": args.classifier_layers or "all", "batch_size": args.classifier_batch,
-                       "per_task": args.classifier_per_task, "learning_rate": args.classifier_lr,
-                       "n_examples": len(clf_data), "seconds": classifier_seconds},
+        "classifier": {
+            "steps": args.classifier_steps,
+            "last_layers": args.classifier_layers or "all",
+            "batch_size": args.classifier_batch,
+            "per_task": args.classifier_per_task,
+            "learning_rate": args.classifier_lr,
+            "n_examples": len(clf_data),
+            "seconds": classifier_seconds,
+        },
         "dispatch": {"mode": "loglik", "max_question_tokens": args.max_question_tokens},
-        "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-        "model_load_seconds": load_seconds, "library_load_seconds": library_seconds,
-        "svd_computed_at_load": svd_at_load, "svd_computed_after_load": svd_calls["n"] - svd_at_load,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model_load_seconds": load_seconds,
+        "library_load_seconds": library_seconds,
+        "svd_computed_at_load": svd_at_load,
+        "svd_computed_after_load": svd_calls["n"] - svd_at_load,
         "svf_layers": len(library.svf_layers),
         "total_seconds": time.perf_counter() - t_start,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -336,9 +421,15 @@ def plot(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, hist in curves.items():
         g = [h["generation"] + 1 for h in hist]
-        line, = ax.plot(g, [h["best"] for h in hist], marker="o", label=f"{name}: best so far")
-        ax.plot(g, [h["generation_mean"] for h in hist], ls="--", color=line.get_color(), alpha=0.6,
-                label=f"{name}: population mean")
+        (line,) = ax.plot(g, [h["best"] for h in hist], marker="o", label=f"{name}: best so far")
+        ax.plot(
+            g,
+            [h["generation_mean"] for h in hist],
+            ls="--",
+            color=line.get_color(),
+            alpha=0.6,
+            label=f"{name}: population mean",
+        )
     ax.set_xlabel("CEM generation")
     ax.set_ylabel("accuracy on the shots")
     ax.set_title("Few-shot CEM fitness per generation")
@@ -359,8 +450,10 @@ def markdown(r: dict) -> str:
     lines = [
         "# Transformer² inference benchmark",
         "",
-        f"Produced by `benchmarks/bench_transformer2.py` on {s['date']} ({s['model']}, CPU, {s['threads']} thread(s), "
-        f"torch {s['torch']}). Total wall time {s['total_seconds'] / 60:.1f} min.",
+        (
+            f"Produced by `benchmarks/bench_transformer2.py` on {s['date']} ({s['model']}, CPU, {s['threads']} thread(s), "
+            f"torch {s['torch']}). Total wall time {s['total_seconds'] / 60:.1f} min."
+        ),
         "",
         "Experts: " + "; ".join(f"`{e['name']}` ({e['description']})" for e in s["experts"]) + ".",
         f"Unseen tasks (no expert trained on them): {', '.join('`' + t + '`' for t in s['unseen_tasks'])}; "
@@ -374,8 +467,10 @@ def markdown(r: dict) -> str:
     ]
     for t, row in r["unseen"].items():
         c = row["few_shot_cem"]
-        lines.append(f"| {t} | {row['n_test']} | {row['base']['accuracy']:.3f} | {row['prompt_dispatch']['accuracy']:.3f} "
-                     f"| {row['classifier_expert']['accuracy']:.3f} | {c['accuracy']:.3f} ({c['n_shots']}) |")
+        lines.append(
+            f"| {t} | {row['n_test']} | {row['base']['accuracy']:.3f} | {row['prompt_dispatch']['accuracy']:.3f} "
+            f"| {row['classifier_expert']['accuracy']:.3f} | {c['accuracy']:.3f} ({c['n_shots']}) |"
+        )
     lines += ["", "Experts chosen by pass 1 on the unseen tasks:", ""]
     for t, row in r["unseen"].items():
         for label in ("prompt_dispatch", "classifier_expert"):
@@ -383,18 +478,23 @@ def markdown(r: dict) -> str:
     lines += ["", "CEM mixing weights α (best on the shots):", ""]
     for t, row in r["unseen"].items():
         c = row["few_shot_cem"]
-        lines.append(f"- {t}: " + ", ".join(f"{k} {v:.2f}" for k, v in c["alpha"].items())
-                     + f" — shot fitness (accuracy, mean log-lik) {tuple(round(x, 3) for x in c['best_fitness_on_shots'])}, "
-                     f"{c['evaluations']} evaluations, {c['seconds_per_evaluation']:.1f} s each")
+        lines.append(
+            f"- {t}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in c["alpha"].items())
+            + f" — shot fitness (accuracy, mean log-lik) {tuple(round(x, 3) for x in c['best_fitness_on_shots'])}, "
+            f"{c['evaluations']} evaluations, {c['seconds_per_evaluation']:.1f} s each"
+        )
     cem = s["cem"]
     lines += [
         "",
-        f"CEM settings here: population {cem['population']}, {cem['generations']} generations, elite "
-        f"{cem['elite_fraction']}, initial std {cem['init_std']}, α in [0, 1], initial mean 1/K. Reference: population 32, "
-        f"50 generations = 1600 evaluations, {1600 / (cem['population'] * cem['generations']):.0f}× the evaluations run "
-        f"here: at the measured {_mean_eval_seconds(r):.1f} s per evaluation that is ≈ {1600 * _mean_eval_seconds(r) / 60:.0f} min "
-        "per task on this shared CPU, beyond the benchmark budget; the library defaults are the reference values. "
-        "Fitness curve: `cem_fitness.png`.",
+        (
+            f"CEM settings here: population {cem['population']}, {cem['generations']} generations, elite "
+            f"{cem['elite_fraction']}, initial std {cem['init_std']}, α in [0, 1], initial mean 1/K. Reference: population 32, "
+            f"50 generations = 1600 evaluations, {1600 / (cem['population'] * cem['generations']):.0f}× the evaluations run "
+            f"here: at the measured {_mean_eval_seconds(r):.1f} s per evaluation that is ≈ {1600 * _mean_eval_seconds(r) / 60:.0f} min "
+            "per task on this shared CPU, beyond the benchmark budget; the library defaults are the reference values. "
+            "Fitness curve: `cem_fitness.png`."
+        ),
         "",
         "## Dispatch accuracy on the experts' own test splits",
         "",
@@ -402,16 +502,21 @@ def markdown(r: dict) -> str:
         "|---|" + "---|" * (len(r["dispatch_accuracy"]["prompt_dispatch"]["per_task"]) + 1),
     ]
     for label, d in r["dispatch_accuracy"].items():
-        lines.append(f"| {label.replace('_', ' ')} | " + " | ".join(f"{v['accuracy']:.2f} (n={v['n']})" for v in d["per_task"].values())
-                     + f" | {d['overall']:.3f} |")
+        lines.append(
+            f"| {label.replace('_', ' ')} | "
+            + " | ".join(f"{v['accuracy']:.2f} (n={v['n']})" for v in d["per_task"].values())
+            + f" | {d['overall']:.3f} |"
+        )
     cl = s["classifier"]
     lines += [
         "",
-        f"Classifier expert: SVF adapter (MLPs of {'all' if cl['last_layers'] == 'all' else 'the last ' + str(cl['last_layers'])} blocks) trained by SFT on "
-        f"{cl['n_examples']} category questions "
-        f"({cl['per_task']} per expert task, from their train splits), {cl['steps']} steps × batch {cl['batch_size']}, "
-        f"lr {cl['learning_rate']}, {cl['seconds']:.0f} s. Dispatch scores the category names by log-likelihood; "
-        f"the question is cut to its first {s['dispatch']['max_question_tokens']} tokens.",
+        (
+            f"Classifier expert: SVF adapter (MLPs of {'all' if cl['last_layers'] == 'all' else 'the last ' + str(cl['last_layers'])} blocks) trained by SFT on "
+            f"{cl['n_examples']} category questions "
+            f"({cl['per_task']} per expert task, from their train splits), {cl['steps']} steps × batch {cl['batch_size']}, "
+            f"lr {cl['learning_rate']}, {cl['seconds']:.0f} s. Dispatch scores the category names by log-likelihood; "
+            f"the question is cut to its first {s['dispatch']['max_question_tokens']} tokens."
+        ),
         "",
         "## Time",
         "",
@@ -421,22 +526,30 @@ def markdown(r: dict) -> str:
     for t, row in r["unseen"].items():
         for label in ("prompt_dispatch", "classifier_expert"):
             x = row[label]
-            lines.append(f"| {t}, {label.replace('_', ' ')}, option scoring (n={x['n']}) | {x['pass1_seconds']:.2f} | "
-                         f"{x['pass2_seconds']:.2f} | {x['pass1_over_pass2']:.1%} | {x['switch_over_pass2']:.3%} |")
+            lines.append(
+                f"| {t}, {label.replace('_', ' ')}, option scoring (n={x['n']}) | {x['pass1_seconds']:.2f} | "
+                f"{x['pass2_seconds']:.2f} | {x['pass1_over_pass2']:.1%} | {x['switch_over_pass2']:.3%} |"
+            )
     for label, x in r["timing"].items():
         if not isinstance(x, dict):
             continue
-        lines.append(f"| generation, {label.removeprefix('generate_').replace('_', ' ')} (n={x['n']}, "
-                     f"{x['max_new_tokens']} new tokens) | {x['pass1_seconds']:.2f} | {x['pass2_seconds']:.2f} | "
-                     f"{x['pass1_over_pass2']:.1%} | {x['switch_over_pass2']:.3%} |")
+        lines.append(
+            f"| generation, {label.removeprefix('generate_').replace('_', ' ')} (n={x['n']}, "
+            f"{x['max_new_tokens']} new tokens) | {x['pass1_seconds']:.2f} | {x['pass2_seconds']:.2f} | "
+            f"{x['pass1_over_pass2']:.1%} | {x['switch_over_pass2']:.3%} |"
+        )
     lines += [
         "",
-        f"Mean time of one expert switch (`set_adapter` / `disable_adapter`): {r['timing']['mean_switch_seconds'] * 1e3:.2f} ms. "
-        "Goals: pass 1 / pass 2 ≤ 10% (paper: 13–47%), switch / pass 2 ≤ 1%.",
-        f"Loading the {len(s['experts'])} experts onto the model took {s['library_load_seconds']:.1f} s; SVDs computed "
-        f"while loading: {s['svd_computed_at_load']} (the rest read from the SVD cache, {s['svf_layers']} SVF layers), "
-        f"and after loading — classifier training, {sum(x['few_shot_cem']['evaluations'] for x in r['unseen'].values())} CEM "
-        f"evaluations, all dispatch and switching: {s['svd_computed_after_load']}.",
+        (
+            f"Mean time of one expert switch (`set_adapter` / `disable_adapter`): {r['timing']['mean_switch_seconds'] * 1e3:.2f} ms. "
+            "Goals: pass 1 / pass 2 ≤ 10% (paper: 13–47%), switch / pass 2 ≤ 1%."
+        ),
+        (
+            f"Loading the {len(s['experts'])} experts onto the model took {s['library_load_seconds']:.1f} s; SVDs computed "
+            f"while loading: {s['svd_computed_at_load']} (the rest read from the SVD cache, {s['svf_layers']} SVF layers), "
+            f"and after loading — classifier training, {sum(x['few_shot_cem']['evaluations'] for x in r['unseen'].values())} CEM "
+            f"evaluations, all dispatch and switching: {s['svd_computed_after_load']}."
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from tiny_model import load
 
-import peft_spectral  # registers SPECTRAL_COMPRESS with PEFT
 from peft_spectral.compress import apply_result, compress_to_impress, find_target_modules
 from peft_spectral.evaluation import evaluate
 from peft_spectral.tasks import load_task
-from tiny_model import load
+
 
 DATA = Path(__file__).parent / "data"
 
@@ -28,8 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (no download), a few seconds")
     parser.add_argument("--model", default=None, help="Hub id or directory (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--task", default=None,
-                        help="BigBench task name or .jsonl file (default: epistemic_reasoning; capitals.jsonl with --tiny)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="BigBench task name or .jsonl file (default: epistemic_reasoning; capitals.jsonl with --tiny)",
+    )
     parser.add_argument("--clustered", action="store_true", help="multi-subspace truncation (CL-100G-100E mode)")
     parser.add_argument("--output", default="runs/c2i", help="output directory")
     args = parser.parse_args()
@@ -45,22 +48,32 @@ def main() -> None:
     layers = None if args.tiny else range(20, 30)
     modules = find_target_modules(model, ["gate_proj", "up_proj", "down_proj"], layers=layers)
     result = compress_to_impress(
-        model, tokenizer, task, modules,
+        model,
+        tokenizer,
+        task,
+        modules,
         mode="clustered" if args.clustered else "standard",
-        n_grad=min(100, len(task.train)), n_eval=min(100, len(task.validation)), top_k=5, combine=True,
+        n_grad=min(100, len(task.train)),
+        n_eval=min(100, len(task.validation)),
+        top_k=5,
+        combine=True,
     )
     (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2))
-    print(f"{result.method}: {len(result.candidates)} candidates ranked, {result.evaluations} evaluations, "
-          f"{result.wall_time_s:.1f} s")
-    print(f"validation accuracy {result.base.accuracy:.3f} -> {result.best.accuracy:.3f}; chosen: "
-          f"{[str(iv) for iv in result.chosen] or 'none'}")
+    print(
+        f"{result.method}: {len(result.candidates)} candidates ranked, {result.evaluations} evaluations, "
+        f"{result.wall_time_s:.1f} s"
+    )
+    print(
+        f"validation accuracy {result.base.accuracy:.3f} -> {result.best.accuracy:.3f}; chosen: "
+        f"{[str(iv) for iv in result.chosen] or 'none'}"
+    )
 
     before = evaluate(model, tokenizer, task.test, kind=task.kind).accuracy
     if not result.chosen:
         print(f"test accuracy {before:.3f}; no truncation beat the unmodified model, so no adapter was saved")
         return
 
-    adapted = apply_result(model, result)           # a PeftModel with a SpectralCompress adapter
+    adapted = apply_result(model, result)  # a PeftModel with a SpectralCompress adapter
     after = evaluate(adapted, tokenizer, task.test, kind=task.kind).accuracy
     print(f"test accuracy {before:.3f} -> {after:.3f}")
     adapted.save_pretrained(str(out / "adapter"))  # the truncated factors: loading needs no SVD

@@ -19,12 +19,12 @@ import json
 from pathlib import Path
 
 from peft import PeftModel
+from tiny_model import load
 
-import peft_spectral  # registers CORE_ISOLATION with PEFT
 from peft_spectral.cpi import CPIConfig, CPIPipeline
 from peft_spectral.evaluation import evaluate
 from peft_spectral.tasks import load_jsonl_task
-from tiny_model import load
+
 
 DATA = Path(__file__).parent / "data"
 
@@ -33,9 +33,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (no download), a few seconds")
     parser.add_argument("--model", default=None, help="Hub id or directory (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--jsonl", nargs="+", default=[str(DATA / "addition.jsonl"), str(DATA / "capitals.jsonl")],
-                        help="task files (default: the two in examples/data/)")
-    parser.add_argument("--steps", type=int, default=None, help="SFT steps per probe and per stage (default 20; 2 with --tiny)")
+    parser.add_argument(
+        "--jsonl",
+        nargs="+",
+        default=[str(DATA / "addition.jsonl"), str(DATA / "capitals.jsonl")],
+        help="task files (default: the two in examples/data/)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="SFT steps per probe and per stage (default 20; 2 with --tiny)"
+    )
     parser.add_argument("--p", type=float, default=0.01, help="core fraction p (paper: 1%%)")
     parser.add_argument("--tau", type=float, default=0.1, help="Jaccard threshold tau for grouping (paper: 0.1)")
     parser.add_argument("--output", default="runs/cpi", help="state/output directory (an existing one is resumed)")
@@ -43,12 +49,12 @@ def main() -> None:
     steps = args.steps or (2 if args.tiny else 20)
 
     model, tokenizer = load(args.tiny, args.model)
-    tasks = [load_jsonl_task(path) for path in args.jsonl]   # seeded 60/20/20 train/validation/test splits
+    tasks = [load_jsonl_task(path) for path in args.jsonl]  # seeded 60/20/20 train/validation/test splits
     for t in tasks:
         print(f"task {t.name} ({t.kind}): {len(t.train)} train / {len(t.test)} test")
 
     config = CPIConfig(
-        target_modules=["gate_proj", "up_proj", "down_proj"],   # CoreIsolation deltas on the MLP
+        target_modules=["gate_proj", "up_proj", "down_proj"],  # CoreIsolation deltas on the MLP
         core_fraction=args.p,
         similarity_threshold=args.tau,
         probe_steps=steps,
@@ -61,7 +67,7 @@ def main() -> None:
         return {"accuracy": evaluate(model, tokenizer, task.test, kind=task.kind, max_new_tokens=8).accuracy}
 
     pipe = CPIPipeline(model, tokenizer, tasks, config, args.output, progress=not args.tiny, eval_fn=eval_fn)
-    report = pipe.run()          # interrupt and re-run: it continues from the last finished step
+    report = pipe.run()  # interrupt and re-run: it continues from the last finished step
     print(f"core sizes: {report['core_sizes']}")
     print(f"Jaccard: {json.dumps(report['jaccard'])}")
     print(f"groups: {report['groups']}, stage order: {report['stage_order']}")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 from peft import PeftModel, get_peft_model
+from tiny_model import load
 
-import peft_spectral  # registers SVF, SPECTRAL_COMPRESS, CORE_ISOLATION with PEFT
 from peft_spectral import SVFConfig
 from peft_spectral.adapter_io import validate_adapter_dir
-from tiny_model import load
+
 
 USAGE = """
 ## Usage
@@ -40,7 +40,9 @@ model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (no download)")
-    parser.add_argument("--model", default=None, help="base model: Hub id or directory (default: embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--model", default=None, help="base model: Hub id or directory (default: embedded SmolLM2-135M)"
+    )
     parser.add_argument("--adapter", default=None, help="saved adapter directory (default: a fresh SVF adapter)")
     parser.add_argument("--repo-id", default="your-name/svf-adapter", help="Hub repository to push to")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/push", help="local copy of what is pushed")
     args = parser.parse_args()
 
-    base, tokenizer = load(args.tiny, args.model)
+    base, _tokenizer = load(args.tiny, args.model)
     if args.adapter:
         model = PeftModel.from_pretrained(base, args.adapter)
     else:
@@ -61,8 +63,11 @@ def main() -> None:
     model.save_pretrained(str(out), safe_serialization=True)
     card = ModelCard.load(str(out / "README.md"))
     card.data.tags = sorted(set((card.data.tags or []) + ["peft", "peft_spectral", peft_type.lower()]))
-    card.text = card.text.rstrip() + "\n" + USAGE.format(method=type(config).__name__, peft_type=peft_type,
-                                                          repo_id=args.repo_id)
+    card.text = (
+        card.text.rstrip()
+        + "\n"
+        + USAGE.format(method=type(config).__name__, peft_type=peft_type, repo_id=args.repo_id)
+    )
     card.save(str(out / "README.md"))
 
     # 2. Check it the way a user's loader will (safetensors readable, finite, the expected PEFT type).
@@ -74,8 +79,10 @@ def main() -> None:
 
     base_path = getattr(config, "base_model_name_or_path", None)
     if base_path and Path(base_path).exists():
-        print(f"note: the adapter's base model is the local path {base_path}; AutoPeftModelForCausalLM cannot fetch it on "
-              "other machines, so users must load the base model themselves (see docs/hub.md)")
+        print(
+            f"note: the adapter's base model is the local path {base_path}; AutoPeftModelForCausalLM cannot fetch it on "
+            "other machines, so users must load the base model themselves (see docs/hub.md)"
+        )
     if args.dry_run:
         print(f"dry run: nothing uploaded; the {len(files)} files above are in {out}")
         return

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from tiny_model import load
 from trl import GRPOConfig, GRPOTrainer
 
-import peft_spectral  # registers SVF with PEFT
 from peft_spectral import SVFConfig
 from peft_spectral.rewards import numeric_match_reward
 from peft_spectral.tasks import load_jsonl_task
-from tiny_model import load
+
 
 DATA = Path(__file__).parent / "data" / "addition.jsonl"
 
@@ -55,15 +55,15 @@ def main() -> None:
     config = GRPOConfig(
         output_dir=args.output + "-checkpoints",
         max_steps=steps,
-        learning_rate=2e-3,                  # Transformer²: AdamW lr 2e-3 (constant) ...
+        learning_rate=2e-3,  # Transformer²: AdamW lr 2e-3 (constant) ...
         lr_scheduler_type="constant",
-        max_grad_norm=1e-3,                  # ... and grad-norm clipping at 1e-3
-        beta=args.beta,                      # KL weight lambda
-        num_generations=4,                   # completions per prompt (the group baseline)
-        per_device_train_batch_size=4,       # = 1 prompt x 4 generations per step
+        max_grad_norm=1e-3,  # ... and grad-norm clipping at 1e-3
+        beta=args.beta,  # KL weight lambda
+        num_generations=4,  # completions per prompt (the group baseline)
+        per_device_train_batch_size=4,  # = 1 prompt x 4 generations per step
         max_completion_length=8,
         temperature=1.0,
-        scale_rewards="none",                # advantage = reward - group mean (REINFORCE with a baseline)
+        scale_rewards="none",  # advantage = reward - group mean (REINFORCE with a baseline)
         loss_type="grpo",
         logging_steps=1,
         save_strategy="no",
@@ -88,8 +88,10 @@ def main() -> None:
     trainer.model.save_pretrained(args.output)
     z = load_file(str(Path(args.output) / "adapter_model.safetensors"))
     moved = max(float((v - 1).abs().max()) for v in z.values())
-    print(f"saved {len(z)} z vectors ({sum(v.numel() for v in z.values())} values) to {args.output}; "
-          f"max |z - 1| = {moved:.3e}")
+    print(
+        f"saved {len(z)} z vectors ({sum(v.numel() for v in z.values())} values) to {args.output}; "
+        f"max |z - 1| = {moved:.3e}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
+from tiny_model import load
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-import peft_spectral  # registers SVF with PEFT
 from peft_spectral import SVFConfig
 from peft_spectral.tasks import load_jsonl_task
-from tiny_model import load
+
 
 DATA = Path(__file__).parent / "data" / "addition.jsonl"
 

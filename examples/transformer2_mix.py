@@ -16,8 +16,8 @@ import copy
 from pathlib import Path
 
 from peft import PeftModel
+from tiny_model import load
 
-import peft_spectral  # registers SVF with PEFT
 from peft_spectral import SVFConfig
 from peft_spectral.tasks import load_jsonl_task
 from peft_spectral.training import train_svf
@@ -30,7 +30,7 @@ from peft_spectral.transformer2 import (
     load_shots,
     two_pass_evaluate,
 )
-from tiny_model import load
+
 
 DATA = Path(__file__).parent / "data"
 DESCRIPTIONS = {"addition": "adding two numbers", "capitals": "capital cities of countries"}
@@ -41,9 +41,17 @@ def train_experts(base, tokenizer, out: Path, steps: int) -> list[dict]:
     experts = []
     for name in ("addition", "capitals"):
         task = load_jsonl_task(DATA / f"{name}.jsonl")
-        result = train_svf(copy.deepcopy(base), tokenizer, task, method="sft", max_steps=steps, output_dir=str(out / f"{name}-ckpt"),
-                           svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"]),
-                           per_device_train_batch_size=4, disable_tqdm=True)
+        result = train_svf(
+            copy.deepcopy(base),
+            tokenizer,
+            task,
+            method="sft",
+            max_steps=steps,
+            output_dir=str(out / f"{name}-ckpt"),
+            svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"]),
+            per_device_train_batch_size=4,
+            disable_tqdm=True,
+        )
         result.model.save_pretrained(str(out / name))
         experts.append({"name": name, "source": str(out / name), "description": DESCRIPTIONS[name]})
     return experts
@@ -56,15 +64,20 @@ def main() -> None:
     parser.add_argument("--experts", nargs="+", default=None, help="saved SVF experts (directories or Hub ids)")
     parser.add_argument("--task", default=str(DATA / "capitals.jsonl"), help="JSONL task to answer (test split)")
     parser.add_argument("--shots", default=None, help="JSONL few-shot examples (default: the task's validation split)")
-    parser.add_argument("--expert-steps", type=int, default=None,
-                        help="SFT steps per expert when --experts is not given (default 20; 2 with --tiny)")
+    parser.add_argument(
+        "--expert-steps",
+        type=int,
+        default=None,
+        help="SFT steps per expert when --experts is not given (default 20; 2 with --tiny)",
+    )
     parser.add_argument("--output", default="runs/transformer2", help="output directory")
     args = parser.parse_args()
     out = Path(args.output)
     base, tokenizer = load(args.tiny, args.model)
 
-    experts = args.experts or train_experts(base, tokenizer, out / "experts",
-                                                 steps=args.expert_steps or (2 if args.tiny else 20))
+    experts = args.experts or train_experts(
+        base, tokenizer, out / "experts", steps=args.expert_steps or (2 if args.tiny else 20)
+    )
 
     # One PeftModel holds every expert as an adapter: the SVD factors exist once, switching recomputes nothing.
     library = ExpertLibrary.load(base, tokenizer, experts)
@@ -73,18 +86,24 @@ def main() -> None:
 
     # Strategy 1: prompt dispatch. Pass 1 asks the model which expert fits each question, pass 2 answers with it.
     res = two_pass_evaluate(library, PromptDispatcher(None), task.test, kind=task.kind)
-    print(f"two-pass (prompt dispatch): accuracy {res.accuracy:.3f}, groups {res.to_dict()['group_sizes']}, "
-          f"pass 1 = {res.pass1_over_pass2:.0%} of pass 2")
+    print(
+        f"two-pass (prompt dispatch): accuracy {res.accuracy:.3f}, groups {res.to_dict()['group_sizes']}, "
+        f"pass 1 = {res.pass1_over_pass2:.0%} of pass 2"
+    )
     base_res = two_pass_evaluate(library, FixedDispatcher(None), task.test, kind=task.kind)
     print(f"base model:                 accuracy {base_res.accuracy:.3f}")
 
     # Strategy 3: few-shot CEM. Search alpha on labelled shots of the task; z' = sum_k alpha_k z_k.
     shots = load_shots(args.shots) if args.shots else task.validation
     mixer = FewShotMixer(library, shots, kind=task.kind)
-    cem = CEMConfig(population=6, generations=2, progress=False) if args.tiny else CEMConfig(population=8, generations=5)
+    cem = (
+        CEMConfig(population=6, generations=2, progress=False) if args.tiny else CEMConfig(population=8, generations=5)
+    )
     result = mixer.search(cem)
-    print(f"CEM: best alpha {[round(a, 3) for a in result.best_alpha.tolist()]}, fitness {result.best_fitness}, "
-          f"curve {[round(f, 3) for f in result.fitness_curve]}")
+    print(
+        f"CEM: best alpha {[round(a, 3) for a in result.best_alpha.tolist()]}, fitness {result.best_fitness}, "
+        f"curve {[round(f, 3) for f in result.fitness_curve]}"
+    )
     mixed_dir = mixer.save(out / "mixture", result=result)
     mix_res = two_pass_evaluate(library, FixedDispatcher(mixer.adapter_name), task.test, kind=task.kind)
     print(f"CEM mixture:                accuracy {mix_res.accuracy:.3f}")

@@ -11,9 +11,10 @@ import importlib
 from . import registry
 from .tuners.svf import SVFConfig, SVFLayer, SVFLinear, SVFModel, combine_svf_adapters
 
+
 __version__ = "0.1.0"
 
-__all__ = ["SVFConfig", "SVFLayer", "SVFLinear", "SVFModel", "combine_svf_adapters", "registry", "__version__"]
+__all__ = ["SVFConfig", "SVFLayer", "SVFLinear", "SVFModel", "__version__", "combine_svf_adapters", "registry"]
 
 # The other two tuners are written in parallel; each registers itself when its package imports.
 for _pkg, _names in (

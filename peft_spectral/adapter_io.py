@@ -17,6 +17,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 
+
 SAFETENSORS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
@@ -34,9 +35,15 @@ def _local_dir(path_or_id: Union[str, os.PathLike], **hub_kwargs) -> Path:
     try:  # a Hub id: download only the two files we accept
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_id), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, "README.md"], **hub_kwargs))
-    except Exception as err:  # noqa: BLE001 - any hub failure is reported the same way
-        raise AdapterLoadError(f"adapter {str(path_or_id)!r} is neither a local directory nor a reachable Hub repo: {err}") from err
+        return Path(
+            snapshot_download(
+                str(path_or_id), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, "README.md"], **hub_kwargs
+            )
+        )
+    except Exception as err:
+        raise AdapterLoadError(
+            f"adapter {str(path_or_id)!r} is neither a local directory nor a reachable Hub repo: {err}"
+        ) from err
 
 
 def validate_adapter_dir(
@@ -64,9 +71,7 @@ def validate_adapter_dir(
         raise AdapterLoadError(f"{config_file} is not valid JSON: {err}") from err
     peft_type = raw.get("peft_type")
     if expected_type is not None and peft_type != expected_type:
-        raise AdapterLoadError(
-            f"{folder} holds a {peft_type!r} adapter, expected a {expected_type!r} adapter"
-        )
+        raise AdapterLoadError(f"{folder} holds a {peft_type!r} adapter, expected a {expected_type!r} adapter")
     weights = folder / SAFETENSORS_NAME
     if not weights.is_file():
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]

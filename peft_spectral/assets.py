@@ -23,12 +23,14 @@ import tarfile
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .paths import cache_subdir
+
 
 __all__ = [
     "BIGBENCH_REQUIREMENT",
@@ -74,12 +76,24 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     Raises:
         `RuntimeError`: naming the requirement and the command to run by hand, when pip fails.
     """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        requirement,
+        "-d",
+        str(dest),
+    ]
     logger.info("downloading %s with: %s", requirement, " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as err:
-        raise RuntimeError(f"could not run pip to download {requirement!r}: {err}. {_manual(requirement, dest)}") from err
+        raise RuntimeError(
+            f"could not run pip to download {requirement!r}: {err}. {_manual(requirement, dest)}"
+        ) from err
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or not files:
         detail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
@@ -212,7 +226,9 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise RuntimeError("loading the default GGUF model needs the `gguf` package: pip install 'gguf>=0.10'") from err
+        raise RuntimeError(
+            "loading the default GGUF model needs the `gguf` package: pip install 'gguf>=0.10'"
+        ) from err
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     if model.generation_config.pad_token_id is None:
@@ -315,8 +331,7 @@ def extract_bigbench_tasks(names: Iterable[str]) -> None:
     if unknown:
         raise ValueError(f"unknown BigBench task(s) {unknown}; see peft_spectral.assets.bigbench_task_names()")
     todo = {
-        n for n in known
-        if any(n == w or n.startswith(w + "/") for w in wanted) and not _extracted_path(n).exists()
+        n for n in known if any(n == w or n.startswith(w + "/") for w in wanted) and not _extracted_path(n).exists()
     }
     if not todo:
         return

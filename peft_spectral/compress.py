@@ -42,9 +42,10 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -53,27 +54,28 @@ from .linalg import thin_svd
 from .subspace import check_rho, multi_subspace_factors, rank_for, reconstruct
 from .tasks import Example, Task
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "MATRIX_TYPES",
     "LASER_RHOS",
-    "Intervention",
+    "MATRIX_TYPES",
+    "C2IScores",
     "EvalSummary",
+    "Intervention",
     "ScoredCandidate",
     "SearchResult",
-    "find_target_modules",
-    "candidate_grid",
-    "compute_svds",
-    "singular_value_gradients",
-    "score_candidates",
-    "C2IScores",
-    "c2i_scores",
     "apply_interventions",
-    "c2i_search",
-    "compress_to_impress",
-    "laser_search",
     "apply_result",
+    "c2i_scores",
+    "c2i_search",
+    "candidate_grid",
+    "compress_to_impress",
+    "compute_svds",
+    "find_target_modules",
+    "laser_search",
+    "score_candidates",
+    "singular_value_gradients",
     "take_examples",
 ]
 
@@ -138,7 +140,7 @@ class EvalSummary:
     def key(self) -> tuple[float, float]:
         return (self.accuracy, self.mean_loglik)
 
-    def beats(self, other: "EvalSummary") -> bool:
+    def beats(self, other: EvalSummary) -> bool:
         """Strictly better: higher accuracy, or equal accuracy and higher mean log-likelihood."""
         return self.key() > other.key()
 
@@ -194,7 +196,9 @@ def find_target_modules(
     return chosen
 
 
-def candidate_grid(modules: Sequence[str], rhos: Sequence[float] = LASER_RHOS, clusters: int = 1) -> list[Intervention]:
+def candidate_grid(
+    modules: Sequence[str], rhos: Sequence[float] = LASER_RHOS, clusters: int = 1
+) -> list[Intervention]:
     """All `(module, rho)` pairs as [`Intervention`]s (module-major order)."""
     if not rhos:
         raise ValueError("no rank fractions given")
@@ -237,9 +241,7 @@ def _weight_matrix(module: nn.Module) -> torch.Tensor:
     return w.T if type(module).__name__ == "Conv1D" else w
 
 
-def compute_svds(
-    model: nn.Module, modules: Sequence[str], *, cache=None, progress: bool = False
-) -> dict[str, tuple]:
+def compute_svds(model: nn.Module, modules: Sequence[str], *, cache=None, progress: bool = False) -> dict[str, tuple]:
     """Thin SVDs `(U, S, V)` (float32, CPU) of the named modules' weights, computed once and reused across ρ.
 
     Args:
@@ -613,11 +615,16 @@ def c2i_scores(
     t_svd = time.perf_counter() - t
     t = time.perf_counter()
     grads, loss = singular_value_gradients(
-        model, calibration, modules, svds=svds, tokenizer=tokenizer, loss_fn=loss_fn, batch_size=batch_size,
+        model,
+        calibration,
+        modules,
+        svds=svds,
+        tokenizer=tokenizer,
+        loss_fn=loss_fn,
+        batch_size=batch_size,
         progress=progress,
     )
     return C2IScores(grads, svds, loss, len(calibration), {"svd_s": t_svd, "gradient_s": time.perf_counter() - t})
-
 
 
 def c2i_search(
@@ -678,8 +685,16 @@ def c2i_search(
     timings: dict[str, float] = {}
 
     if scores is None:
-        scores = c2i_scores(model, calibration, modules, tokenizer=tokenizer, loss_fn=loss_fn,
-                            batch_size=batch_size, svds=svds, progress=progress)
+        scores = c2i_scores(
+            model,
+            calibration,
+            modules,
+            tokenizer=tokenizer,
+            loss_fn=loss_fn,
+            batch_size=batch_size,
+            svds=svds,
+            progress=progress,
+        )
         timings["scoring_shared"] = False
     else:
         unknown = [m for m in modules if m not in scores.grads]
@@ -726,8 +741,16 @@ def c2i_search(
     name = method or ("c2i-clustered" if clusters > 1 else "c2i-standard")
     wall = time.perf_counter() - t_start + reused_base_s + (scores.seconds if timings["scoring_shared"] else 0.0)
     return SearchResult(
-        method=name, chosen=chosen, base=base, best=best, evaluations=evaluations, evaluated_examples=n_examples,
-        wall_time_s=wall, timings=timings, candidates=ranked, seed=seed,
+        method=name,
+        chosen=chosen,
+        base=base,
+        best=best,
+        evaluations=evaluations,
+        evaluated_examples=n_examples,
+        wall_time_s=wall,
+        timings=timings,
+        candidates=ranked,
+        seed=seed,
     )
 
 
@@ -758,11 +781,29 @@ def compress_to_impress(
     calibration = take_examples(task.train, n_grad, "calibration (train)", strict=strict)
     if mode == "standard":
         evaluation = take_examples(task.validation, None, "validation")
-        return c2i_search(model, calibration, evaluation, modules, tokenizer=tokenizer, kind=task.kind, clusters=1,
-                          method="c2i-standard", **kwargs)
+        return c2i_search(
+            model,
+            calibration,
+            evaluation,
+            modules,
+            tokenizer=tokenizer,
+            kind=task.kind,
+            clusters=1,
+            method="c2i-standard",
+            **kwargs,
+        )
     evaluation = take_examples(task.validation, n_eval, "evaluation (validation)", strict=strict)
-    return c2i_search(model, calibration, evaluation, modules, tokenizer=tokenizer, kind=task.kind,
-                      clusters=clusters, method="c2i-clustered", **kwargs)
+    return c2i_search(
+        model,
+        calibration,
+        evaluation,
+        modules,
+        tokenizer=tokenizer,
+        kind=task.kind,
+        clusters=clusters,
+        method="c2i-clustered",
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -856,8 +897,9 @@ def laser_search(
         state["evaluations"] += 1
         save()
     todo = [iv for iv in candidates if iv.key not in state["results"]]
-    bar = tqdm(total=len(candidates), initial=len(candidates) - len(todo), desc="LASER", disable=not progress,
-               unit="eval")
+    bar = tqdm(
+        total=len(candidates), initial=len(candidates) - len(todo), desc="LASER", disable=not progress, unit="eval"
+    )
     try:
         for iv in todo:
             with apply_interventions(model, [iv], cache=cache):
@@ -876,7 +918,13 @@ def laser_search(
     best_cand = max(scored, key=lambda c: c.result.key())
     chosen, best = ([best_cand.intervention], best_cand.result) if best_cand.result.beats(base) else ([], base)
     return SearchResult(
-        method="laser", chosen=chosen, base=base, best=best, evaluations=int(state["evaluations"]),
-        evaluated_examples=int(state["evaluations"]) * len(validation), wall_time_s=float(state["elapsed_s"]),
-        timings={"evaluation_s": float(state["elapsed_s"])}, candidates=scored,
+        method="laser",
+        chosen=chosen,
+        base=base,
+        best=best,
+        evaluations=int(state["evaluations"]),
+        evaluated_examples=int(state["evaluations"]) * len(validation),
+        wall_time_s=float(state["elapsed_s"]),
+        timings={"evaluation_s": float(state["elapsed_s"])},
+        candidates=scored,
     )

@@ -38,9 +38,10 @@ import logging
 import random
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from .linalg import slerp
 from .tasks import Example, Task
 from .tuners.core_isolation import CoreIsolationConfig
 from .tuners.core_isolation.config import validate_core_fraction, validate_similarity_threshold
+
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ class CPIConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CPIConfig":
+    def from_dict(cls, data: dict[str, Any]) -> CPIConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -193,13 +195,13 @@ def core_masks(deltas: dict[str, torch.Tensor], p: float, scope: str = "global")
         out = {}
         for name in names:
             flat = deltas[name].detach().reshape(-1).abs().float()
-            k = max(1, int(round(p * flat.numel())))
+            k = max(1, round(p * flat.numel()))
             mask = torch.zeros(flat.numel(), dtype=torch.bool)
             mask[torch.topk(flat, k, sorted=False).indices] = True
             out[name] = mask.reshape(deltas[name].shape)
         return out
     flat = torch.cat([deltas[n].detach().reshape(-1).abs().float() for n in names])
-    k = max(1, int(round(p * flat.numel())))
+    k = max(1, round(p * flat.numel()))
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[torch.topk(flat, k, sorted=False).indices] = True
     del flat
@@ -223,7 +225,7 @@ def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(bits).reshape(tuple(shape))
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+_POPCOUNT = np.array([(i).bit_count() for i in range(256)], dtype=np.int64)
 
 
 def _popcount(packed: np.ndarray) -> int:
@@ -437,7 +439,9 @@ def build_sft_dataset(tokenizer, examples: Sequence[Example], *, max_length: int
     from datasets import Dataset
 
     rows = [encode_example(tokenizer, ex, max_length=max_length, chat=chat) for ex in examples]
-    return Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows], "completion_mask": [r["completion_mask"] for r in rows]})
+    return Dataset.from_dict(
+        {"input_ids": [r["input_ids"] for r in rows], "completion_mask": [r["completion_mask"] for r in rows]}
+    )
 
 
 def mixed_examples(per_task: Sequence[Sequence[Example]], seed: int = 0) -> list[Example]:
@@ -683,7 +687,7 @@ class CPIPipeline:
         progress: bool = True,
         eval_fn: Optional[Callable[[torch.nn.Module, Any, Task], dict]] = None,
         callbacks: Optional[list] = None,
-        on_stage_end: Optional[Callable[["CPIPipeline", int, list[str]], None]] = None,
+        on_stage_end: Optional[Callable[[CPIPipeline, int, list[str]], None]] = None,
     ):
         from peft import PeftModel
 
@@ -827,12 +831,26 @@ class CPIPipeline:
             ex = ex[: self.config.max_train_examples]
         return ex
 
-    def _sft(self, examples: Sequence[Example], *, steps: int, lr: float, label: str, freeze: Optional[FreezeMaskCallback] = None) -> list[float]:
+    def _sft(
+        self,
+        examples: Sequence[Example],
+        *,
+        steps: int,
+        lr: float,
+        label: str,
+        freeze: Optional[FreezeMaskCallback] = None,
+    ) -> list[float]:
         """One TRL SFT run on the current model; returns the logged training losses."""
         callbacks = list(self.extra_callbacks) + ([freeze] if freeze is not None else [])
         losses = sft_train(
-            self.model, self.tokenizer, examples, self.config, steps=steps, learning_rate=lr,
-            output_dir=self.output_dir / "trainer", callbacks=callbacks,
+            self.model,
+            self.tokenizer,
+            examples,
+            self.config,
+            steps=steps,
+            learning_rate=lr,
+            output_dir=self.output_dir / "trainer",
+            callbacks=callbacks,
         )
         self.trainer_runs.append(label)
         if freeze is not None and not freeze.is_intact():  # pragma: no cover - guarded by the callback
@@ -850,7 +868,9 @@ class CPIPipeline:
         for task in _maybe_tqdm(todo, self.progress, "CPI probe (SFT per task)"):
             self.tracked.clear_frozen()
             self.tracked.reset()
-            losses = self._sft(self._train_examples(task), steps=cfg.probe_steps, lr=cfg.learning_rate, label=f"probe:{task.name}")
+            losses = self._sft(
+                self._train_examples(task), steps=cfg.probe_steps, lr=cfg.learning_rate, label=f"probe:{task.name}"
+            )
             deltas = self.tracked.deltas()
             if all(not bool(d.any()) for d in deltas.values()):
                 warnings.warn(f"probe of task {task.name!r} left every tracked parameter unchanged", UserWarning)
@@ -873,7 +893,9 @@ class CPIPipeline:
             masks = core_masks(self.load_probe_delta(task.name), cfg.core_fraction, cfg.core_scope)
             shapes = {k: list(v.shape) for k, v in masks.items()}
             sizes[task.name] = int(sum(int(m.sum()) for m in masks.values()))
-            self._save_tensors({k: pack_mask(v) for k, v in masks.items()}, self._core_path(task.name), {"shapes": shapes})
+            self._save_tensors(
+                {k: pack_mask(v) for k, v in masks.items()}, self._core_path(task.name), {"shapes": shapes}
+            )
         self.state["core_sizes"] = sizes
         self.state["num_tracked"] = int(sum(t.numel() for t in self.tracked.tensors.values()))
         self._mark("cores", time.time() - start)
@@ -924,7 +946,12 @@ class CPIPipeline:
             handles.append(g)
             mask_src.append(lambda n, g=g, shapes=shapes: unpack_mask(g.get_tensor(n), shapes[n]))
         fused = fuse_deltas(
-            delta_src, mask_src, names, slerp_t=self.config.slerp_t, slerp_eps=self.config.slerp_eps, progress=self.progress
+            delta_src,
+            mask_src,
+            names,
+            slerp_t=self.config.slerp_t,
+            slerp_eps=self.config.slerp_eps,
+            progress=self.progress,
         )
         self._save_tensors(fused, self.output_dir / "fusion.safetensors")
         del handles
@@ -1046,7 +1073,9 @@ class CPIPipeline:
             (self.output_dir / "report.md").write_text(_report_markdown(rep))
             if rep["jaccard"] is not None:
                 try:
-                    plot_jaccard(np.array(rep["jaccard"]), rep["tasks"], self.output_dir / "jaccard.png", rep["groups"])
+                    plot_jaccard(
+                        np.array(rep["jaccard"]), rep["tasks"], self.output_dir / "jaccard.png", rep["groups"]
+                    )
                 except ImportError:  # pragma: no cover - matplotlib missing
                     logger.warning("matplotlib is not installed: no jaccard.png")
         return rep
@@ -1064,7 +1093,12 @@ def _report_markdown(rep: dict) -> str:
     ]
     if rep.get("jaccard") is not None:
         names = rep["tasks"]
-        lines += ["## Jaccard similarity of core regions", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [
+            "## Jaccard similarity of core regions",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         for n, row in zip(names, rep["jaccard"]):
             lines.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         lines += ["", f"Groups: {rep['groups']}", f"Stage order: {rep['stage_order']}", ""]
@@ -1078,7 +1112,9 @@ def _report_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_jaccard(jaccard: np.ndarray, names: Sequence[str], path: Union[str, Path], groups: Optional[list] = None) -> Path:
+def plot_jaccard(
+    jaccard: np.ndarray, names: Sequence[str], path: Union[str, Path], groups: Optional[list] = None
+) -> Path:
     """Save a heat map of the Jaccard matrix (annotated with the values and, optionally, the groups)."""
     import matplotlib
 

@@ -21,9 +21,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,20 @@ class DemoConfig:
     seed: int = 0
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "DemoConfig":
+    def quick(cls, **overrides: Any) -> DemoConfig:
         """A smaller setting for smoke runs (minutes instead of a quarter of an hour)."""
-        small = dict(svf_steps=2, eval_examples=16, cem_shots=8, cem_population=6, cem_generations=3,
-                     c2i_layer_stride=10, c2i_grad_examples=16, c2i_eval_examples=12, cpi_probe_steps=2,
-                     cpi_stage_steps=2)
+        small = {
+            "svf_steps": 2,
+            "eval_examples": 16,
+            "cem_shots": 8,
+            "cem_population": 6,
+            "cem_generations": 3,
+            "c2i_layer_stride": 10,
+            "c2i_grad_examples": 16,
+            "c2i_eval_examples": 12,
+            "cpi_probe_steps": 2,
+            "cpi_stage_steps": 2,
+        }
         small.update(overrides)
         return cls(**small)
 
@@ -159,29 +169,76 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
     svf = steps.run("svf_experts", lambda work: _svf_experts(base, tok, tasks, config, work, printer))
     for name in config.expert_tasks:
         r = svf["experts"][name]
-        report.rows.append(Row("SVF (GRPO)", name, base_acc[name], r["accuracy"], r["trainable_params"], r["seconds"],
-                               f"{config.svf_steps} RL steps"))
+        report.rows.append(
+            Row(
+                "SVF (GRPO)",
+                name,
+                base_acc[name],
+                r["accuracy"],
+                r["trainable_params"],
+                r["seconds"],
+                f"{config.svf_steps} RL steps",
+            )
+        )
 
-    t2 = steps.run("transformer2",
-                   lambda work: _transformer2(base, tok, tasks, svf, config, work, base_acc[config.unseen_task]))
+    t2 = steps.run(
+        "transformer2", lambda work: _transformer2(base, tok, tasks, svf, config, work, base_acc[config.unseen_task])
+    )
     unseen = config.unseen_task
-    report.rows.append(Row("Transformer² few-shot CEM", unseen, t2["base_accuracy"], t2["cem_accuracy"], 0,
-                           t2["cem_seconds"], f"{config.cem_shots} shots, {t2['cem_evaluations']} evaluations"))
-    report.rows.append(Row("Transformer² prompt dispatch", unseen, t2["base_accuracy"], t2["dispatch_accuracy"], 0,
-                           t2["pass1_seconds"] + t2["pass2_seconds"],
-                           f"pass 1 = {100 * t2['pass1_over_pass2']:.0f}% of pass 2"))
+    report.rows.append(
+        Row(
+            "Transformer² few-shot CEM",
+            unseen,
+            t2["base_accuracy"],
+            t2["cem_accuracy"],
+            0,
+            t2["cem_seconds"],
+            f"{config.cem_shots} shots, {t2['cem_evaluations']} evaluations",
+        )
+    )
+    report.rows.append(
+        Row(
+            "Transformer² prompt dispatch",
+            unseen,
+            t2["base_accuracy"],
+            t2["dispatch_accuracy"],
+            0,
+            t2["pass1_seconds"] + t2["pass2_seconds"],
+            f"pass 1 = {100 * t2['pass1_over_pass2']:.0f}% of pass 2",
+        )
+    )
     report.plots["cem_fitness"] = t2["plot"]
 
-    c2i = steps.run("compress", lambda work: _compress(base, tok, tasks[config.compress_task], config, work,
-                                                        base_acc[config.compress_task]))
-    report.rows.append(Row("C2I (SpectralCompress)", config.compress_task, c2i["before"], c2i["after"], 0,
-                           c2i["search_seconds"], f"{c2i['evaluations']} evaluations, kept {len(c2i['chosen'])}"))
+    c2i = steps.run(
+        "compress",
+        lambda work: _compress(base, tok, tasks[config.compress_task], config, work, base_acc[config.compress_task]),
+    )
+    report.rows.append(
+        Row(
+            "C2I (SpectralCompress)",
+            config.compress_task,
+            c2i["before"],
+            c2i["after"],
+            0,
+            c2i["search_seconds"],
+            f"{c2i['evaluations']} evaluations, kept {len(c2i['chosen'])}",
+        )
+    )
     report.plots["c2i_scores"] = c2i["plot"]
 
     cpi = steps.run("cpi", lambda work: _cpi(base, tok, [tasks[n] for n in config.cpi_tasks], config, work))
     for name in config.cpi_tasks:
-        report.rows.append(Row("CPI-FT (CoreIsolation)", name, base_acc[name], cpi["accuracy"][name],
-                               cpi["trainable_params"], cpi["seconds"], f"groups {cpi['groups']}"))
+        report.rows.append(
+            Row(
+                "CPI-FT (CoreIsolation)",
+                name,
+                base_acc[name],
+                cpi["accuracy"][name],
+                cpi["trainable_params"],
+                cpi["seconds"],
+                f"groups {cpi['groups']}",
+            )
+        )
     report.plots["cpi_jaccard"] = cpi["plot"]
     report.details = {"base": base_acc, "svf": svf, "transformer2": t2, "compress": c2i, "cpi": cpi}
 
@@ -205,9 +262,17 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
         task = tasks[name]
         target = work / name
         t = time.perf_counter()
-        result = train_svf(copy.deepcopy(base), tok, task, method="rl", algorithm="grpo",
-                           max_steps=config.svf_steps, output_dir=str(work / f"{name}_checkpoints"),
-                           printer=tqdm.write, seed=config.seed)
+        result = train_svf(
+            copy.deepcopy(base),
+            tok,
+            task,
+            method="rl",
+            algorithm="grpo",
+            max_steps=config.svf_steps,
+            output_dir=str(work / f"{name}_checkpoints"),
+            printer=tqdm.write,
+            seed=config.seed,
+        )
         seconds = time.perf_counter() - t
         model = result.model
         model.save_pretrained(target)
@@ -215,8 +280,13 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
         shutil.rmtree(work / f"{name}_checkpoints", ignore_errors=True)
         acc = _accuracy(model, tok, task, config.eval_examples)
         printer(f"[demo] SVF expert {name}: accuracy {acc:.3f} after {config.svf_steps} steps ({seconds:.0f}s)")
-        experts[name] = {"path": str(target), "accuracy": acc, "seconds": seconds,
-                         "trainable_params": result.trainable_parameters, "reward": result.final("reward")}
+        experts[name] = {
+            "path": str(target),
+            "accuracy": acc,
+            "seconds": seconds,
+            "trainable_params": result.trainable_parameters,
+            "reward": result.final("reward"),
+        }
     return {"experts": experts}
 
 
@@ -229,8 +299,9 @@ def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, b
     library = ExpertLibrary.load(copy.deepcopy(base), tok, specs)
     test = task.test[: config.eval_examples]  # the base model's accuracy on it is `base_acc` (step "base")
     mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)
-    cem = mixer.search(CEMConfig(population=config.cem_population, generations=config.cem_generations,
-                                 seed=config.seed))
+    cem = mixer.search(
+        CEMConfig(population=config.cem_population, generations=config.cem_generations, seed=config.seed)
+    )
     mixer.save(work / "mixture", result=cem)
     with library.use(mixer.adapter_name):
         cem_acc = float(evaluate(library.model, tok, test, kind=task.kind).accuracy)
@@ -263,8 +334,17 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
     modules = C.find_target_modules(model, ["o_proj", *MLP], list(layers))
     calibration = C.take_examples(task.train, config.c2i_grad_examples, "calibration (train)")
     evaluation = C.take_examples(task.validation, config.c2i_eval_examples, "evaluation (validation)")
-    result = C.c2i_search(model, calibration, evaluation, modules, tokenizer=tok, kind=task.kind, clusters=1,
-                          seed=config.seed, progress=True)
+    result = C.c2i_search(
+        model,
+        calibration,
+        evaluation,
+        modules,
+        tokenizer=tok,
+        kind=task.kind,
+        clusters=1,
+        seed=config.seed,
+        progress=True,
+    )
     test = task.test[: config.eval_examples]  # `before` is the base model's accuracy on it (step "base")
     after = before
     if result.chosen:
@@ -287,8 +367,14 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
 def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
     from .cpi import CPIConfig, CPIPipeline
 
-    cpi_config = CPIConfig(probe_steps=config.cpi_probe_steps, stage_steps=config.cpi_stage_steps,
-                           target_modules=MLP, batch_size=4, max_length=128, seed=config.seed)
+    cpi_config = CPIConfig(
+        probe_steps=config.cpi_probe_steps,
+        stage_steps=config.cpi_stage_steps,
+        target_modules=MLP,
+        batch_size=4,
+        max_length=128,
+        seed=config.seed,
+    )
     accuracy: dict[str, float] = {}
 
     def eval_fn(model, tokenizer, task):
@@ -323,16 +409,20 @@ def format_table(rows: Sequence[Row]) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.task} | {r.base_accuracy:.3f} | {r.adapted_accuracy:.3f} | "
-                     f"{r.trainable_params:,} | {r.wall_time_s:.0f} | {r.note} |")
+        lines.append(
+            f"| {r.method} | {r.task} | {r.base_accuracy:.3f} | {r.adapted_accuracy:.3f} | "
+            f"{r.trainable_params:,} | {r.wall_time_s:.0f} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
 def write_report(report: DemoReport, path: Path, table: str) -> None:
     parts = ["# peft_spectral demo", "", table, ""]
-    titles = {"cem_fitness": "Transformer² few-shot CEM: best fitness per generation",
-              "c2i_scores": "Compress to Impress: first-order score of each matrix by layer",
-              "cpi_jaccard": "CPI-FT: Jaccard similarity of task core regions"}
+    titles = {
+        "cem_fitness": "Transformer² few-shot CEM: best fitness per generation",
+        "c2i_scores": "Compress to Impress: first-order score of each matrix by layer",
+        "cpi_jaccard": "CPI-FT: Jaccard similarity of task core regions",
+    }
     for key, plot in report.plots.items():
         if plot:
             rel = Path(os.path.relpath(Path(plot).resolve(), path.parent.resolve()))
@@ -354,8 +444,11 @@ def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     gens = list(range(1, len(history) + 1))
-    for key, label in (("best", "best so far"), ("generation_best", "generation best"),
-                       ("generation_mean", "generation mean")):
+    for key, label in (
+        ("best", "best so far"),
+        ("generation_best", "generation best"),
+        ("generation_mean", "generation mean"),
+    ):
         ax.plot(gens, [h[key] for h in history], marker="o", label=label)
     ax.set_xlabel("generation")
     ax.set_ylabel("accuracy on the shots")
@@ -380,7 +473,7 @@ def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for matrix, per in sorted(best.items()):
         layers = sorted(per)
-        ax.plot(layers, [per[l] for l in layers], marker="o", label=matrix)
+        ax.plot(layers, [per[layer] for layer in layers], marker="o", label=matrix)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel("estimated Δloss of the best ρ (lower = helps)")

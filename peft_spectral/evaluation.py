@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
 from .rewards import score_code, score_generation, score_multiple_choice
 from .tasks import Example
+
 
 __all__ = [
     "EvalResult",
@@ -131,9 +132,7 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _continuation_logprobs(
-    model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> list[torch.Tensor]:
+def _continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> list[torch.Tensor]:
     """Per-token log-probabilities of each continuation given its context, for one right-padded batch.
 
     Args:
@@ -215,7 +214,9 @@ def option_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size:
     Returns:
         `list[list[float]]`: `result[i][j]` is the log-likelihood of `examples[i].choices[j]`.
     """
-    return [[float(lp.sum()) for lp in options] for options in _option_logprobs(model, tokenizer, examples, batch_size)]
+    return [
+        [float(lp.sum()) for lp in options] for options in _option_logprobs(model, tokenizer, examples, batch_size)
+    ]
 
 
 def _target_pairs(tokenizer, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
@@ -443,7 +444,7 @@ def evaluate(
 _FALLBACK_WARNED: set[str] = set()
 
 
-def _shared_prompt_loglik(model, tokenizer, examples, batch_size, progress) -> "EvalResult | None":
+def _shared_prompt_loglik(model, tokenizer, examples, batch_size, progress) -> EvalResult | None:
     """`evaluate`'s loglik mode through [`peft_spectral.option_scoring`]; `None` when the model cannot run it."""
     from .option_scoring import multiple_choice_metrics, score_examples
 
@@ -453,9 +454,16 @@ def _shared_prompt_loglik(model, tokenizer, examples, batch_size, progress) -> "
         name = type(model).__name__
         if name not in _FALLBACK_WARNED:
             _FALLBACK_WARNED.add(name)
-            logger.warning("shared-prompt option scoring is not supported by %s (%s); scoring prompt+option "
-                           "sequences instead", name, err)
+            logger.warning(
+                "shared-prompt option scoring is not supported by %s (%s); scoring prompt+option sequences instead",
+                name,
+                err,
+            )
         return None
     correct, mean_loglik = multiple_choice_metrics(scores, [ex.label for ex in examples])
-    return EvalResult(accuracy=sum(correct) / len(correct), mean_loglik=mean_loglik, n=len(examples),
-                      correct=[bool(c) for c in correct])
+    return EvalResult(
+        accuracy=sum(correct) / len(correct),
+        mean_loglik=mean_loglik,
+        n=len(examples),
+        correct=[bool(c) for c in correct],
+    )

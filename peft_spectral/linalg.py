@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["thin_svd", "truncate", "slerp"]
+
+__all__ = ["slerp", "thin_svd", "truncate"]
 
 
 def thin_svd(weight: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

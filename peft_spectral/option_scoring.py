@@ -9,8 +9,9 @@ forward at all. This is what makes a CEM fitness evaluation or a dispatch pass c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -177,8 +178,12 @@ def score_option_ids(
             if prefix is not None:
                 kwargs[cache_kw] = _make_cache(prefix.pairs, torch.zeros(b, dtype=torch.long, device=device))
             out = model(
-                input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=seg_pos.to(device),
-                use_cache=True, logits_to_keep=1, **kwargs,
+                input_ids=ids.to(device),
+                attention_mask=full_mask.to(device),
+                position_ids=seg_pos.to(device),
+                use_cache=True,
+                logits_to_keep=1,
+                **kwargs,
             )
             last_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             seg_lens = seg_mask.sum(-1)
@@ -203,8 +208,11 @@ def score_option_ids(
                 pos = (plen + seg_lens[cpu_rows])[:, None] + torch.arange(a)[None, :]
                 cache = _make_cache(_kv_pairs(_out_cache(out)), row_idx)
                 o_out = model(
-                    input_ids=o_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                    use_cache=True, **{cache_kw: cache},
+                    input_ids=o_ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=pos.to(device),
+                    use_cache=True,
+                    **{cache_kw: cache},
                 )
                 o_logp = torch.log_softmax(o_out.logits.float(), dim=-1)
                 for k, o in enumerate(opt_ids):
@@ -237,8 +245,9 @@ def score_examples(
 ) -> OptionScores:
     """[`score_option_ids`] for multiple-choice [`Example`]s."""
     prompts, options = encode_examples(tokenizer, examples)
-    return score_option_ids(model, prompts, options, pad_id=_pad_id(tokenizer, model), batch_size=batch_size,
-                            progress=progress)
+    return score_option_ids(
+        model, prompts, options, pad_id=_pad_id(tokenizer, model), batch_size=batch_size, progress=progress
+    )
 
 
 def multiple_choice_metrics(scores: OptionScores, labels: Sequence[Optional[int]]) -> tuple[list[bool], float]:

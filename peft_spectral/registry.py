@@ -8,8 +8,8 @@ upgrade that changes it breaks one function (and `tests/test_registry.py`) inste
 
 from __future__ import annotations
 
-
 from peft.utils import PeftType, register_peft_method
+
 
 #: The PEFT types this package adds, in the order they are registered.
 PEFT_TYPE_NAMES: tuple[str, ...] = ("SVF", "SPECTRAL_COMPRESS", "CORE_ISOLATION")
@@ -55,7 +55,10 @@ def register_method(name: str, config_cls: type, model_cls: type, prefix: str) -
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = add_peft_type(name.upper())
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
+    if (
+        PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls
+        and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls
+    ):
         return
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
 

@@ -17,9 +17,11 @@ import functools
 import math
 import re
 import string
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .sandbox import run_code
+
 
 __all__ = [
     "checked_reward",
@@ -158,7 +160,7 @@ def extract_choice(text: str, choices: Sequence[str]) -> int | None:
 def extract_code(text: str, entry_point: str = "") -> str:
     """The code in a completion: the first fenced block (```python ...```) that defines `entry_point` if any, else the
     first fenced block, else the text itself."""
-    blocks = re.findall(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", str(text), flags=re.S)
+    blocks = re.findall(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", str(text), flags=re.DOTALL)
     if not blocks:
         return str(text)
     if entry_point:
@@ -180,7 +182,7 @@ def build_program(completion: str, *, test: str, entry_point: str, prompt: str =
         prompt = extract_code(prompt, entry_point)
     if prompt and not prompt.endswith("\n"):
         prompt += "\n"
-    defines = bool(entry_point) and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.M)
+    defines = bool(entry_point) and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.MULTILINE)
     # A full definition follows the stub (keeping its imports and helpers) and overrides it; a body continues it.
     body = prompt + "\n" + code if defines else prompt + code
     check = f"\ncheck({entry_point})\n" if entry_point else "\n"
@@ -250,14 +252,18 @@ def _targets_of(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def numeric_match_reward(completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs):
+def numeric_match_reward(
+    completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs
+):
     """+1 when the completion's final number (`#### x`, else the last number; commas allowed) equals `target`."""
     targets = _column({"target": target}, "target", len(completions), "numeric_match_reward")
     out = []
     for completion, gold in zip(completions, targets):
         predicted = extract_number(completion_text(completion))
         values = [v for v in (_target_number(t) for t in _targets_of(gold)) if v is not None]
-        out.append(_reward(predicted is not None and any(_numbers_equal(predicted, v) for v in values), positive, negative))
+        out.append(
+            _reward(predicted is not None and any(_numbers_equal(predicted, v) for v in values), positive, negative)
+        )
     return out
 
 
@@ -272,7 +278,9 @@ def multiple_choice_reward(completions: list, *, positive: float = 1.0, negative
     ]
 
 
-def exact_match_reward(completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs):
+def exact_match_reward(
+    completions: list, *, target: list | None = None, positive: float = 1.0, negative: float = -1.0, **kwargs
+):
     """+1 on a normalised exact match with `target` (a string or a list of accepted strings), or equal numbers."""
     targets = _column({"target": target}, "target", len(completions), "exact_match_reward")
     return [
@@ -302,7 +310,14 @@ def code_reward(
     out = []
     for completion, test, entry, prompt in zip(completions, tests, entry_points, prompts):
         prompt = prompt if isinstance(prompt, str) else ""  # conversational prompts carry no code stub
-        ok = score_code(completion_text(completion), test=test, entry_point=entry, prompt=prompt, timeout=timeout, memory_mb=memory_mb)
+        ok = score_code(
+            completion_text(completion),
+            test=test,
+            entry_point=entry,
+            prompt=prompt,
+            timeout=timeout,
+            memory_mb=memory_mb,
+        )
         out.append(_reward(ok, positive, negative))
     return out
 
@@ -351,14 +366,18 @@ def checked_reward(fn: RewardFunc) -> RewardFunc:
             raise ValueError(f"reward function {name!r} returned None instead of a list of floats")
         rewards = list(rewards)
         if len(rewards) != len(completions):
-            raise ValueError(f"reward function {name!r} returned {len(rewards)} rewards for {len(completions)} completions")
+            raise ValueError(
+                f"reward function {name!r} returned {len(rewards)} rewards for {len(completions)} completions"
+            )
         for i, value in enumerate(rewards):
             if value is None:
                 raise ValueError(f"reward function {name!r} returned None for completion {i}")
             try:
                 number = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"reward function {name!r} returned a non-number {value!r} for completion {i}") from None
+                raise ValueError(
+                    f"reward function {name!r} returned a non-number {value!r} for completion {i}"
+                ) from None
             if not math.isfinite(number):
                 raise ValueError(f"reward function {name!r} returned {number} for completion {i}")
         return [float(v) for v in rewards]

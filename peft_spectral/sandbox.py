@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
+
 __all__ = ["SandboxResult", "run_code"]
 
 #: Largest stdout/stderr file the child may write (bytes); beyond it the child gets SIGXFSZ.
@@ -50,7 +51,7 @@ class SandboxResult:
 
 # The program the child interpreter runs. It reads the completion token and the user code from stdin, locks itself
 # down, runs the code, and prints the token only if the code ran to its end.
-_LAUNCHER = r'''
+_LAUNCHER = r"""
 import sys
 _PRELOAD = (
     "abc", "array", "base64", "binascii", "bisect", "calendar", "cmath", "collections", "collections.abc",
@@ -157,7 +158,7 @@ except SystemExit as err:
 sys.stdout.flush()
 sys.stdout.write("\n" + _token + "\n")
 sys.stdout.flush()
-'''
+"""
 
 
 @lru_cache(maxsize=1)
@@ -169,7 +170,7 @@ def _unshare_prefix() -> tuple[str, ...]:
     for flags in (("-n",), ("-r", "-n")):
         cmd = (exe, *flags, "--")
         try:
-            probe = subprocess.run([*cmd, sys.executable, "-c", "pass"], capture_output=True, timeout=10)
+            probe = subprocess.run([*cmd, sys.executable, "-c", "pass"], capture_output=True, timeout=10, check=False)
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0:

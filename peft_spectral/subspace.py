@@ -26,15 +26,16 @@ import torch
 
 from .linalg import thin_svd
 
+
 __all__ = [
     "ClusterFactor",
     "check_rho",
-    "rank_for",
     "cluster_rows",
     "multi_subspace_factors",
-    "truncation_factors",
-    "reconstruct",
     "multi_subspace_truncate",
+    "rank_for",
+    "reconstruct",
+    "truncation_factors",
 ]
 
 
@@ -154,7 +155,9 @@ def cluster_rows(
     return best_labels
 
 
-def _lloyd(x: torch.Tensor, labels: torch.Tensor, clusters: int, rho: float, n_iter: int) -> tuple[torch.Tensor, float]:
+def _lloyd(
+    x: torch.Tensor, labels: torch.Tensor, clusters: int, rho: float, n_iter: int
+) -> tuple[torch.Tensor, float]:
     """Alternate refit / reassign while the summed residual decreases; return the best labels and their cost."""
     best_labels, best_cost = None, float("inf")
     for _ in range(n_iter + 1):

@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import xxhash
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .paths import cache_subdir
+
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class SVDCache:
     def __init__(self, cache_dir: Optional[str | os.PathLike] = None, enabled: bool = True):
         env = os.environ.get("PEFT_SPECTRAL_SVD_CACHE")
         if cache_dir is None:
-            cache_dir = env if env else cache_subdir("svd")
+            cache_dir = env or cache_subdir("svd")
         self.cache_dir = Path(cache_dir).expanduser()
         self.enabled = enabled
         self.hits = 0

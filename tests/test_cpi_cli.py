@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import build_tiny_llama, build_tiny_tokenizer
-from peft_spectral.cli import main
+
 from peft_spectral.cli import cpi as cli_cpi
+from peft_spectral.cli import main
 from peft_spectral.tasks import Example, Task
 
 
@@ -29,8 +29,27 @@ def patched(monkeypatch):
 
 def test_cli_runs_and_resumes(patched, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["cpi", "--tasks", "a", "b", "--jsonl", "c.jsonl", "--steps", "1", "--output", str(out),
-            "--target-modules", "up_proj", "down_proj", "--p", "0.05", "--tau", "0.2", "--max-length", "32"]
+    argv = [
+        "cpi",
+        "--tasks",
+        "a",
+        "b",
+        "--jsonl",
+        "c.jsonl",
+        "--steps",
+        "1",
+        "--output",
+        str(out),
+        "--target-modules",
+        "up_proj",
+        "down_proj",
+        "--p",
+        "0.05",
+        "--tau",
+        "0.2",
+        "--max-length",
+        "32",
+    ]
     assert main(argv + ["--until", "cores"]) == 0
     assert json.loads((out / "state.json").read_text())["completed"] == ["probe", "cores"]
     assert main(argv + ["--max-eval", "2"]) == 0
@@ -44,7 +63,7 @@ def test_cli_runs_and_resumes(patched, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--p", "1.5"), ("--p", "0"), ("--tau", "-0.5")])
 def test_cli_bad_hyper_parameters(patched, tmp_path, flag, value):
-    with pytest.raises(SystemExit, match="core_fraction|similarity_threshold"):
+    with pytest.raises(SystemExit, match=r"core_fraction|similarity_threshold"):
         main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), flag, value])
 
 

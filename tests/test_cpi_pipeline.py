@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import shutil
 
 import pytest
 import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft_spectral.cpi import CPIConfig, CPIPipeline, FreezeMaskCallback, build_sft_dataset
 from peft_spectral.tasks import Example, Task
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig
+
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -84,7 +87,9 @@ def test_without_callback_weight_decay_moves_frozen_entries(tmp_path):
     layers = model.base_model.core_isolation_layers()
     before = {k: layers[k].core_isolation_delta["default"].detach().clone() for k in masks}
     _sft(model, tok, [], tmp_path)
-    changed = [k for k, m in masks.items() if not torch.equal(layers[k].core_isolation_delta["default"][m], before[k][m])]
+    changed = [
+        k for k, m in masks.items() if not torch.equal(layers[k].core_isolation_delta["default"][m], before[k][m])
+    ]
     assert changed
 
 
@@ -105,8 +110,17 @@ def test_frozen_full_params_bit_identical(tmp_path):
 
 
 def _config(**kw):
-    base = dict(target_modules=MLP, probe_steps=2, stage_steps=2, batch_size=4, learning_rate=1e-2,
-                weight_decay=0.1, core_fraction=0.05, similarity_threshold=0.1, max_length=48)
+    base = {
+        "target_modules": MLP,
+        "probe_steps": 2,
+        "stage_steps": 2,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.1,
+        "core_fraction": 0.05,
+        "similarity_threshold": 0.1,
+        "max_length": 48,
+    }
     base.update(kw)
     return CPIConfig(**base)
 
@@ -118,7 +132,9 @@ def test_pipeline_end_to_end_resume_and_reload(tmp_path):
     rep = pipe.run(until="grouping")
     assert pipe.trainer_runs == ["probe:inc", "probe:rev", "probe:abc"]
     assert rep["completed"] == ["probe", "cores", "grouping"]
-    assert len(rep["jaccard"]) == 3 and sorted(sum(rep["groups"], [])) == sorted(t.name for t in TASKS)
+    assert len(rep["jaccard"]) == 3 and sorted(functools.reduce(operator.iadd, rep["groups"], [])) == sorted(
+        t.name for t in TASKS
+    )
 
     # a new process: fresh base model, same state dir -> only fusion and staged run
     tok2 = build_tiny_tokenizer()
@@ -147,11 +163,15 @@ def test_pipeline_end_to_end_resume_and_reload(tmp_path):
     loaded = PeftModel.from_pretrained(build_tiny_llama(build_tiny_tokenizer()), out / "final")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
-    n_masked = sum(int(l.core_isolation_mask["default"].sum()) for l in loaded.base_model.core_isolation_layers().values())
+    n_masked = sum(
+        int(layer.core_isolation_mask["default"].sum()) for layer in loaded.base_model.core_isolation_layers().values()
+    )
     assert n_masked >= max(rep2["core_sizes"].values())
 
     # running again does nothing
-    pipe3 = CPIPipeline(build_tiny_llama(build_tiny_tokenizer()), build_tiny_tokenizer(), TASKS, _config(), out, progress=False)
+    pipe3 = CPIPipeline(
+        build_tiny_llama(build_tiny_tokenizer()), build_tiny_tokenizer(), TASKS, _config(), out, progress=False
+    )
     pipe3.run()
     assert pipe3.trainer_runs == []
 
@@ -172,7 +192,9 @@ def test_pipeline_resumes_inside_probe(tmp_path):
 def test_full_param_mode(tmp_path):
     tok = build_tiny_tokenizer()
     model = build_tiny_llama(tok)
-    pipe = CPIPipeline(model, tok, TASKS[:2], _config(train_params="full", similarity_threshold=1.0), tmp_path / "f", progress=False)
+    pipe = CPIPipeline(
+        model, tok, TASKS[:2], _config(train_params="full", similarity_threshold=1.0), tmp_path / "f", progress=False
+    )
     rep = pipe.run()
     assert rep["groups"] == [["inc"], ["rev"]]
     assert (tmp_path / "f" / "final" / "config.json").exists()

@@ -7,7 +7,16 @@ from types import SimpleNamespace
 import pytest
 
 from peft_spectral.cli import build_parser
-from peft_spectral.demo import DemoConfig, DemoReport, Row, _Steps, format_table, plot_c2i_scores, plot_fitness, write_report
+from peft_spectral.demo import (
+    DemoConfig,
+    DemoReport,
+    Row,
+    _Steps,
+    format_table,
+    plot_c2i_scores,
+    plot_fitness,
+    write_report,
+)
 
 
 def test_steps_are_cached_and_resumed(tmp_path):
@@ -22,7 +31,9 @@ def test_table_report_and_plots(tmp_path):
     history = [{"best": 0.2 + 0.1 * g, "generation_best": 0.3, "generation_mean": 0.1} for g in range(4)]
     fit = plot_fitness(history, tmp_path / "fit.png")
     iv = lambda layer, m: SimpleNamespace(layer=layer, matrix=m)  # noqa: E731
-    cands = [SimpleNamespace(intervention=iv(l, m), score=0.01 * l - 0.1) for l in range(3) for m in ("up_proj", "o_proj")]
+    cands = [
+        SimpleNamespace(intervention=iv(i, m), score=0.01 * i - 0.1) for i in range(3) for m in ("up_proj", "o_proj")
+    ]
     c2i = plot_c2i_scores(cands, tmp_path / "c2i.png")
     assert fit.read_bytes()[:4] == b"\x89PNG" and c2i.read_bytes()[:4] == b"\x89PNG"
     rows = [Row("SVF (GRPO)", "navigate", 0.5, 0.625, 51840, 12.0, "6 RL steps")]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+
 HERE = Path(__file__).resolve().parent
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -47,9 +48,16 @@ def _worker(out_dir: str, per_device_batch: int) -> None:
     tok = build_tiny_tokenizer()
     model = build_tiny_llama(tok)
     result = train_svf(
-        model, tok, task, method="sft", output_dir=os.path.join(out_dir, "run"), max_steps=STEPS,
+        model,
+        tok,
+        task,
+        method="sft",
+        output_dir=os.path.join(out_dir, "run"),
+        max_steps=STEPS,
         svf_config=SVFConfig(target_modules=["gate_proj", "up_proj", "down_proj"], use_svd_cache=False),
-        per_device_train_batch_size=per_device_batch, learning_rate=0.05, disable_tqdm=True,
+        per_device_train_batch_size=per_device_batch,
+        learning_rate=0.05,
+        disable_tqdm=True,
     )
     state = result.trainer.accelerator.state
     if state.is_main_process:
@@ -66,12 +74,25 @@ def _launch(tmp_path: Path, num_processes: int) -> dict[str, torch.Tensor]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent))
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if num_processes > 1 else ["--cpu"]), "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(Path(__file__).resolve()), str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *(["--multi_gpu"] if num_processes > 1 else ["--cpu"]),
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(Path(__file__).resolve()),
+        str(out),
         str(GLOBAL_BATCH // num_processes),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     z = load_file(str(out / "z.safetensors"))
     assert int(z.pop("__world_size__")) == num_processes

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 CLI_MD = DOCS / "cli.md"
@@ -75,7 +76,7 @@ def test_cli_reference_is_current():
 def _nav_files() -> set[str]:
     text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     nav = text.split("\nnav:", 1)[1]
-    return set(re.findall(r":\s*([\w/.\-]+\.md)\s*$", nav, flags=re.M))
+    return set(re.findall(r":\s*([\w/.\-]+\.md)\s*$", nav, flags=re.MULTILINE))
 
 
 def test_nav_lists_every_page():
@@ -89,7 +90,7 @@ def test_troubleshooting_covers_every_module_that_raises():
     text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
     missing = []
     for path in sorted((ROOT / "peft_spectral").rglob("*.py")):
-        if re.search(r"^\s*raise \w", path.read_text(encoding="utf-8"), flags=re.M):
+        if re.search(r"^\s*raise \w", path.read_text(encoding="utf-8"), flags=re.MULTILINE):
             rel = path.relative_to(ROOT).as_posix()
             module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
             if f"`{module}`" not in text:
@@ -103,14 +104,30 @@ def test_troubleshooting_covers_every_module_that_raises():
 )
 def test_mkdocs_build_strict(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-         "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
     )
     output = proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
     missing_results = re.findall(r"link '(results/[^']+)', but the target is not found", output)
-    hint = (f"\nmissing benchmark reports {missing_results}: run the scripts in benchmarks/ that write them"
-            if missing_results else "")
+    hint = (
+        f"\nmissing benchmark reports {missing_results}: run the scripts in benchmarks/ that write them"
+        if missing_results
+        else ""
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:{hint}\n{output}"
     assert (tmp_path / "site" / "index.html").is_file()
     api = (tmp_path / "site" / "api" / "svf" / "index.html").read_text(encoding="utf-8")

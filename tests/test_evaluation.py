@@ -8,12 +8,17 @@ import torch
 from peft_spectral import evaluation as E
 from peft_spectral.tasks import Example
 
+
 MC = [
     Example("What is 2+2?", "4", ("3", "4", "five"), 1),
     Example("Pick the animal among these longer words", "cat", ("dog food", "cat"), 1),
     Example("Yes or no?", "no", ("yes", "no"), 1),
 ]
-GEN = [Example("Say hi", "hi"), Example("What is 3 plus 4?", "7"), Example("A much longer prompt, to force padding!", "ok")]
+GEN = [
+    Example("Say hi", "hi"),
+    Example("What is 3 plus 4?", "7"),
+    Example("A much longer prompt, to force padding!", "ok"),
+]
 
 
 def manual_logprob(model, tokenizer, prompt_text, answer, add_special_tokens=False):
@@ -90,7 +95,7 @@ def test_generate_batched_equals_one_by_one(fixture, request):
     ids = torch.tensor([tok(E.format_prompt(tok, GEN[0]), add_special_tokens=False).input_ids])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     if tok.eos_token_id in new:
         new = new[: new.index(tok.eos_token_id)]
     assert batched[0] == tok.decode(new, skip_special_tokens=True).strip()
@@ -111,8 +116,14 @@ def test_evaluate_loglik_restores_mode_and_agrees_with_option_logliks(tiny_llama
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
 def test_evaluate_shared_prompt_scoring_equals_per_sequence_scoring(fixture, request, monkeypatch):
     model, tok = request.getfixturevalue(fixture)
-    examples = MC + [Example("Which colour is the sky on a clear day, friend?", "light blue",
-                             ("deep red", "light blue", "a rather dark green"), 1)]
+    examples = MC + [
+        Example(
+            "Which colour is the sky on a clear day, friend?",
+            "light blue",
+            ("deep red", "light blue", "a rather dark green"),
+            1,
+        )
+    ]
     slow = E.evaluate(model, tok, examples, kind="multiple_choice", batch_size=2, shared_prompt_scoring=False)
 
     def refuse(*args, **kwargs):

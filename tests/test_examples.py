@@ -3,7 +3,9 @@ script, no download) as a subprocess, as a user would run it, and its output and
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -33,11 +36,24 @@ def started(tmp_path_factory):
     procs = {}
     for script, args in RUNS.items():
         workdir = tmp_path_factory.mktemp(script.removesuffix(".py"))
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                   PEFT_SPECTRAL_SVD_CACHE=str(workdir / "svd-cache"))
-        proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), "--tiny", *args], cwd=workdir, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = dict(
+            os.environ,
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+            PEFT_SPECTRAL_SVD_CACHE=str(workdir / "svd-cache"),
+        )
+        proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / script), "--tiny", *args],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs[script] = (proc, workdir)
     yield procs
     for proc, _ in procs.values():
@@ -70,8 +86,8 @@ def test_svf_transformers_trainer(started):
     before, after = (float(x) for x in out.split("training loss on the task: ")[1].split()[0:3:2])
     assert after < before, out
     z = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert len(z) == 6 and all(".svf_z" in k for k in z)               # 2 layers x gate/up/down, nothing else
-    assert max(float((v - 1).abs().max()) for v in z.values()) > 0      # trained
+    assert len(z) == 6 and all(".svf_z" in k for k in z)  # 2 layers x gate/up/down, nothing else
+    assert max(float((v - 1).abs().max()) for v in z.values()) > 0  # trained
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SVF"
 
@@ -93,7 +109,7 @@ def test_transformer2_mix(started):
     meta = json.loads((mixture / "transformer2_mixture.json").read_text())
     assert [e["name"] for e in meta["experts"]] == ["addition", "capitals"]
     assert len(meta["alpha"]) == 2 and all(0.0 <= a <= 1.0 for a in meta["alpha"])
-    assert len(meta["search"]["history"]) == 2                          # 2 CEM generations in --tiny
+    assert len(meta["search"]["history"]) == 2  # 2 CEM generations in --tiny
     assert (mixture / "adapter_model.safetensors").is_file()
 
 
@@ -101,8 +117,8 @@ def test_c2i_compress(started):
     out, tmp_path = finished(started, "c2i_compress.py")
     search = json.loads((tmp_path / "c2i" / "search.json").read_text())
     assert search["method"] == "c2i-standard"
-    assert len(search["candidates"]) == 6 * 7                           # 6 MLP matrices x 7 LASER rank fractions
-    assert search["evaluations"] >= 2                                   # the base model + at least one candidate
+    assert len(search["candidates"]) == 6 * 7  # 6 MLP matrices x 7 LASER rank fractions
+    assert search["evaluations"] >= 2  # the base model + at least one candidate
     if search["chosen"]:
         assert "reloaded adapter reproduces the compressed model: True" in out
         config = json.loads((tmp_path / "c2i" / "adapter" / "adapter_config.json").read_text())
@@ -118,7 +134,7 @@ def test_cpi_jsonl(started):
     report = json.loads((tmp_path / "cpi" / "report.json").read_text())
     assert report["tasks"] == ["addition", "capitals"]
     assert len(report["jaccard"]) == 2 and report["jaccard"][0][0] == 1.0
-    assert sorted(sum(report["groups"], [])) == ["addition", "capitals"]
+    assert sorted(functools.reduce(operator.iadd, report["groups"], [])) == ["addition", "capitals"]
     assert set(report["scores"]) == {"addition", "capitals"}
     final = tmp_path / "cpi" / "final"
     assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "CORE_ISOLATION"

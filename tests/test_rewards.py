@@ -10,6 +10,7 @@ import pytest
 from peft_spectral import rewards as R
 from peft_spectral.sandbox import run_code
 
+
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 STUB = 'def add(a, b):\n    """Add two numbers."""\n'
 
@@ -122,7 +123,7 @@ def test_checked_reward_rejects_nan_none_inf():
     def none_reward(completions, **kwargs):
         return [None]
 
-    with pytest.raises(ValueError, match="none_reward.*None"):
+    with pytest.raises(ValueError, match=r"none_reward.*None"):
         R.checked_reward(none_reward)(["a"])
     with pytest.raises(ValueError, match="inf"):
         R.checked_reward(lambda completions, **kw: [math.inf])(["a"])
@@ -135,7 +136,13 @@ def test_checked_reward_rejects_nan_none_inf():
 def test_code_reward_with_instruction_prompt_and_missing_columns():
     from peft_spectral.tasks import humaneval_examples
 
-    problem = {"task_id": "t", "prompt": STUB, "canonical_solution": "    return a + b\n", "test": TEST, "entry_point": "add"}
+    problem = {
+        "task_id": "t",
+        "prompt": STUB,
+        "canonical_solution": "    return a + b\n",
+        "test": TEST,
+        "entry_point": "add",
+    }
     (ex,) = humaneval_examples([problem])
     # the instruction-style prompt (stub inside a ```python block) works as code_prompt too
     for completion, expected in (("    return a + b\n", 1.0), (ex.target, 1.0), ("    return 0\n", -1.0)):

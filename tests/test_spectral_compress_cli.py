@@ -6,13 +6,12 @@ import argparse
 import json
 
 import pytest
+from test_spectral_compress_search import PLANTED, _planted_problem
 
-import peft_spectral.tasks as tasks
+from peft_spectral import tasks
 from peft_spectral.cli import build_parser
 from peft_spectral.cli import compress as cli_compress
 from peft_spectral.tasks import Task
-
-from test_spectral_compress_search import PLANTED, _planted_problem
 
 
 def test_parse_layers():
@@ -35,8 +34,25 @@ def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, me
     monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
     monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
     out = tmp_path / method
-    argv = ["compress", "--task", "planted", "--method", method, "--matrices", "up_proj,down_proj",
-            "--rhos", "0.9,0.2", "--top-k", "2", "--n-grad", "1000", "--batch-size", "32", "--output", str(out)]
+    argv = [
+        "compress",
+        "--task",
+        "planted",
+        "--method",
+        method,
+        "--matrices",
+        "up_proj,down_proj",
+        "--rhos",
+        "0.9,0.2",
+        "--top-k",
+        "2",
+        "--n-grad",
+        "1000",
+        "--batch-size",
+        "32",
+        "--output",
+        str(out),
+    ]
     if method == "laser":
         argv += ["--state", str(tmp_path / "state.json")]
     args = build_parser().parse_args(argv)

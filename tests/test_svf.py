@@ -16,6 +16,7 @@ from peft_spectral.adapter_io import AdapterLoadError, load_adapter, validate_ad
 from peft_spectral.svd_cache import SVDCache, compute_factors
 from peft_spectral.tuners.svf.layer import SVFLinear, weight_matrix
 
+
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
@@ -97,7 +98,9 @@ def test_add_peft_type_rejects_lower_case():
 
 def test_trainable_parameters_are_sum_of_ranks(llama):
     model = get_peft_model(llama, SVFConfig(target_modules=MLP))
-    expected = sum(min(m.weight.shape) for n, m in llama.named_modules() if n.endswith(tuple(MLP)) and hasattr(m, "weight"))
+    expected = sum(
+        min(m.weight.shape) for n, m in llama.named_modules() if n.endswith(tuple(MLP)) and hasattr(m, "weight")
+    )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert sum(p.numel() for _, p in trainable) == expected == 2 * (32 + 32 + 32)
     assert all(".svf_z." in n for n, _ in trainable)
@@ -265,11 +268,18 @@ def test_push_to_hub_uploads_adapter_files_only(llama, monkeypatch):
     def fake_create_commit(self, repo_id, operations, **kwargs):
         uploaded[repo_id] = sorted(op.path_in_repo for op in operations)
         return huggingface_hub.CommitInfo(
-            commit_url="https://huggingface.co/me/svf-test/commit/" + "1" * 40, commit_message="m", commit_description="", oid="1" * 40
+            commit_url="https://huggingface.co/me/svf-test/commit/" + "1" * 40,
+            commit_message="m",
+            commit_description="",
+            oid="1" * 40,
         )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_repo",
+        lambda self, repo_id, **kw: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"),
+    )
     import transformers.utils.hub as tf_hub
 
     def no_remote_card(*args, **kwargs):
@@ -426,7 +436,7 @@ def test_unknown_architecture_needs_targets():
         def forward(self, x):
             return self.fc(x)
 
-    with pytest.raises(ValueError, match="target_modules is required.*fc"):
+    with pytest.raises(ValueError, match=r"target_modules is required.*fc"):
         get_peft_model(Tiny(), SVFConfig())
 
 
@@ -439,8 +449,14 @@ def test_adapter_from_other_shapes_names_module(tok, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     get_peft_model(build_tiny_llama(tok), SVFConfig(target_modules=MLP)).save_pretrained(tmp_path / "a")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp\.\w+_proj' has 16 .* holds 32"):
         PeftModel.from_pretrained(LlamaForCausalLM(cfg), tmp_path / "a")
 
@@ -477,9 +493,15 @@ def test_non_finite_z_refused_on_merge(llama):
     assert torch.equal(layer.get_base_layer().weight, before)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"mode": "tanh"}, "mode"), ({"rank": 0}, "rank"), ({"max_mult": 0}, "max_mult"), ({"init_noise_std": -1}, "init_noise_std"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "tanh"}, "mode"),
+        ({"rank": 0}, "rank"),
+        ({"max_mult": 0}, "max_mult"),
+        ({"init_noise_std": -1}, "init_noise_std"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SVFConfig(target_modules=MLP, **kwargs)
@@ -489,7 +511,11 @@ def test_all_linear_and_layers_to_transform(llama):
     model = get_peft_model(llama, SVFConfig(target_modules="all-linear"))
     names = [n for n, _ in model.base_model.svf_layers()]
     assert len(names) == 14 and not any("lm_head" in n for n in names)
-    model2 = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), SVFConfig(target_modules=MLP, layers_to_transform=[1]))
+    model2 = get_peft_model(
+        build_tiny_llama(build_tiny_tokenizer()), SVFConfig(target_modules=MLP, layers_to_transform=[1])
+    )
     assert all(".layers.1." in n for n, _ in model2.base_model.svf_layers())
-    model3 = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), SVFConfig(target_modules=MLP, exclude_modules=["down_proj"]))
+    model3 = get_peft_model(
+        build_tiny_llama(build_tiny_tokenizer()), SVFConfig(target_modules=MLP, exclude_modules=["down_proj"])
+    )
     assert all("down_proj" not in n for n, _ in model3.base_model.svf_layers())

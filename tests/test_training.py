@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 
-import peft_spectral
 from peft_spectral import SVFConfig
 from peft_spectral.tasks import Example, Task
 from peft_spectral.training import (
@@ -22,10 +22,9 @@ from peft_spectral.training import (
     train_svf,
 )
 
-from conftest import build_tiny_llama, build_tiny_tokenizer
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
-FAST_RL = dict(prompts_per_step=2, num_generations=2, max_completion_length=6)
+FAST_RL = {"prompts_per_step": 2, "num_generations": 2, "max_completion_length": 6}
 
 
 def mc_task(n: int = 8) -> Task:
@@ -80,8 +79,16 @@ def test_rl_trains_only_z(tmp_path, algorithm):
     model = build_tiny_llama(tok)
     before = base_weights(model)
     result = train_svf(
-        model, tok, mc_task(), method="rl", algorithm=algorithm, output_dir=str(tmp_path), max_steps=2,
-        svf_config=svf_config(), reward_funcs=[varied_reward], **FAST_RL,
+        model,
+        tok,
+        mc_task(),
+        method="rl",
+        algorithm=algorithm,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        svf_config=svf_config(),
+        reward_funcs=[varied_reward],
+        **FAST_RL,
     )
     assert_only_z_changed(result, before)
     assert len(result.step_times) == 2
@@ -94,7 +101,13 @@ def test_sft_trains_only_z(tmp_path, chat):
     model = build_tiny_llama(tok)
     before = base_weights(model)
     result = train_svf(
-        model, tok, mc_task(), method="sft", output_dir=str(tmp_path), max_steps=2, svf_config=svf_config(),
+        model,
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=2,
+        svf_config=svf_config(),
         per_device_train_batch_size=4,
     )
     assert_only_z_changed(result, before)
@@ -108,7 +121,9 @@ def test_sft_dataset_uses_chat_template_and_answer_format():
     assert ds[0]["prompt"] == [{"role": "user", "content": task.train[0].prompt}]
     assert ds[0]["completion"] == [{"role": "assistant", "content": "A. red"}]
     assert ds[1]["label"] == 1 and ds[1]["choices"] == ["red", "blue", "green"]
-    plain = examples_to_dataset(task.train, task.kind, tokenizer=build_tiny_tokenizer(chat_template=False), with_completion=True)
+    plain = examples_to_dataset(
+        task.train, task.kind, tokenizer=build_tiny_tokenizer(chat_template=False), with_completion=True
+    )
     assert plain[0]["prompt"].endswith("\n") and plain[0]["completion"] == "A. red"
     assert sft_answer(Example("2+2?", "4"), "generation") == "4"
     # the SFT answer is scored as right by the task's own reward
@@ -126,9 +141,19 @@ def test_kl_term_is_active(tmp_path, algorithm):
         tok = build_tiny_tokenizer()
         model = build_tiny_llama(tok)
         result = train_svf(
-            model, tok, mc_task(), method="rl", algorithm=algorithm, output_dir=str(tmp_path / str(beta)),
-            max_steps=3, beta=beta, svf_config=svf_config(), reward_funcs=[varied_reward], learning_rate=0.2,
-            max_grad_norm=1.0, **FAST_RL,
+            model,
+            tok,
+            mc_task(),
+            method="rl",
+            algorithm=algorithm,
+            output_dir=str(tmp_path / str(beta)),
+            max_steps=3,
+            beta=beta,
+            svf_config=svf_config(),
+            reward_funcs=[varied_reward],
+            learning_rate=0.2,
+            max_grad_norm=1.0,
+            **FAST_RL,
         )
         zs[beta] = svf_parameters(result.model)
         if beta > 0:
@@ -152,8 +177,16 @@ def test_reference_adapter_copies_existing_z(tmp_path):
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     start = svf_parameters(model)
     result = train_svf(
-        model, tok, mc_task(), method="rl", algorithm="grpo", output_dir=str(tmp_path), max_steps=1, beta=0.3,
-        reward_funcs=[varied_reward], **FAST_RL,
+        model,
+        tok,
+        mc_task(),
+        method="rl",
+        algorithm="grpo",
+        output_dir=str(tmp_path),
+        max_steps=1,
+        beta=0.3,
+        reward_funcs=[varied_reward],
+        **FAST_RL,
     )
     ref = svf_parameters(result.model, "ref")
     assert set(ref) == set(start)
@@ -169,9 +202,19 @@ def test_checkpoint_resume_reaches_same_z(tmp_path):
         tok = build_tiny_tokenizer()
         model = build_tiny_llama(tok)
         return train_svf(
-            model, tok, mc_task(), method="rl", algorithm="grpo", output_dir=str(out), max_steps=max_steps,
-            svf_config=svf_config(), reward_funcs=[varied_reward], beta=0.1, save_steps=save_steps,
-            resume_from_checkpoint=resume, **FAST_RL,
+            model,
+            tok,
+            mc_task(),
+            method="rl",
+            algorithm="grpo",
+            output_dir=str(out),
+            max_steps=max_steps,
+            svf_config=svf_config(),
+            reward_funcs=[varied_reward],
+            beta=0.1,
+            save_steps=save_steps,
+            resume_from_checkpoint=resume,
+            **FAST_RL,
         )
 
     full = svf_parameters(run(4, tmp_path / "full").model)
@@ -188,7 +231,13 @@ def test_trained_adapter_saves_loads_and_merges(tmp_path):
     tok = build_tiny_tokenizer()
     model = build_tiny_llama(tok)
     result = train_svf(
-        model, tok, mc_task(), method="sft", output_dir=str(tmp_path / "run"), max_steps=2, svf_config=svf_config(),
+        model,
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        svf_config=svf_config(),
         per_device_train_batch_size=4,
     )
     peft_model = result.model
@@ -223,8 +272,14 @@ def test_nan_reward_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="bad_reward"):
         train_svf(
-            build_tiny_llama(tok), tok, mc_task(), output_dir=str(tmp_path), max_steps=1, svf_config=svf_config(),
-            reward_funcs=[checked_reward(bad_reward)], **FAST_RL,
+            build_tiny_llama(tok),
+            tok,
+            mc_task(),
+            output_dir=str(tmp_path),
+            max_steps=1,
+            svf_config=svf_config(),
+            reward_funcs=[checked_reward(bad_reward)],
+            **FAST_RL,
         )
     guard = NonFiniteGuard()
     with pytest.raises(FloatingPointError, match="reward"):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
 
 import peft_spectral  # noqa: F401  (registers SVF)
@@ -13,12 +14,15 @@ from peft_spectral.cli import main
 from peft_spectral.cli import train_svf as cli_train_svf
 from peft_spectral.tasks import Example, Task
 
-from conftest import build_tiny_llama, build_tiny_tokenizer
-
 
 def _toy_task(name: str, seed: int) -> Task:
     ex = [
-        Example(prompt=f"Q{i}: 1+{i}=?\nA. {i + 1}\nB. {i + 2}", target=str(i + 1), choices=(str(i + 1), str(i + 2)), label=0)
+        Example(
+            prompt=f"Q{i}: 1+{i}=?\nA. {i + 1}\nB. {i + 2}",
+            target=str(i + 1),
+            choices=(str(i + 1), str(i + 2)),
+            label=0,
+        )
         for i in range(8)
     ]
     return Task(name=name, kind="multiple_choice", train=ex, validation=ex[:2], test=ex[:2])
@@ -38,11 +42,31 @@ def tiny_model_dir(tmp_path):
 def test_train_svf_cli_writes_loadable_adapter(tmp_path, tiny_model_dir, monkeypatch, capsys, method):
     monkeypatch.setattr(cli_train_svf, "_load_task", _toy_task)
     out = tmp_path / "adapter"
-    code = main([
-        "train-svf", "--task", "toy", "--method", method, "--steps", "2", "--output", str(out),
-        "--model", str(tiny_model_dir), "--num-generations", "2", "--max-completion-length", "4",
-        "--batch-size", "4", "--eval-examples", "2", "--beta", "0.1",
-    ])
+    code = main(
+        [
+            "train-svf",
+            "--task",
+            "toy",
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--num-generations",
+            "2",
+            "--max-completion-length",
+            "4",
+            "--batch-size",
+            "4",
+            "--eval-examples",
+            "2",
+            "--beta",
+            "0.1",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr()
     text = printed.out + printed.err

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 
 import pytest
 import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 
 import peft_spectral
@@ -34,7 +36,6 @@ from peft_spectral.transformer2 import (
 )
 from peft_spectral.transformer2.library import svf_z_snapshot
 
-from conftest import build_tiny_llama, build_tiny_tokenizer
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -46,6 +47,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
 
 EXPERTS = (("arith", "arithmetic questions"), ("logic", "logic puzzles"), ("facts", "world knowledge"))
 
@@ -76,9 +78,9 @@ def _library(expert_dirs):
     base = build_tiny_llama(tok)
     base.name_or_path = "tiny-llama"
     reference = copy.deepcopy(base)
-    lib = ExpertLibrary.load(base, tok, [
-        {"name": n, "source": str(d), "description": desc} for (n, desc), d in zip(EXPERTS, expert_dirs)
-    ])
+    lib = ExpertLibrary.load(
+        base, tok, [{"name": n, "source": str(d), "description": desc} for (n, desc), d in zip(EXPERTS, expert_dirs)]
+    )
     return lib, reference
 
 
@@ -140,7 +142,9 @@ def test_library_bad_inputs(expert_dirs, tmp_path):
         ExpertLibrary.load(build_tiny_llama(tok), tok, expert_dirs[:2], names=["a"])
     # different base model, named in the error
     other = _save_expert(tmp_path / "foreign", 9, tmp_path / "svd", base_name="another-model")
-    with pytest.raises(ExpertLibraryError, match=r"different base models.*'arith'.*tiny-llama.*'foreign'.*another-model"):
+    with pytest.raises(
+        ExpertLibraryError, match=r"different base models.*'arith'.*tiny-llama.*'foreign'.*another-model"
+    ):
         ExpertLibrary.load(build_tiny_llama(tok), tok, [expert_dirs[0], other], names=["arith", "foreign"])
     # different target modules, named in the error
     attn = _save_expert(tmp_path / "attn", 9, tmp_path / "svd", targets=["q_proj", "v_proj"])
@@ -184,8 +188,9 @@ def test_others_and_garbage_dispatch_to_bit_identical_base(library, caplog):
     assert result.groups == {"base": [0, 1, 2, 3]}
     assert "unknown_expert" in caplog.text
     tok = lib.tokenizer
-    expected = generate_answers(reference, tok, [Example(prompt=p, target="") for p in prompts], max_new_tokens=6,
-                                batch_size=4)
+    expected = generate_answers(
+        reference, tok, [Example(prompt=p, target="") for p in prompts], max_new_tokens=6, batch_size=4
+    )
     assert result.outputs == expected
     with lib.use(None):
         assert torch.equal(_logits(lib.model, tok, prompts[0]), _logits(reference, tok, prompts[0]))
@@ -196,7 +201,7 @@ def test_others_and_garbage_dispatch_to_bit_identical_base(library, caplog):
 
 
 def test_prompt_dispatch_generate_mode_garbage_means_base(library):
-    lib, reference = library
+    lib, _reference = library
     dispatcher = PromptDispatcher(None, mode="generate", max_new_tokens=4)
     choices = dispatcher(lib, [Example(prompt="What is 2+2?", target="")])
     # a random tiny model answers garbage; whatever it says must be a category or None (base)
@@ -206,7 +211,9 @@ def test_prompt_dispatch_generate_mode_garbage_means_base(library):
 
 def test_prompt_dispatch_loglik_picks_most_likely_category(library):
     lib, _ = library
-    dispatcher = PromptDispatcher(None, mode="loglik", prompt=DispatchPrompt(max_question_tokens=16), label_tokens="full")
+    dispatcher = PromptDispatcher(
+        None, mode="loglik", prompt=DispatchPrompt(max_question_tokens=16), label_tokens="full"
+    )
     exs = [Example(prompt=f"Question number {i}: what is {i} + {i}?", target="") for i in range(5)]
     choices = dispatcher(lib, exs)
     assert all(c in lib.names + [OTHERS] for c in choices)
@@ -246,7 +253,7 @@ def test_dispatch_prompt_truncates_question():
 def test_grouping_by_expert_matches_one_prompt_at_a_time(library):
     lib, _ = library
     prompts = [f"Prompt {c}: hi" for c in "ABCDEF"]  # same length: no padding differences
-    route = {p: name for p, name in zip(prompts, ["arith", "logic", None, "arith", "facts", "logic"])}
+    route = dict(zip(prompts, ["arith", "logic", None, "arith", "facts", "logic"]))
     dispatcher = lambda _lib, exs: [route[e.prompt] for e in exs]  # noqa: E731
     grouped = two_pass_generate(lib, dispatcher, prompts, max_new_tokens=5, batch_size=8)
     single = [two_pass_generate(lib, dispatcher, [p], max_new_tokens=5).outputs[0] for p in prompts]
@@ -278,8 +285,10 @@ def test_fixed_dispatcher_runs_every_prompt_on_one_adapter(library):
 
 def test_fast_option_scoring_matches_evaluation(library):
     lib, _ = library
-    exs = [Example(prompt="Shared intro. " + "x" * i + "?", target="A", choices=("A", "bb b", "ccc"), label=0)
-           for i in range(6)]
+    exs = [
+        Example(prompt="Shared intro. " + "x" * i + "?", target="A", choices=("A", "bb b", "ccc"), label=0)
+        for i in range(6)
+    ]
     with lib.use("logic"):
         ref = torch.tensor(option_logliks(lib.model, lib.tokenizer, exs))
         got = torch.tensor(score_examples(lib.model, lib.tokenizer, exs, batch_size=4).sums)
@@ -297,19 +306,21 @@ def test_cem_finds_known_optimum_and_is_seeded():
     assert torch.allclose(result.best_alpha, target, atol=0.05)
     assert len(result.history) == 30 and result.evaluations == 30 * 32
     curve = result.fitness_curve
-    assert all(b >= a for a, b in zip(curve, curve[1:]))  # best so far never drops
+    assert all(b >= a for a, b in itertools.pairwise(curve))  # best so far never drops
     again = cross_entropy_method(fitness, 3, config)
     assert torch.equal(again.best_alpha, result.best_alpha)
     # clamping: an optimum outside [0, 1] is found on the boundary
-    out = cross_entropy_method(lambda a: -float(((a - 2) ** 2).sum()), (2, 3), CEMConfig(population=16, generations=20,
-                                                                                         progress=False))
+    out = cross_entropy_method(
+        lambda a: -float(((a - 2) ** 2).sum()), (2, 3), CEMConfig(population=16, generations=20, progress=False)
+    )
     assert out.best_alpha.shape == (2, 3) and float(out.best_alpha.max()) <= 1.0 and float(out.best_alpha.min()) > 0.8
 
 
 def test_cem_tie_break_on_second_component():
     # accuracy is flat (ties everywhere); the second component decides
-    result = cross_entropy_method(lambda a: (0.5, -abs(float(a[0]) - 0.7)), 1,
-                                  CEMConfig(population=20, generations=15, progress=False))
+    result = cross_entropy_method(
+        lambda a: (0.5, -abs(float(a[0]) - 0.7)), 1, CEMConfig(population=20, generations=15, progress=False)
+    )
     assert abs(float(result.best_alpha[0]) - 0.7) < 0.05
     with pytest.raises(ValueError, match="population"):
         CEMConfig(population=1)
@@ -375,7 +386,7 @@ def test_few_shot_bad_inputs(library, tmp_path):
         mixer.apply([0.5, 0.5])
     bad = tmp_path / "shots.jsonl"
     bad.write_text('{"prompt": "q", "choices": ["a", "b"]}\n')
-    with pytest.raises(ValueError, match="shots.jsonl:1.*label"):
+    with pytest.raises(ValueError, match=r"shots\.jsonl:1.*label"):
         load_shots(bad)
     bad.write_text("\n")
     with pytest.raises(ValueError, match="no examples"):
@@ -427,8 +438,9 @@ def test_classifier_examples_and_training(library, tmp_path, use_training_module
 
     from peft_spectral.transformer2 import train_classifier_expert
 
-    out = train_classifier_expert(lib, exs, tmp_path / "clf", steps=2, batch_size=4, learning_rate=0.05,
-                                  use_training_module=use_training_module)
+    out = train_classifier_expert(
+        lib, exs, tmp_path / "clf", steps=2, batch_size=4, learning_rate=0.05, use_training_module=use_training_module
+    )
     assert (out / "adapter_config.json").is_file()
     meta = json.loads((out / "transformer2_classifier.json").read_text())
     assert meta["trained_with"] == ("peft_spectral.training" if use_training_module else "trl.SFTTrainer")

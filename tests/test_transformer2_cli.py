@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
+from test_transformer2 import _save_expert
 
 from peft_spectral.cli import main
-
-from conftest import build_tiny_llama, build_tiny_tokenizer
-from test_transformer2 import _save_expert
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,12 +28,16 @@ def setup(tmp_path_factory):
     model = build_tiny_llama(tok)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    experts = [str(_save_expert(root / n, s, root / "svd", base_name=str(root / "model")))
-               for s, n in enumerate(["alpha", "beta"], 1)]
+    experts = [
+        str(_save_expert(root / n, s, root / "svd", base_name=str(root / "model")))
+        for s, n in enumerate(["alpha", "beta"], 1)
+    ]
     shots = root / "shots.jsonl"
-    shots.write_text("".join(
-        json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2}) + "\n" for i in range(4)
-    ))
+    shots.write_text(
+        "".join(
+            json.dumps({"prompt": f"Is {i} even?", "choices": ["yes", "no"], "label": i % 2}) + "\n" for i in range(4)
+        )
+    )
     return root, experts, shots
 
 
@@ -54,9 +57,26 @@ def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     root, experts, shots = setup
     out = root / "mixed"
-    rc = main(["mix", "--model", str(root / "model"), "--experts", *experts, "--shots", str(shots),
-               "--output", str(out), "--population", "4", "--generations", "2", "--no-progress",
-               "--push-to-hub", "me/mix"])
+    rc = main(
+        [
+            "mix",
+            "--model",
+            str(root / "model"),
+            "--experts",
+            *experts,
+            "--shots",
+            str(shots),
+            "--output",
+            str(out),
+            "--population",
+            "4",
+            "--generations",
+            "2",
+            "--no-progress",
+            "--push-to-hub",
+            "me/mix",
+        ]
+    )
     assert uploads == [(str(out), "me/mix")]
     assert rc == 0
     text = capsys.readouterr().out
@@ -66,8 +86,23 @@ def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
     base = build_tiny_llama(build_tiny_tokenizer())
     PeftModel.from_pretrained(base, str(out))  # an ordinary SVF adapter
 
-    rc = main(["eval-two-pass", "--model", str(root / "model"), "--experts", *experts, "--task-file", str(shots),
-               "--strategy", "mixture", "--mixture", str(out), "--output", str(root / "res.json")])
+    rc = main(
+        [
+            "eval-two-pass",
+            "--model",
+            str(root / "model"),
+            "--experts",
+            *experts,
+            "--task-file",
+            str(shots),
+            "--strategy",
+            "mixture",
+            "--mixture",
+            str(out),
+            "--output",
+            str(root / "res.json"),
+        ]
+    )
     assert rc == 0
     res = json.loads((root / "res.json").read_text())
     assert res["n"] == 4 and res["group_sizes"] == {"t2_mixture": 4} and 0 <= res["accuracy"] <= 1
@@ -75,19 +110,69 @@ def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
 
 def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
     root, experts, shots = setup
-    rc = main(["eval-two-pass", "--model", str(root / "model"), "--experts", *experts, "--task-file", str(shots),
-               "--strategy", "dispatch", "--names", "math", "logic", "--descriptions", "sums", "puzzles"])
+    rc = main(
+        [
+            "eval-two-pass",
+            "--model",
+            str(root / "model"),
+            "--experts",
+            *experts,
+            "--task-file",
+            str(shots),
+            "--strategy",
+            "dispatch",
+            "--names",
+            "math",
+            "logic",
+            "--descriptions",
+            "sums",
+            "puzzles",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "strategy dispatch: accuracy" in text and "pass 1" in text
     with pytest.raises(SystemExit, match="--classifier"):
-        main(["eval-two-pass", "--model", str(root / "model"), "--experts", *experts, "--task-file", str(shots),
-              "--strategy", "classifier"])
+        main(
+            [
+                "eval-two-pass",
+                "--model",
+                str(root / "model"),
+                "--experts",
+                *experts,
+                "--task-file",
+                str(shots),
+                "--strategy",
+                "classifier",
+            ]
+        )
     with pytest.raises(SystemExit, match="--descriptions"):
-        main(["eval-two-pass", "--model", str(root / "model"), "--experts", *experts, "--task-file", str(shots),
-              "--descriptions", "only-one"])
+        main(
+            [
+                "eval-two-pass",
+                "--model",
+                str(root / "model"),
+                "--experts",
+                *experts,
+                "--task-file",
+                str(shots),
+                "--descriptions",
+                "only-one",
+            ]
+        )
     empty = root / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match="no examples"):
-        main(["mix", "--model", str(root / "model"), "--experts", *experts, "--shots", str(empty),
-              "--output", str(root / "x")])
+        main(
+            [
+                "mix",
+                "--model",
+                str(root / "model"),
+                "--experts",
+                *experts,
+                "--shots",
+                str(empty),
+                "--output",
+                str(root / "x"),
+            ]
+        )

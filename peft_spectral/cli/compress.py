@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ._common import floats, load_model_or_exit, names
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,9 +54,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clusters", type=int, default=2, help="row clusters in clustered mode (default 2)")
     p.add_argument("--n-grad", type=int, default=100, help="calibration examples for the gradient (default 100)")
     p.add_argument("--n-eval", type=int, default=100, help="evaluation examples in clustered mode (default 100)")
-    p.add_argument("--n-val", type=int, default=None, help="validation examples for LASER / standard C2I (default all)")
-    p.add_argument("--matrices", type=names, default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                         "down_proj"], help="comma-separated matrix types or globs")
+    p.add_argument(
+        "--n-val", type=int, default=None, help="validation examples for LASER / standard C2I (default all)"
+    )
+    p.add_argument(
+        "--matrices",
+        type=names,
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="comma-separated matrix types or globs",
+    )
     p.add_argument("--layers", type=parse_layers, default=None, help="'all', '24-29', '0-29:3' or '3,7,11'")
     p.add_argument("--rhos", type=floats, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions")
     p.add_argument("--top-k", type=int, default=5, help="C2I: candidates evaluated (default 5)")
@@ -80,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_or_exit(args.model)
     modules = C.find_target_modules(model, args.matrices, args.layers)
     validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
-    common = dict(tokenizer=tok, kind=task.kind, batch_size=args.batch_size)
+    common = {"tokenizer": tok, "kind": task.kind, "batch_size": args.batch_size}
     if args.method == "laser":
         grid = C.candidate_grid(modules, args.rhos)
-        print(f"LASER: {len(grid)} candidates ({len(modules)} matrices × {len(args.rhos)} rho) on "
-              f"{len(validation)} validation examples")
+        print(
+            f"LASER: {len(grid)} candidates ({len(modules)} matrices × {len(args.rhos)} rho) on "
+            f"{len(validation)} validation examples"
+        )
         result = C.laser_search(model, validation, grid, state_path=args.state, **common)
     else:
         calibration = C.take_examples(task.train, args.n_grad, "calibration (train)", strict=args.strict)
@@ -93,12 +102,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             evaluation = validation
         result = C.c2i_search(
-            model, calibration, evaluation, modules, rhos=args.rhos, clusters=args.clusters if args.clustered else 1,
-            top_k=args.top_k, score=args.score, combine=args.combine, seed=args.seed, progress=True, **common
+            model,
+            calibration,
+            evaluation,
+            modules,
+            rhos=args.rhos,
+            clusters=args.clusters if args.clustered else 1,
+            top_k=args.top_k,
+            score=args.score,
+            combine=args.combine,
+            seed=args.seed,
+            progress=True,
+            **common,
         )
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
-    print(f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "
-          f"{result.best.accuracy:.3f} (loglik {result.best.mean_loglik:.3f})")
+    print(
+        f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "
+        f"{result.best.accuracy:.3f} (loglik {result.best.mean_loglik:.3f})"
+    )
     if not result.chosen:
         print("no intervention beat the unmodified model; nothing to save")
     for iv in result.chosen:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ._common import load_model_or_exit, number
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,15 +32,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="state/output directory (resumed when it exists)")
     p.add_argument("--steps", type=int, default=50, help="optimizer steps of each probe (default 50)")
     p.add_argument("--stage-steps", type=int, default=None, help="optimizer steps of each stage (default: --steps)")
-    p.add_argument("--p", "--core-fraction", dest="core_fraction", type=number, default=0.01,
-                   help="core fraction p in (0, 1) (default 0.01)")
-    p.add_argument("--tau", "--similarity-threshold", dest="tau", type=number, default=0.1,
-                   help="Jaccard threshold tau in [0, 1] (default 0.1)")
+    p.add_argument(
+        "--p",
+        "--core-fraction",
+        dest="core_fraction",
+        type=number,
+        default=0.01,
+        help="core fraction p in (0, 1) (default 0.01)",
+    )
+    p.add_argument(
+        "--tau",
+        "--similarity-threshold",
+        dest="tau",
+        type=number,
+        default=0.1,
+        help="Jaccard threshold tau in [0, 1] (default 0.1)",
+    )
     p.add_argument("--scope", choices=("global", "per_tensor"), default="global", help="top-p scope (default global)")
-    p.add_argument("--train-params", choices=("adapter", "full"), default="adapter",
-                   help="'adapter': CoreIsolation deltas of --target-modules (default); 'full': every parameter")
-    p.add_argument("--target-modules", nargs="+", default=["all-linear"],
-                   help="modules adapted in adapter mode (default all-linear), e.g. gate_proj up_proj down_proj")
+    p.add_argument(
+        "--train-params",
+        choices=("adapter", "full"),
+        default="adapter",
+        help="'adapter': CoreIsolation deltas of --target-modules (default); 'full': every parameter",
+    )
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        help="modules adapted in adapter mode (default all-linear), e.g. gate_proj up_proj down_proj",
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     p.add_argument("--stage-lr", type=float, default=None, help="stage learning rate (default: --lr)")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -49,8 +70,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, default=None, help="training examples per task (default all)")
     p.add_argument("--stage-order", choices=("input", "random", "small_first"), default="input")
     p.add_argument("--slerp-t", type=float, default=None, help="fixed SLERP weight (default: equal task weights)")
-    p.add_argument("--until", choices=("probe", "cores", "grouping", "fusion", "staged"), default=None,
-                   help="stop after this step (run again without it to continue)")
+    p.add_argument(
+        "--until",
+        choices=("probe", "cores", "grouping", "fusion", "staged"),
+        default=None,
+        help="stop after this step (run again without it to continue)",
+    )
     p.add_argument("--max-eval", type=int, default=50, help="test examples per task in the report (default 50)")
     p.add_argument("--no-eval", action="store_true", help="do not score the final model")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +137,12 @@ def run(args: argparse.Namespace) -> int:
     tasks = load_tasks(args.tasks, args.jsonl, seed=args.seed)
     model, tok = load_model_or_exit(args.model)
     pipe = CPIPipeline(
-        model, tok, tasks, config, args.output, progress=True,
+        model,
+        tok,
+        tasks,
+        config,
+        args.output,
+        progress=True,
         eval_fn=None if args.no_eval else make_eval_fn(args.max_eval),
     )
     report = pipe.run(until=args.until)

@@ -36,9 +36,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
-    kwargs = dict(model=args.model, output_dir=args.output, expert_tasks=tuple(args.expert_tasks),
-                  unseen_task=args.unseen_task, compress_task=args.compress_task, cpi_tasks=tuple(args.cpi_tasks),
-                  seed=args.seed)
+    kwargs = {
+        "model": args.model,
+        "output_dir": args.output,
+        "expert_tasks": tuple(args.expert_tasks),
+        "unseen_task": args.unseen_task,
+        "compress_task": args.compress_task,
+        "cpi_tasks": tuple(args.cpi_tasks),
+        "seed": args.seed,
+    }
     if args.quick:
         config = DemoConfig.quick(**kwargs)
     else:

@@ -15,15 +15,19 @@ from pathlib import Path
 
 from ._common import load_model_or_exit
 
+
 logger = logging.getLogger(__name__)
 
 
 def _add_expert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experts", nargs="+", required=True, metavar="DIR",
-                   help="saved SVF expert adapters (directories or Hub ids)")
+    p.add_argument(
+        "--experts", nargs="+", required=True, metavar="DIR", help="saved SVF expert adapters (directories or Hub ids)"
+    )
     p.add_argument("--names", nargs="+", default=None, help="expert names (default: directory names)")
     p.add_argument("--descriptions", nargs="+", default=None, help="one description per expert (for dispatch)")
-    p.add_argument("--model", default=None, help="base model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="base model path or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
 
 
@@ -38,11 +42,19 @@ def add_parser(subparsers) -> None:
         ),
     )
     _add_expert_args(p)
-    p.add_argument("--shots", required=True, metavar="FILE.jsonl",
-                   help="labelled examples: {prompt, choices, label} or {prompt, target} per line")
+    p.add_argument(
+        "--shots",
+        required=True,
+        metavar="FILE.jsonl",
+        help="labelled examples: {prompt, choices, label} or {prompt, target} per line",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="directory for the mixed adapter")
-    p.add_argument("--kind", choices=("multiple_choice", "generation", "code"), default=None,
-                   help="default: multiple_choice when the shots have choices, else generation")
+    p.add_argument(
+        "--kind",
+        choices=("multiple_choice", "generation", "code"),
+        default=None,
+        help="default: multiple_choice when the shots have choices, else generation",
+    )
     p.add_argument("--per-layer", action="store_true", help="one alpha per expert per transformer block")
     p.add_argument("--population", type=int, default=32)
     p.add_argument("--elite-fraction", type=float, default=0.2)
@@ -51,7 +63,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--generations", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload the mixed adapter to this Hub repo")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_ID", help="also upload the mixed adapter to this Hub repo"
+    )
     p.set_defaults(func=run_mix)
 
     e = subparsers.add_parser(
@@ -70,7 +84,9 @@ def add_parser(subparsers) -> None:
     e.add_argument("--split", choices=("train", "validation", "test"), default="test")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     e.add_argument("--strategy", choices=("base", "dispatch", "classifier", "mixture"), default="dispatch")
-    e.add_argument("--classifier", default=None, metavar="DIR", help="classifier expert adapter (--strategy classifier)")
+    e.add_argument(
+        "--classifier", default=None, metavar="DIR", help="classifier expert adapter (--strategy classifier)"
+    )
     e.add_argument("--mixture", default=None, metavar="DIR", help="saved mixed adapter (--strategy mixture)")
     e.add_argument("--dispatch-mode", choices=("loglik", "generate"), default="loglik")
     e.add_argument("--max-question-tokens", type=int, default=96)
@@ -97,23 +113,33 @@ def run_mix(args: argparse.Namespace) -> int:
 
     shots = load_shots(args.shots)
     kind = args.kind or ("multiple_choice" if all(s.choices for s in shots) else "generation")
-    config = CEMConfig(population=args.population, elite_fraction=args.elite_fraction, init_std=args.init_std,
-                       init_mean=args.init_mean, generations=args.generations, seed=args.seed,
-                       progress=not args.no_progress)
+    config = CEMConfig(
+        population=args.population,
+        elite_fraction=args.elite_fraction,
+        init_std=args.init_std,
+        init_mean=args.init_mean,
+        generations=args.generations,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     library = _library(args)
     mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
     result = mixer.search(config)
-    out = mixer.save(args.output, result=result, extra={"cem": {k: v for k, v in vars(config).items()}})
+    out = mixer.save(args.output, result=result, extra={"cem": dict(vars(config).items())})
     print(f"experts: {', '.join(mixer.experts)}")
     alpha = result.best_alpha
     if alpha.ndim == 1:
         print("alpha: " + ", ".join(f"{n}={a:.3f}" for n, a in zip(mixer.experts, alpha.tolist())))
     else:
-        print(f"alpha: per layer, shape {tuple(alpha.shape)}; mean per expert: "
-              + ", ".join(f"{n}={a:.3f}" for n, a in zip(mixer.experts, alpha.mean(1).tolist())))
+        print(
+            f"alpha: per layer, shape {tuple(alpha.shape)}; mean per expert: "
+            + ", ".join(f"{n}={a:.3f}" for n, a in zip(mixer.experts, alpha.mean(1).tolist()))
+        )
     acc, ll = result.best_fitness[:2]
-    print(f"best fitness on {len(shots)} shots: accuracy {acc:.3f}, mean log-likelihood {ll:.4f} "
-          f"({result.evaluations} evaluations, {result.seconds:.1f}s)")
+    print(
+        f"best fitness on {len(shots)} shots: accuracy {acc:.3f}, mean log-likelihood {ll:.4f} "
+        f"({result.evaluations} evaluations, {result.seconds:.1f}s)"
+    )
     print(f"saved mixed SVF adapter to {out}")
     if args.push_to_hub:
         from ..transformer2 import push_mixture_to_hub
@@ -158,14 +184,28 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         if not args.mixture:
             raise SystemExit("--strategy mixture needs --mixture DIR")
         dispatcher = FixedDispatcher(library.load_extra_adapter(args.mixture, "t2_mixture", "mixture"))
-    result = two_pass_evaluate(library, dispatcher, examples, kind=kind, mode=args.mode,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    summary = {"task": name, "split": args.split, "strategy": args.strategy, **result.to_dict(),
-               "choices": ["base" if c is None else c for c in result.choices]}
+    result = two_pass_evaluate(
+        library,
+        dispatcher,
+        examples,
+        kind=kind,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    summary = {
+        "task": name,
+        "split": args.split,
+        "strategy": args.strategy,
+        **result.to_dict(),
+        "choices": ["base" if c is None else c for c in result.choices],
+    }
     print(f"{name} ({args.split}, n={len(examples)}), strategy {args.strategy}: accuracy {result.accuracy:.3f}")
     print("experts chosen: " + ", ".join(f"{k}={v}" for k, v in summary["group_sizes"].items()))
-    print(f"pass 1 {result.pass1_seconds:.2f}s, pass 2 {result.pass2_seconds:.2f}s "
-          f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms")
+    print(
+        f"pass 1 {result.pass1_seconds:.2f}s, pass 2 {result.pass2_seconds:.2f}s "
+        f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms"
+    )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=2))

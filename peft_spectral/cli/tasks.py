@@ -35,7 +35,9 @@ def _show(name: str, num: int, split: str, seed: int) -> int:
     for i, ex in enumerate(task.split(split)[: max(num, 0)]):
         print(f"\n--- {split}[{i}] ---")
         print(ex.prompt)
-        answer = f"{chr(ord('A') + ex.label)}. {ex.target}" if ex.choices and task.kind == "multiple_choice" else ex.target
+        answer = (
+            f"{chr(ord('A') + ex.label)}. {ex.target}" if ex.choices and task.kind == "multiple_choice" else ex.target
+        )
         print(f">>> target: {answer}")
     return 0
 

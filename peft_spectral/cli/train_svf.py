@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ._common import load_model_or_exit, names, non_negative_float, positive_int
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,8 +41,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", type=names, default=None, help="comma-separated; default: MLP projections")
     p.add_argument("--mode", choices=("linear", "sigmoid"), default="linear", help="SVF scale function")
     p.add_argument("--train-examples", type=positive_int, default=None, help="use only the first N train examples")
-    p.add_argument("--eval-examples", type=int, default=0,
-                   help="evaluate base and adapter on the first N test examples (generation mode); 0 skips")
+    p.add_argument(
+        "--eval-examples",
+        type=int,
+        default=0,
+        help="evaluate base and adapter on the first N test examples (generation mode); 0 skips",
+    )
     p.add_argument("--save-steps", type=positive_int, default=None, help="write a resumable checkpoint every N steps")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from ('last' for the newest)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..evaluation import evaluate
-    from ..tuners.svf import SVFConfig
     from ..training import train_svf
+    from ..tuners.svf import SVFConfig
 
     torch.manual_seed(args.seed)
     task = _load_task(args.task, args.seed)
@@ -78,34 +83,52 @@ def run(args: argparse.Namespace) -> int:
     test = task.test[: args.eval_examples] if args.eval_examples > 0 else []
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"train-svf: task {task.name} ({task.kind}), {len(train)} train examples, method {args.method}"
-          + (f"/{args.algorithm} beta={args.beta}" if args.method == "rl" else "") + f", {args.steps} steps")
+    print(
+        f"train-svf: task {task.name} ({task.kind}), {len(train)} train examples, method {args.method}"
+        + (f"/{args.algorithm} beta={args.beta}" if args.method == "rl" else "")
+        + f", {args.steps} steps"
+    )
 
     report: dict[str, Any] = {"task": task.name, "kind": task.kind, "method": args.method, "steps": args.steps}
-    eval_kwargs = dict(kind=task.kind, mode="generate", max_new_tokens=max(args.max_completion_length, 8))
+    eval_kwargs = {"kind": task.kind, "mode": "generate", "max_new_tokens": max(args.max_completion_length, 8)}
     if test:
         before = evaluate(model, tokenizer, test, progress=True, **eval_kwargs)
         print(f"base test accuracy ({len(test)} examples, generated answers): {before.accuracy:.3f}")
         report["base_accuracy"] = before.accuracy
 
     config = SVFConfig(target_modules=args.target_modules, mode=args.mode)
-    preset: dict[str, Any] = dict(learning_rate=args.lr, seed=args.seed, save_steps=args.save_steps)
+    preset: dict[str, Any] = {"learning_rate": args.lr, "seed": args.seed, "save_steps": args.save_steps}
     if args.method == "rl":
-        preset.update(prompts_per_step=args.prompts_per_step, num_generations=args.num_generations,
-                      max_completion_length=args.max_completion_length)
+        preset.update(
+            prompts_per_step=args.prompts_per_step,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+        )
     else:
         preset.update(per_device_train_batch_size=args.batch_size)
     start = time.perf_counter()
     result = train_svf(
-        model, tokenizer, train, method=args.method, algorithm=args.algorithm, kind=task.kind,
-        output_dir=str(out / "checkpoints"), max_steps=args.steps, beta=args.beta, svf_config=config,
-        printer=tqdm.write, resume_from_checkpoint=_resume_arg(args.resume), **preset,
+        model,
+        tokenizer,
+        train,
+        method=args.method,
+        algorithm=args.algorithm,
+        kind=task.kind,
+        output_dir=str(out / "checkpoints"),
+        max_steps=args.steps,
+        beta=args.beta,
+        svf_config=config,
+        printer=tqdm.write,
+        resume_from_checkpoint=_resume_arg(args.resume),
+        **preset,
     )
     wall = time.perf_counter() - start
     peft_model = result.model
     peft_model.save_pretrained(str(out))
-    print(f"trained {result.trainable_parameters} parameters in {wall:.1f} s "
-          f"({wall / args.steps:.2f} s/step); adapter saved to {out}")
+    print(
+        f"trained {result.trainable_parameters} parameters in {wall:.1f} s "
+        f"({wall / args.steps:.2f} s/step); adapter saved to {out}"
+    )
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
     if test:
         after = evaluate(peft_model, tokenizer, test, progress=True, **eval_kwargs)

@@ -9,18 +9,39 @@
 See `docs/transformer2.md`.
 """
 
+from ..option_scoring import OptionScores, score_examples, score_option_ids
 from .cem import CEMConfig, CEMResult, FewShotMixer, cross_entropy_method, push_mixture_to_hub
 from .classifier import base_model_copy, build_classifier_examples, train_classifier_expert
 from .dispatch import DispatchPrompt, FixedDispatcher, PromptDispatcher, parse_category
 from .library import OTHERS, Expert, ExpertLibrary, ExpertLibraryError, check_compatible
-from ..option_scoring import OptionScores, score_examples, score_option_ids
 from .shots import load_shots
 from .two_pass import TwoPassResult, group_by_choice, two_pass_evaluate, two_pass_generate
 
+
 __all__ = [
-    "CEMConfig", "CEMResult", "DispatchPrompt", "Expert", "ExpertLibrary", "ExpertLibraryError", "FewShotMixer",
-    "FixedDispatcher", "OTHERS", "OptionScores", "PromptDispatcher", "TwoPassResult", "base_model_copy",
-    "build_classifier_examples", "check_compatible", "cross_entropy_method", "group_by_choice", "load_shots",
-    "parse_category", "push_mixture_to_hub", "score_examples", "score_option_ids", "train_classifier_expert",
-    "two_pass_evaluate", "two_pass_generate",
+    "OTHERS",
+    "CEMConfig",
+    "CEMResult",
+    "DispatchPrompt",
+    "Expert",
+    "ExpertLibrary",
+    "ExpertLibraryError",
+    "FewShotMixer",
+    "FixedDispatcher",
+    "OptionScores",
+    "PromptDispatcher",
+    "TwoPassResult",
+    "base_model_copy",
+    "build_classifier_examples",
+    "check_compatible",
+    "cross_entropy_method",
+    "group_by_choice",
+    "load_shots",
+    "parse_category",
+    "push_mixture_to_hub",
+    "score_examples",
+    "score_option_ids",
+    "train_classifier_expert",
+    "two_pass_evaluate",
+    "two_pass_generate",
 ]

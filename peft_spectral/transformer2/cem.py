@@ -18,17 +18,19 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from ..evaluation import _pad_id, evaluate
+from ..option_scoring import encode_examples, multiple_choice_metrics, score_option_ids
 from ..tasks import Example
 from ..tuners.svf.model import combine_svf_adapters, layer_index
 from .library import ExpertLibrary
-from ..option_scoring import encode_examples, multiple_choice_metrics, score_option_ids
+
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,7 @@ def _as_tuple(value: Fitness) -> tuple[float, ...]:
 
 
 def _key(f: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(-math.inf if v != v else v for v in f)  # NaN ranks last
+    return tuple(-math.inf if math.isnan(v) else v for v in f)  # NaN ranks last
 
 
 def cross_entropy_method(
@@ -179,22 +181,35 @@ def cross_entropy_method(
                 best_fit, best_alpha = fits[order[0]], samples[order[0]].clone()
             elites = samples[order[: config.num_elites]]
             mean = elites.mean(0)
-            std = elites.std(0, unbiased=False).clamp_min(config.min_std) if len(elites) > 1 else std.clamp_min(config.min_std)
+            std = (
+                elites.std(0, unbiased=False).clamp_min(config.min_std)
+                if len(elites) > 1
+                else std.clamp_min(config.min_std)
+            )
             firsts = [f[0] for f in fits]
-            history.append({
-                "generation": g,
-                "best": best_fit[0],
-                "best_fitness": list(best_fit),
-                "generation_best": fits[order[0]][0],
-                "generation_mean": sum(firsts) / len(firsts),
-                "elite_mean": sum(fits[i][0] for i in order[: config.num_elites]) / config.num_elites,
-                "std_mean": float(std.mean()),
-            })
+            history.append(
+                {
+                    "generation": g,
+                    "best": best_fit[0],
+                    "best_fitness": list(best_fit),
+                    "generation_best": fits[order[0]][0],
+                    "generation_mean": sum(firsts) / len(firsts),
+                    "elite_mean": sum(fits[i][0] for i in order[: config.num_elites]) / config.num_elites,
+                    "std_mean": float(std.mean()),
+                }
+            )
             bar.set_postfix(best=f"{best_fit[0]:.4g}")
     finally:
         bar.close()
-    return CEMResult(best_alpha=best_alpha, best_fitness=best_fit, history=history, evaluations=evaluations,
-                     seconds=time.perf_counter() - start, mean=mean, std=std)
+    return CEMResult(
+        best_alpha=best_alpha,
+        best_fitness=best_fit,
+        history=history,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - start,
+        mean=mean,
+        std=std,
+    )
 
 
 def _check_shots(shots: Sequence[Example], kind: str) -> list[Example]:
@@ -299,12 +314,24 @@ class FewShotMixer:
         lib = self.library
         with lib.use(self.adapter_name):
             if self.kind == "multiple_choice":
-                scores = score_option_ids(lib.model, self._prompts, self._options,
-                                          pad_id=_pad_id(lib.tokenizer, lib.model), batch_size=self.batch_size)
+                scores = score_option_ids(
+                    lib.model,
+                    self._prompts,
+                    self._options,
+                    pad_id=_pad_id(lib.tokenizer, lib.model),
+                    batch_size=self.batch_size,
+                )
                 correct, ll = multiple_choice_metrics(scores, [ex.label for ex in self.shots])
                 return sum(correct) / len(correct), ll
-            res = evaluate(lib.model, lib.tokenizer, self.shots, kind=self.kind, mode="generate",
-                           batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+            res = evaluate(
+                lib.model,
+                lib.tokenizer,
+                self.shots,
+                kind=self.kind,
+                mode="generate",
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+            )
             return res.accuracy, res.mean_loglik
 
     def search(self, config: Optional[CEMConfig] = None) -> CEMResult:
@@ -345,8 +372,14 @@ class FewShotMixer:
                 if f.is_file():
                     shutil.copy2(f, out / f.name)
         meta = {
-            "experts": [{"name": e, "source": self.library.experts[e].source,
-                         "description": self.library.experts[e].description} for e in self.experts],
+            "experts": [
+                {
+                    "name": e,
+                    "source": self.library.experts[e].source,
+                    "description": self.library.experts[e].description,
+                }
+                for e in self.experts
+            ],
             "per_layer": self.per_layer,
             "alpha": torch.as_tensor(alpha).tolist() if alpha is not None else None,
             "n_shots": len(self.shots),

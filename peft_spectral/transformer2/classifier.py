@@ -14,8 +14,9 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -24,6 +25,7 @@ from ..tasks import Example
 from ..tuners.svf.config import SVFConfig
 from .dispatch import DispatchPrompt
 from .library import OTHERS, ExpertLibrary
+
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +89,13 @@ def _sft_records(tokenizer, examples: Sequence[Example]) -> list[dict[str, Any]]
     from ..evaluation import format_prompt
 
     if _uses_chat(tokenizer, None):
-        return [{"prompt": [{"role": "user", "content": ex.prompt}],
-                 "completion": [{"role": "assistant", "content": ex.target}]} for ex in examples]
+        return [
+            {
+                "prompt": [{"role": "user", "content": ex.prompt}],
+                "completion": [{"role": "assistant", "content": ex.target}],
+            }
+            for ex in examples
+        ]
     return [{"prompt": format_prompt(tokenizer, ex), "completion": ex.target} for ex in examples]
 
 
@@ -138,8 +145,12 @@ def train_classifier_expert(
     ref = next(iter(library.experts.values())).config
     if svf_config is None:
         svf_config = SVFConfig(
-            target_modules=sorted(ref.target_modules) if isinstance(ref.target_modules, (set, list)) else ref.target_modules,
-            mode=ref.mode, rank=ref.rank, svd_cache_dir=ref.svd_cache_dir,
+            target_modules=sorted(ref.target_modules)
+            if isinstance(ref.target_modules, (set, list))
+            else ref.target_modules,
+            mode=ref.mode,
+            rank=ref.rank,
+            svd_cache_dir=ref.svd_cache_dir,
         )
     model = base_model if base_model is not None else base_model_copy(library)
     if getattr(ref, "base_model_name_or_path", None):
@@ -148,21 +159,46 @@ def train_classifier_expert(
         max_length = _longest(library.tokenizer, examples) + 8
     trained = None
     if use_training_module:
-        trained = _try_training_module(model, library.tokenizer, examples, output_dir, steps=steps,
-                                       learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
-                                       svf_config=svf_config, seed=seed)
+        trained = _try_training_module(
+            model,
+            library.tokenizer,
+            examples,
+            output_dir,
+            steps=steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            svf_config=svf_config,
+            seed=seed,
+        )
     if trained is None:
-        _train_with_trl(model, library.tokenizer, examples, output_dir, steps=steps, learning_rate=learning_rate,
-                        batch_size=batch_size, max_length=max_length, svf_config=svf_config, seed=seed,
-                        trainer_kwargs=trainer_kwargs or {})
-    meta = {"categories": library.names + [OTHERS], "n_examples": len(examples), "steps": steps,
-            "learning_rate": learning_rate, "trained_with": "peft_spectral.training" if trained else "trl.SFTTrainer"}
+        _train_with_trl(
+            model,
+            library.tokenizer,
+            examples,
+            output_dir,
+            steps=steps,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            svf_config=svf_config,
+            seed=seed,
+            trainer_kwargs=trainer_kwargs or {},
+        )
+    meta = {
+        "categories": library.names + [OTHERS],
+        "n_examples": len(examples),
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "trained_with": "peft_spectral.training" if trained else "trl.SFTTrainer",
+    }
     (output_dir / CLASSIFIER_METADATA).write_text(json.dumps(meta, indent=2))
     return output_dir
 
 
-def _try_training_module(model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length,
-                         svf_config, seed) -> Optional[Path]:
+def _try_training_module(
+    model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length, svf_config, seed
+) -> Optional[Path]:
     """Train through `peft_spectral.training.train_svf(method="sft")`; `None` when that module is unavailable."""
     try:
         from ..training import train_svf  # the package's TRL glue
@@ -170,16 +206,37 @@ def _try_training_module(model, tokenizer, examples, output_dir, *, steps, learn
         return None
     with tempfile.TemporaryDirectory() as tmp:
         result = train_svf(
-            model, tokenizer, list(examples), method="sft", kind="multiple_choice", output_dir=tmp,
-            max_steps=steps, svf_config=copy.deepcopy(svf_config), learning_rate=learning_rate,
-            per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
+            model,
+            tokenizer,
+            list(examples),
+            method="sft",
+            kind="multiple_choice",
+            output_dir=tmp,
+            max_steps=steps,
+            svf_config=copy.deepcopy(svf_config),
+            learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
         )
         result.model.save_pretrained(str(output_dir))
     return output_dir
 
 
-def _train_with_trl(model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length,
-                    svf_config, seed, trainer_kwargs) -> None:
+def _train_with_trl(
+    model,
+    tokenizer,
+    examples,
+    output_dir,
+    *,
+    steps,
+    learning_rate,
+    batch_size,
+    max_length,
+    svf_config,
+    seed,
+    trainer_kwargs,
+) -> None:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -205,8 +262,13 @@ def _train_with_trl(model, tokenizer, examples, output_dir, *, steps, learning_r
             disable_tqdm=False,
             **trainer_kwargs,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=copy.deepcopy(svf_config))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=copy.deepcopy(svf_config),
+        )
         trainer.train()
         trainer.model.save_pretrained(str(output_dir))
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Optional, Protocol, Union
 
 from ..evaluation import _encode_answer, _encode_prompt, _pad_id, generate_answers
+from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
 from ..tasks import Example
 from .library import OTHERS, ExpertLibrary
-from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
+
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,11 @@ def parse_category(text: str, names: Sequence[str]) -> Optional[str]:
     """
     if not text:
         return None
-    cleaned = re.sub(r"^\s*(category|classification|answer)\s*[:=]\s*", "", text.strip(), flags=re.I)
+    cleaned = re.sub(r"^\s*(category|classification|answer)\s*[:=]\s*", "", text.strip(), flags=re.IGNORECASE)
     candidates = list(names) + [OTHERS]
     best: Optional[tuple[int, str]] = None
     for name in candidates:
-        match = re.search(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"(?![A-Za-z0-9_])", cleaned, flags=re.I)
+        match = re.search(r"(?<![A-Za-z0-9_])" + re.escape(name) + r"(?![A-Za-z0-9_])", cleaned, flags=re.IGNORECASE)
         if match and (best is None or match.start() < best[0]):
             best = (match.start(), name)
     return best[1] if best else None
@@ -113,13 +115,18 @@ class DispatchPrompt:
         head = self.instruction.format(categories=category_lines(names, descriptions, self.others_description))
         return head + QUESTION_HEADER + truncate_text(tokenizer, question, self.max_question_tokens).strip()
 
-    def example(self, tokenizer, names: Sequence[str], descriptions: Sequence[str], question: str,
-                label: Optional[str] = None) -> Example:
+    def example(
+        self, tokenizer, names: Sequence[str], descriptions: Sequence[str], question: str, label: Optional[str] = None
+    ) -> Example:
         """An [`Example`] whose choices are the categories (experts then `others`); `label` names the gold one."""
         choices = tuple(names) + (OTHERS,)
         idx = choices.index(label) if label is not None else None
-        return Example(prompt=self.render(tokenizer, names, descriptions, question),
-                       target=label if label is not None else "", choices=choices, label=idx)
+        return Example(
+            prompt=self.render(tokenizer, names, descriptions, question),
+            target=label if label is not None else "",
+            choices=choices,
+            label=idx,
+        )
 
 
 class PromptDispatcher:
@@ -176,12 +183,19 @@ class PromptDispatcher:
         if not examples:
             return []
         if self.adapter is not None and self.adapter not in library.model.peft_config:
-            raise ValueError(f"dispatch adapter {self.adapter!r} is not loaded; loaded: {sorted(library.model.peft_config)}")
+            raise ValueError(
+                f"dispatch adapter {self.adapter!r} is not loaded; loaded: {sorted(library.model.peft_config)}"
+            )
         questions = self.category_examples(library, examples)
         with library.use(self.adapter):
             if self.mode == "generate":
-                answers = generate_answers(library.model, library.tokenizer, questions,
-                                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                answers = generate_answers(
+                    library.model,
+                    library.tokenizer,
+                    questions,
+                    max_new_tokens=self.max_new_tokens,
+                    batch_size=self.batch_size,
+                )
                 self.last_answers = answers
                 return [parse_category(a, library.names) for a in answers]
             return self._loglik(library, questions)
@@ -195,8 +209,15 @@ class PromptDispatcher:
             labels = distinct_prefixes(labels)
         options = [labels for _ in questions]
         prefix = self._shared_prefix(library, prompts)
-        scores = score_option_ids(library.model, prompts, options, pad_id=_pad_id(tok, library.model),
-                                  batch_size=self.batch_size, prefix=prefix, share_prefix=False)
+        scores = score_option_ids(
+            library.model,
+            prompts,
+            options,
+            pad_id=_pad_id(tok, library.model),
+            batch_size=self.batch_size,
+            prefix=prefix,
+            share_prefix=False,
+        )
         picks = [choices[i] for i in scores.argmax()]
         self.last_answers = picks
         return picks

@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from ..adapter_io import load_adapter, validate_adapter_dir
 from ..tuners.svf.config import SVFConfig
 from ..tuners.svf.layer import SVFLinear
 from ..tuners.svf.model import layer_index
+
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +71,16 @@ def _expert_from_spec(spec: ExpertSpec, index: int) -> Expert:
         source = spec.get("source", spec.get("path"))
         if not source:
             raise ExpertLibraryError(f"experts[{index}] names no 'source' (adapter directory or Hub id)")
-        return Expert(name=str(spec.get("name") or _default_name(str(source))), source=str(source),
-                      description=str(spec.get("description", "")))
+        return Expert(
+            name=str(spec.get("name") or _default_name(str(source))),
+            source=str(source),
+            description=str(spec.get("description", "")),
+        )
     if isinstance(spec, (str, os.PathLike)):
         return Expert(name=_default_name(str(spec)), source=str(spec))
-    raise ExpertLibraryError(f"experts[{index}] must be a path, a Hub id, an Expert or a mapping, got {type(spec).__name__}")
+    raise ExpertLibraryError(
+        f"experts[{index}] must be a path, a Hub id, an Expert or a mapping, got {type(spec).__name__}"
+    )
 
 
 def _default_name(source: str) -> str:
@@ -157,7 +164,7 @@ class ExpertLibrary:
         descriptions: Optional[Sequence[str]] = None,
         check_base_model: bool = True,
         **hub_kwargs: Any,
-    ) -> "ExpertLibrary":
+    ) -> ExpertLibrary:
         """Validate K saved SVF adapters and load them onto `base_model` as one `PeftModel`.
 
         Args:
@@ -284,8 +291,11 @@ class ExpertLibrary:
         lowered = {n.lower(): n for n in list(self.experts) + list(self.extra_adapters)}
         if text.lower() in lowered:
             return lowered[text.lower()]
-        logger.warning("dispatcher chose unknown expert %r; answering with the base model (experts: %s)",
-                       choice, ", ".join(self.experts))
+        logger.warning(
+            "dispatcher chose unknown expert %r; answering with the base model (experts: %s)",
+            choice,
+            ", ".join(self.experts),
+        )
         return None
 
     @contextlib.contextmanager
@@ -351,8 +361,11 @@ def check_compatible(experts: Sequence[Expert], *, check_base_model: bool = True
         checks = (
             ("target modules", _normalise_targets(a.target_modules), _normalise_targets(b.target_modules)),
             ("excluded modules", _normalise_targets(a.exclude_modules), _normalise_targets(b.exclude_modules)),
-            ("layers_to_transform", _normalise_targets(a.layers_to_transform),
-             _normalise_targets(b.layers_to_transform)),
+            (
+                "layers_to_transform",
+                _normalise_targets(a.layers_to_transform),
+                _normalise_targets(b.layers_to_transform),
+            ),
             ("SVF mode", a.mode, b.mode),
             ("SVF rank", a.rank, b.rank),
         )
@@ -370,7 +383,8 @@ def _warn_base_mismatch(model: nn.Module, expert: Expert) -> None:
     if expected and actual and str(expected) != str(actual):
         logger.warning(
             "the experts were trained on %r but the given base model is %r; loading goes on (shapes are checked)",
-            expected, actual,
+            expected,
+            actual,
         )
 
 

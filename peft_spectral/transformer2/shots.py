@@ -8,6 +8,7 @@ from typing import Union
 
 from ..tasks import Example
 
+
 _PROMPT_KEYS = ("prompt", "input", "question")
 _CHOICE_KEYS = ("choices", "options")
 

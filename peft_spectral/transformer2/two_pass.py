@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from ..evaluation import answer_logliks, generate_answers, score_prediction
+from ..option_scoring import multiple_choice_metrics, score_examples
 from ..tasks import Example
 from .dispatch import DispatcherLike
 from .library import ExpertLibrary
-from ..option_scoring import multiple_choice_metrics, score_examples
+
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,9 @@ def _as_examples(prompts: Sequence[Union[str, Example]]) -> list[Example]:
     return out
 
 
-def run_pass1(library: ExpertLibrary, dispatcher: DispatcherLike, examples: Sequence[Example]) -> tuple[list[Optional[str]], float]:
+def run_pass1(
+    library: ExpertLibrary, dispatcher: DispatcherLike, examples: Sequence[Example]
+) -> tuple[list[Optional[str]], float]:
     """Run a dispatcher and resolve its answers to adapter names (or `None`); returns them and the time taken."""
     start = time.perf_counter()
     raw = list(dispatcher(library, examples))
@@ -95,7 +99,7 @@ def run_pass1(library: ExpertLibrary, dispatcher: DispatcherLike, examples: Sequ
     return [library.resolve(c) for c in raw], seconds
 
 
-def group_by_choice(choices: Sequence[Optional[str]]) -> "OrderedDict[Optional[str], list[int]]":
+def group_by_choice(choices: Sequence[Optional[str]]) -> OrderedDict[Optional[str], list[int]]:
     """Prompt indices per chosen adapter, in order of first appearance."""
     groups: OrderedDict[Optional[str], list[int]] = OrderedDict()
     for i, c in enumerate(choices):
@@ -141,12 +145,24 @@ def two_pass_generate(
     examples = _as_examples(prompts)
     choices, pass1 = run_pass1(library, dispatcher, examples)
     results, pass2, switch, groups = _run_groups(
-        library, choices,
-        lambda idx: generate_answers(library.model, library.tokenizer, [examples[i] for i in idx],
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size),
+        library,
+        choices,
+        lambda idx: generate_answers(
+            library.model,
+            library.tokenizer,
+            [examples[i] for i in idx],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        ),
     )
-    return TwoPassResult(choices=choices, outputs=[results[i] for i in range(len(examples))], pass1_seconds=pass1,
-                         pass2_seconds=pass2, switch_seconds=switch, groups=groups)
+    return TwoPassResult(
+        choices=choices,
+        outputs=[results[i] for i in range(len(examples))],
+        pass1_seconds=pass1,
+        pass2_seconds=pass2,
+        switch_seconds=switch,
+        groups=groups,
+    )
 
 
 def two_pass_evaluate(
@@ -189,8 +205,9 @@ def two_pass_evaluate(
                 (p, p == ex.label, scores.mean_token_loglik(k, ex.label) if ex.label is not None else float("nan"))
                 for k, (p, ex) in enumerate(zip(picks, group))
             ]
-        texts = generate_answers(library.model, library.tokenizer, group, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size)
+        texts = generate_answers(
+            library.model, library.tokenizer, group, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
         lls = answer_logliks(library.model, library.tokenizer, group, batch_size=batch_size).tolist()
         return [(t, score_prediction(kind, t, ex), ll) for t, ex, ll in zip(texts, group, lls)]
 
@@ -199,11 +216,23 @@ def two_pass_evaluate(
     correct = [bool(r[1]) for r in ordered]
     lls = [r[2] for r in ordered if r[2] == r[2]]
     return TwoPassResult(
-        choices=choices, outputs=[r[0] for r in ordered], pass1_seconds=pass1, pass2_seconds=pass2,
-        switch_seconds=switch, groups=groups, correct=correct, accuracy=sum(correct) / len(correct),
+        choices=choices,
+        outputs=[r[0] for r in ordered],
+        pass1_seconds=pass1,
+        pass2_seconds=pass2,
+        switch_seconds=switch,
+        groups=groups,
+        correct=correct,
+        accuracy=sum(correct) / len(correct),
         mean_loglik=sum(lls) / len(lls) if lls else float("nan"),
     )
 
 
-__all__ = ["TwoPassResult", "group_by_choice", "run_pass1", "two_pass_evaluate", "two_pass_generate",
-           "multiple_choice_metrics"]
+__all__ = [
+    "TwoPassResult",
+    "group_by_choice",
+    "multiple_choice_metrics",
+    "run_pass1",
+    "two_pass_evaluate",
+    "two_pass_generate",
+]

@@ -23,4 +23,6 @@ def linear_features(base: nn.Module, method: str, module_name: str = "") -> tupl
         in_features, out_features = base.weight.shape
         return in_features, out_features, True
     where = f" for module {module_name!r}" if module_name else ""
-    raise TypeError(f"{method} supports torch.nn.Linear and transformers' Conv1D layers, got {type(base).__name__}{where}")
+    raise TypeError(
+        f"{method} supports torch.nn.Linear and transformers' Conv1D layers, got {type(base).__name__}{where}"
+    )

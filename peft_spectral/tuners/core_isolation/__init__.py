@@ -5,6 +5,7 @@ from .config import CoreIsolationConfig
 from .layer import CoreIsolationLayer, Linear
 from .model import CoreIsolationModel
 
+
 register_method("core_isolation", CoreIsolationConfig, CoreIsolationModel, prefix="core_isolation_")
 
 __all__ = ["CoreIsolationConfig", "CoreIsolationLayer", "CoreIsolationModel", "Linear"]

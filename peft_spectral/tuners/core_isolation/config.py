@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 
 from ...registry import add_peft_type
 
+
 CoreScope = Literal["global", "per_tensor"]
 
 
@@ -60,7 +61,9 @@ class CoreIsolationConfig(PeftConfig):
 
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear",
-        metadata={"help": "Module names or a regex to adapt, or 'all-linear' (default: every linear layer but the head)."},
+        metadata={
+            "help": "Module names or a regex to adapt, or 'all-linear' (default: every linear layer but the head)."
+        },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex to exclude from adaptation."}

@@ -7,13 +7,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from peft.tuners._buffer_dict import BufferDict
 from .._linear import linear_features
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-
 from .config import CoreIsolationConfig
+
 
 __all__ = ["CoreIsolationLayer", "Linear"]
 
@@ -70,7 +70,7 @@ class CoreIsolationLayer(BaseTunerLayer):
     def effective_delta(self, adapter_name: str) -> torch.Tensor:
         """The delta of `adapter_name` with gradients blocked on the frozen (masked) entries."""
         delta = self.core_isolation_delta[adapter_name]
-        mask = self.core_isolation_mask[adapter_name] if adapter_name in self.core_isolation_mask else None
+        mask = self.core_isolation_mask[adapter_name] if adapter_name in self.core_isolation_mask else None  # noqa: SIM401 (BufferDict has no .get)
         if mask is None or not delta.requires_grad or not torch.is_grad_enabled():
             return delta
         return torch.where(mask, delta.detach(), delta)

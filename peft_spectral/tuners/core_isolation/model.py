@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
 
 from .config import CoreIsolationConfig
 from .layer import CoreIsolationLayer, Linear, _is_conv1d
+
 
 __all__ = ["CoreIsolationModel"]
 

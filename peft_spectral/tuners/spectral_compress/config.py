@@ -10,6 +10,7 @@ from peft.utils import PeftType
 
 from ...subspace import check_rho
 
+
 _MODULE_KEYS = {"rho", "clusters"}
 _FORWARD_MODES = ("auto", "factored", "dense")
 
@@ -74,9 +75,7 @@ class SpectralCompressConfig(PeftConfig):
         default=0.1,
         metadata={"help": "Default rank fraction in (0, 1] kept by the truncation: k = round(rho * min(out, in))."},
     )
-    clusters: int = field(
-        default=1, metadata={"help": "Default number of row clusters (1 = plain LASER truncation)."}
-    )
+    clusters: int = field(default=1, metadata={"help": "Default number of row clusters (1 = plain LASER truncation)."})
     seed: int = field(default=0, metadata={"help": "Seed of the row clustering (multi-subspace truncation)."})
     cluster_iters: int = field(default=10, metadata={"help": "Maximum assign/refit rounds of the row clustering."})
     forward_mode: Literal["auto", "factored", "dense"] = field(
@@ -110,13 +109,17 @@ class SpectralCompressConfig(PeftConfig):
         if self.forward_mode not in _FORWARD_MODES:
             raise ValueError(f"forward_mode must be one of {_FORWARD_MODES}, got {self.forward_mode!r}")
         if not isinstance(self.modules, dict):
-            raise TypeError(f"modules must be a dict of module name -> {{'rho', 'clusters'}}, got {type(self.modules)}")
+            raise TypeError(
+                f"modules must be a dict of module name -> {{'rho', 'clusters'}}, got {type(self.modules)}"
+            )
         for name, spec in self.modules.items():
             if not isinstance(spec, dict):
                 raise TypeError(f"modules[{name!r}] must be a dict like {{'rho': 0.1, 'clusters': 1}}, got {spec!r}")
             unknown = set(spec) - _MODULE_KEYS
             if unknown:
-                raise ValueError(f"modules[{name!r}] has unknown keys {sorted(unknown)}; allowed: {sorted(_MODULE_KEYS)}")
+                raise ValueError(
+                    f"modules[{name!r}] has unknown keys {sorted(unknown)}; allowed: {sorted(_MODULE_KEYS)}"
+                )
             check_rho(spec.get("rho", self.rho), f"modules[{name!r}]['rho']")
             _check_clusters(spec.get("clusters", self.clusters), f"modules[{name!r}]")
         if self.target_modules is None and self.modules:

@@ -21,11 +21,11 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from .._linear import linear_features
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...subspace import multi_subspace_factors
+from .._linear import linear_features
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
@@ -351,7 +351,9 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
             result = result + bias.to(result.dtype)
         return result.to(previous_dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         loaded = []
         for adapter in list(self._pending):
             names = {
@@ -360,7 +362,9 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
                 "spectral_compress_rows": self.spectral_compress_rows,
                 "spectral_compress_sizes": self.spectral_compress_sizes,
             }
-            present = {n: state_dict[f"{prefix}{n}.{adapter}"] for n in names if f"{prefix}{n}.{adapter}" in state_dict}
+            present = {
+                n: state_dict[f"{prefix}{n}.{adapter}"] for n in names if f"{prefix}{n}.{adapter}" in state_dict
+            }
             if not present:
                 continue
             bad = [
@@ -375,7 +379,9 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
                 )
             elif len(present) == len(names):
                 loaded.append(adapter)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         for adapter in loaded:
             self._pending.discard(adapter)
             self._dense_cache.pop(adapter, None)

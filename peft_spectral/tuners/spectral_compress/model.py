@@ -35,7 +35,9 @@ class SpectralCompressModel(BaseTuner):
     tuner_layer_cls = SpectralCompressLayer
     target_module_mapping: dict = {}
 
-    def _prepare_adapter_config(self, peft_config: SpectralCompressConfig, model_config: dict) -> SpectralCompressConfig:
+    def _prepare_adapter_config(
+        self, peft_config: SpectralCompressConfig, model_config: dict
+    ) -> SpectralCompressConfig:
         if peft_config.target_modules is None:
             raise ValueError(
                 "SpectralCompressConfig needs `modules` (module name -> {'rho', 'clusters'}) or `target_modules`; "

@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+
 #: Default targets per architecture: the MLP projections, as in the Transformer² reference code.
 SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
     "llama": ["gate_proj", "up_proj", "down_proj"],
@@ -84,7 +85,9 @@ class SVFConfig(PeftConfig):
     )
     mode: SVFMode = field(
         default="linear",
-        metadata={"help": "'linear' (paper: sigma * z, z=1 at init) or 'sigmoid' (reference code: max_mult*sigmoid(z), sum-preserving)."},
+        metadata={
+            "help": "'linear' (paper: sigma * z, z=1 at init) or 'sigmoid' (reference code: max_mult*sigmoid(z), sum-preserving)."
+        },
     )
     rank: Optional[int] = field(
         default=None, metadata={"help": "Adapt only the top-`rank` singular values; None adapts all."}
@@ -99,8 +102,10 @@ class SVFConfig(PeftConfig):
     init_seed: int = field(default=0, metadata={"help": "Seed of the initial noise."})
     fast_factored: bool = field(
         default=False,
-        metadata={"help": "Keep U*Sigma (or Sigma*V^T) in memory for a cheaper factored forward/backward (one more "
-                  "weight copy per target; base output reproduced up to rounding)."},
+        metadata={
+            "help": "Keep U*Sigma (or Sigma*V^T) in memory for a cheaper factored forward/backward (one more "
+            "weight copy per target; base output reproduced up to rounding)."
+        },
     )
     svd_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "Directory of the SVD cache; the user cache dir when None."}

@@ -261,4 +261,3 @@ class SVFLinear(nn.Module, SVFLayer):
 
     def __repr__(self) -> str:
         return "svf." + super().__repr__()
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from ...svd_cache import SVDCache
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
 from .layer import SVFLayer, SVFLinear, weight_matrix
+
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
@@ -164,7 +166,9 @@ def _matching_modules(config: SVFConfig, model: nn.Module) -> list[tuple[str, nn
 def combine_svf_adapters(
     peft_model: nn.Module,
     adapters: Sequence[str],
-    weights: Union[Sequence[float], Sequence[Sequence[float]], Mapping[str, Union[float, Sequence[float]]], torch.Tensor],
+    weights: Union[
+        Sequence[float], Sequence[Sequence[float]], Mapping[str, Union[float, Sequence[float]]], torch.Tensor
+    ],
     adapter_name: str,
 ) -> str:
     """Build a new SVF adapter with `z' = Σ_k α_k z_k` from existing adapters of `peft_model`.
@@ -237,7 +241,9 @@ def _mixing_matrix(adapters: Sequence[str], weights: Any) -> torch.Tensor:
         if unknown or len(weights) != k:
             raise ValueError(f"mixing weights name {sorted(weights)}, but the adapters are {list(adapters)}")
         weights = [weights[a] for a in adapters]
-    alpha = torch.as_tensor(weights if not isinstance(weights, torch.Tensor) else weights.detach(), dtype=torch.float64)
+    alpha = torch.as_tensor(
+        weights if not isinstance(weights, torch.Tensor) else weights.detach(), dtype=torch.float64
+    )
     if alpha.ndim == 1:
         alpha = alpha[:, None]
     if alpha.ndim != 2 or alpha.shape[0] != k:
