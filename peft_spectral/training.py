@@ -38,6 +38,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from .assets import as_plain_fp32
+from .prompting import uses_chat_template
 from .rewards import checked_reward, make_reward
 from .tasks import Example, Task
 from .tuners.svf import SVFConfig, SVFLinear
@@ -103,10 +104,6 @@ def with_lettered_options(
     )
 
 
-def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def sft_answer(example: Example, kind: str) -> str:
     """The supervised target text of `example`.
 
@@ -156,7 +153,7 @@ def examples_to_dataset(
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     if conversational is None:
-        conversational = tokenizer is not None and _has_chat_template(tokenizer)
+        conversational = tokenizer is not None and uses_chat_template(tokenizer)
     rows = []
     for ex in examples:
         prompt_text = ex.prompt if conversational else ex.prompt.rstrip() + "\n"
