@@ -389,8 +389,8 @@ class SVDCache:
             return f"has shapes S{tuple(s.shape)}, Q{tuple(q.shape)}, not ({m},), ({m}, {m})"
         if meta.get("digest") != factors_digest(s, q, side):
             return "was modified (digest of S and Q does not match)"
-        if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(q).all())):
-            return "holds NaN or inf values"
+        # Finite values need no pass of their own: only finite factors are written, and NaN/inf in an entry with a
+        # matching digest would make the probe fail.
         return None
 
     @staticmethod
@@ -398,6 +398,7 @@ class SVDCache:
         """Consistency of the factors with the weight, at the cost of one matrix-vector product with `W`.
 
         For a fixed Gaussian `r`, `x = Q r`: `‖x‖ = ‖r‖` (orthogonal `Q`) and `‖W x‖` (or `‖Wᵀ x‖`) `= ‖S ⊙ r‖`.
+        NaN or inf anywhere in `S` or `Q` makes it fail.
         """
         w = weight.detach()
         if w.dtype != torch.float32:
@@ -411,6 +412,9 @@ class SVDCache:
     def _store(self, factors: SpectralFactors) -> None:
         s = factors.S.detach().to("cpu", torch.float32).contiguous()
         q = factors.Q.detach().to("cpu", torch.float32).contiguous()
+        if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(q).all())):
+            logger.warning("not caching non-finite SVD factors of weight %s", factors.weight_hash)
+            return
         metadata = {
             "format": CACHE_FORMAT_VERSION,
             "weight_hash": factors.weight_hash,

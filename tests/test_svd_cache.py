@@ -100,14 +100,19 @@ def test_entry_metadata_holds_digest_of_its_tensors_and_of_its_weight(tmp_path):
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors.values())
 
 
-def test_self_consistent_but_wrong_entry_is_caught_by_the_probe(tmp_path):
+@pytest.mark.parametrize("forgery", ["scaled_sigma", "nan_in_q"])
+def test_self_consistent_but_wrong_entry_is_caught_by_the_probe(tmp_path, forgery):
     """An entry with a recomputed digest (what someone with write access could produce) must still fit its weight."""
     cache = SVDCache(tmp_path)
     w = _weight(12, 7)
     f = cache.get(w)
     path, tensors, meta = _entry(cache, f)
-    s = tensors["S"] * 1.5
-    _rewrite(path, {"S": s, "Q": tensors["Q"]}, {**meta, "digest": factors_digest(s, tensors["Q"], f.side)})
+    s, q = tensors["S"].clone(), tensors["Q"].clone()
+    if forgery == "scaled_sigma":
+        s *= 1.5
+    else:
+        q[4, 6] = float("nan")
+    _rewrite(path, {"S": s, "Q": q}, {**meta, "digest": factors_digest(s, q, f.side)})
     with pytest.warns(SVDCacheWarning, match="does not match its weight"):
         again = cache.get(w)
     assert torch.equal(again.S, f.S) and cache.stale == 1
