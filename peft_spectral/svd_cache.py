@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 import xxhash
@@ -258,7 +258,7 @@ class SVDCache:
         stale (`int`): Entries found but rejected (older format, unreadable, edited, not finite, not matching).
     """
 
-    _warned_dirs: set[str] = set()
+    _warned_dirs: ClassVar[set[str]] = set()
 
     def __init__(self, cache_dir: Optional[Union[str, os.PathLike]] = None, enabled: bool = True):
         self.cache_dir = svd_cache_dir(cache_dir)
