@@ -167,7 +167,7 @@ def compute_factors(
         `ValueError`: If `weight` is not 2-D or has NaN/inf values.
     """
     if weight.ndim != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)} for {_describe(name, weight)}")
+        raise ValueError(f"expected a 2-D weight `(out, in)`, got the {_describe(name, weight)}")
     if not bool(torch.isfinite(weight.detach()).all()):
         raise ValueError(
             f"{_describe(name, weight)} has NaN or inf values: its SVD is undefined. Check the checkpoint it was "
