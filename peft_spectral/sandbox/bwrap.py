@@ -98,17 +98,26 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+def _bwrap_path() -> str:
+    exe = shutil.which("bwrap")
+    if exe is None:
+        raise SandboxUnavailableError(f"`bwrap` was not found on PATH. {_INSTALL_HINT}.")
+    return exe
+
+
 def bwrap_argv() -> list[str]:
     """The `bwrap ... --` prefix that runs a command in a fresh sandbox.
 
     Raises:
         `SandboxUnavailableError`: `bwrap` is not on `PATH`.
     """
-    exe = shutil.which("bwrap")
-    if exe is None:
-        raise SandboxUnavailableError(f"`bwrap` was not found on PATH. {_INSTALL_HINT}.")
-    argv = [exe, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if _is_root():
+    return [_bwrap_path(), *_options(_is_root())]
+
+
+@lru_cache(maxsize=2)
+def _options(is_root: bool) -> tuple[str, ...]:
+    argv = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    if is_root:
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         uid = str(SANDBOX_ID)
@@ -119,19 +128,18 @@ def bwrap_argv() -> list[str]:
     argv += ["--setenv", "OMP_NUM_THREADS", "1"]
     argv += list(_filesystem_args())
     argv += ["--perms", "1777", "--size", str(SCRATCH_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
-    return argv
+    return tuple(argv)
 
 
-@lru_cache(maxsize=2)
-def _probe(is_root: bool) -> str:
-    """Empty when a sandboxed `python -c pass` works here, else the reason."""
-    try:
-        argv = bwrap_argv()
-    except SandboxUnavailableError as err:
-        return str(err)
+@lru_cache(maxsize=4)
+def _probe(exe: str, is_root: bool) -> str:
+    """Empty when a sandboxed `python -c pass` works with bwrap `exe`, else the reason."""
     try:
         probe = subprocess.run(
-            [*argv, interpreter(), "-I", "-S", "-c", "pass"], capture_output=True, timeout=30, check=False
+            [exe, *_options(is_root), interpreter(), "-I", "-S", "-c", "pass"],
+            capture_output=True,
+            timeout=30,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError) as err:
         return f"starting bwrap failed: {err}"
@@ -142,15 +150,16 @@ def _probe(is_root: bool) -> str:
 
 
 def check_sandbox() -> None:
-    """Raise when the sandbox cannot run on this machine (checked once per process and user).
+    """Raise when the sandbox cannot run on this machine (the probe runs once per bwrap path and user kind).
+
+    util-linux `unshare` is no fallback: it creates namespaces but builds no read-only filesystem view.
 
     Raises:
-        `SandboxUnavailableError`: naming the missing tool or the failure, and how to install bubblewrap. (util-linux
-            `unshare` is no fallback: it creates namespaces but builds no read-only filesystem view.)
+        `SandboxUnavailableError`: naming the missing tool or the failure, and how to install bubblewrap.
     """
-    reason = _probe(_is_root())
+    reason = _probe(_bwrap_path(), _is_root())
     if reason:
-        hint = (
-            "" if "apt-get" in reason else f" {_INSTALL_HINT}; unprivileged users also need user namespaces enabled."
+        raise SandboxUnavailableError(
+            f"{reason}. {_INSTALL_HINT}; unprivileged users also need user namespaces enabled "
+            "(sysctl kernel.unprivileged_userns_clone=1 on older Debian kernels)."
         )
-        raise SandboxUnavailableError(reason + hint)
