@@ -1,4 +1,5 @@
-"""Tests of answer extraction, TRL reward functions and the code sandbox (incl. hostile programs)."""
+"""Tests of answer extraction, TRL reward functions and code scoring (incl. hostile programs; the attacks on the
+sandbox itself are in tests/test_sandbox.py)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,10 @@ def test_code_reward_with_instruction_prompt_and_missing_columns():
         assert R.code_reward([completion], test=[TEST], entry_point=["add"], code_prompt=[ex.prompt]) == [expected]
     with pytest.raises(ValueError, match="entry_point"):
         R.code_reward(["x"], test=[TEST])
+    with pytest.raises(ValueError, match="entry_point"):
+        R.score_code("x", test=TEST, entry_point="")
+    # the stub alone (no tests) is what the candidate sandbox runs
+    assert R.build_candidate("    return a + b\n", entry_point="add", prompt=ex.prompt) == STUB + "    return a + b\n"
     with pytest.raises(ValueError, match="target"):
         R.exact_match_reward(["x"])
 
