@@ -56,6 +56,19 @@ from peft_spectral import rewards as R
 from peft_spectral.sandbox import run_code
 
 
+def _sandbox_problem() -> str:
+    try:
+        sandbox_module.check_sandbox()
+    except sandbox_module.SandboxUnavailableError as err:
+        return str(err)
+    return ""
+
+
+# Without bubblewrap these tests skip on a developer machine, but fail on CI (which installs it, see .ci/run).
+pytestmark = pytest.mark.skipif(
+    bool(_sandbox_problem()) and not os.environ.get("CI"), reason=f"no code sandbox here: {_sandbox_problem()}"
+)
+
 STUB = 'def add(a, b):\n    """Add two numbers."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 RIGHT = "    return a + b\n"
