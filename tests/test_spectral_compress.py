@@ -120,13 +120,13 @@ def test_factored_forward_equals_dense_truncated_matrix(compressed):
         dense = multi_subspace_truncate(w, settings[key]["rho"], settings[key].get("clusters", 1))
         torch.testing.assert_close(layer.get_truncated_weight("default"), dense, atol=1e-5, rtol=1e-5)
         x = torch.randn(3, 5, layer.in_features)
-        layer.forward_mode["default"] = "factored"
+        layer.spectral_compress_forward_mode["default"] = "factored"
         y_fact = layer(x)
-        layer.forward_mode["default"] = "dense"
+        layer.spectral_compress_forward_mode["default"] = "dense"
         y_dense = layer(x)
         torch.testing.assert_close(y_fact, y_dense, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(y_fact, x @ dense.T, atol=1e-5, rtol=1e-5)
-        layer.forward_mode["default"] = "auto"
+        layer.spectral_compress_forward_mode["default"] = "auto"
         assert layer._use_factored("default") == (layer.factored_macs("default") < w.numel())
 
 

@@ -15,12 +15,7 @@ from .._linear import linear_features
 from .config import CoreIsolationConfig
 
 
-__all__ = ["CoreIsolationLayer", "Linear"]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D` (GPT-2) stores its weight as `(in, out)`."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+__all__ = ["CoreIsolationLayer", "CoreIsolationLinear"]
 
 
 class CoreIsolationLayer(BaseTunerLayer):
@@ -34,8 +29,9 @@ class CoreIsolationLayer(BaseTunerLayer):
     adapter_layer_names = ("core_isolation_delta",)
     other_param_names = ("core_isolation_mask",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs) -> None:
         self.base_layer = base_layer
+        self.module_name = module_name
         self.core_isolation_delta = nn.ParameterDict({})
         self.core_isolation_mask = BufferDict({}, persistent=True)
         self._disable_adapters = False
@@ -45,13 +41,22 @@ class CoreIsolationLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(
-            self.get_base_layer(), "CoreIsolation"
+            self.get_base_layer(), "CoreIsolation", module_name
         )
 
     def update_layer(self, adapter_name: str, config: CoreIsolationConfig, inference_mode: bool = False, **kwargs):
-        """Add adapter `adapter_name`: a zero delta and an all-`False` mask shaped like the base weight."""
+        """Add adapter `adapter_name`: a delta and an all-`False` mask shaped like the base weight.
+
+        The delta is zero (`config.init_weights=True`) or normal with the base weight's standard deviation
+        (`False`, a non-identity adapter); it takes the base weight's dtype, as PEFT's adapters do.
+        """
         weight = self.get_base_layer().weight
-        self.core_isolation_delta[adapter_name] = nn.Parameter(torch.zeros_like(weight, device=weight.device))
+        delta = torch.zeros_like(weight, device=weight.device)
+        if not config.init_weights:
+            with torch.no_grad():
+                scale = weight.float().std() if weight.numel() > 1 else weight.float().abs().mean()
+                delta = (torch.randn(weight.shape) * scale.cpu().clamp_min(1e-3)).to(delta)
+        self.core_isolation_delta[adapter_name] = nn.Parameter(delta)
         self.core_isolation_mask[adapter_name] = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -82,12 +87,14 @@ class CoreIsolationLayer(BaseTunerLayer):
         return self.core_isolation_delta[adapter_name].detach()
 
 
-class Linear(nn.Module, CoreIsolationLayer):
+class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
     """CoreIsolation wrapper around an `nn.Linear` (or transformers `Conv1D`): `y = x (W + Σ_active Δ)ᵀ + b`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: CoreIsolationConfig, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: CoreIsolationConfig, module_name: str = "", **kwargs
+    ) -> None:
         super().__init__()
-        CoreIsolationLayer.__init__(self, base_layer, **kwargs)
+        CoreIsolationLayer.__init__(self, base_layer, module_name=module_name, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config, inference_mode=config.inference_mode)
 

@@ -1,0 +1,294 @@
+"""PEFT's own test battery (`tests/test_custom_models.py` of the installed peft's sdist) run against this package's tuners.
+
+PEFT's source distribution ships its tests. This module finds (or downloads with `pip download`) the sdist of the
+*installed* peft version into the user cache, unpacks it, writes a `tests/__init__.py` (the sdist has none) and a
+`tests/conftest.py` into the unpacked copy, and runs `test_custom_models.py` there in a subprocess. The conftest adds
+the rows of [`ROWS`] (and [`MULTI_ADAPTER_ROWS`]) to PEFT's `TEST_CASES` lists before pytest collects the test
+classes, keeps only the tests that use one of this package's config classes, and skips the ones listed in [`SKIPS`]
+(each with its reason; `docs/peft_suite.md` holds the same table). Nothing of PEFT is copied into this repository.
+
+Run it with `pytest -m peft_suite tests/test_peft_suite.py` (it is not part of the default run: about 10 minutes on
+two CPU cores).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROW_PREFIX = "peft_spectral"
+
+#: Rows added to PEFT's `TEST_CASES`: `(test name, model id, config class name, config kwargs)`. The config class is
+#: named by its attribute of `peft_spectral`, so that this module imports nothing heavy.
+ROWS: list[tuple[str, str, str, dict]] = [
+    (f"{ROW_PREFIX} SVF MLP 1", "MLP", "SVFConfig", {"target_modules": ["lin0"]}),
+    (f"{ROW_PREFIX} SVF MLP 2", "MLP", "SVFConfig", {"target_modules": ["lin0", "lin1"]}),
+    (f"{ROW_PREFIX} SVF MLP 3 sigmoid", "MLP", "SVFConfig", {"target_modules": ["lin0", "lin1"], "mode": "sigmoid"}),
+    (f"{ROW_PREFIX} SVF MLP 4 rank", "MLP", "SVFConfig", {"target_modules": ["lin0"], "rank": 4}),
+    (
+        f"{ROW_PREFIX} SVF MLP 5 modules_to_save",
+        "MLP",
+        "SVFConfig",
+        {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
+    ),
+    (f"{ROW_PREFIX} SVF MLP 6 fast_factored", "MLP", "SVFConfig", {"target_modules": ["lin0"], "fast_factored": True}),
+    (f"{ROW_PREFIX} SVF Conv1D 1", "EmbConv1D", "SVFConfig", {"target_modules": ["conv1d"]}),
+    (f"{ROW_PREFIX} SVF Conv1D 2", "EmbConv1D", "SVFConfig", {"target_modules": ["conv1d", "lin0"]}),
+    (f"{ROW_PREFIX} CoreIsolation MLP 1", "MLP", "CoreIsolationConfig", {"target_modules": ["lin0"]}),
+    (f"{ROW_PREFIX} CoreIsolation MLP 2", "MLP", "CoreIsolationConfig", {"target_modules": ["lin0", "lin1"]}),
+    (
+        f"{ROW_PREFIX} CoreIsolation MLP 3 modules_to_save",
+        "MLP",
+        "CoreIsolationConfig",
+        {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
+    ),
+    (f"{ROW_PREFIX} CoreIsolation Conv1D 1", "EmbConv1D", "CoreIsolationConfig", {"target_modules": ["conv1d"]}),
+    (
+        f"{ROW_PREFIX} SpectralCompress MLP 1",
+        "MLP",
+        "SpectralCompressConfig",
+        {"target_modules": ["lin0"], "rho": 0.5},
+    ),
+    (
+        f"{ROW_PREFIX} SpectralCompress MLP 2 clusters",
+        "MLP",
+        "SpectralCompressConfig",
+        {"target_modules": ["lin0"], "rho": 0.5, "clusters": 2},
+    ),
+    (
+        f"{ROW_PREFIX} SpectralCompress Conv1D 1",
+        "EmbConv1D",
+        "SpectralCompressConfig",
+        {"target_modules": ["lin0"], "rho": 0.5},
+    ),
+]
+
+#: Rows added to PEFT's `MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`: `(name, method, config class name, kwargs 1, kwargs 2)`.
+MULTI_ADAPTER_ROWS: list[tuple[str, str, str, dict, dict]] = [
+    (
+        f"{ROW_PREFIX} SVF Same",
+        "svf",
+        "SVFConfig",
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin0"], "init_weights": False},
+    ),
+    (
+        f"{ROW_PREFIX} SVF Different",
+        "svf",
+        "SVFConfig",
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin1"], "init_weights": False},
+    ),
+    (
+        f"{ROW_PREFIX} CoreIsolation Same",
+        "core_isolation",
+        "CoreIsolationConfig",
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin0"], "init_weights": False},
+    ),
+    (
+        f"{ROW_PREFIX} CoreIsolation Different",
+        "core_isolation",
+        "CoreIsolationConfig",
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin1"], "init_weights": False},
+    ),
+]
+
+#: Tests of PEFT's battery that cannot apply, by `fnmatch` pattern on the test id → reason. `docs/peft_suite.md`
+#: holds the same table (checked by `test_docs_list_every_skip`).
+SKIPS: dict[str, str] = {}
+
+
+def _peft_version() -> str:
+    return importlib.metadata.version("peft")
+
+
+def _cache_dir() -> Path:
+    from peft_spectral.paths import cache_subdir
+
+    return cache_subdir("peft_sdist")
+
+
+def peft_sdist_tests(cache_dir: Path | None = None) -> Path:
+    """The unpacked `tests/` folder of the installed peft's sdist, downloading the sdist with pip when needed.
+
+    Args:
+        cache_dir (`Path`, *optional*): Where the sdist is kept and unpacked; defaults to `<cache root>/peft_sdist`.
+
+    Returns:
+        `Path`: `<cache_dir>/peft-<version>/tests`.
+
+    Raises:
+        `pytest.skip.Exception`: when the sdist is not cached and pip cannot download it (no index reachable).
+    """
+    version = _peft_version()
+    cache_dir = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    root = cache_dir / f"peft-{version}"
+    tests = root / "tests"
+    if not (tests / "test_custom_models.py").is_file():
+        archive = cache_dir / f"peft-{version}.tar.gz"
+        if not archive.is_file():
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+            cmd += ["--dest", str(cache_dir), f"peft=={version}"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                pytest.skip(f"pip download of the peft {version} sdist timed out (no package index reachable?)")
+            if proc.returncode != 0 or not archive.is_file():
+                pytest.skip(
+                    f"cannot download the peft {version} sdist with pip (no package index reachable?): "
+                    + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                )
+        with tarfile.open(archive) as tar:
+            tar.extractall(cache_dir, filter="data")
+    (tests / "__init__.py").touch()
+    return tests
+
+
+_CONFTEST = '''\
+"""Written by peft_spectral's tests/test_peft_suite.py: adds peft_spectral rows to PEFT's test matrix."""
+
+import fnmatch
+import importlib.util
+import sys
+import types
+
+import pytest
+
+sys.path.insert(0, {tests_dir!r})
+if importlib.util.find_spec("diffusers") is None:
+    # testing_common imports diffusers' StableDiffusionPipeline for its Stable Diffusion tests only, none of which
+    # run here: a stand-in module lets test_custom_models import without installing diffusers.
+    sys.modules["diffusers"] = types.SimpleNamespace(StableDiffusionPipeline=None)
+
+import peft_spectral
+from test_peft_suite import MULTI_ADAPTER_ROWS, ROWS, SKIPS
+
+from . import test_custom_models as tcm
+
+
+OURS = tuple(getattr(peft_spectral, name) for name in sorted({{row[2] for row in ROWS}}))
+tcm.TEST_CASES.extend((name, model, getattr(peft_spectral, cls), kw) for name, model, cls, kw in ROWS)
+tcm.MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES.extend(
+    (name, method, getattr(peft_spectral, cls), kw1, kw2) for name, method, cls, kw1, kw2 in MULTI_ADAPTER_ROWS
+)
+tcm.ALL_PEFT_CONFIG_CLASSES.extend(OURS)
+
+_set_init_weights_false = tcm.set_init_weights_false
+
+
+def _init_weights_false(config_cls, kwargs):
+    # A SpectralCompress adapter is a truncation: never the identity, so it has no `init_weights` (PEFT exempts its
+    # own such configs, LNTuningConfig and VBLoRAConfig, in the same helper).
+    if config_cls is peft_spectral.SpectralCompressConfig:
+        return kwargs.copy()
+    return _set_init_weights_false(config_cls, kwargs)
+
+
+tcm.set_init_weights_false = _init_weights_false
+
+
+def _is_ours(item):
+    params = getattr(getattr(item, "callspec", None), "params", {{}})
+    return any(isinstance(v, type) and v in OURS for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        (keep if _is_ours(item) else drop).append(item)
+    items[:] = keep
+    config.hook.pytest_deselected(items=drop)
+    for item in keep:
+        for pattern, reason in SKIPS.items():
+            if fnmatch.fnmatchcase(item.name, pattern):
+                item.add_marker(pytest.mark.skip(reason="peft_spectral: " + reason))
+                break
+'''
+
+
+def run_suite(tests: Path, tmp_path: Path, extra_args: list[str] | None = None) -> dict[str, tuple[str, str]]:
+    """Run PEFT's `test_custom_models.py` with this package's rows; `{test id: (outcome, message)}`."""
+    (tests / "conftest.py").write_text(_CONFTEST.format(tests_dir=str(Path(__file__).resolve().parent)))
+    report = tmp_path / "junit.xml"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PEFT_SPECTRAL_SVD_CACHE"] = str(tmp_path / "svd")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, "-m", "pytest", "tests/test_custom_models.py", "-p", "no:cacheprovider", "-q"]
+    cmd += ["-o", "addopts=", f"--junitxml={report}", "-x" if os.environ.get("PEFT_SUITE_X") else "-q"]
+    cmd += extra_args or []
+    proc = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=3000)
+    if not report.is_file():
+        raise AssertionError(f"PEFT's suite did not run (rc={proc.returncode}):\n{proc.stdout[-4000:]}{proc.stderr}")
+    results = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = case.get("name")
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome, message = tag, (node.get("message") or "")[:300]
+                break
+        results[name] = (outcome, message)
+    return results
+
+
+@pytest.mark.peft_suite
+def test_peft_custom_models_suite(tmp_path):
+    """Every applicable test of PEFT's `test_custom_models.py` passes for SVF, CoreIsolation and SpectralCompress."""
+    tests = peft_sdist_tests()
+    results = run_suite(tests, tmp_path)
+    counts = {k: sum(1 for o, _ in results.values() if o == k) for k in ("passed", "failure", "error", "skipped")}
+    print(f"PEFT suite on peft_spectral rows: {counts}")
+    assert counts["passed"] > 100, counts
+    bad = sorted(f"{name}: {msg}" for name, (o, msg) in results.items() if o in ("failure", "error"))
+    assert not bad, f"{len(bad)} of PEFT's tests fail:\n" + "\n".join(bad[:40])
+    unexplained = sorted(
+        f"{name}: {msg}"
+        for name, (o, msg) in results.items()
+        if o == "skipped" and not msg.startswith("peft_spectral: ") and not _peft_own_skip(msg)
+    )
+    assert not unexplained, "skipped without a reason in SKIPS:\n" + "\n".join(unexplained[:40])
+
+
+def _peft_own_skip(message: str) -> bool:
+    """Skips that PEFT's tests decide themselves (listed in docs/peft_suite.md as such)."""
+    return any(re.search(p, message) for p in PEFT_OWN_SKIPS)
+
+
+#: Reasons PEFT's tests give when they skip themselves for a config class that is not theirs (regexes).
+PEFT_OWN_SKIPS: dict[str, str] = {}
+
+
+def test_docs_list_every_skip():
+    """`docs/peft_suite.md` lists every skip pattern of [`SKIPS`] with its reason."""
+    text = (REPO_ROOT / "docs" / "peft_suite.md").read_text()
+    for pattern in list(SKIPS) + list(PEFT_OWN_SKIPS):
+        assert f"`{pattern}`" in text, f"docs/peft_suite.md does not list {pattern!r}"
+
+
+def test_sdist_is_unpacked_with_package_marker(tmp_path, monkeypatch):
+    """A cached sdist is unpacked in place and gets the `tests/__init__.py` the sdist lacks."""
+    version = _peft_version()
+    src = tmp_path / "src" / f"peft-{version}" / "tests"
+    src.mkdir(parents=True)
+    (src / "test_custom_models.py").write_text("")
+    with tarfile.open(tmp_path / f"peft-{version}.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / f"peft-{version}", arcname=f"peft-{version}")
+    tests = peft_sdist_tests(tmp_path)
+    assert tests == tmp_path / f"peft-{version}" / "tests"
+    assert (tests / "__init__.py").is_file() and (tests / "test_custom_models.py").is_file()
+
