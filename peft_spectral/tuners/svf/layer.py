@@ -150,6 +150,7 @@ class SVFLayer(BaseTunerLayer):
         if not bool(total > 0):  # a zero weight: every scale leaves it unchanged
             return torch.ones_like(z)
         log_f = F.logsigmoid(z)
+        log_f = log_f - log_f.max().detach()  # shift-invariant; keeps the exponents near 0 for |z| ~ 1e4
         return total * torch.exp(log_f - torch.logsumexp(log_f + torch.log(sigma), dim=0))
 
     def _check_finite_z(self, adapter_name: str, z: torch.Tensor) -> None:
