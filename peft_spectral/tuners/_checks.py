@@ -32,8 +32,8 @@ def check_finite_weight(base: nn.Module, method: str, module_name: str = "") -> 
 
 
 def check_adapter_name(adapter_name: object) -> str:
-    """Refuse an adapter name that PEFT cannot hold: not a string, empty, containing `.` (module keys), or a path
-    separator `/` or `\\` (`save_pretrained` writes each non-default adapter to a folder of that name).
+    r"""Refuse an adapter name that PEFT cannot hold: not a string, empty, containing `.` (module keys), or a path
+    separator `/` or `\` (`save_pretrained` writes each non-default adapter to a folder of that name).
 
     Args:
         adapter_name (`str`): The name to check.

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+
 from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
@@ -53,9 +54,7 @@ class SVFLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
     other_param_names: tuple[str, ...] = ("svf_settings",)
 
-    def __init__(
-        self, base_layer: nn.Module, factors: SpectralFactors, module_name: str = "", **kwargs: Any
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, factors: SpectralFactors, module_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.module_name = module_name
         self.svf_z = nn.ParameterDict({})

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import (
 )
 from peft.utils.integrations import gather_params_ctx
 from torch import nn
+
 from ...svd_cache import SVDCache
 from .._checks import check_finite_weight
 from .._linear import is_conv1d, weight_matrix
@@ -84,9 +85,7 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
                 f"Some linear modules of this model: {examples}"
             )
         unsupported = [
-            (n, type(m).__name__)
-            for n, m in matched
-            if not (isinstance(m, (nn.Linear, SVFLayer)) or is_conv1d(m))
+            (n, type(m).__name__) for n, m in matched if not (isinstance(m, (nn.Linear, SVFLayer)) or is_conv1d(m))
         ]
         if unsupported:
             name, kind = unsupported[0]
