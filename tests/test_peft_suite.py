@@ -104,8 +104,8 @@ MULTI_ADAPTER_ROWS: list[tuple[str, str, str, dict, dict]] = [
     ),
 ]
 
-#: Tests of PEFT's battery that cannot apply, by `fnmatch` pattern on the test id → reason. `docs/peft_suite.md`
-#: holds the same table (checked by `test_docs_list_every_skip`).
+#: Tests of PEFT's battery that cannot apply, by pattern on the test id (`*` matches anything, brackets are literal)
+#: → reason. `docs/peft_suite.md` holds the same table (checked by `test_docs_list_every_skip`).
 SKIPS: dict[str, str] = {
     "test_disable_adapters[*SpectralCompress*": "a truncation is not the identity at initialisation, so the output "
     "with the fresh adapter differs from the base model by design (the test expects an identity init)",
@@ -245,7 +245,7 @@ def pytest_collection_modifyitems(config, items):
     config.hook.pytest_deselected(items=drop)
     for item in keep:
         for pattern, reason in SKIPS.items():
-            if fnmatch.fnmatchcase(item.name, pattern):
+            if fnmatch.fnmatchcase(item.name, "".join("[" + c + "]" if c in "[]" else c for c in pattern)):
                 item.add_marker(pytest.mark.skip(reason="peft_spectral: " + reason))
                 break
 '''

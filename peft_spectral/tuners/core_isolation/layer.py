@@ -36,8 +36,9 @@ class CoreIsolationLayer(BaseTunerLayer):
         self.core_isolation_mask = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Exact unmerge: floating-point `(W + Δ) - Δ` is not always `W`, so the weight before each merge is kept.
-        self._pre_merge_weights: list[torch.Tensor] = []
+        # Exact unmerge: floating-point `(W + Δ) - Δ` is not always `W`, so the weight before the first merge is kept
+        # (a buffer, so that `.to()` moves it along with the layer).
+        self.register_buffer("core_isolation_weight_backup", None, persistent=False)
         self.kwargs = kwargs
 
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(
@@ -116,7 +117,8 @@ class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
             merged = original + self.get_delta_weight(name).to(original.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self._pre_merge_weights.append(original.clone())
+            if self.core_isolation_weight_backup is None:
+                self.core_isolation_weight_backup = original.clone()
             base.weight.data = merged
             self.merged_adapters.append(name)
 
@@ -126,9 +128,9 @@ class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        while self.merged_adapters:
-            self.merged_adapters.pop()
-            base.weight.data = self._pre_merge_weights.pop()
+        base.weight.data = self.core_isolation_weight_backup
+        self.core_isolation_weight_backup = None
+        self.merged_adapters.clear()
 
     def _adapted_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight

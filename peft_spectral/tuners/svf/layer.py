@@ -61,7 +61,6 @@ class SVFLayer(BaseTunerLayer):
         self.svf_settings: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._svf_weight_backup: Optional[torch.Tensor] = None
         self._svf_checked: dict[str, tuple[int, int]] = {}  # adapter -> (data_ptr, _version) of the last finite z
 
         base = self.get_base_layer()
@@ -77,6 +76,8 @@ class SVFLayer(BaseTunerLayer):
         self.register_buffer("svf_S", factors.S.to(device), persistent=False)
         self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
         self.register_buffer("svf_P", None, persistent=False)
+        # the base weight before the first merge (a buffer, so that `.to()` moves it along); exact unmerge
+        self.register_buffer("svf_weight_backup", None, persistent=False)
 
     @property
     def svf_compute_dtype(self) -> torch.dtype:
@@ -203,8 +204,8 @@ class SVFLayer(BaseTunerLayer):
                 new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(delta)).to(w.dtype)
                 if safe_merge and not torch.isfinite(new_w).all():
                     raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
-                if self._svf_weight_backup is None:
-                    self._svf_weight_backup = base.weight.data.clone()
+                if self.svf_weight_backup is None:
+                    self.svf_weight_backup = base.weight.data.clone()
                 base.weight.data = new_w.T.contiguous() if self.fan_in_fan_out else new_w
             self.merged_adapters.append(name)
 
@@ -214,8 +215,8 @@ class SVFLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        base.weight.data = self._svf_weight_backup
-        self._svf_weight_backup = None
+        base.weight.data = self.svf_weight_backup
+        self.svf_weight_backup = None
         self.merged_adapters.clear()
 
 
