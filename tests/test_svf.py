@@ -14,7 +14,7 @@ import peft_spectral
 from peft_spectral import SVFConfig, combine_svf_adapters
 from peft_spectral.adapter_io import AdapterLoadError, load_adapter, validate_adapter_dir
 from peft_spectral.svd_cache import SVDCache, compute_factors
-from peft_spectral.tuners._linear import weight_matrix
+from peft_spectral.tuners import weight_matrix
 from peft_spectral.tuners.svf.layer import SVFLinear
 
 
