@@ -184,7 +184,10 @@ def peft_sdist_tests(cache_dir: Path | None = None) -> Path:
                     + (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 )
         with tarfile.open(archive) as tar:
-            tar.extractall(cache_dir, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse paths outside cache_dir
+                tar.extractall(cache_dir, filter="data")
+            else:
+                tar.extractall(cache_dir)  # the archive is the sdist pip downloaded from the package index
     (tests / "__init__.py").touch()
     return tests
 
