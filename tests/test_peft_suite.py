@@ -13,6 +13,7 @@ two CPU cores).
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.metadata
 import os
 import subprocess
@@ -143,6 +144,16 @@ PEFT_OWN_SKIPS: dict[str, str] = {
 }
 
 
+def skip_matches(test_id: str, pattern: str) -> bool:
+    """Whether `test_id` matches a [`SKIPS`] pattern: `*` matches anything, every other character (brackets too) itself.
+
+    Args:
+        test_id (`str`): A pytest test id such as `test_x[peft_spectral SVF MLP 1-MLP-SVFConfig-config_kwargs0]`.
+        pattern (`str`): A key of [`SKIPS`].
+    """
+    return fnmatch.fnmatchcase(test_id, "".join("[" + c + "]" if c in "[]?" else c for c in pattern))
+
+
 def _peft_version() -> str:
     return importlib.metadata.version("peft")
 
@@ -195,7 +206,6 @@ def peft_sdist_tests(cache_dir: Path | None = None) -> Path:
 _CONFTEST = '''\
 """Written by peft_spectral's tests/test_peft_suite.py: adds peft_spectral rows to PEFT's test matrix."""
 
-import fnmatch
 import importlib.util
 import sys
 import types
@@ -209,7 +219,7 @@ if importlib.util.find_spec("diffusers") is None:
     sys.modules["diffusers"] = types.SimpleNamespace(StableDiffusionPipeline=None)
 
 import peft_spectral
-from test_peft_suite import MULTI_ADAPTER_ROWS, ROWS, SKIPS
+from test_peft_suite import MULTI_ADAPTER_ROWS, ROWS, SKIPS, skip_matches
 
 from . import test_custom_models as tcm
 
@@ -248,7 +258,7 @@ def pytest_collection_modifyitems(config, items):
     config.hook.pytest_deselected(items=drop)
     for item in keep:
         for pattern, reason in SKIPS.items():
-            if fnmatch.fnmatchcase(item.name, "".join("[" + c + "]" if c in "[]" else c for c in pattern)):
+            if skip_matches(item.name, pattern):
                 item.add_marker(pytest.mark.skip(reason="peft_spectral: " + reason))
                 break
 '''
@@ -299,6 +309,11 @@ def test_peft_custom_models_suite(tmp_path):
         and not any(reason in msg for reason in PEFT_OWN_SKIPS)
     )
     assert not unexplained, "skipped without a reason in SKIPS:\n" + "\n".join(unexplained[:40])
+    missing_rows = [row[0] for row in ROWS + MULTI_ADAPTER_ROWS if not any(row[0] in name for name in results)]
+    assert not missing_rows, f"rows that produced no test: {missing_rows}"
+    skipped = [name for name, (o, _) in results.items() if o == "skipped"]
+    stale = [pattern for pattern in SKIPS if not any(skip_matches(name, pattern) for name in skipped)]
+    assert not stale, f"skip patterns that match no test any more (remove them here and in docs): {stale}"
 
 
 def test_docs_list_every_skip():
@@ -308,7 +323,7 @@ def test_docs_list_every_skip():
         assert f"`{pattern}`" in text, f"docs/peft_suite.md does not list {pattern!r}"
 
 
-def test_sdist_is_unpacked_with_package_marker(tmp_path, monkeypatch):
+def test_sdist_is_unpacked_with_package_marker(tmp_path):
     """A cached sdist is unpacked in place and gets the `tests/__init__.py` the sdist lacks."""
     version = _peft_version()
     src = tmp_path / "src" / f"peft-{version}" / "tests"
@@ -319,3 +334,24 @@ def test_sdist_is_unpacked_with_package_marker(tmp_path, monkeypatch):
     tests = peft_sdist_tests(tmp_path)
     assert tests == tmp_path / f"peft-{version}" / "tests"
     assert (tests / "__init__.py").is_file() and (tests / "test_custom_models.py").is_file()
+
+
+def test_suite_is_skipped_when_pip_cannot_reach_an_index(tmp_path, monkeypatch):
+    """No cached sdist and a failing `pip download`: a skip that says why, not an error."""
+
+    def failing_pip(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and f"peft=={_peft_version()}" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for peft")
+
+    monkeypatch.setattr(subprocess, "run", failing_pip)
+    with pytest.raises(pytest.skip.Exception, match=r"cannot download the peft .* sdist with pip"):
+        peft_sdist_tests(tmp_path)
+
+
+def test_skip_patterns_match_brackets_literally():
+    assert skip_matches(
+        "test_set_requires_grad[SpectralCompressConfig]", "test_set_requires_grad[SpectralCompressConfig]"
+    )
+    assert not skip_matches("test_set_requires_grad[SVFConfig]", "test_set_requires_grad[SpectralCompressConfig]")
+    assert skip_matches("test_x[True-peft_spectral SpectralCompress MLP 1-MLP]", "test_x[*SpectralCompress*")
+    assert not skip_matches("test_x_other[peft_spectral SpectralCompress MLP 1]", "test_x[*SpectralCompress*")
