@@ -72,6 +72,8 @@ class SVFLayer(BaseTunerLayer):
                 f"shape ({self.out_features}, {self.in_features})"
             )
         self.svf_side = factors.side
+        # a zero weight (σ = 0): every scale leaves it unchanged; known once here, so the forward needs no host sync
+        self._svf_zero_weight = bool(m == 0 or float(factors.S.max()) <= 0)
         device = weight_matrix(base).device
         self.register_buffer("svf_S", factors.S.to(device), persistent=False)
         self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
@@ -145,10 +147,10 @@ class SVFLayer(BaseTunerLayer):
         settings = self.svf_settings[adapter_name]
         if settings["mode"] == "linear":
             return z
+        if self._svf_zero_weight:
+            return torch.ones_like(z)
         sigma = self.svf_S[: z.shape[0]].to(z.dtype)
         total = sigma.sum()
-        if not bool(total > 0):  # a zero weight: every scale leaves it unchanged
-            return torch.ones_like(z)
         log_f = F.logsigmoid(z)
         log_f = log_f - log_f.max().detach()  # shift-invariant; keeps the exponents near 0 for |z| ~ 1e4
         return total * torch.exp(log_f - torch.logsumexp(log_f + torch.log(sigma), dim=0))
