@@ -52,7 +52,8 @@ class SVFConfig(PeftConfig):
             model at initialisation.
         rank (`int`, *optional*): Adapt only the top `rank` singular values of each weight; the rest of the spectrum
             is kept exactly. `None` adapts all `min(out, in)` values.
-        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode.
+        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode. The sum-preserving rescale divides it out again,
+            so it does not change the scales `s` (kept for the reference code's configs).
         init_value (`float`, *optional*): Initial `z`. Defaults to 1.0 (`"linear"`) or 0.1 (`"sigmoid"`, the reference).
         init_noise_std (`float`): Standard deviation of Gaussian noise added to the initial `z` (the reference uses
             0.01 in `"sigmoid"` mode). Non-zero noise makes the initial model differ slightly from the base.
