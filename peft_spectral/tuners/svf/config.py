@@ -58,11 +58,16 @@ class SVFConfig(PeftConfig):
             model at initialisation.
         rank (`int`, *optional*): Adapt only the top `rank` singular values of each weight; the rest of the spectrum
             is kept exactly. `None` adapts all `min(out, in)` values.
-        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode.
+        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode. The sum-preserving rescale divides it out again,
+            so it does not change the scales `s` (kept for the reference code's configs).
         init_value (`float`, *optional*): Initial `z`. Defaults to 1.0 (`"linear"`) or 0.1 (`"sigmoid"`, the reference).
         init_noise_std (`float`): Standard deviation of Gaussian noise added to the initial `z` (the reference uses
             0.01 in `"sigmoid"` mode). Non-zero noise makes the initial model differ slightly from the base.
         init_seed (`int`): Seed of that noise, so that adapters are reproducible.
+        init_weights (`bool`): `True` (default) initialises `z` as above, so that the adapter is the base model at
+            initialisation (up to `init_noise_std`). `False` draws `z` at random around `init_value` (standard
+            deviation 0.5, from torch's global generator), a non-identity adapter, as `init_weights=False` does for
+            PEFT's other methods (used to test merging, saving and loading).
         fast_factored (`bool`): Also keep the larger side's scaled singular vectors (`W V = U Σ` or `Uᵀ W = Σ Vᵀ`,
             one more copy of each targeted weight in memory, never saved) and compute the factored output as
             `U Σ (s ⊙ Vᵀ x)`: one extra `m × m` matmul per token instead of two, which makes training steps cheaper
@@ -109,6 +114,13 @@ class SVFConfig(PeftConfig):
         default=0.0, metadata={"help": "Std of Gaussian noise on the initial z (reference: 0.01 in sigmoid mode)."}
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the initial noise."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter is the base model at init (up to init_noise_std). False: a random, "
+            "non-identity z (std 0.5 around init_value), as for PEFT's other methods."
+        },
+    )
     fast_factored: bool = field(
         default=False,
         metadata={
@@ -144,6 +156,8 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
         if not isinstance(self.fast_factored, bool):
             raise ValueError(f"SVFConfig.fast_factored must be a bool, got {self.fast_factored!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"SVFConfig.init_weights must be a bool, got {self.init_weights!r}")
         if self.init_noise_std < 0:
             raise ValueError(f"SVFConfig.init_noise_std must be >= 0, got {self.init_noise_std!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
