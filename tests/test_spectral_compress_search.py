@@ -489,3 +489,27 @@ def test_svds_from_the_on_disk_cache_give_the_same_gradients(tiny_llama, tmp_pat
         torch.testing.assert_close(s, ref[name][1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(g_warm[name], g_ref[name], atol=1e-5, rtol=1e-3)
         torch.testing.assert_close(cold[name][1], warm[name][1])
+
+
+def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compress.py"
+    spec = importlib.util.spec_from_file_location("bench_compress", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--profile", "--smoke", "--n-grad", "16", "--batch-size", "8", "--profile-repeats", "1"]
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(argv + ["--threads", str(threads), "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    once = report["gradient_pass"]["once"]
+    assert report["n_examples"] == 16 and once["batches"] == 2 and report["modules"] == 4
+    assert once["forward_s"] > 0 and once["backward_s"] > 0 and report["forward_only_s"] > 0
+    assert report["fb_over_forward"] == pytest.approx(
+        (once["forward_s"] + once["backward_s"]) / report["forward_only_s"]
+    )
+    assert json.loads((tmp_path / "compress_profile_smoke.json").read_text())["modules"] == 4
+    assert "forward+backward / forward" in capsys.readouterr().out

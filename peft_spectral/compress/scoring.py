@@ -8,8 +8,9 @@ singular values have large positive loss gradients, is `−Σ_{i>k} g_i` (`score
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -90,6 +91,38 @@ class _Projector:
         self.seconds += time.perf_counter() - t
 
 
+@contextlib.contextmanager
+def _only_these_require_grad(model: nn.Module, params: dict, projector: Optional[_Projector]) -> Iterator[None]:
+    """Eval mode, gradients for `params` only (projected by hooks when `projector` is given); all restored on exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training, handles = model.training, []
+
+    def make_hook(name: str):
+        def hook(param: torch.Tensor) -> None:
+            projector.add(name, param.grad)
+            param.grad = None
+
+        return hook
+
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, p in params.items():
+            p.requires_grad_(True)
+            p.grad = None
+            if projector is not None:
+                handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+
 def gradient_pass(
     model: nn.Module,
     examples: Sequence[Example],
@@ -144,52 +177,24 @@ def gradient_pass(
     total = float(sum(counts))
     projector = _Projector(svds, modules, model)
     params = {name: model.get_submodule(name).weight for name in modules}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    handles = []
-
-    def make_hook(name: str):
-        def hook(param: torch.Tensor) -> None:
-            projector.add(name, param.grad)
-            param.grad = None
-
-        return hook
-
-    timings = {"forward_s": 0.0, "backward_s": 0.0, "projection_s": 0.0}
-    was_training = model.training
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, p in params.items():
-            p.requires_grad_(True)
-            p.grad = None
-            if project_each_batch:
-                handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
-        loss_value = 0.0
-        batches = _batches(examples, tokenizer, batch_size, by_length=default_loss)
-        timings["batches"] = len(batches)
-        with torch.enable_grad():
-            for idx in tqdm(batches, desc="gradients", disable=not progress):
-                t = time.perf_counter()
-                loss = loss_fn(model, [examples[i] for i in idx]) * (sum(counts[i] for i in idx) / total)
-                t_fwd = time.perf_counter()
-                hook_before = projector.seconds
-                loss.backward()
-                timings["forward_s"] += t_fwd - t
-                timings["backward_s"] += time.perf_counter() - t_fwd - (projector.seconds - hook_before)
-                loss_value += float(loss.detach())
+    batches = _batches(examples, tokenizer, batch_size, by_length=default_loss)
+    timings = {"forward_s": 0.0, "backward_s": 0.0, "projection_s": 0.0, "batches": len(batches)}
+    loss_value = 0.0
+    with _only_these_require_grad(model, params, projector if project_each_batch else None), torch.enable_grad():
+        for idx in tqdm(batches, desc="gradients", disable=not progress):
+            t = time.perf_counter()
+            loss = loss_fn(model, [examples[i] for i in idx]) * (sum(counts[i] for i in idx) / total)
+            t_fwd = time.perf_counter()
+            hook_before = projector.seconds
+            loss.backward()
+            timings["forward_s"] += t_fwd - t
+            timings["backward_s"] += time.perf_counter() - t_fwd - (projector.seconds - hook_before)
+            loss_value += float(loss.detach())
         if not project_each_batch:
             for name, p in params.items():
                 if p.grad is not None:
                     projector.add(name, p.grad)
                 p.grad = None
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
     timings["projection_s"] = projector.seconds
     return GradientPass({k: g.float() for k, g in projector.grads.items()}, loss_value, timings)
 
