@@ -399,13 +399,11 @@ def _length_sorted(tok, examples):
 
 def _forward_only_s(model, tok, examples, batch_size) -> float:
     """Seconds of the gradient pass's forward (same loss, same batches) without autograd."""
-    from peft_spectral.evaluation import answer_nll
-
     examples = _length_sorted(tok, examples)
     t = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            answer_nll(model, tok, examples[i : i + batch_size])
+            C.target_nll(model, tok, examples[i : i + batch_size])
     return time.perf_counter() - t
 
 

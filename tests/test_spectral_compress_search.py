@@ -513,3 +513,26 @@ def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
     )
     assert json.loads((tmp_path / "compress_profile_smoke.json").read_text())["modules"] == 4
     assert "forward+backward / forward" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_target_nll_equals_answer_nll_with_the_same_gradients(arch):
+    from conftest import build_tiny_gpt2
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(tok, seed=4) if arch == "llama" else build_tiny_gpt2(tok, seed=4)
+    examples = _examples(5, seed=9)
+    names = ["model.layers.1.mlp.up_proj"] if arch == "llama" else ["transformer.h.1.mlp.c_fc"]
+    svds = compute_svds(model, names)
+    fast = compress.gradient_pass(model, examples, names, svds=svds, tokenizer=tok, batch_size=2)
+
+    def reference(model_, batch):
+        return answer_nll(model_, tok, batch)
+
+    ref = compress.gradient_pass(model, examples, names, svds=svds, loss_fn=reference, batch_size=5)
+    assert fast.loss == pytest.approx(ref.loss, rel=1e-5)
+    torch.testing.assert_close(fast.grads[names[0]], ref.grads[names[0]], atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        assert float(compress.target_nll(model, tok, examples)) == pytest.approx(
+            float(answer_nll(model, tok, examples))
+        )

@@ -44,6 +44,7 @@ from .scoring import (
     gradient_pass,
     score_candidates,
     singular_value_gradients,
+    target_nll,
 )
 from .search import C2ISearchConfig, c2i_search, compress_to_impress
 from .selection import (
@@ -95,4 +96,5 @@ __all__ = [
     "score_candidates",
     "singular_value_gradients",
     "take_examples",
+    "target_nll",
 ]

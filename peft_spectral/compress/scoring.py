@@ -31,14 +31,61 @@ __all__ = [
     "gradient_pass",
     "score_candidates",
     "singular_value_gradients",
+    "target_nll",
 ]
 
 
-def _default_loss(tokenizer) -> LossFn:
-    from ..evaluation import answer_nll
+def target_nll(model: nn.Module, tokenizer, examples: Sequence[Example]) -> torch.Tensor:
+    """[`peft_spectral.evaluation.answer_nll`] with logits computed only where a target token is predicted.
 
+    The mean NLL of the gold target tokens given the prompt, over all target tokens of all examples, differentiable.
+    The model is asked for the logits of the target positions only (transformers' `logits_to_keep` with a boolean
+    mask), so the vocabulary projection and its backward skip every prompt position; models without that argument
+    get `answer_nll`.
+
+    Args:
+        model (`nn.Module`): A causal LM.
+        tokenizer: Its tokenizer.
+        examples (`Sequence[Example]`): One batch.
+
+    Returns:
+        `torch.Tensor`: A scalar on the model's device.
+    """
+    from ..evaluation import answer_nll
+    from ..prompting import encode_answer, encode_prompt, model_device, pad_token_id
+
+    if not examples:
+        raise ValueError("target_nll needs at least one example")
+    pairs = [(encode_prompt(tokenizer, ex), encode_answer(tokenizer, ex.target)) for ex in examples]
+    if any(not context for context, _ in pairs):
+        return answer_nll(model, tokenizer, examples)  # its error names the problem
+    width = max(len(c) + len(a) for c, a in pairs)
+    input_ids = torch.full((len(pairs), width), pad_token_id(tokenizer, model), dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    keep = torch.zeros((len(pairs), width), dtype=torch.bool)
+    targets: list[int] = []
+    for row, (context, answer) in enumerate(pairs):
+        ids = context + answer
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        keep[row, len(context) - 1 : len(ids) - 1] = True  # position t predicts token t + 1
+        targets.extend(answer)
+    device = model_device(model)
+    try:
+        logits = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=keep.to(device)
+        ).logits
+    except TypeError:  # a forward without logits_to_keep
+        return answer_nll(model, tokenizer, examples)
+    if logits.dim() != 2 or logits.shape[0] != len(targets):  # logits_to_keep without boolean masks
+        return answer_nll(model, tokenizer, examples)
+    target_ids = torch.tensor(targets, device=logits.device)
+    return -torch.log_softmax(logits.float(), dim=-1).gather(-1, target_ids[:, None]).mean()
+
+
+def _default_loss(tokenizer) -> LossFn:
     def loss(model, batch):
-        return answer_nll(model, tokenizer, batch)
+        return target_nll(model, tokenizer, batch)
 
     return loss
 
@@ -138,7 +185,7 @@ def gradient_pass(
     """`g_i = u_iᵀ (∂L/∂W) v_i` for every named module, from one forward/backward pass over `examples`, timed.
 
     The loss `L` is the mean NLL of the gold targets over all target tokens of all examples (the default, via
-    [`peft_spectral.evaluation.answer_nll`], batches weighted by their target-token counts so that neither batching nor
+    [`target_nll`]: `answer_nll` with logits only at the target positions; batches weighted by their target-token counts so that neither batching nor
     the batch order changes `L`; examples of similar length are batched together), or `loss_fn(model, batch)`
     averaged over batches weighted by batch size. Only the candidate weights require gradients, so autograd computes
     no `∂L/∂W` for any other parameter.
