@@ -35,6 +35,10 @@ from peft_spectral.state import StateFileError
 from peft_spectral.tasks import Example
 
 
+# the tiny problems evaluate on fewer than the paper's 100 examples on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:c2i_search evaluates candidates on:UserWarning")
+
+
 def _examples(n, seed=0):
     return compress.random_choice_examples(n, seed=seed)
 
@@ -286,6 +290,8 @@ def test_c2i_old_keywords_still_work_and_warn_below_100_evaluation_examples(plan
     with pytest.warns(UserWarning, match=r"asked for 100 evaluation examples but only 20 exist.*n_eval"):
         result = c2i_search(model, train[:20], validation, modules, tokenizer=tok, rhos=[0.2], top_k=1, batch_size=32)
     assert result.chosen == [Intervention(PLANTED, PLANTED_RHO)]
+    with pytest.warns(UserWarning, match=r"on 20 examples \(`evaluation`, C2ISearchConfig.n_eval=None\); the paper"):
+        c2i_search(model, train[:20], validation, modules, tokenizer=tok, rhos=[0.2], top_k=1, n_eval=None)
     with pytest.raises(TypeError, match="unknown setting"):
         c2i_search(model, train, validation, modules, tokenizer=tok, topk=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,7 +35,8 @@ class C2ISearchConfig:
             combination passes the same test against the current best.
         only_predicted_gains (`bool`, defaults to `False`): Evaluate only candidates whose predicted ΔL is negative.
         n_eval (`int`, *optional*, defaults to 100): Evaluation examples used (the first `n_eval` of `evaluation`;
-            the paper's 100). Fewer available: a warning naming `n_eval`, and all are used. `None`: all, no warning.
+            the paper's 100). Fewer available: a warning naming `n_eval`, and all are used. `None`: all. Any
+            evaluation set under 100 examples gives a warning (gains on few examples are mostly noise).
         guard ([`SelectionGuard`], *optional*): The paired-bootstrap test a candidate must pass to be kept (the
             default one). `None`: the plain rule, kept when better on the evaluation examples (accuracy, ties
             broken by mean log-likelihood), which overfits small evaluation sets.
@@ -194,6 +196,12 @@ def c2i_search(
     evaluation = take_examples(
         evaluation, config.n_eval, "evaluation", note="set C2ISearchConfig.n_eval: gains on few examples are noise"
     )
+    if len(evaluation) < PAPER_N_EVAL and (config.n_eval is None or config.n_eval < PAPER_N_EVAL):
+        warnings.warn(
+            f"c2i_search evaluates candidates on {len(evaluation)} examples (`evaluation`, C2ISearchConfig.n_eval="
+            f"{config.n_eval}); the paper uses {PAPER_N_EVAL}, and on fewer a gain is mostly noise",
+            stacklevel=2,
+        )
     if base is not None and base.n and base.n != len(evaluation):
         raise ValueError(f"base was evaluated on {base.n} examples but the evaluation set has {len(evaluation)}")
     eval_fn = eval_fn or default_eval_fn(tokenizer, config.kind, batch_size=config.batch_size)
