@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -30,6 +31,11 @@ SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
 }
 
 SVFMode = Literal["linear", "sigmoid"]
+
+_IGNORED_CACHE_DIR = (
+    "`svd_cache_dir` in {source} is ignored: the SVD cache location is chosen only at runtime "
+    "(SVFConfig(svd_cache_dir=...), $PEFT_SPECTRAL_SVD_CACHE or $PEFT_SPECTRAL_CACHE), never by an adapter file."
+)
 
 
 @dataclass
@@ -62,7 +68,10 @@ class SVFConfig(PeftConfig):
             `U Σ (s ⊙ Vᵀ x)`: one extra `m × m` matmul per token instead of two, which makes training steps cheaper
             (see the SVF cost benchmark). The output at `s = 1` then equals the base model up to float rounding
             instead of bit for bit. Used only where more than half of the singular values are adapted.
-        svd_cache_dir (`str`, *optional*): Directory of the SVD cache; defaults to the user cache directory.
+        svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
+            `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
+            setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
+            saved adapter, so that a downloaded adapter cannot choose where the library reads and writes.
         use_svd_cache (`bool`): Set to `False` to always recompute the SVD (nothing is written).
         modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
     """
@@ -108,7 +117,8 @@ class SVFConfig(PeftConfig):
         },
     )
     svd_cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Directory of the SVD cache; the user cache dir when None."}
+        default=None,
+        metadata={"help": "Directory of the SVD cache (runtime only, never saved); the user cache dir when None."},
     )
     use_svd_cache: bool = field(default=True, metadata={"help": "Read and write the on-disk SVD cache."})
     modules_to_save: Optional[list[str]] = field(
@@ -117,6 +127,10 @@ class SVFConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.peft_type is not None and self.svd_cache_dir is not None:
+            # Only deserialization passes `peft_type` (PeftConfig.from_pretrained / from_peft_type): a saved file.
+            warnings.warn(_IGNORED_CACHE_DIR.format(source="a saved adapter config"), UserWarning, stacklevel=3)
+            self.svd_cache_dir = None
         self.peft_type = PeftType.SVF
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -136,3 +150,21 @@ class SVFConfig(PeftConfig):
             raise ValueError("SVFConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str.")
         if self.init_value is None:
             self.init_value = 1.0 if self.mode == "linear" else 0.1
+
+    def to_dict(self) -> dict:
+        """The config as a dict, without the runtime-only `svd_cache_dir` (so it is never saved)."""
+        out = super().to_dict()
+        out.pop("svd_cache_dir", None)
+        return out
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """Read a saved config, dropping `svd_cache_dir` (with a warning): only the user chooses the cache location.
+
+        Args:
+            path_json_file (`str`): Path of an `adapter_config.json`.
+        """
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        if loaded.pop("svd_cache_dir", None) is not None:
+            warnings.warn(_IGNORED_CACHE_DIR.format(source=path_json_file), UserWarning, stacklevel=2)
+        return loaded

@@ -108,7 +108,8 @@ class SVFModel(BaseTuner):
             return
         factors = getattr(self, "_pending_factors", {}).pop(current_key, None)
         if factors is None:
-            factors = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache).get(weight_matrix(target))
+            cache = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache)
+            factors = cache.get(weight_matrix(target), name=current_key)
         new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
