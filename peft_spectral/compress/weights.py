@@ -35,8 +35,8 @@ def compute_svds(model: nn.Module, modules: Sequence[str], *, cache=None, progre
         modules (`Sequence[str]`): Module names.
         cache ([`~peft_spectral.svd_cache.SVDCache`] or `bool`, *optional*): Take the factors from the on-disk SVD
             cache (`True` = the default cache directory). The cache keeps `S` and the smaller side's singular vectors;
-            the other side is recovered in float64 as `U = W V / σ` (or `V = Wᵀ U / σ`). Without a cache every
-            SVD is computed with [`~peft_spectral.linalg.thin_svd`].
+            the other side is recovered by [`~peft_spectral.svd_cache.svd_from_factors`]. Without a cache every SVD
+            is computed with [`~peft_spectral.linalg.thin_svd`].
         progress (`bool`, defaults to `False`): Show a progress bar.
 
     Returns:
@@ -47,26 +47,12 @@ def compute_svds(model: nn.Module, modules: Sequence[str], *, cache=None, progre
     weights = [(name, weight_matrix(model.get_submodule(name)).detach().cpu()) for name in modules]
     if cache is None or cache is False:
         return {name: thin_svd(w) for name, w in tqdm(weights, desc="SVD", disable=not progress)}
-    if cache is True:
-        from ..svd_cache import SVDCache
+    from ..svd_cache import SVDCache, svd_from_factors
 
+    if cache is True:
         cache = SVDCache()
     factors = cache.get_many(weights, progress=progress)
-    return {name: _full_svd_from_factors(w, factors[name]) for name, w in weights}
-
-
-def _full_svd_from_factors(weight: torch.Tensor, factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(U, S, V)` from the cache's `S` and smaller-side vectors `Q` (the other side recovered in float64)."""
-    w = weight.to(torch.float64)
-    s = factors.S.to(torch.float64)
-    q = factors.Q.to(torch.float64)
-    floor = float(s[0]) * 1e-12 if len(s) and float(s[0]) > 0 else 1e-30
-    safe = s.clamp_min(floor)
-    if factors.side == "right":
-        v, u = q, (w @ q) / safe
-    else:
-        u, v = q, (w.T @ q) / safe
-    return u.float().contiguous(), s.float().contiguous(), v.float().contiguous()
+    return {name: tuple(t.cpu() for t in svd_from_factors(w, factors[name])) for name, w in weights}
 
 
 class TruncationCache:
