@@ -11,20 +11,11 @@ from torch import nn
 
 from ..linalg import thin_svd
 from ..subspace import multi_subspace_factors, rank_for, reconstruct
+from ..tuners._linear import weight_matrix
 from .candidates import Intervention
 
 
 __all__ = ["TruncationCache", "apply_interventions", "compute_svds", "weight_matrix"]
-
-
-def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The `(out, in)` view of an `nn.Linear` or transformers `Conv1D` weight (a `Conv1D` stores `(in, out)`).
-
-    Args:
-        module (`nn.Module`): The layer.
-    """
-    w = module.weight
-    return w.T if type(module).__name__ == "Conv1D" else w
 
 
 def compute_svds(model: nn.Module, modules: Sequence[str], *, cache=None, progress: bool = False) -> dict[str, tuple]:
