@@ -51,6 +51,7 @@ class FreezeMaskCallback(TrainerCallback):
 
     @property
     def num_frozen(self) -> int:
+        """How many entries are frozen."""
         return sum(int(m.sum()) for _, m, _ in self.frozen)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -93,6 +94,7 @@ class TrackedParameters:
 
     @property
     def names(self) -> list[str]:
+        """The tracked tensors' names (base parameter names)."""
         return list(self.tensors)
 
     def base(self, name: str) -> torch.Tensor:
@@ -102,20 +104,24 @@ class TrackedParameters:
         return self.layers[name].get_base_layer().weight.detach()
 
     def delta(self, name: str) -> torch.Tensor:
+        """Δ of one tracked tensor (a copy)."""
         p = self.tensors[name].detach()
         return p.clone() if self.theta0 is None else p - self.theta0[name]
 
     def deltas(self) -> dict[str, torch.Tensor]:
+        """Δ of every tracked tensor (copies)."""
         return {k: self.delta(k).contiguous() for k in self.tensors}
 
     @torch.no_grad()
     def set_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Set every tracked tensor to θ0 + Δ."""
         for k, p in self.tensors.items():
             d = deltas[k].to(p.dtype)
             p.data.copy_(d if self.theta0 is None else self.theta0[k] + d)
 
     @torch.no_grad()
     def reset(self) -> None:
+        """Back to θ0 (Δ = 0)."""
         for k, p in self.tensors.items():
             if self.theta0 is None:
                 p.data.zero_()
@@ -135,6 +141,7 @@ class TrackedParameters:
         return FreezeMaskCallback((self.tensors[k], m) for k, m in masks.items())
 
     def clear_frozen(self) -> None:
+        """Unfreeze everything (remove the gradient hooks or the adapter masks)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []

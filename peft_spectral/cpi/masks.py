@@ -55,12 +55,21 @@ def core_masks(deltas: dict[str, torch.Tensor], p: float, scope: str = "global")
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor into a 1-D uint8 tensor, 8 entries per byte (numpy `packbits`, big-endian bit order)."""
+    """Pack a bool tensor into a 1-D uint8 tensor, 8 entries per byte (numpy `packbits`, big-endian bit order).
+
+    Args:
+        mask (`torch.Tensor`): A bool tensor of any shape (flattened in row-major order).
+    """
     return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy().astype(np.uint8)))
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of [`pack_mask`]."""
+    """Inverse of [`pack_mask`].
+
+    Args:
+        packed (`torch.Tensor`): The uint8 tensor from [`pack_mask`].
+        shape (`Sequence[int]`): The shape of the original mask.
+    """
     n = int(np.prod(shape)) if len(shape) else 1
     bits = np.unpackbits(packed.cpu().numpy(), count=n).astype(bool)
     return torch.from_numpy(bits).reshape(tuple(shape))
@@ -78,6 +87,12 @@ def jaccard_matrix(masks: Sequence[dict[str, torch.Tensor]]) -> np.ndarray:
 
     Masks are compared tensor by tensor over the union of names (a tensor missing from one mask counts as empty).
     Two empty regions have similarity 1 on the diagonal and 0 elsewhere.
+
+    Args:
+        masks (`Sequence[dict[str, torch.Tensor]]`): One core region per task, by tensor name.
+
+    Returns:
+        `np.ndarray`: The symmetric T × T matrix.
     """
     t = len(masks)
     packed = [
