@@ -14,7 +14,14 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from peft_spectral.cpi import CPIConfig, CPIPipeline, FreezeMaskCallback, build_sft_dataset, fuse_deltas
+from peft_spectral.cpi import (
+    CPIConfig,
+    CPIPipeline,
+    FreezeMaskCallback,
+    base_model_fingerprint,
+    build_sft_dataset,
+    fuse_deltas,
+)
 from peft_spectral.state import StateFileError
 from peft_spectral.tasks import Example, Task
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig
@@ -361,3 +368,14 @@ def test_pipeline_stage_order_from_config(tmp_path):
             tmp_path / "e",
             progress=False,
         )
+
+
+def test_base_model_fingerprint_looks_through_the_adapter():
+    tok = build_tiny_tokenizer()
+    base = build_tiny_llama(tok)
+    before = base_model_fingerprint(base)
+    wrapped = get_peft_model(base, CoreIsolationConfig(target_modules=MLP))
+    layer = next(iter(wrapped.base_model.core_isolation_layers().values()))
+    layer.core_isolation_delta["default"].data.fill_(0.5)  # adapter tensors do not enter the hash
+    assert base_model_fingerprint(wrapped) == before
+    assert base_model_fingerprint(build_tiny_llama(tok, seed=1)) != before
