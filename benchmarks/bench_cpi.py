@@ -386,7 +386,8 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
         f"Model: {s['model']}. Trained: {s['trained']}; {s['optimizer']}, lr {s['lr']}, weight decay "
         f"{s['weight_decay']}, batch {s['batch_size']}, max length {s['max_length']}. Same budget for every method: "
         f"{s['budget_steps']} optimizer steps (CPI-FT: {len(names)} probes × {s['probe_steps']} + stages). "
-        f"p = {s['p']}, τ = {s['tau']}. Test examples per task: {s['n_test']}."
+        f"p = {s['p']}, τ = {s['tau']}, stage order {s.get('stage_order', 'input')}, fusion "
+        f"{s.get('fusion', 'slerp_task_vectors')}. Test examples per task: {s['n_test']}."
         + (
             f" Base, multi-task and naive multi-stage rows reused from `{results['baselines_from']}` (same settings)."
             if results.get("baselines_from")
