@@ -358,11 +358,12 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
 
 def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
     from .cpi import CPIConfig, CPIPipeline
+    from .tuners.core_isolation import CoreIsolationConfig
 
     cpi_config = CPIConfig(
+        adapter=CoreIsolationConfig(target_modules=MLP),
         probe_steps=config.cpi_probe_steps,
         stage_steps=config.cpi_stage_steps,
-        target_modules=MLP,
         batch_size=4,
         max_length=128,
         seed=config.seed,
