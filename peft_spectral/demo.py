@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .state import load_state, write_json_atomic
+
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class DemoReport:
 
 
 class _Steps:
-    """Result cache of the demo: one JSON file per step under the output directory."""
+    """Result cache of the demo: one JSON file per step under the output directory, written atomically."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -120,17 +122,16 @@ class _Steps:
 
     def run(self, name: str, fn: Callable[[Path], dict]) -> dict:
         path = self.root / f"{name}.json"
-        if path.exists():
+        cached = load_state(path, what=f"demo step {name!r}")
+        if cached is not None:
             print(f"[demo] {name}: cached ({path})")
-            return json.loads(path.read_text())
+            return cached
         work = self.root / name
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         result = fn(work)
         result.setdefault("wall_time_s", time.perf_counter() - t0)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
+        write_json_atomic(path, result)
         return result
 
 

@@ -115,6 +115,7 @@ def test_mkdocs_build_strict(tmp_path):
             "--site-dir",
             str(tmp_path / "site"),
         ],
+        check=False,
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
-from test_transformer2 import _save_expert
+from testing_utils import build_tiny_llama, build_tiny_tokenizer, save_svf_expert
 
 from peft_spectral.cli import main
 
@@ -29,7 +28,7 @@ def setup(tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     experts = [
-        str(_save_expert(root / n, s, root / "svd", base_name=str(root / "model")))
+        str(save_svf_expert(root / n, s, root / "svd", base_name=str(root / "model")))
         for s, n in enumerate(["alpha", "beta"], 1)
     ]
     shots = root / "shots.jsonl"

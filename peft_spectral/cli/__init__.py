@@ -7,15 +7,16 @@ parser and sets `func` (called with the parsed arguments, returning an exit code
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from . import compress, cpi, demo, mix, tasks, train_svf
+
 
 #: Sub-command modules, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("demo", "train_svf", "mix", "compress", "cpi", "tasks")
+COMMAND_MODULES = (demo, train_svf, mix, compress, cpi, tasks)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:  # a command whose module is not written yet is simply absent
-            if err.name != f"{__name__}.{name}":
-                raise
-            continue
+    for module in COMMAND_MODULES:
         module.add_parser(subparsers)
     return parser
 
