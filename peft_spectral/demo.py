@@ -53,6 +53,8 @@ class DemoConfig:
         c2i_grad_examples, c2i_eval_examples (`int`): Gradient and evaluation samples of the C2I search.
         cpi_probe_steps, cpi_stage_steps (`int`): SFT steps of each CPI probe and each stage.
         seed (`int`): Seed of splits, sampling and searches.
+        device (`str`): Where the model runs: `"auto"` (cuda when available, else cpu), `"cpu"`, `"cuda"`, ...
+        dtype (`str`): Weight dtype: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the checkpoint's).
     """
 
     model: Optional[str] = None
@@ -73,6 +75,8 @@ class DemoConfig:
     cpi_probe_steps: int = 8
     cpi_stage_steps: int = 8
     seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -154,7 +158,7 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
     steps = _Steps(out)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list))
     t0 = time.perf_counter()
-    base, tok = load_model(config.model)
+    base, tok = load_model(config.model, dtype=config.dtype, device=config.device)
     base.eval()
     printer(f"[demo] model loaded in {time.perf_counter() - t0:.1f}s")
 

@@ -99,11 +99,15 @@ def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
             "--mixture",
             str(out),
             "--output",
-            str(root / "res.json"),
+            str(root / "res"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
         ]
     )
     assert rc == 0
-    res = json.loads((root / "res.json").read_text())
+    res = json.loads((root / "res" / "two_pass.json").read_text())
     assert res["n"] == 4 and res["group_sizes"] == {"t2_mixture": 4} and 0 <= res["accuracy"] <= 1
 
 
@@ -126,9 +130,16 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
             "--descriptions",
             "sums",
             "puzzles",
+            "--output",
+            str(root / "dispatch"),
+            "--eval-examples",
+            "3",
+            "--answer-mode",
+            "loglik",
         ]
     )
     assert rc == 0
+    assert json.loads((root / "dispatch" / "two_pass.json").read_text())["n"] == 3
     text = capsys.readouterr().out
     assert "strategy dispatch: accuracy" in text and "pass 1" in text
     with pytest.raises(SystemExit, match="--classifier"):
@@ -143,6 +154,8 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
                 str(shots),
                 "--strategy",
                 "classifier",
+                "--output",
+                str(root / "x"),
             ]
         )
     with pytest.raises(SystemExit, match="--descriptions"):
@@ -157,6 +170,8 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
                 str(shots),
                 "--descriptions",
                 "only-one",
+                "--output",
+                str(root / "x"),
             ]
         )
     empty = root / "empty.jsonl"
