@@ -55,6 +55,7 @@ class DemoConfig:
         seed (`int`): Seed of splits, sampling and searches.
         device (`str`): Where the model runs: `"auto"` (cuda when available, else cpu), `"cpu"`, `"cuda"`, ...
         dtype (`str`): Weight dtype: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the checkpoint's).
+        progress (`bool`): Show progress bars.
     """
 
     model: Optional[str] = None
@@ -77,6 +78,7 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    progress: bool = True
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -277,6 +279,7 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
             output_dir=str(work / f"{name}_checkpoints"),
             printer=tqdm.write,
             seed=config.seed,
+            disable_tqdm=not config.progress,
         )
         seconds = time.perf_counter() - t
         model = result.model
@@ -305,7 +308,12 @@ def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, b
     test = task.test[: config.eval_examples]  # the base model's accuracy on it is `base_acc` (step "base")
     mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)
     cem = mixer.search(
-        CEMConfig(population=config.cem_population, generations=config.cem_generations, seed=config.seed)
+        CEMConfig(
+            population=config.cem_population,
+            generations=config.cem_generations,
+            seed=config.seed,
+            progress=config.progress,
+        )
     )
     mixer.save(work / "mixture", result=cem)
     with library.use(mixer.adapter_name):

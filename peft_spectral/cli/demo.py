@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
+        "progress": not args.no_progress,
     }
     if args.quick:
         config = DemoConfig.quick(**kwargs)
