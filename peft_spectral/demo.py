@@ -444,7 +444,12 @@ def write_report(report: DemoReport, path: Path, table: str) -> None:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "the demo's plots need matplotlib: pip install 'peft-spectral[plots]' (or the 'default-model' extra)"
+        ) from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

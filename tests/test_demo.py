@@ -92,3 +92,11 @@ def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
     # a second run resumes every step from the cache
     again = run_demo(config, printer=lambda *_: None)
     assert [r.adapted_accuracy for r in again.rows] == [r.adapted_accuracy for r in report.rows]
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(ImportError, match=r"peft-spectral\[plots\]"):
+        plot_fitness([{"best": 0.1, "generation_best": 0.1, "generation_mean": 0.1}], tmp_path / "f.png")
