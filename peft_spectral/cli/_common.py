@@ -79,8 +79,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, inference: bool = Fals
             "--device-map",
             choices=("auto", "balanced", "sequential"),
             default=None,
-            help="let accelerate place the model over the available devices (overrides --device); "
-            "left out: the whole model on --device",
+            help="let accelerate place a --model over the available devices (overrides --device; the embedded "
+            "model always goes on --device); left out: the whole model on --device",
         )
 
 
