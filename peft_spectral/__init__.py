@@ -2,32 +2,41 @@
 
 Importing the package registers its methods with PEFT (`SVF`, `SPECTRAL_COMPRESS`, `CORE_ISOLATION`), so that
 `get_peft_model`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` handle them like PEFT's own.
+
+The top level holds what a user of the adapters needs: each method's config, model and layer classes, and
+[`combine_svf_adapters`]. The pipelines live in their own modules (`peft_spectral.transformer2`,
+`peft_spectral.compress`, `peft_spectral.cpi`, `peft_spectral.training`); see `docs/architecture.md`.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from . import registry
+from .tuners.core_isolation import CoreIsolationConfig, CoreIsolationLayer, CoreIsolationLinear, CoreIsolationModel
+from .tuners.spectral_compress import (
+    SpectralCompressConfig,
+    SpectralCompressLayer,
+    SpectralCompressLinear,
+    SpectralCompressModel,
+)
 from .tuners.svf import SVFConfig, SVFLayer, SVFLinear, SVFModel, combine_svf_adapters
 
 
 __version__ = "0.1.0"
 
-__all__ = ["SVFConfig", "SVFLayer", "SVFLinear", "SVFModel", "__version__", "combine_svf_adapters", "registry"]
-
-# The other two tuners are written in parallel; each registers itself when its package imports.
-for _pkg, _names in (
-    ("spectral_compress", ("SpectralCompressConfig", "SpectralCompressModel", "SpectralCompressLayer")),
-    ("core_isolation", ("CoreIsolationConfig", "CoreIsolationModel", "CoreIsolationLayer")),
-):
-    try:
-        _mod = importlib.import_module(f".tuners.{_pkg}", __name__)
-    except ImportError as _err:  # pragma: no cover - only while a tuner is missing
-        if f"tuners.{_pkg}" not in str(_err):
-            raise
-        continue
-    for _n in _names:
-        if hasattr(_mod, _n):
-            globals()[_n] = getattr(_mod, _n)
-            __all__.append(_n)
+__all__ = [
+    "CoreIsolationConfig",
+    "CoreIsolationLayer",
+    "CoreIsolationLinear",
+    "CoreIsolationModel",
+    "SVFConfig",
+    "SVFLayer",
+    "SVFLinear",
+    "SVFModel",
+    "SpectralCompressConfig",
+    "SpectralCompressLayer",
+    "SpectralCompressLinear",
+    "SpectralCompressModel",
+    "__version__",
+    "combine_svf_adapters",
+    "registry",
+]

@@ -236,21 +236,42 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     return as_plain_fp32(model).eval(), tokenizer
 
 
-def load_model(model_id_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, **kwargs):
+def load_model(
+    model_id_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    **kwargs,
+):
     """Load a causal LM and its tokenizer: the embedded default when `model_id_or_path` is `None`, else
     `AutoModelForCausalLM.from_pretrained(model_id_or_path)` (a Hub id or a local directory).
+
+    Args:
+        model_id_or_path (`str` or `os.PathLike`, *optional*): Hub id or local directory; `None`: the embedded model.
+        dtype (`torch.dtype` or `str`, defaults to `torch.float32`): Weight dtype; a name such as `"bfloat16"`, or
+            `"auto"` for the checkpoint's own (float32 for the embedded model, which is de-quantised).
+        device (`str` or `torch.device`, *optional*): Where to put the model after loading; `"auto"`: cuda when
+            available, else cpu; `None`: where `from_pretrained` put it (cpu, unless `device_map` is given).
+        kwargs: Forwarded to `from_pretrained` (e.g. `device_map="auto"`; not for the embedded model).
 
     Returns:
         `(model, tokenizer)` with the model in eval mode and a pad token set.
     """
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if model_id_or_path is None:
-        return load_default_model(dtype=dtype)
+        model, tokenizer = load_default_model(dtype=torch.float32 if dtype == "auto" else dtype)
+        return (model if device is None else model.to(device)), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype, **kwargs)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_id_or_path))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
     return model.eval(), tokenizer
 
 

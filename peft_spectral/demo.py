@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .state import load_state, write_json_atomic
+
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class DemoConfig:
         c2i_grad_examples, c2i_eval_examples (`int`): Gradient and evaluation samples of the C2I search.
         cpi_probe_steps, cpi_stage_steps (`int`): SFT steps of each CPI probe and each stage.
         seed (`int`): Seed of splits, sampling and searches.
+        device (`str`): Where the model runs: `"auto"` (cuda when available, else cpu), `"cpu"`, `"cuda"`, ...
+        dtype (`str`): Weight dtype: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the checkpoint's).
+        progress (`bool`): Show progress bars.
     """
 
     model: Optional[str] = None
@@ -71,6 +76,9 @@ class DemoConfig:
     cpi_probe_steps: int = 8
     cpi_stage_steps: int = 8
     seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -112,7 +120,7 @@ class DemoReport:
 
 
 class _Steps:
-    """Result cache of the demo: one JSON file per step under the output directory."""
+    """Result cache of the demo: one JSON file per step under the output directory, written atomically."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -120,17 +128,16 @@ class _Steps:
 
     def run(self, name: str, fn: Callable[[Path], dict]) -> dict:
         path = self.root / f"{name}.json"
-        if path.exists():
+        cached = load_state(path, what=f"demo step {name!r}")
+        if cached is not None:
             print(f"[demo] {name}: cached ({path})")
-            return json.loads(path.read_text())
+            return cached
         work = self.root / name
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         result = fn(work)
         result.setdefault("wall_time_s", time.perf_counter() - t0)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
+        write_json_atomic(path, result)
         return result
 
 
@@ -153,7 +160,7 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
     steps = _Steps(out)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1, default=list))
     t0 = time.perf_counter()
-    base, tok = load_model(config.model)
+    base, tok = load_model(config.model, dtype=config.dtype, device=config.device)
     base.eval()
     printer(f"[demo] model loaded in {time.perf_counter() - t0:.1f}s")
 
@@ -272,6 +279,7 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
             output_dir=str(work / f"{name}_checkpoints"),
             printer=tqdm.write,
             seed=config.seed,
+            disable_tqdm=not config.progress,
         )
         seconds = time.perf_counter() - t
         model = result.model
@@ -300,7 +308,12 @@ def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, b
     test = task.test[: config.eval_examples]  # the base model's accuracy on it is `base_acc` (step "base")
     mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)
     cem = mixer.search(
-        CEMConfig(population=config.cem_population, generations=config.cem_generations, seed=config.seed)
+        CEMConfig(
+            population=config.cem_population,
+            generations=config.cem_generations,
+            seed=config.seed,
+            progress=config.progress,
+        )
     )
     mixer.save(work / "mixture", result=cem)
     with library.use(mixer.adapter_name):
@@ -424,7 +437,12 @@ def write_report(report: DemoReport, path: Path, table: str) -> None:
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "the demo's plots need matplotlib: pip install 'peft-spectral[plots]' (or the 'default-model' extra)"
+        ) from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

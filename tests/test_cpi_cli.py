@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral.cli import cpi as cli_cpi
 from peft_spectral.cli import main
@@ -52,7 +52,7 @@ def test_cli_runs_and_resumes(patched, tmp_path, capsys):
     ]
     assert main(argv + ["--until", "cores"]) == 0
     assert json.loads((out / "state.json").read_text())["completed"] == ["probe", "cores"]
-    assert main(argv + ["--max-eval", "2"]) == 0
+    assert main(argv + ["--eval-examples", "2", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "groups (tau=0.2)" in text and "wrote" in text
     report = json.loads((out / "report.json").read_text())

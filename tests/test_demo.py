@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from peft_spectral.cli import build_parser
+from peft_spectral.cli import build_parser, main
 from peft_spectral.demo import (
     DemoConfig,
     DemoReport,
@@ -17,6 +17,7 @@ from peft_spectral.demo import (
     plot_fitness,
     write_report,
 )
+from peft_spectral.state import StateFileError
 
 
 def test_steps_are_cached_and_resumed(tmp_path):
@@ -25,6 +26,13 @@ def test_steps_are_cached_and_resumed(tmp_path):
     first = steps.run("a", lambda work: calls.append(work) or {"x": 1})
     again = _Steps(tmp_path).run("a", lambda work: calls.append(work) or {"x": 2})
     assert calls == [tmp_path / "a"] and first["x"] == again["x"] == 1 and "wall_time_s" in again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.json"]  # no temporary file left behind
+
+
+def test_truncated_step_file_is_one_clear_error(tmp_path):
+    (tmp_path / "a.json").write_text('{"x": 1, "wall')
+    with pytest.raises(StateFileError, match=r"demo step 'a' file .*a\.json is not valid JSON"):
+        _Steps(tmp_path).run("a", lambda work: {"x": 2})
 
 
 def test_table_report_and_plots(tmp_path):
@@ -52,10 +60,22 @@ def test_cli_demo_options():
     assert quick.svf_steps < DemoConfig().svf_steps and quick.unseen_task == "snarks"
 
 
+def test_cli_demo_passes_device_dtype_and_progress(monkeypatch):
+    import peft_spectral.demo
+
+    seen = []
+    monkeypatch.setattr(peft_spectral.demo, "run_demo", seen.append)
+    argv = ["demo", "--quick", "--device", "cpu", "--dtype", "bfloat16", "--no-progress", "--output", "x"]
+    assert main(argv) == 0
+    (config,) = seen
+    assert (config.device, config.dtype, config.progress, config.output_dir) == ("cpu", "bfloat16", False, "x")
+    assert config.svf_steps == DemoConfig.quick().svf_steps
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
     """All four steps on real BigBench tasks (downloads the bigbench archive once), with a tiny random model."""
-    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
     from peft_spectral.demo import run_demo
 
@@ -72,3 +92,11 @@ def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
     # a second run resumes every step from the cache
     again = run_demo(config, printer=lambda *_: None)
     assert [r.adapted_accuracy for r in again.rows] == [r.adapted_accuracy for r in report.rows]
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    with pytest.raises(ImportError, match=r"peft-spectral\[plots\]"):
+        plot_fitness([{"best": 0.1, "generation_best": 0.1, "generation_mean": 0.1}], tmp_path / "f.png")

@@ -21,6 +21,10 @@ def test_parse_layers():
     assert cli_compress.parse_layers("5,1,2-3") == [1, 2, 3, 5]
     with pytest.raises(argparse.ArgumentTypeError):
         cli_compress.parse_layers("4-2")
+    common = ["compress", "--task", "t", "--output", "o"]
+    assert build_parser().parse_args(common + ["--layers", "5", "0-2", "1"]).layers == [0, 1, 2, 5]
+    assert build_parser().parse_args(common + ["--layers", "3", "all"]).layers is None
+    assert build_parser().parse_args(common).layers is None
 
 
 PLANTED = "model.layers.1.mlp.down_proj"
@@ -47,9 +51,11 @@ def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, me
         "--method",
         method,
         "--matrices",
-        "up_proj,down_proj",
+        "up_proj",
+        "down_proj",
         "--rhos",
-        "0.9,0.2",
+        "0.9",
+        "0.2",
         "--top-k",
         "2",
         "--n-grad",
@@ -79,7 +85,7 @@ def test_cli_rejects_unknown_matrix(planted_task, monkeypatch):
     model, tok, task = planted_task
     monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
     monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
-    args = build_parser().parse_args(["compress", "--task", "planted", "--matrices", "wq"])
+    args = build_parser().parse_args(["compress", "--task", "planted", "--matrices", "wq", "--output", "unused"])
     with pytest.raises(ValueError, match="match no linear module"):
         args.func(args)
 

@@ -18,7 +18,11 @@ def test_round_trip_and_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [("", "is empty"), ('{"fingerprint": "abc", "res', "is not valid JSON"), ("[1, 2]", "holds a list, not a JSON object")],
+    [
+        ("", "is empty"),
+        ('{"fingerprint": "abc", "res', "is not valid JSON"),
+        ("[1, 2]", "holds a list, not a JSON object"),
+    ],
 )
 def test_empty_truncated_or_foreign_file_is_one_clear_error(tmp_path, content, reason):
     path = tmp_path / "state.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_assets import cache, fake_bigbench, make_fake_bigbench  # noqa: F401  (fixtures)
 
 from peft_spectral import tasks
 from peft_spectral.tasks import Example, load_jsonl_task, load_task, split_examples

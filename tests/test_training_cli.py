@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 import peft_spectral  # noqa: F401  (registers SVF)
 from peft_spectral.cli import main

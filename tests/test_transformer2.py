@@ -9,13 +9,14 @@ import logging
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
+from testing_utils import build_tiny_llama, build_tiny_tokenizer, save_svf_expert
 
 import peft_spectral
 from peft_spectral import svd_cache
 from peft_spectral.adapter_io import AdapterLoadError
 from peft_spectral.evaluation import generate_answers, option_logliks
+from peft_spectral.option_scoring import score_examples
 from peft_spectral.tasks import Example
 from peft_spectral.transformer2 import (
     OTHERS,
@@ -30,7 +31,6 @@ from peft_spectral.transformer2 import (
     cross_entropy_method,
     load_shots,
     parse_category,
-    score_examples,
     two_pass_evaluate,
     two_pass_generate,
 )
@@ -52,25 +52,11 @@ def _one_thread():
 EXPERTS = (("arith", "arithmetic questions"), ("logic", "logic puzzles"), ("facts", "world knowledge"))
 
 
-def _save_expert(path, seed, svd_dir, targets=TARGETS, base_name="tiny-llama"):
-    tok = build_tiny_tokenizer()
-    base = build_tiny_llama(tok)
-    base.name_or_path = base_name
-    model = get_peft_model(base, peft_spectral.SVFConfig(target_modules=targets, svd_cache_dir=str(svd_dir)))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in model.base_model.svf_layers():
-            z = layer.svf_z["default"]
-            z.copy_(1 + 0.5 * torch.randn(z.shape, generator=gen))
-    model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def expert_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
     svd_dir = root / "svd"
-    return [_save_expert(root / name, seed, svd_dir) for seed, (name, _) in enumerate(EXPERTS, start=1)]
+    return [save_svf_expert(root / name, seed, svd_dir) for seed, (name, _) in enumerate(EXPERTS, start=1)]
 
 
 def _library(expert_dirs):
@@ -141,13 +127,13 @@ def test_library_bad_inputs(expert_dirs, tmp_path):
     with pytest.raises(ExpertLibraryError, match="names"):
         ExpertLibrary.load(build_tiny_llama(tok), tok, expert_dirs[:2], names=["a"])
     # different base model, named in the error
-    other = _save_expert(tmp_path / "foreign", 9, tmp_path / "svd", base_name="another-model")
+    other = save_svf_expert(tmp_path / "foreign", 9, tmp_path / "svd", base_name="another-model")
     with pytest.raises(
         ExpertLibraryError, match=r"different base models.*'arith'.*tiny-llama.*'foreign'.*another-model"
     ):
         ExpertLibrary.load(build_tiny_llama(tok), tok, [expert_dirs[0], other], names=["arith", "foreign"])
     # different target modules, named in the error
-    attn = _save_expert(tmp_path / "attn", 9, tmp_path / "svd", targets=["q_proj", "v_proj"])
+    attn = save_svf_expert(tmp_path / "attn", 9, tmp_path / "svd", targets=["q_proj", "v_proj"])
     with pytest.raises(ExpertLibraryError, match=r"different target modules.*'arith'.*'attn'"):
         ExpertLibrary.load(build_tiny_llama(tok), tok, [expert_dirs[0], attn], names=["arith", "attn"])
     with pytest.raises(AdapterLoadError):
@@ -420,8 +406,7 @@ def test_push_mixture_to_hub_uploads_folder(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------- classifier
 
 
-@pytest.mark.parametrize("use_training_module", [True, False], ids=["training.train_svf", "trl"])
-def test_classifier_examples_and_training(library, tmp_path, use_training_module):
+def test_classifier_examples_and_training(library, tmp_path):
     lib, _ = library
     data = {
         "arith": [Example(prompt=f"What is {i} + {i}?", target=str(2 * i)) for i in range(4)],
@@ -438,12 +423,10 @@ def test_classifier_examples_and_training(library, tmp_path, use_training_module
 
     from peft_spectral.transformer2 import train_classifier_expert
 
-    out = train_classifier_expert(
-        lib, exs, tmp_path / "clf", steps=2, batch_size=4, learning_rate=0.05, use_training_module=use_training_module
-    )
+    out = train_classifier_expert(lib, exs, tmp_path / "clf", steps=2, batch_size=4, learning_rate=0.05)
     assert (out / "adapter_config.json").is_file()
     meta = json.loads((out / "transformer2_classifier.json").read_text())
-    assert meta["trained_with"] == ("peft_spectral.training" if use_training_module else "trl.SFTTrainer")
+    assert meta["trained_with"] == "peft_spectral.training"
     name = lib.load_extra_adapter(out, "clf", "classifier")
     z = svf_z_snapshot(lib.model, name)
     assert any(not torch.allclose(v, torch.ones_like(v)) for v in z.values())  # it trained

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
-from test_transformer2 import _save_expert
+from testing_utils import build_tiny_llama, build_tiny_tokenizer, save_svf_expert
 
 from peft_spectral.cli import main
 
@@ -29,7 +28,7 @@ def setup(tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     experts = [
-        str(_save_expert(root / n, s, root / "svd", base_name=str(root / "model")))
+        str(save_svf_expert(root / n, s, root / "svd", base_name=str(root / "model")))
         for s, n in enumerate(["alpha", "beta"], 1)
     ]
     shots = root / "shots.jsonl"
@@ -100,11 +99,15 @@ def test_mix_command_saves_loadable_mixture(setup, capsys, monkeypatch):
             "--mixture",
             str(out),
             "--output",
-            str(root / "res.json"),
+            str(root / "res"),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
         ]
     )
     assert rc == 0
-    res = json.loads((root / "res.json").read_text())
+    res = json.loads((root / "res" / "two_pass.json").read_text())
     assert res["n"] == 4 and res["group_sizes"] == {"t2_mixture": 4} and 0 <= res["accuracy"] <= 1
 
 
@@ -127,9 +130,16 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
             "--descriptions",
             "sums",
             "puzzles",
+            "--output",
+            str(root / "dispatch"),
+            "--eval-examples",
+            "3",
+            "--answer-mode",
+            "loglik",
         ]
     )
     assert rc == 0
+    assert json.loads((root / "dispatch" / "two_pass.json").read_text())["n"] == 3
     text = capsys.readouterr().out
     assert "strategy dispatch: accuracy" in text and "pass 1" in text
     with pytest.raises(SystemExit, match="--classifier"):
@@ -144,6 +154,8 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
                 str(shots),
                 "--strategy",
                 "classifier",
+                "--output",
+                str(root / "x"),
             ]
         )
     with pytest.raises(SystemExit, match="--descriptions"):
@@ -158,6 +170,8 @@ def test_eval_two_pass_dispatch_and_bad_args(setup, capsys):
                 str(shots),
                 "--descriptions",
                 "only-one",
+                "--output",
+                str(root / "x"),
             ]
         )
     empty = root / "empty.jsonl"

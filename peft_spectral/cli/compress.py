@@ -7,14 +7,27 @@ import json
 import logging
 from pathlib import Path
 
-from ._common import floats, load_model_or_exit, names
+from ._common import (
+    UnionAction,
+    add_command,
+    add_model_options,
+    add_output_option,
+    add_progress_option,
+    add_push_option,
+    add_seed_option,
+    load_model_or_exit,
+    number,
+    positive_int,
+    push_adapter_if_requested,
+)
 
 
 logger = logging.getLogger(__name__)
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """`"all"`/`None` → all layers; `"24-29"`, `"0-29:3"` (range with step), `"3,7,11"` or a mix like `"0-5,27"`."""
+    """One `--layers` value: `"all"`/`None` → all layers (`None`); `"24-29"`, `"0-29:3"` (range with step), `"3"`, or
+    a comma-separated mix like `"0-5,27"` → the sorted layer indices."""
     if text is None or text.strip().lower() in ("", "all"):
         return None
     layers: list[int] = []
@@ -37,36 +50,56 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "compress",
         help="find helpful low-rank truncations (Compress to Impress or LASER) and save them as an adapter",
         description=(
             "Search which weight matrices to replace by low-rank truncations for a task. 'c2i' ranks every "
             "(matrix, rho) with one gradient pass on N calibration examples and evaluates the top ones; 'laser' "
             "evaluates the whole grid (resumable with --state). Prints the chosen interventions and the test "
-            "accuracy before/after, and saves a SpectralCompress PEFT adapter to --output."
+            "accuracy before/after, and saves a SpectralCompress PEFT adapter (when an intervention helps) and "
+            "search.json to --output."
         ),
     )
     p.add_argument("--task", required=True, help="task name, e.g. a BigBench task such as epistemic_reasoning")
-    p.add_argument("--model", default=None, help="model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", "--mode", dest="method", choices=("c2i", "laser"), default="c2i")
+    add_model_options(p)
+    add_output_option(p, "the SpectralCompress adapter and search.json")
+    p.add_argument("--method", choices=("c2i", "laser"), default="c2i", help="search: Compress to Impress or LASER")
     p.add_argument("--clustered", action="store_true", help="C2I clustered mode (CL-nG-nE): multi-subspace truncation")
-    p.add_argument("--clusters", type=int, default=2, help="row clusters in clustered mode (default 2)")
-    p.add_argument("--n-grad", type=int, default=100, help="calibration examples for the gradient (default 100)")
-    p.add_argument("--n-eval", type=int, default=100, help="evaluation examples in clustered mode (default 100)")
+    p.add_argument("--clusters", type=positive_int, default=2, help="row clusters in clustered mode")
+    p.add_argument("--n-grad", type=positive_int, default=100, help="calibration examples for the gradient")
+    p.add_argument("--n-eval", type=positive_int, default=100, help="evaluation examples in clustered mode")
     p.add_argument(
-        "--n-val", type=int, default=None, help="validation examples for LASER / standard C2I (default all)"
+        "--n-val",
+        type=positive_int,
+        default=None,
+        help="validation examples for LASER / standard C2I; left out: the whole validation split",
     )
     p.add_argument(
         "--matrices",
-        type=names,
+        nargs="+",
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="comma-separated matrix types or globs",
+        help="matrix types or globs",
     )
-    p.add_argument("--layers", type=parse_layers, default=None, help="'all', '24-29', '0-29:3' or '3,7,11'")
-    p.add_argument("--rhos", type=floats, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions")
-    p.add_argument("--top-k", type=int, default=5, help="C2I: candidates evaluated (default 5)")
-    p.add_argument("--score", choices=("first_order", "raw"), default="first_order")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        type=parse_layers,
+        action=UnionAction,
+        default=None,
+        help="layers: 'all', ranges '24-29' or '0-29:3' (with a step), or indices '3 7 11'; left out: all",
+    )
+    p.add_argument(
+        "--rhos", nargs="+", type=number, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions rho"
+    )
+    p.add_argument("--top-k", type=positive_int, default=5, help="C2I: candidates evaluated")
+    p.add_argument(
+        "--score",
+        choices=("first_order", "raw"),
+        default="first_order",
+        help="C2I: candidate score (first-order loss change, or the raw gradient inner product)",
+    )
     p.add_argument("--combine", action="store_true", help="C2I: greedily stack kept interventions")
     p.add_argument(
         "--selection",
@@ -78,12 +111,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(default) = guard for c2i, plain for laser (LASER as published)"
         ),
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--state", default=None, help="LASER: JSON state file to resume an interrupted search")
-    p.add_argument("--test-examples", type=int, default=None, help="test examples for before/after (default all)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass")
+    p.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE.json",
+        help="LASER: state file to resume an interrupted search; left out: no resuming",
+    )
+    p.add_argument(
+        "--eval-examples",
+        dest="test_examples",
+        type=positive_int,
+        default=None,
+        help="test examples for the accuracy before/after; left out: the whole test split",
+    )
     p.add_argument("--strict", action="store_true", help="stop instead of warning when a split is smaller than asked")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default=None, help="directory for the adapter and search.json")
+    add_progress_option(p)
+    add_push_option(p)
+    add_seed_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -94,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import load_task
 
     task = load_task(args.task, seed=args.seed)
-    model, tok = load_model_or_exit(args.model)
+    model, tok = load_model_or_exit(args)
     modules = C.find_target_modules(model, args.matrices, args.layers)
     validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
     use_guard = args.selection == "guard" or (args.selection == "auto" and args.method == "c2i")
@@ -132,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             kind=task.kind,
             batch_size=args.batch_size,
             seed=args.seed,
-            progress=True,
+            progress=not args.no_progress,
         )
         result = C.c2i_search(model, calibration, evaluation, modules, config, tokenizer=tok)
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
@@ -157,15 +202,15 @@ def run(args: argparse.Namespace) -> int:
         after = evaluate(adapted, tok, test, kind=task.kind, batch_size=args.batch_size)
     print(f"test accuracy ({len(test)} examples): before {before.accuracy:.3f} -> after {after.accuracy:.3f}")
 
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        if adapted is not None:
-            adapted.save_pretrained(out)
-        summary = result.to_dict()
-        summary["test"] = {"n": len(test), "before": before.accuracy, "after": after.accuracy}
-        (out / "search.json").write_text(json.dumps(summary, indent=1))
-        print(f"wrote {out}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if adapted is not None:
+        adapted.save_pretrained(out)
+    summary = result.to_dict()
+    summary["test"] = {"n": len(test), "before": before.accuracy, "after": after.accuracy}
+    (out / "search.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+    push_adapter_if_requested(args, out)
     if adapted is not None:
         adapted.unload()  # leave the caller's model as it was
     return 0

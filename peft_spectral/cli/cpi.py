@@ -7,14 +7,26 @@ import json
 import logging
 from pathlib import Path
 
-from ._common import load_model_or_exit, number
+from ._common import (
+    add_command,
+    add_model_options,
+    add_output_option,
+    add_progress_option,
+    add_push_option,
+    add_seed_option,
+    load_model_or_exit,
+    number,
+    positive_int,
+    push_adapter_if_requested,
+)
 
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "cpi",
         help="multi-task SFT with core parameter isolation (CPI-FT): probe, cores, grouping, fusion, staged SFT",
         description=(
@@ -26,19 +38,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "with --train-params full) and a report (report.json/.md, jaccard.png)."
         ),
     )
-    p.add_argument("--tasks", nargs="*", default=[], metavar="NAME", help="BigBench task names")
-    p.add_argument("--jsonl", nargs="*", default=[], metavar="PATH", help="task files in the package's JSONL format")
-    p.add_argument("--model", default=None, help="model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--output", required=True, help="state/output directory (resumed when it exists)")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps of each probe (default 50)")
-    p.add_argument("--stage-steps", type=int, default=None, help="optimizer steps of each stage (default: --steps)")
+    p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="BigBench task names")
+    p.add_argument("--jsonl", nargs="+", default=[], metavar="PATH", help="task files in the package's JSONL format")
+    add_model_options(p)
+    add_output_option(p, "the run's state (resumed when it exists), final/ and the report")
+    p.add_argument("--steps", type=positive_int, default=50, help="optimizer steps of each probe")
+    p.add_argument(
+        "--stage-steps", type=positive_int, default=None, help="optimizer steps of each stage; left out: --steps"
+    )
     p.add_argument(
         "--p",
         "--core-fraction",
         dest="core_fraction",
         type=number,
         default=0.01,
-        help="core fraction p in (0, 1) (default 0.01)",
+        help="core fraction p in (0, 1)",
     )
     p.add_argument(
         "--tau",
@@ -46,33 +60,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         dest="tau",
         type=number,
         default=0.1,
-        help="Jaccard threshold tau in [0, 1] (default 0.1)",
+        help="Jaccard threshold tau in [0, 1] for grouping tasks",
     )
-    p.add_argument("--scope", choices=("global", "per_tensor"), default="global", help="top-p scope (default global)")
+    p.add_argument("--scope", choices=("global", "per_tensor"), default="global", help="top-p scope of the cores")
     p.add_argument(
         "--train-params",
         choices=("adapter", "full"),
         default="adapter",
-        help="'adapter': CoreIsolation deltas of --target-modules (default); 'full': every parameter",
+        help="'adapter': CoreIsolation deltas of --target-modules; 'full': every parameter",
     )
     p.add_argument(
         "--target-modules",
         nargs="+",
         default=["all-linear"],
-        help="modules adapted in adapter mode (default all-linear), e.g. gate_proj up_proj down_proj",
+        help="modules adapted in adapter mode, e.g. gate_proj up_proj down_proj",
     )
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("--stage-lr", type=float, default=None, help="stage learning rate (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--max-train", type=int, default=None, help="training examples per task (default all)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--stage-lr", type=float, default=None, help="stage learning rate; left out: --lr")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="examples per optimizer micro-step")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    p.add_argument("--max-length", type=positive_int, default=256, help="token limit of a training sequence")
+    p.add_argument(
+        "--train-examples",
+        dest="max_train",
+        type=positive_int,
+        default=None,
+        help="training examples per task; left out: all",
+    )
     p.add_argument(
         "--stage-order",
         choices=("random", "input", "difficulty", "dependency", "core_overlap", "small_first"),
         default="random",
-        help="order of the stages: 'random' (default, seeded by --seed), 'input', 'difficulty' (lowest probe loss "
+        help="order of the stages: 'random' (seeded by --seed), 'input', 'difficulty' (lowest probe loss "
         "first), 'dependency' (see --stage-dependencies), 'core_overlap' (least core overlap first), 'small_first'",
     )
     p.add_argument(
@@ -86,18 +106,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--fusion",
         choices=("slerp_params", "slerp_task_vectors"),
         default="slerp_params",
-        help="merge of non-core entries: SLERP of the fine-tuned parameters (default, the paper) or of the task vectors",
+        help="merge of non-core entries: SLERP of the fine-tuned parameters (the paper) or of the task vectors",
     )
-    p.add_argument("--slerp-t", type=float, default=None, help="fixed SLERP weight (default: equal task weights)")
+    p.add_argument("--slerp-t", type=float, default=None, help="fixed SLERP weight; left out: equal task weights")
     p.add_argument(
         "--until",
         choices=("probe", "cores", "grouping", "fusion", "staged"),
         default=None,
-        help="stop after this step (run again without it to continue)",
+        help="stop after this step (run again without it to continue); left out: run to the end",
     )
-    p.add_argument("--max-eval", type=int, default=50, help="test examples per task in the report (default 50)")
+    p.add_argument(
+        "--eval-examples",
+        dest="max_eval",
+        type=int,
+        default=50,
+        help="test examples per task in the report; 0: all",
+    )
     p.add_argument("--no-eval", action="store_true", help="do not score the final model")
-    p.add_argument("--seed", type=int, default=0)
+    add_progress_option(p)
+    add_push_option(p)
+    add_seed_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -165,14 +193,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"peft-spectral cpi: {err}") from err
     tasks = load_tasks(args.tasks, args.jsonl, seed=args.seed)
-    model, tok = load_model_or_exit(args.model)
+    model, tok = load_model_or_exit(args)
     pipe = CPIPipeline(
         model,
         tok,
         tasks,
         config,
         args.output,
-        progress=True,
+        progress=not args.no_progress,
         eval_fn=None if args.no_eval else make_eval_fn(args.max_eval),
     )
     report = pipe.run(until=args.until)
@@ -184,4 +212,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name}: {json.dumps(score)}")
     if args.until is None:
         print(f"wrote {Path(args.output) / 'final'} and {Path(args.output) / 'report.md'}")
+        push_adapter_if_requested(args, Path(args.output) / "final")
     return 0

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import (
+    add_command,
+    add_model_options,
+    add_output_option,
+    add_progress_option,
+    add_seed_option,
+    positive_int,
+)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..demo import DemoConfig
 
     d = DemoConfig()
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "demo",
         help="adapt the embedded model with SVF/Transformer², SpectralCompress and CoreIsolation; print a summary",
         description=(
@@ -19,16 +29,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Re-running continues from what is cached there."
         ),
     )
-    p.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--output", default=d.output_dir, help=f"output/resume directory (default {d.output_dir})")
+    add_model_options(p)
+    add_output_option(p, "the report, the plots and every step's cached result (re-runs resume)", default=d.output_dir)
     p.add_argument("--expert-tasks", nargs="+", default=list(d.expert_tasks), help="tasks of the SVF experts")
     p.add_argument("--unseen-task", default=d.unseen_task, help="Transformer² task no expert was trained on")
     p.add_argument("--compress-task", default=d.compress_task, help="task of the C2I search")
     p.add_argument("--cpi-tasks", nargs="+", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
-    p.add_argument("--svf-steps", type=int, default=d.svf_steps, help="GRPO steps per expert")
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="test examples per accuracy")
-    p.add_argument("--quick", action="store_true", help="a much smaller setting, for a smoke run")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--svf-steps", type=positive_int, default=d.svf_steps, help="GRPO steps per expert")
+    p.add_argument("--eval-examples", type=positive_int, default=d.eval_examples, help="test examples per accuracy")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smaller settings of DemoConfig.quick (same model, fewer steps and examples), for a smoke run",
+    )
+    add_progress_option(p)
+    add_seed_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -44,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         "compress_task": args.compress_task,
         "cpi_tasks": tuple(args.cpi_tasks),
         "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
+        "progress": not args.no_progress,
     }
     if args.quick:
         config = DemoConfig.quick(**kwargs)

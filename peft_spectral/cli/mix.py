@@ -13,26 +13,40 @@ import json
 import logging
 from pathlib import Path
 
-from ._common import load_model_or_exit
+from ._common import (
+    add_command,
+    add_model_options,
+    add_output_option,
+    add_progress_option,
+    add_push_option,
+    add_seed_option,
+    load_model_or_exit,
+    positive_int,
+    push_adapter_if_requested,
+)
 
 
 logger = logging.getLogger(__name__)
+
+#: The results file `eval-two-pass` writes into `--output`.
+TWO_PASS_RESULTS = "two_pass.json"
 
 
 def _add_expert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--experts", nargs="+", required=True, metavar="DIR", help="saved SVF expert adapters (directories or Hub ids)"
     )
-    p.add_argument("--names", nargs="+", default=None, help="expert names (default: directory names)")
-    p.add_argument("--descriptions", nargs="+", default=None, help="one description per expert (for dispatch)")
+    p.add_argument("--names", nargs="+", default=None, help="one name per expert; left out: the directory names")
     p.add_argument(
-        "--model", default=None, help="base model path or Hub id (default: the embedded SmolLM2-135M-Instruct)"
+        "--descriptions", nargs="+", default=None, help="one description per expert (for dispatch); left out: none"
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    add_model_options(p, inference=True)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "mix",
         help="few-shot Transformer² mixing: search expert weights by CEM and save the mixed SVF adapter",
         description=(
@@ -48,52 +62,74 @@ def add_parser(subparsers) -> None:
         metavar="FILE.jsonl",
         help="labelled examples: {prompt, choices, label} or {prompt, target} per line",
     )
-    p.add_argument("--output", required=True, metavar="DIR", help="directory for the mixed adapter")
+    add_output_option(p, "the mixed SVF adapter and transformer2_mixture.json (weights, search history)")
     p.add_argument(
         "--kind",
         choices=("multiple_choice", "generation", "code"),
         default=None,
-        help="default: multiple_choice when the shots have choices, else generation",
+        help="task kind; left out: multiple_choice when the shots have choices, else generation",
     )
     p.add_argument("--per-layer", action="store_true", help="one alpha per expert per transformer block")
-    p.add_argument("--population", type=int, default=32)
-    p.add_argument("--elite-fraction", type=float, default=0.2)
-    p.add_argument("--init-std", type=float, default=0.5)
-    p.add_argument("--init-mean", type=float, default=None, help="default 1/K")
-    p.add_argument("--generations", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--push-to-hub", default=None, metavar="REPO_ID", help="also upload the mixed adapter to this Hub repo"
-    )
+    p.add_argument("--population", type=positive_int, default=32, help="CEM: candidates per generation")
+    p.add_argument("--elite-fraction", type=float, default=0.2, help="CEM: share of candidates refitted on")
+    p.add_argument("--init-std", type=float, default=0.5, help="CEM: initial standard deviation of alpha")
+    p.add_argument("--init-mean", type=float, default=None, help="CEM: initial mean of alpha; left out: 1/K")
+    p.add_argument("--generations", type=positive_int, default=50, help="CEM: generations")
+    add_progress_option(p)
+    add_push_option(p)
+    add_seed_option(p)
     p.set_defaults(func=run_mix)
 
-    e = subparsers.add_parser(
+    e = add_command(
+        subparsers,
         "eval-two-pass",
         help="evaluate a task with Transformer² two-pass inference (dispatch, classifier expert or mixture)",
         description=(
             "Pass 1 picks an adaptation per prompt (base, prompt dispatch, a classifier expert, or a saved "
             "mixture), pass 2 answers with it, prompts grouped by expert. Prints accuracy, expert choices and the "
-            "time of both passes; --output writes them as JSON."
+            "time of both passes, and writes them to OUTPUT/two_pass.json."
         ),
     )
     _add_expert_args(e)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="a BigBench task name")
     src.add_argument("--task-file", metavar="FILE.jsonl", help="a JSONL task file (same format as mix --shots)")
-    e.add_argument("--split", choices=("train", "validation", "test"), default="test")
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-    e.add_argument("--strategy", choices=("base", "dispatch", "classifier", "mixture"), default="dispatch")
+    add_output_option(e, f"{TWO_PASS_RESULTS} (accuracy, expert choices, timings)")
+    e.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate")
     e.add_argument(
-        "--classifier", default=None, metavar="DIR", help="classifier expert adapter (--strategy classifier)"
+        "--eval-examples",
+        type=positive_int,
+        default=None,
+        help="evaluate the first N examples only; left out: the whole split",
     )
-    e.add_argument("--mixture", default=None, metavar="DIR", help="saved mixed adapter (--strategy mixture)")
-    e.add_argument("--dispatch-mode", choices=("loglik", "generate"), default="loglik")
-    e.add_argument("--max-question-tokens", type=int, default=96)
-    e.add_argument("--mode", choices=("auto", "loglik", "generate"), default="auto", help="pass-2 scoring")
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--output", default=None, metavar="FILE.json")
+    e.add_argument(
+        "--strategy",
+        choices=("base", "dispatch", "classifier", "mixture"),
+        default="dispatch",
+        help="pass 1: the base model, prompt dispatch, a classifier expert or a saved mixture",
+    )
+    e.add_argument(
+        "--classifier", default=None, metavar="DIR", help="classifier expert adapter (needed by --strategy classifier)"
+    )
+    e.add_argument("--mixture", default=None, metavar="DIR", help="saved mixed adapter (needed by --strategy mixture)")
+    e.add_argument(
+        "--dispatch-mode",
+        choices=("loglik", "generate"),
+        default="loglik",
+        help="pass 1: score each category name, or generate and parse the answer",
+    )
+    e.add_argument(
+        "--max-question-tokens", type=positive_int, default=96, help="pass 1: question tokens shown in the prompt"
+    )
+    e.add_argument(
+        "--answer-mode",
+        choices=("auto", "loglik", "generate"),
+        default="auto",
+        help="pass 2: score the options (loglik), generate, or pick by task kind (auto)",
+    )
+    e.add_argument("--max-new-tokens", type=positive_int, default=32, help="pass 2: generation budget")
+    add_progress_option(e)
+    add_seed_option(e)
     e.set_defaults(func=run_eval_two_pass)
 
 
@@ -104,7 +140,7 @@ def _library(args):
         raise SystemExit(f"--descriptions: {len(args.descriptions)} given for {len(args.experts)} experts")
     if args.names is not None and len(args.names) != len(args.experts):
         raise SystemExit(f"--names: {len(args.names)} given for {len(args.experts)} experts")
-    model, tok = load_model_or_exit(args.model)
+    model, tok = load_model_or_exit(args)
     return ExpertLibrary.load(model, tok, args.experts, names=args.names, descriptions=args.descriptions)
 
 
@@ -141,10 +177,7 @@ def run_mix(args: argparse.Namespace) -> int:
         f"({result.evaluations} evaluations, {result.seconds:.1f}s)"
     )
     print(f"saved mixed SVF adapter to {out}")
-    if args.push_to_hub:
-        from ..transformer2 import push_mixture_to_hub
-
-        print(f"pushed to {push_mixture_to_hub(out, args.push_to_hub)}")
+    push_adapter_if_requested(args, out)
     return 0
 
 
@@ -165,8 +198,8 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
     from ..transformer2 import DispatchPrompt, FixedDispatcher, PromptDispatcher, two_pass_evaluate
 
     examples, kind, name = _load_examples(args)
-    if args.limit is not None:
-        examples = examples[: args.limit]
+    if args.eval_examples is not None:
+        examples = examples[: args.eval_examples]
     if not examples:
         raise SystemExit(f"no examples to evaluate in {name!r} ({args.split})")
     library = _library(args)
@@ -189,7 +222,7 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         dispatcher,
         examples,
         kind=kind,
-        mode=args.mode,
+        mode=args.answer_mode,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
     )
@@ -206,7 +239,8 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         f"pass 1 {result.pass1_seconds:.2f}s, pass 2 {result.pass2_seconds:.2f}s "
         f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms"
     )
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=2))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TWO_PASS_RESULTS).write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / TWO_PASS_RESULTS}")
     return 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_command, add_seed_option
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "tasks",
         help="list available tasks (BigBench JSON tasks, humaneval) or show examples of one",
         description=(
@@ -16,10 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--show", metavar="NAME", default=None, help="task to show, e.g. epistemic_reasoning")
-    p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print with --show (default 3)")
+    p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to print with --show")
     p.add_argument("--split", choices=("train", "validation", "test"), default="train", help="split to print from")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--filter", default=None, help="only list names containing this text")
+    add_seed_option(p)
+    p.add_argument("--filter", default=None, help="only list names containing this text; left out: all names")
     p.set_defaults(func=run)
     return p
 

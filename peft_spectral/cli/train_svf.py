@@ -9,14 +9,26 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import load_model_or_exit, names, non_negative_float, positive_int
+from ._common import (
+    add_command,
+    add_model_options,
+    add_output_option,
+    add_progress_option,
+    add_push_option,
+    add_seed_option,
+    load_model_or_exit,
+    non_negative_float,
+    positive_int,
+    push_adapter_if_requested,
+)
 
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "train-svf",
         help="train an SVF expert (only singular-value scales z) on a task with TRL: RL or SFT",
         description=(
@@ -27,29 +39,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--task", required=True, help="task name (e.g. a BigBench task such as elementary_math_qa)")
-    p.add_argument("--method", choices=("rl", "sft"), default="rl")
-    p.add_argument("--algorithm", choices=("grpo", "rloo"), default="grpo", help="RL algorithm (default grpo)")
-    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (default 40)")
-    p.add_argument("--output", required=True, help="directory for the adapter (and checkpoints under it)")
-    p.add_argument("--model", default=None, help="model path or Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    add_model_options(p)
+    add_output_option(p, "the adapter, training_log.json and checkpoints/")
+    p.add_argument("--method", choices=("rl", "sft"), default="rl", help="training objective")
+    p.add_argument("--algorithm", choices=("grpo", "rloo"), default="grpo", help="RL algorithm (--method rl)")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
     p.add_argument("--beta", type=non_negative_float, default=0.0, help="KL weight lambda (RL; paper 0-0.3)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3, the paper's)")
-    p.add_argument("--prompts-per-step", type=positive_int, default=2, help="RL: prompts per step (default 2)")
-    p.add_argument("--num-generations", type=positive_int, default=4, help="RL: samples per prompt (default 4)")
-    p.add_argument("--max-completion-length", type=positive_int, default=8, help="RL: new tokens (default 8)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="SFT: examples per step (default 8)")
-    p.add_argument("--target-modules", type=names, default=None, help="comma-separated; default: MLP projections")
-    p.add_argument("--mode", choices=("linear", "sigmoid"), default="linear", help="SVF scale function")
-    p.add_argument("--train-examples", type=positive_int, default=None, help="use only the first N train examples")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (the paper's)")
+    p.add_argument("--prompts-per-step", type=positive_int, default=2, help="RL: prompts per step")
+    p.add_argument("--num-generations", type=positive_int, default=4, help="RL: samples per prompt")
+    p.add_argument("--max-completion-length", type=positive_int, default=8, help="RL: new tokens per sample")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="SFT: examples per step")
+    p.add_argument(
+        "--target-modules", nargs="+", default=None, help="module names to adapt; left out: the MLP projections"
+    )
+    p.add_argument(
+        "--svf-mode", choices=("linear", "sigmoid"), default="linear", help="SVF scale function of z (SVFConfig.mode)"
+    )
+    p.add_argument(
+        "--train-examples", type=positive_int, default=None, help="use only the first N train examples; left out: all"
+    )
     p.add_argument(
         "--eval-examples",
         type=int,
         default=0,
-        help="evaluate base and adapter on the first N test examples (generation mode); 0 skips",
+        help="evaluate base and adapter on the first N test examples (generated answers); 0 skips",
     )
-    p.add_argument("--save-steps", type=positive_int, default=None, help="write a resumable checkpoint every N steps")
+    p.add_argument(
+        "--save-steps",
+        type=positive_int,
+        default=None,
+        help="write a resumable checkpoint every N steps; left out: no checkpoints",
+    )
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from ('last' for the newest)")
-    p.add_argument("--seed", type=int, default=0)
+    add_progress_option(p)
+    add_push_option(p)
+    add_seed_option(p)
     p.set_defaults(func=run)
     return p
 
@@ -76,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     task = _load_task(args.task, args.seed)
-    model, tokenizer = load_model_or_exit(args.model)
+    model, tokenizer = load_model_or_exit(args)
     train = task.train[: args.train_examples] if args.train_examples else task.train
     if not train:
         raise SystemExit(f"--task {args.task!r} has no train examples")
@@ -92,12 +117,18 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"task": task.name, "kind": task.kind, "method": args.method, "steps": args.steps}
     eval_kwargs = {"kind": task.kind, "mode": "generate", "max_new_tokens": max(args.max_completion_length, 8)}
     if test:
-        before = evaluate(model, tokenizer, test, progress=True, **eval_kwargs)
+        before = evaluate(model, tokenizer, test, progress=not args.no_progress, **eval_kwargs)
         print(f"base test accuracy ({len(test)} examples, generated answers): {before.accuracy:.3f}")
         report["base_accuracy"] = before.accuracy
 
-    config = SVFConfig(target_modules=args.target_modules, mode=args.mode)
-    preset: dict[str, Any] = {"learning_rate": args.lr, "seed": args.seed, "save_steps": args.save_steps}
+    config = SVFConfig(target_modules=args.target_modules, mode=args.svf_mode)
+    preset: dict[str, Any] = {
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "save_steps": args.save_steps,
+        "disable_tqdm": args.no_progress,
+        "use_cpu": next(model.parameters()).device.type == "cpu",
+    }
     if args.method == "rl":
         preset.update(
             prompts_per_step=args.prompts_per_step,
@@ -131,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
     )
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
     if test:
-        after = evaluate(peft_model, tokenizer, test, progress=True, **eval_kwargs)
+        after = evaluate(peft_model, tokenizer, test, progress=not args.no_progress, **eval_kwargs)
         print(f"SVF test accuracy: {after.accuracy:.3f}")
         report["svf_accuracy"] = after.accuracy
     (out / "training_log.json").write_text(json.dumps(report, indent=1))
+    push_adapter_if_requested(args, out)
     return 0

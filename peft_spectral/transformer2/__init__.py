@@ -6,10 +6,9 @@
 * [`build_classifier_examples`] / [`train_classifier_expert`]: the classification expert.
 * [`FewShotMixer`] / [`cross_entropy_method`]: few-shot mixing weights α by CEM, saved as an SVF adapter.
 
-See `docs/transformer2.md`.
+Scoring answer options (log-likelihoods) lives in `peft_spectral.option_scoring`. See `docs/transformer2.md`.
 """
 
-from ..option_scoring import OptionScores, score_examples, score_option_ids
 from .cem import CEMConfig, CEMResult, FewShotMixer, cross_entropy_method, push_mixture_to_hub
 from .classifier import base_model_copy, build_classifier_examples, train_classifier_expert
 from .dispatch import DispatchPrompt, FixedDispatcher, PromptDispatcher, parse_category
@@ -28,7 +27,6 @@ __all__ = [
     "ExpertLibraryError",
     "FewShotMixer",
     "FixedDispatcher",
-    "OptionScores",
     "PromptDispatcher",
     "TwoPassResult",
     "base_model_copy",
@@ -39,8 +37,6 @@ __all__ = [
     "load_shots",
     "parse_category",
     "push_mixture_to_hub",
-    "score_examples",
-    "score_option_ids",
     "train_classifier_expert",
     "two_pass_evaluate",
     "two_pass_generate",

@@ -2,8 +2,8 @@
 
 [`build_classifier_examples`] turns the experts' own task data into category questions (the same prompt the
 [`PromptDispatcher`] asks, with the expert's name as the answer); [`train_classifier_expert`] trains an SVF adapter
-on them by supervised fine-tuning — through `peft_spectral.training.train_svf(..., method="sft")` when that module is
-present, else directly with TRL's `SFTTrainer` — and saves it. Load it with
+on them by supervised fine-tuning through [`peft_spectral.training.train_svf`] (`method="sft"`, TRL's `SFTTrainer`)
+and saves it. Load it with
 [`ExpertLibrary.load_extra_adapter`] and dispatch with `PromptDispatcher(adapter=<its name>)`.
 """
 
@@ -20,8 +20,9 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..prompting import encode_answer, encode_prompt, format_prompt, uses_chat_template
+from ..prompting import encode_answer, encode_prompt
 from ..tasks import Example
+from ..training import train_svf
 from ..tuners.svf.config import SVFConfig
 from .dispatch import DispatchPrompt
 from .library import OTHERS, ExpertLibrary
@@ -85,18 +86,6 @@ def base_model_copy(library: ExpertLibrary) -> nn.Module:
     return copy.deepcopy(library.model).unload()
 
 
-def _sft_records(tokenizer, examples: Sequence[Example]) -> list[dict[str, Any]]:
-    if uses_chat_template(tokenizer, None):
-        return [
-            {
-                "prompt": [{"role": "user", "content": ex.prompt}],
-                "completion": [{"role": "assistant", "content": ex.target}],
-            }
-            for ex in examples
-        ]
-    return [{"prompt": format_prompt(tokenizer, ex), "completion": ex.target} for ex in examples]
-
-
 def train_classifier_expert(
     library: ExpertLibrary,
     examples: Sequence[Example],
@@ -108,7 +97,6 @@ def train_classifier_expert(
     max_length: Optional[int] = None,
     svf_config: Optional[SVFConfig] = None,
     seed: int = 0,
-    use_training_module: bool = True,
     base_model: Optional[nn.Module] = None,
     trainer_kwargs: Optional[dict[str, Any]] = None,
 ) -> Path:
@@ -125,10 +113,10 @@ def train_classifier_expert(
             cut, so no answer is truncated away).
         svf_config ([`SVFConfig`], *optional*): Adapter config; default: the experts' target modules, mode and rank.
         seed (`int`): Training seed.
-        use_training_module (`bool`): Use `peft_spectral.training.train_svf(method="sft")` when it exists.
         base_model (`nn.Module`, *optional*): A fresh copy of the base model to train on (default: a deep copy of the
             library's, without adapters).
-        trainer_kwargs (`dict`, *optional*): Extra `SFTConfig` fields.
+        trainer_kwargs (`dict`, *optional*): Extra `SFTConfig` fields (overrides of
+            [`peft_spectral.training.sft_preset`]).
 
     Returns:
         `Path`: `output_dir`, holding an SVF adapter plus `transformer2_classifier.json` (categories, prompt).
@@ -155,58 +143,11 @@ def train_classifier_expert(
         model.name_or_path = ref.base_model_name_or_path  # so the saved config names the experts' base
     if max_length is None:
         max_length = _longest(library.tokenizer, examples) + 8
-    trained = None
-    if use_training_module:
-        trained = _try_training_module(
-            model,
-            library.tokenizer,
-            examples,
-            output_dir,
-            steps=steps,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            max_length=max_length,
-            svf_config=svf_config,
-            seed=seed,
-        )
-    if trained is None:
-        _train_with_trl(
-            model,
-            library.tokenizer,
-            examples,
-            output_dir,
-            steps=steps,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            max_length=max_length,
-            svf_config=svf_config,
-            seed=seed,
-            trainer_kwargs=trainer_kwargs or {},
-        )
-    meta = {
-        "categories": library.names + [OTHERS],
-        "n_examples": len(examples),
-        "steps": steps,
-        "learning_rate": learning_rate,
-        "trained_with": "peft_spectral.training" if trained else "trl.SFTTrainer",
-    }
-    (output_dir / CLASSIFIER_METADATA).write_text(json.dumps(meta, indent=2))
-    return output_dir
-
-
-def _try_training_module(
-    model, tokenizer, examples, output_dir, *, steps, learning_rate, batch_size, max_length, svf_config, seed
-) -> Optional[Path]:
-    """Train through `peft_spectral.training.train_svf(method="sft")`; `None` when that module is unavailable."""
-    try:
-        from ..training import train_svf  # the package's TRL glue
-    except ImportError:
-        return None
     with tempfile.TemporaryDirectory() as tmp:
         result = train_svf(
             model,
-            tokenizer,
-            list(examples),
+            library.tokenizer,
+            examples,
             method="sft",
             kind="multiple_choice",
             output_dir=tmp,
@@ -216,68 +157,19 @@ def _try_training_module(
             per_device_train_batch_size=batch_size,
             max_length=max_length,
             seed=seed,
+            **(trainer_kwargs or {}),
         )
         result.model.save_pretrained(str(output_dir))
+    meta = {
+        "categories": library.names + [OTHERS],
+        "n_examples": len(examples),
+        "steps": steps,
+        "learning_rate": learning_rate,
+        "trained_with": "peft_spectral.training",
+    }
+    (output_dir / CLASSIFIER_METADATA).write_text(json.dumps(meta, indent=2))
     return output_dir
 
 
-def _train_with_trl(
-    model,
-    tokenizer,
-    examples,
-    output_dir,
-    *,
-    steps,
-    learning_rate,
-    batch_size,
-    max_length,
-    svf_config,
-    seed,
-    trainer_kwargs,
-) -> None:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    records = _sft_records(tokenizer, examples)
-    dataset = Dataset.from_list(records)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(
-            output_dir=tmp,
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            logging_steps=max(1, steps // 5),
-            save_strategy="no",
-            report_to=[],
-            seed=seed,
-            max_length=max_length,
-            completion_only_loss=True,
-            bf16=False,
-            fp16=False,
-            use_cpu=not _has_accelerator(model),
-            disable_tqdm=False,
-            **trainer_kwargs,
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=copy.deepcopy(svf_config),
-        )
-        trainer.train()
-        trainer.model.save_pretrained(str(output_dir))
-
-
 def _longest(tokenizer, examples: Sequence[Example]) -> int:
-
     return max(len(encode_prompt(tokenizer, ex)) + len(encode_answer(tokenizer, ex.target)) for ex in examples)
-
-
-def _has_accelerator(model) -> bool:
-    try:
-        return next(model.parameters()).device.type != "cpu"
-    except StopIteration:
-        return False
