@@ -54,3 +54,18 @@ def fake_bigbench(package_cache):
 
     make_fake_bigbench(package_cache / "bigbench" / assets.BIGBENCH_ARCHIVE)
     return package_cache
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_svd_cache(tmp_path_factory):
+    """Keep the tests' SVD factors out of the user's cache: an adapter file no longer decides the cache location, so
+    without this every test that builds an SVF adapter would write to `~/.cache/peft_spectral/svd`."""
+    import os
+
+    previous = os.environ.get("PEFT_SPECTRAL_SVD_CACHE")
+    os.environ["PEFT_SPECTRAL_SVD_CACHE"] = str(tmp_path_factory.mktemp("svd_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("PEFT_SPECTRAL_SVD_CACHE", None)
+    else:
+        os.environ["PEFT_SPECTRAL_SVD_CACHE"] = previous
