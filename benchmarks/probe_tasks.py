@@ -58,7 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(CANDIDATES), help="comma-separated task names")
     p.add_argument("--n", type=int, default=100, help="validation examples per task (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="generation budget (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="generation budget of generation tasks (default 10)")
+    p.add_argument(
+        "--mc-new-tokens", type=int, default=4, help="generation budget of multiple choice (the letter; default 4)"
+    )
+    p.add_argument("--resume", action="store_true", help="keep the tasks already in <out>.json")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "probe"), help="output path without suffix")
@@ -115,14 +119,10 @@ def probe_task(model, tokenizer, task: Task, args) -> dict[str, Any]:
     else:
         row["chance"] = 0.0
     start = time.perf_counter()
+    budget = args.mc_new_tokens if task.kind == "multiple_choice" else args.max_new_tokens
+    row["max_new_tokens"] = budget
     gen = evaluate(
-        model,
-        tokenizer,
-        val,
-        kind=task.kind,
-        mode="generate",
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        model, tokenizer, val, kind=task.kind, mode="generate", batch_size=args.batch_size, max_new_tokens=budget
     )
     row["generate"] = _scores(gen.correct, labels, time.perf_counter() - start)
     return row
@@ -173,8 +173,9 @@ def write(rows: dict[str, dict], meta: dict, out: Path) -> None:
         "",
         (
             f"Model: {meta['model']}. First {meta['n']} validation examples of `load_task(name, seed=0)` per task; "
-            f"95% Wilson intervals; greedy generation with {meta['max_new_tokens']} new tokens; {meta['threads']} "
-            f"torch threads. Written by `benchmarks/probe_tasks.py`."
+            "95% Wilson intervals; greedy generation (new tokens per task in the JSON: the letter for multiple choice, "
+            f"{meta['max_new_tokens']} for generation); {meta['threads']} torch threads. Written by "
+            "`benchmarks/probe_tasks.py`."
         ),
         "",
         (
@@ -224,7 +225,11 @@ def main(argv=None) -> int:
     }
     rows: dict[str, dict] = {}
     out = Path(args.out)
+    if args.resume and out.with_suffix(".json").is_file():
+        rows = json.loads(out.with_suffix(".json").read_text())["tasks"]
     for name in names:
+        if name in rows:
+            continue
         start = time.perf_counter()
         task = _toy_task(name) if args.smoke else load_task(name, seed=0)
         rows[name] = probe_task(model, tokenizer, task, args)

@@ -47,8 +47,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=0,
         help="evaluate base and adapter on the first N test examples (generation mode); 0 skips",
     )
-    p.add_argument("--save-steps", type=positive_int, default=None, help="write a resumable checkpoint every N steps")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from ('last' for the newest)")
+    p.add_argument(
+        "--val-examples",
+        type=positive_int,
+        default=None,
+        help="checkpoint selection: score the first N validation examples before training and every --eval-every "
+        "steps, keep the best z (restored at the end) and write validation.json",
+    )
+    p.add_argument("--eval-every", type=positive_int, default=10, help="steps between validations (default 10)")
+    p.add_argument("--patience", type=positive_int, default=None, help="stop after N validations without improvement")
+    p.add_argument(
+        "--val-metric",
+        choices=("accuracy", "balanced_accuracy"),
+        default="accuracy",
+        help="validation score (balanced_accuracy: mean per-label accuracy)",
+    )
+    p.add_argument(
+        "--save-steps",
+        type=positive_int,
+        default=None,
+        help="write a resumable checkpoint every N steps (default with --resume: 10)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="make the run resumable: continue from the newest checkpoint under --output when there is one (run "
+        "the same command again after an interruption); or give a checkpoint directory",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
     return p
@@ -60,10 +87,14 @@ def _load_task(name: str, seed: int):
     return load_task(name, seed=seed)
 
 
-def _resume_arg(value: Optional[str]) -> Any:
+def _resume_kwargs(value: Optional[str]) -> dict[str, Any]:
     if value is None:
-        return None
-    return True if value == "last" else value
+        return {}
+    if value == "last":
+        return {"resume": True}
+    if not Path(value).is_dir():
+        raise SystemExit(f"--resume {value!r}: no such checkpoint directory")
+    return {"resume_from_checkpoint": value}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = SVFConfig(target_modules=args.target_modules, mode=args.mode)
     preset: dict[str, Any] = {"learning_rate": args.lr, "seed": args.seed, "save_steps": args.save_steps}
+    if args.val_examples and not task.validation:
+        raise SystemExit(f"--val-examples: task {args.task!r} has no validation examples")
     if args.method == "rl":
         preset.update(
             prompts_per_step=args.prompts_per_step,
@@ -119,17 +152,37 @@ def run(args: argparse.Namespace) -> int:
         beta=args.beta,
         svf_config=config,
         printer=tqdm.write,
-        resume_from_checkpoint=_resume_arg(args.resume),
+        eval_examples=task.validation[: args.val_examples] if args.val_examples else None,
+        eval_every=args.eval_every,
+        early_stopping_patience=args.patience,
+        eval_metric=args.val_metric,
+        eval_max_new_tokens=max(args.max_completion_length, 8),
+        **_resume_kwargs(args.resume),
         **preset,
     )
     wall = time.perf_counter() - start
     peft_model = result.model
     peft_model.save_pretrained(str(out))
+    steps_run = len(result.step_times)
     print(
-        f"trained {result.trainable_parameters} parameters in {wall:.1f} s "
-        f"({wall / args.steps:.2f} s/step); adapter saved to {out}"
+        f"trained {result.trainable_parameters} parameters in {wall:.1f} s ({steps_run} steps in this run, "
+        f"{result.train_runtime / max(steps_run, 1):.2f} s/step); adapter saved to {out}"
     )
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
+    if result.resumed_from:
+        report["resumed_from"] = result.resumed_from
+    if result.validation is not None:
+        result.save_validation(out)
+        report["validation"] = {k: v for k, v in result.validation.items() if k != "curve"}
+        print(
+            f"validation: best {result.validation['best_score']:.3f} at step {result.validation['best_step']}"
+            + (
+                f", stopped early at step {result.validation['stopped_early_at']}"
+                if result.validation["stopped_early_at"]
+                else ""
+            )
+            + f"; curve in {out / 'validation.json'}"
+        )
     if test:
         after = evaluate(peft_model, tokenizer, test, progress=True, **eval_kwargs)
         print(f"SVF test accuracy: {after.accuracy:.3f}")
