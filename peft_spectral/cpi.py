@@ -51,6 +51,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from .linalg import slerp
+from .prompting import encode_prompt
 from .tasks import Example, Task
 from .tuners.core_isolation import CoreIsolationConfig
 from .tuners.core_isolation.config import validate_core_fraction, validate_similarity_threshold
@@ -400,30 +401,13 @@ class FreezeMaskCallback(TrainerCallback):
 # ============================================================================================== data helpers
 
 
-def _format_prompt(tokenizer, example: Example, chat: Optional[bool]) -> tuple[str, bool]:
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    try:
-        from .evaluation import format_prompt
-    except ImportError:  # pragma: no cover - evaluation module not available
-        format_prompt = None
-    if format_prompt is not None:
-        return format_prompt(tokenizer, example, chat=use_chat), use_chat
-    if use_chat:  # pragma: no cover
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": example.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return text, True
-    return example.prompt.rstrip() + "\n", False  # pragma: no cover
-
-
 def encode_example(tokenizer, example: Example, *, max_length: int = 256, chat: Optional[bool] = None) -> dict:
     """Token ids of prompt + answer + EOS and the completion mask (1 on answer tokens), as the evaluation sees them.
 
     The prompt is [`~peft_spectral.evaluation.format_prompt`]'s text; the answer is the tokenizer's encoding of
     `example.target` alone. When too long, the prompt is cut from the left so that the answer stays.
     """
-    text, use_chat = _format_prompt(tokenizer, example, chat)
-    prompt = list(tokenizer(text, add_special_tokens=not use_chat)["input_ids"])
+    prompt = encode_prompt(tokenizer, example, chat)
     answer = list(tokenizer(example.target, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         answer.append(tokenizer.eos_token_id)

@@ -13,13 +13,22 @@ so their signatures are a contract:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from .option_scoring import multiple_choice_metrics, score_examples
+from .prompting import (
+    encode_answer,
+    encode_prompt,
+    eval_mode,
+    format_prompt,
+    model_device,
+    pad_token_id,
+    progress_bar,
+)
 from .rewards import score_code, score_generation, score_multiple_choice
 from .tasks import Example
 
@@ -42,92 +51,6 @@ _MODES = ("auto", "loglik", "generate")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Prompt formatting and tokenisation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _uses_chat(tokenizer, chat: bool | None) -> bool:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat is None:
-        return has_template
-    if chat and not has_template:
-        raise ValueError("chat=True but the tokenizer has no chat template; pass chat=None or chat=False")
-    return bool(chat)
-
-
-def format_prompt(tokenizer, example: Example | str, *, chat: bool | None = None) -> str:
-    """The text a model is given for `example`.
-
-    Args:
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): The model's tokenizer.
-        example ([`Example`] or `str`): The example (or a bare prompt string).
-        chat (`bool`, *optional*): `None` (default) applies the chat template when the tokenizer has one; `True`
-            requires it; `False` uses the plain prompt.
-
-    Returns:
-        `str`: With a chat template, the rendered single user turn followed by the assistant generation prompt.
-        Without, the prompt stripped of trailing whitespace plus a newline, so the answer starts a new line.
-    """
-    prompt = example if isinstance(example, str) else example.prompt
-    if _uses_chat(tokenizer, chat):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt.rstrip() + "\n"
-
-
-def _encode_prompt(tokenizer, example: Example | str, chat: bool | None = None) -> list[int]:
-    # A rendered chat template already contains its special tokens; a plain prompt gets the tokenizer's BOS etc.
-    use_chat = _uses_chat(tokenizer, chat)
-    text = format_prompt(tokenizer, example, chat=use_chat)
-    return list(tokenizer(text, add_special_tokens=not use_chat)["input_ids"])
-
-
-def _encode_answer(tokenizer, text: str) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ValueError(f"answer text {text!r} encodes to zero tokens")
-    return ids
-
-
-def _pad_id(tokenizer, model=None) -> int:
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameter-less model
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """Put `model` in eval mode and restore the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Log-likelihoods
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -141,7 +64,7 @@ def _continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], 
     Returns:
         One 1-D tensor per pair (length of the continuation), differentiable if grad is enabled.
     """
-    device = _device(model)
+    device = model_device(model)
     lengths = [len(c) + len(a) for c, a in pairs]
     width = max(lengths)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
@@ -169,12 +92,12 @@ def _batched_logprobs(
     """[`_continuation_logprobs`] over many pairs, batched by similar length, returned in input order (no grad)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(tokenizer, model)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list[torch.Tensor | None] = [None] * len(pairs)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    with _eval_mode(model), torch.no_grad():
-        for batch in _progress(batches, len(batches), progress, "scoring"):
+    with eval_mode(model), torch.no_grad():
+        for batch in progress_bar(batches, len(batches), progress, "scoring"):
             for idx, logp in zip(batch, _continuation_logprobs(model, [pairs[i] for i in batch], pad_id)):
                 results[idx] = logp.detach().cpu()
     return results  # type: ignore[return-value]
@@ -185,9 +108,9 @@ def _option_pairs(tokenizer, examples: Sequence[Example]) -> tuple[list[tuple[li
     for i, example in enumerate(examples):
         if not example.choices:
             raise ValueError(f"examples[{i}] has no choices; option_logliks needs multiple-choice examples")
-        context = _encode_prompt(tokenizer, example)
+        context = encode_prompt(tokenizer, example)
         for choice in example.choices:
-            pairs.append((context, _encode_answer(tokenizer, choice)))
+            pairs.append((context, encode_answer(tokenizer, choice)))
         counts.append(len(example.choices))
     return pairs, counts
 
@@ -220,7 +143,7 @@ def option_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size:
 
 
 def _target_pairs(tokenizer, examples: Sequence[Example]) -> list[tuple[list[int], list[int]]]:
-    return [(_encode_prompt(tokenizer, ex), _encode_answer(tokenizer, ex.target)) for ex in examples]
+    return [(encode_prompt(tokenizer, ex), encode_answer(tokenizer, ex.target)) for ex in examples]
 
 
 def answer_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> torch.Tensor:
@@ -246,7 +169,7 @@ def answer_nll(model, tokenizer, examples: Sequence[Example]) -> torch.Tensor:
     """
     if not examples:
         raise ValueError("answer_nll needs at least one example")
-    logps = _continuation_logprobs(model, _target_pairs(tokenizer, examples), _pad_id(tokenizer, model))
+    logps = _continuation_logprobs(model, _target_pairs(tokenizer, examples), pad_token_id(tokenizer, model))
     return -torch.cat(logps).mean()
 
 
@@ -287,7 +210,7 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(tokenizer, model)
     eos = _eos_ids(model, tokenizer)
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -296,13 +219,13 @@ def generate_answers(
         pad_token_id=pad_id,
         eos_token_id=eos or None,
     )
-    encoded = [_encode_prompt(tokenizer, ex) for ex in examples]
+    encoded = [encode_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    device = _device(model)
+    device = model_device(model)
     answers: list[str] = [""] * len(examples)
-    with _eval_mode(model), torch.no_grad():
-        for batch in _progress(batches, len(batches), progress, "generating"):
+    with eval_mode(model), torch.no_grad():
+        for batch in progress_bar(batches, len(batches), progress, "generating"):
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -468,7 +391,6 @@ _FALLBACK_WARNED: set[str] = set()
 
 def _shared_prompt_loglik(model, tokenizer, examples, batch_size, progress) -> EvalResult | None:
     """`evaluate`'s loglik mode through [`peft_spectral.option_scoring`]; `None` when the model cannot run it."""
-    from .option_scoring import multiple_choice_metrics, score_examples
 
     try:
         scores = score_examples(model, tokenizer, examples, batch_size=batch_size, progress=progress)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import _encode_answer, _encode_prompt, _eval_mode, _pad_id
+from .prompting import encode_answer, encode_prompt, eval_mode, model_device, pad_token_id
 from .tasks import Example
 
 
@@ -52,10 +52,6 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[i] != tok for s in sequences):
             return i
     return n
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _cache_kwarg(model) -> str:
@@ -102,7 +98,7 @@ class PrefixState:
 @torch.no_grad()
 def run_prefix(model, ids: Sequence[int]) -> PrefixState:
     """Run a token prefix once and keep its keys/values."""
-    device = _device(model)
+    device = model_device(model)
     out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, logits_to_keep=1)
     return PrefixState(list(ids), _kv_pairs(_out_cache(out)), out.logits[:, -1])
 
@@ -146,7 +142,7 @@ def score_option_ids(
             raise ValueError(f"prompt {i} has no options or an option with zero tokens")
     if not prompts:
         return OptionScores([], [])
-    device = _device(model)
+    device = model_device(model)
     if prefix is not None:
         plen = len(prefix.ids)
         if any(list(p[:plen]) != prefix.ids or len(p) <= plen for p in prompts):
@@ -160,7 +156,7 @@ def score_option_ids(
     cache_kw = _cache_kwarg(model)
     sums: list[list[float]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    with _eval_mode(model):
+    with eval_mode(model):
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="scoring", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
@@ -235,8 +231,8 @@ def encode_examples(tokenizer, examples: Sequence[Example]) -> tuple[list[list[i
     for i, ex in enumerate(examples):
         if not ex.choices:
             raise ValueError(f"examples[{i}] has no choices; option scoring needs multiple-choice examples")
-        prompts.append(_encode_prompt(tokenizer, ex))
-        options.append([_encode_answer(tokenizer, c) for c in ex.choices])
+        prompts.append(encode_prompt(tokenizer, ex))
+        options.append([encode_answer(tokenizer, c) for c in ex.choices])
     return prompts, options
 
 
@@ -246,7 +242,7 @@ def score_examples(
     """[`score_option_ids`] for multiple-choice [`Example`]s."""
     prompts, options = encode_examples(tokenizer, examples)
     return score_option_ids(
-        model, prompts, options, pad_id=_pad_id(tokenizer, model), batch_size=batch_size, progress=progress
+        model, prompts, options, pad_id=pad_token_id(tokenizer, model), batch_size=batch_size, progress=progress
     )
 
 

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+from ..prompting import format_prompt, uses_chat_template
 from ..rewards import checked_reward, make_reward
 from ..tasks import Example, Task
 
@@ -37,10 +38,6 @@ def with_lettered_options(
     return Example(
         prompt=prompt, target=example.target, choices=example.choices, label=example.label, meta=example.meta
     )
-
-
-def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def sft_answer(example: Example, kind: str) -> str:
@@ -76,7 +73,7 @@ def examples_to_dataset(
         kind (`str`): `"multiple_choice"`, `"generation"` or `"code"`.
         tokenizer (*optional*): Decides `conversational` when it is `None` (a chat template → conversational).
         conversational (`bool`, *optional*): `True`: `prompt` is `[{"role": "user", ...}]` (TRL applies the chat
-            template, exactly as [`peft_spectral.evaluation.format_prompt`] does); `False`: plain strings, the prompt
+            template, exactly as [`peft_spectral.prompting.format_prompt`] does); `False`: plain strings, the prompt
             ending with a newline.
         with_completion (`bool`): Add a `completion` column (the [`sft_answer`]) for SFT.
 
@@ -92,10 +89,10 @@ def examples_to_dataset(
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     if conversational is None:
-        conversational = tokenizer is not None and _has_chat_template(tokenizer)
+        conversational = tokenizer is not None and uses_chat_template(tokenizer)
     rows = []
     for ex in examples:
-        prompt_text = ex.prompt if conversational else ex.prompt.rstrip() + "\n"
+        prompt_text = ex.prompt if conversational else format_prompt(tokenizer, ex, chat=False)
         row: dict[str, Any] = {
             "prompt": [{"role": "user", "content": ex.prompt}] if conversational else prompt_text,
             "target": ex.target,

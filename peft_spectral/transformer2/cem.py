@@ -25,8 +25,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..evaluation import _pad_id, evaluate
+from ..evaluation import evaluate
 from ..option_scoring import encode_examples, multiple_choice_metrics, score_option_ids
+from ..prompting import pad_token_id
 from ..tasks import Example
 from ..tuners.svf.model import combine_svf_adapters, layer_index
 from .library import ExpertLibrary
@@ -318,7 +319,7 @@ class FewShotMixer:
                     lib.model,
                     self._prompts,
                     self._options,
-                    pad_id=_pad_id(lib.tokenizer, lib.model),
+                    pad_id=pad_token_id(lib.tokenizer, lib.model),
                     batch_size=self.batch_size,
                 )
                 correct, ll = multiple_choice_metrics(scores, [ex.label for ex in self.shots])

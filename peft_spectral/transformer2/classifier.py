@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..evaluation import _uses_chat
+from ..prompting import encode_answer, encode_prompt, format_prompt, uses_chat_template
 from ..tasks import Example
 from ..tuners.svf.config import SVFConfig
 from .dispatch import DispatchPrompt
@@ -86,9 +86,7 @@ def base_model_copy(library: ExpertLibrary) -> nn.Module:
 
 
 def _sft_records(tokenizer, examples: Sequence[Example]) -> list[dict[str, Any]]:
-    from ..evaluation import format_prompt
-
-    if _uses_chat(tokenizer, None):
+    if uses_chat_template(tokenizer, None):
         return [
             {
                 "prompt": [{"role": "user", "content": ex.prompt}],
@@ -274,9 +272,8 @@ def _train_with_trl(
 
 
 def _longest(tokenizer, examples: Sequence[Example]) -> int:
-    from ..evaluation import _encode_answer, _encode_prompt
 
-    return max(len(_encode_prompt(tokenizer, ex)) + len(_encode_answer(tokenizer, ex.target)) for ex in examples)
+    return max(len(encode_prompt(tokenizer, ex)) + len(encode_answer(tokenizer, ex.target)) for ex in examples)
 
 
 def _has_accelerator(model) -> bool:

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union
 
-from ..evaluation import _encode_answer, _encode_prompt, _pad_id, generate_answers
+from ..evaluation import generate_answers
 from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
+from ..prompting import encode_answer, encode_prompt, pad_token_id
 from ..tasks import Example
 from .library import OTHERS, ExpertLibrary
 
@@ -202,9 +203,9 @@ class PromptDispatcher:
 
     def _loglik(self, library: ExpertLibrary, questions: list[Example]) -> list[Optional[str]]:
         tok = library.tokenizer
-        prompts = [_encode_prompt(tok, q) for q in questions]
+        prompts = [encode_prompt(tok, q) for q in questions]
         choices = questions[0].choices
-        labels = [_encode_answer(tok, c) for c in choices]
+        labels = [encode_answer(tok, c) for c in choices]
         if self.label_tokens == "distinct":
             labels = distinct_prefixes(labels)
         options = [labels for _ in questions]
@@ -213,7 +214,7 @@ class PromptDispatcher:
             library.model,
             prompts,
             options,
-            pad_id=_pad_id(tok, library.model),
+            pad_id=pad_token_id(tok, library.model),
             batch_size=self.batch_size,
             prefix=prefix,
             share_prefix=False,
@@ -227,7 +228,7 @@ class PromptDispatcher:
         tok = library.tokenizer
         names = library.names
         descriptions = [library.experts[n].description for n in names]
-        probe = [_encode_prompt(tok, self.prompt.render(tok, names, descriptions, q)) for q in ("a", "Z")]
+        probe = [encode_prompt(tok, self.prompt.render(tok, names, descriptions, q)) for q in ("a", "Z")]
         plen = common_prefix_length(probe + prompts)
         plen = min(plen, min(len(p) for p in prompts) - 1)
         if plen <= 0:
