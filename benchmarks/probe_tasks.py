@@ -35,6 +35,11 @@ from peft_spectral.tasks import Example, Task, load_task  # noqa: E402
 
 
 CANDIDATES = [
+    # generation
+    "arithmetic/1_digit_addition",
+    "arithmetic/2_digit_addition",
+    "elementary_math_qa",
+    "object_counting",
     # multiple choice, 2-4 options, >= 1000 examples
     "navigate",
     "sports_understanding",
@@ -45,11 +50,6 @@ CANDIDATES = [
     "timedial",
     "social_iqa",
     "temporal_sequences",
-    # generation
-    "arithmetic/1_digit_addition",
-    "arithmetic/2_digit_addition",
-    "elementary_math_qa",
-    "object_counting",
 ]
 MIN_MC_EXAMPLES = 800  # so that the test split (20%) holds >= 160 and, with the validation split, ~200 can be tested
 
@@ -61,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=10, help="generation budget of generation tasks (default 10)")
     p.add_argument(
         "--mc-new-tokens", type=int, default=4, help="generation budget of multiple choice (the letter; default 4)"
+    )
+    p.add_argument(
+        "--mc-generate-n",
+        type=int,
+        default=None,
+        help="score only the first N multiple-choice validation examples by generation (default: all --n)",
     )
     p.add_argument("--resume", action="store_true", help="keep the tasks already in <out>.json")
     p.add_argument("--batch-size", type=int, default=8)
@@ -121,10 +127,17 @@ def probe_task(model, tokenizer, task: Task, args) -> dict[str, Any]:
     start = time.perf_counter()
     budget = args.mc_new_tokens if task.kind == "multiple_choice" else args.max_new_tokens
     row["max_new_tokens"] = budget
+    n_gen = args.mc_generate_n if task.kind == "multiple_choice" and args.mc_generate_n else len(val)
     gen = evaluate(
-        model, tokenizer, val, kind=task.kind, mode="generate", batch_size=args.batch_size, max_new_tokens=budget
+        model,
+        tokenizer,
+        val[:n_gen],
+        kind=task.kind,
+        mode="generate",
+        batch_size=args.batch_size,
+        max_new_tokens=budget,
     )
-    row["generate"] = _scores(gen.correct, labels, time.perf_counter() - start)
+    row["generate"] = _scores(gen.correct, labels[:n_gen], time.perf_counter() - start)
     return row
 
 

@@ -23,9 +23,8 @@ What TRL does with a PEFT model and how SVF copes (checked by `tests/test_traini
 * checkpoints save only the adapter (`adapter_model.safetensors`, the z vectors); resuming loads it with
   `load_adapter(..., is_trainable=True)` and restores optimizer, scheduler and RNG states.
 
-Modules: [`datasets`](datasets.py) (TRL datasets, SFT targets, rewards), [`presets`](presets.py) (TRL configs),
-[`callbacks`](callbacks.py) (divergence guard, metrics, validation/early stopping), [`trainer`](trainer.py) (trainer
-construction and fixes), [`svf`](svf.py) ([`train_svf`]).
+Modules: `datasets` (TRL datasets, SFT targets, rewards), `presets` (TRL configs), `callbacks` (divergence guard,
+metrics, validation/early stopping), `trainer` (trainer construction and fixes), `svf` ([`train_svf`]).
 """
 
 from ..assets import as_plain_fp32
