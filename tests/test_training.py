@@ -382,6 +382,8 @@ def test_validation_restores_best_z_and_stops_early(tmp_path):
         svf_config=svf_config(),
         per_device_train_batch_size=4,
         callbacks=[recorder, validation],
+        resume=True,
+        save_steps=1,
     )
     assert result.trainer.state.global_step == 4 and max(recorder.z) == 4
     summary = result.validation
@@ -392,6 +394,26 @@ def test_validation_restores_best_z_and_stops_early(tmp_path):
     assert all(torch.equal(final[k], recorder.z[2][k]) for k in final)
     saved = json.loads((tmp_path / VALIDATION_FILE).read_text())
     assert saved["best_step"] == 2 and len(saved["curve"]) == 5
+
+    def never(model):
+        raise AssertionError("a run that stopped early must not be trained or validated again")
+
+    again = train_svf(  # the same command again (resume=True): restores the best z of the stopped run, no step
+        build_tiny_llama(tok),
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=10,
+        svf_config=svf_config(),
+        per_device_train_batch_size=4,
+        callbacks=[ValidationCallback(score_fn=never, eval_every=1, patience=2)],
+        resume=True,
+        save_steps=1,
+    )
+    assert again.step_times == [] and again.validation["best_step"] == 2
+    final = svf_parameters(again.model)
+    assert all(torch.equal(final[k], recorder.z[2][k]) for k in final)
 
 
 def test_validation_scores_the_task_validation_split(tmp_path):

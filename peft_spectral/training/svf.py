@@ -235,7 +235,15 @@ def train_svf(
         callbacks=[NonFiniteGuard(), metrics, *callbacks],
     )
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if validation is not None and validation.stopped_at is not None:
+        # the checkpoint's run had stopped early: nothing to train, only the best z to restore
+        message = f"{checkpoint} stopped early at step {validation.stopped_at}: restoring the best z, not training"
+        logger.info(message)
+        if printer is not None:
+            printer(message)
+        validation.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.perf_counter() - start
     peft_model = trainer.model
     _warn_without_signal(metrics.history, printer)
