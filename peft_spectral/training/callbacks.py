@@ -108,8 +108,9 @@ class ValidationCallback(TrainerCallback):
         eval_every (`int`, defaults to 10): Evaluate every this many optimizer steps (and at the last step).
         patience (`int`, *optional*): Stop after this many evaluations in a row without improvement; `None` never
             stops early.
-        metric (`str`, defaults to `"accuracy"`): `"accuracy"` or `"balanced_accuracy"` (mean per-label accuracy;
-            robust to label imbalance of a small split, see [`peft_spectral.stats.balanced_accuracy`]).
+        metric (`str`, defaults to `"accuracy"`): `"accuracy"` or `"balanced_accuracy"` (mean accuracy per gold
+            answer text, e.g. per "yes"/"no"; robust to label imbalance of a small split, see
+            [`peft_spectral.stats.balanced_accuracy`]).
         min_delta (`float`, defaults to 0.0): An improvement must exceed the best score by more than this.
         restore_best (`bool`, defaults to `True`): Load the best state into the model when training ends.
         mode (`str`, defaults to `"generate"`): [`peft_spectral.evaluation.evaluate`]'s `mode`.
@@ -182,7 +183,7 @@ class ValidationCallback(TrainerCallback):
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
         )
-        labels = [ex.label if ex.label is not None else ex.target for ex in self.examples]
+        labels = [ex.target.strip().lower() for ex in self.examples]  # the answer's content, not its position
         balanced = balanced_accuracy(result.correct, labels)
         score = result.accuracy if self.metric == "accuracy" else balanced
         return {"score": score, "accuracy": result.accuracy, "balanced_accuracy": balanced, "n": result.n}
