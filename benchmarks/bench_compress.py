@@ -16,11 +16,17 @@ Timings are wall-clock on whatever machine runs it (all in the same run, so rati
 
     python benchmarks/bench_compress.py                 # the documented default setting
     python benchmarks/bench_compress.py --smoke         # tiny random model, planted task: checks the pipeline
+    python benchmarks/bench_compress.py --profile --smoke   # phase times of the gradient pass (tiny model)
+    python benchmarks/bench_compress.py --profile --n-grad 100 --batch-size 8   # ... on the embedded model
+
+C2I keeps a candidate only when it passes the paired-bootstrap guard (`--c2i-selection plain` turns it off); LASER
+keeps its best candidate when it beats the unmodified model, as published (`--laser-guard` applies the guard too).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -116,6 +122,7 @@ def run_task(name, model, tok, task, args, out_dir):
         batch_size=bs,
         state_path=state,
         base=base_val,
+        guard=C.SelectionGuard() if args.laser_guard else None,  # LASER as published unless asked
         progress=True,
     )
     print(
@@ -128,20 +135,19 @@ def run_task(name, model, tok, task, args, out_dir):
     print(
         f"C2I scoring: SVD {scores.timings['svd_s']:.0f} s, gradient {scores.timings['gradient_s']:.0f} s", flush=True
     )
+    guard = None if args.c2i_selection == "plain" else C.SelectionGuard()
+    config = C.C2ISearchConfig(
+        rhos=args.rhos, top_k=args.top_k, n_eval=None, guard=guard, kind=task.kind, batch_size=bs
+    )
     std = C.c2i_search(
         model,
         calibration,
         validation,
         modules,
+        dataclasses.replace(config, clusters=1, method="c2i-standard"),
         tokenizer=tok,
-        kind=task.kind,
-        rhos=args.rhos,
-        clusters=1,
-        top_k=args.top_k,
-        batch_size=bs,
         scores=scores,
         base=base_val,
-        method="c2i-standard",
     )
     print(
         f"C2I standard: {std.evaluations} evals, {std.wall_time_s:.0f} s, chosen {[str(i) for i in std.chosen]}",
@@ -153,15 +159,10 @@ def run_task(name, model, tok, task, args, out_dir):
         calibration,
         evaluation_cl,
         modules,
+        dataclasses.replace(config, clusters=args.clusters, method="c2i-clustered"),
         tokenizer=tok,
-        kind=task.kind,
-        rhos=args.rhos,
-        clusters=args.clusters,
-        top_k=args.top_k,
-        batch_size=bs,
         scores=scores,
         base=base_val if same_eval else None,
-        method="c2i-clustered",
     )
     print(
         f"C2I clustered: {cl.evaluations} evals, {cl.wall_time_s:.0f} s, chosen {[str(i) for i in cl.chosen]}",
@@ -370,15 +371,115 @@ def rebuild_from_partials(args, out_dir):
     print((out_dir / "compress.md").read_text())
 
 
-def smoke_setup():
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_spectral_compress_search import _planted_problem
+def tiny_model_and_tokenizer(seed: int = 1):
+    """The tiny random Llama and byte-level tokenizer of `examples/tiny_model.py` (no download)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from tiny_model import tiny_model, tiny_tokenizer
 
+    tok = tiny_tokenizer()
+    return tiny_model(tok, seed=seed), tok
+
+
+def smoke_setup():
+    """A tiny model with a planted helpful truncation ([`peft_spectral.compress.planted_problem`])."""
     from peft_spectral.tasks import Task
 
-    model, tok, validation, train = _planted_problem()
+    model, tok = tiny_model_and_tokenizer(seed=1)
+    problem = C.planted_problem(model, tok, "model.layers.1.mlp.down_proj")
+    validation, train = problem.validation, problem.train
     task = Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
-    return model, tok, {"planted": task}
+    return problem.model, tok, {"planted": task}
+
+
+def _length_sorted(tok, examples):
+    from peft_spectral.prompting import encode_answer, encode_prompt
+
+    return sorted(examples, key=lambda ex: -(len(encode_prompt(tok, ex)) + len(encode_answer(tok, ex.target))))
+
+
+def _forward_only_s(model, tok, examples, batch_size) -> float:
+    """Seconds of the gradient pass's forward (same loss, same batches) without autograd."""
+    examples = _length_sorted(tok, examples)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            C.target_nll(model, tok, examples[i : i + batch_size])
+    return time.perf_counter() - t
+
+
+def profile_gradient_pass(model, tok, examples, modules, batch_size, repeats=3) -> dict:
+    """Phase times of C2I's scoring (SVD, forward, backward, projections) against a forward-only pass and an
+    evaluation of the same examples. Each measurement is the minimum over `repeats` runs, all in this process, so
+    the ratios are comparable even on a loaded machine."""
+    t = time.perf_counter()
+    svds = C.compute_svds(model, modules)
+    svd_s = time.perf_counter() - t
+    runs = {}
+    for mode in ("once", "each_batch"):
+        passes = [
+            C.gradient_pass(
+                model,
+                examples,
+                modules,
+                svds=svds,
+                tokenizer=tok,
+                batch_size=batch_size,
+                project_each_batch=mode == "each_batch",
+            )
+            for _ in range(repeats)
+        ]
+        best = min(passes, key=lambda p: p.timings["forward_s"] + p.timings["backward_s"] + p.timings["projection_s"])
+        runs[mode] = {k: best.timings[k] for k in ("forward_s", "backward_s", "projection_s", "batches")}
+        runs[mode]["total_s"] = sum(best.timings[k] for k in ("forward_s", "backward_s", "projection_s"))
+    forward_s = min(_forward_only_s(model, tok, examples, batch_size) for _ in range(repeats))
+    eval_fn = C.default_eval_fn(tok, "multiple_choice", batch_size=batch_size)
+    eval_s = min(eval_fn(model, examples).seconds for _ in range(repeats))
+    once = runs["once"]
+    return {
+        "n_examples": len(examples),
+        "modules": len(modules),
+        "batch_size": batch_size,
+        "svd_s": svd_s,
+        "gradient_pass": runs,
+        "forward_only_s": forward_s,
+        "evaluation_s": eval_s,
+        "fb_over_forward": (once["forward_s"] + once["backward_s"]) / forward_s,
+        "gradient_pass_over_forward": once["total_s"] / forward_s,
+        "gradient_pass_over_evaluation": once["total_s"] / eval_s,
+        "per_batch_projection_over_once": runs["each_batch"]["total_s"] / once["total_s"],
+    }
+
+
+def run_profile(args, out_dir):
+    """`--profile`: phase times of the gradient pass on the tiny model (`--smoke`) or the embedded model."""
+    if args.smoke:
+        model, tok, tasks = smoke_setup()
+        task, matrices, layers, name = tasks["planted"], ["up_proj", "down_proj"], None, "tiny random Llama"
+    else:
+        from peft_spectral.assets import load_default_model
+        from peft_spectral.tasks import load_task
+
+        model, tok = load_default_model()
+        model.eval()
+        task, matrices, layers = load_task(args.tasks[0], seed=0), args.matrices, args.layers
+        name = "SmolLM2-135M-Instruct (embedded GGUF, fp32)"
+    modules = C.find_target_modules(model, matrices, layers)
+    examples = C.take_examples(list(task.train) + list(task.validation), args.n_grad, "profile")
+    report = profile_gradient_pass(model, tok, examples, modules, args.batch_size, repeats=args.profile_repeats)
+    report.update({"model": name, "threads": torch.get_num_threads()})
+    stem = "compress_profile_smoke" if args.smoke else "compress_profile"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    once = report["gradient_pass"]["once"]
+    print(
+        f"{name}: {report['n_examples']} examples, {report['modules']} candidate matrices, batch {args.batch_size}\n"
+        f"  SVD {report['svd_s']:.2f} s; gradient pass: forward {once['forward_s']:.2f} s, backward "
+        f"{once['backward_s']:.2f} s, projections {once['projection_s']:.2f} s ({once['batches']} batches)\n"
+        f"  forward only {report['forward_only_s']:.2f} s, evaluation {report['evaluation_s']:.2f} s\n"
+        f"  forward+backward / forward = {report['fb_over_forward']:.2f}; whole pass / forward = "
+        f"{report['gradient_pass_over_forward']:.2f}; per-batch projection costs "
+        f"{report['per_batch_projection_over_once']:.2f}x projecting once"
+    )
+    return report
 
 
 def main(argv=None):
@@ -416,6 +517,25 @@ def main(argv=None):
     )
     p.add_argument("--smoke", action="store_true")
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="only time the phases of C2I's gradient pass (SVD, forward, backward, projections) against a forward "
+        "pass and an evaluation of the same --n-grad examples; with --smoke on the tiny model, else on the embedded "
+        "model (task: the first of --tasks; candidates: --matrices/--layers)",
+    )
+    p.add_argument("--profile-repeats", type=int, default=3, help="--profile: runs per measurement (the minimum)")
+    p.add_argument(
+        "--c2i-selection",
+        choices=("guard", "plain"),
+        default="guard",
+        help="how C2I keeps a candidate: the paired-bootstrap guard (default) or better-on-the-evaluation-examples",
+    )
+    p.add_argument(
+        "--laser-guard",
+        action="store_true",
+        help="apply the paired-bootstrap guard to LASER's choice too (default: LASER as published)",
+    )
+    p.add_argument(
         "--from-partials",
         action="store_true",
         help="only rebuild compress.json/md/png from the per-task partial files of an unfinished run",
@@ -430,6 +550,8 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_partials:
         return rebuild_from_partials(args, out_dir)
+    if args.profile:
+        return run_profile(args, out_dir)
     t0 = time.perf_counter()
     if args.smoke:
         model, tok, tasks = smoke_setup()

@@ -20,6 +20,7 @@ synthetic tasks in seconds to check the script.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -35,7 +36,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from peft_spectral.assets import load_default_model  # noqa: E402
-from peft_spectral.cpi import CPIConfig, CPIPipeline, mixed_examples, sft_train  # noqa: E402
+from peft_spectral.cpi import (  # noqa: E402
+    FUSION_MODES,
+    STAGE_ORDERS,
+    CPIConfig,
+    CPIPipeline,
+    mixed_examples,
+    sft_train,
+)
 from peft_spectral.tasks import (  # noqa: E402
     Example,
     Task,
@@ -164,6 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=50)
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=10)
+    ap.add_argument(
+        "--stage-order",
+        default="input",
+        choices=STAGE_ORDERS,
+        help="CPI-FT stage order (default 'input': the order naive multi-stage SFT trains the tasks in)",
+    )
+    ap.add_argument("--fusion", default="slerp_params", choices=FUSION_MODES, help="CPI-FT fusion of non-core entries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", type=Path, default=Path("/tmp/bench_cpi_state"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -195,15 +210,15 @@ def main(argv=None) -> int:
     if args.budget - T * args.probe_steps < 1:
         raise SystemExit(f"--budget {args.budget} leaves no stage steps after {T} probes of {args.probe_steps}")
     cfg = CPIConfig(
-        core_fraction=args.p,
-        similarity_threshold=args.tau,
-        target_modules=MLP,
+        adapter=CoreIsolationConfig(target_modules=MLP, core_fraction=args.p, similarity_threshold=args.tau),
         probe_steps=args.probe_steps,
         total_stage_steps=args.budget - T * args.probe_steps,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        stage_order=args.stage_order,
+        fusion=args.fusion,
         seed=args.seed,
     )
     score = make_scorer(tok, tasks, args.n_test, args.eval_batch, args.max_new_tokens)
@@ -230,7 +245,7 @@ def main(argv=None) -> int:
 
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, CoreIsolationConfig(target_modules=MLP))
+        peft_model = get_peft_model(model, copy.deepcopy(cfg.adapter))
         trainer_dir = args.state_dir / "baselines"
 
         # multi-task SFT (mixed, balanced)
@@ -341,6 +356,8 @@ def main(argv=None) -> int:
         "probe_steps": args.probe_steps,
         "p": args.p,
         "tau": args.tau,
+        "stage_order": args.stage_order,
+        "fusion": args.fusion,
         "trained": "CoreIsolation deltas of gate/up/down_proj (all methods)",
         "optimizer": "AdamW (torch)",
         "torch": torch.__version__,
@@ -369,7 +386,8 @@ def write_outputs(results: dict, names: list[str], out: Path) -> None:
         f"Model: {s['model']}. Trained: {s['trained']}; {s['optimizer']}, lr {s['lr']}, weight decay "
         f"{s['weight_decay']}, batch {s['batch_size']}, max length {s['max_length']}. Same budget for every method: "
         f"{s['budget_steps']} optimizer steps (CPI-FT: {len(names)} probes × {s['probe_steps']} + stages). "
-        f"p = {s['p']}, τ = {s['tau']}. Test examples per task: {s['n_test']}."
+        f"p = {s['p']}, τ = {s['tau']}, stage order {s.get('stage_order', 'input')}, fusion "
+        f"{s.get('fusion', 'slerp_task_vectors')}. Test examples per task: {s['n_test']}."
         + (
             f" Base, multi-task and naive multi-stage rows reused from `{results['baselines_from']}` (same settings)."
             if results.get("baselines_from")

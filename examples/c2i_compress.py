@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from tiny_model import load
 
-from peft_spectral.compress import apply_result, compress_to_impress, find_target_modules
+from peft_spectral.compress import C2ISearchConfig, apply_result, compress_to_impress, find_target_modules
 from peft_spectral.evaluation import evaluate
 from peft_spectral.tasks import load_task
 
@@ -55,8 +55,8 @@ def main() -> None:
         mode="clustered" if args.clustered else "standard",
         n_grad=min(100, len(task.train)),
         n_eval=min(100, len(task.validation)),
-        top_k=5,
-        combine=True,
+        # keep a truncation only when its gain is beyond a paired bootstrap's noise (the default SelectionGuard)
+        config=C2ISearchConfig(top_k=5, combine=True),
     )
     (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2))
     print(
@@ -67,6 +67,10 @@ def main() -> None:
         f"validation accuracy {result.base.accuracy:.3f} -> {result.best.accuracy:.3f}; chosen: "
         f"{[str(iv) for iv in result.chosen] or 'none'}"
     )
+
+    for cand in result.candidates:
+        if cand.decision is not None:
+            print(f"  {cand.intervention}: {cand.decision.reason}")
 
     before = evaluate(model, tokenizer, task.test, kind=task.kind).accuracy
     if not result.chosen:

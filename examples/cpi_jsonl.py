@@ -24,6 +24,7 @@ from tiny_model import load
 from peft_spectral.cpi import CPIConfig, CPIPipeline
 from peft_spectral.evaluation import evaluate
 from peft_spectral.tasks import load_jsonl_task
+from peft_spectral.tuners.core_isolation import CoreIsolationConfig
 
 
 DATA = Path(__file__).parent / "data"
@@ -54,9 +55,11 @@ def main() -> None:
         print(f"task {t.name} ({t.kind}): {len(t.train)} train / {len(t.test)} test")
 
     config = CPIConfig(
-        target_modules=["gate_proj", "up_proj", "down_proj"],  # CoreIsolation deltas on the MLP
-        core_fraction=args.p,
-        similarity_threshold=args.tau,
+        adapter=CoreIsolationConfig(
+            target_modules=["gate_proj", "up_proj", "down_proj"],  # CoreIsolation deltas on the MLP
+            core_fraction=args.p,
+            similarity_threshold=args.tau,
+        ),
         probe_steps=steps,
         stage_steps=steps,
         learning_rate=1e-3 if args.tiny else 1e-4,

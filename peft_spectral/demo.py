@@ -333,18 +333,10 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
         layers = range(0, model.config.num_hidden_layers, config.c2i_layer_stride)
     modules = C.find_target_modules(model, ["o_proj", *MLP], list(layers))
     calibration = C.take_examples(task.train, config.c2i_grad_examples, "calibration (train)")
-    evaluation = C.take_examples(task.validation, config.c2i_eval_examples, "evaluation (validation)")
-    result = C.c2i_search(
-        model,
-        calibration,
-        evaluation,
-        modules,
-        tokenizer=tok,
-        kind=task.kind,
-        clusters=1,
-        seed=config.seed,
-        progress=True,
+    search = C.C2ISearchConfig(  # kept only when the gain is beyond a paired bootstrap's noise (the default guard)
+        n_eval=config.c2i_eval_examples, kind=task.kind, clusters=1, seed=config.seed, progress=True
     )
+    result = C.c2i_search(model, calibration, task.validation, modules, search, tokenizer=tok)
     test = task.test[: config.eval_examples]  # `before` is the base model's accuracy on it (step "base")
     after = before
     if result.chosen:
@@ -366,11 +358,12 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
 
 def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
     from .cpi import CPIConfig, CPIPipeline
+    from .tuners.core_isolation import CoreIsolationConfig
 
     cpi_config = CPIConfig(
+        adapter=CoreIsolationConfig(target_modules=MLP),
         probe_steps=config.cpi_probe_steps,
         stage_steps=config.cpi_stage_steps,
-        target_modules=MLP,
         batch_size=4,
         max_length=128,
         seed=config.seed,

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import torch
 
+from . import svd_cache
+
 
 __all__ = ["slerp", "thin_svd", "truncate"]
 
 
 def thin_svd(weight: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD `weight = U @ diag(S) @ V.T` computed in float64 and returned in float32.
+    """Thin SVD `weight = U @ diag(S) @ V.T`, computed in float64 and returned in float32 on the weight's device.
+
+    This is the package's one SVD implementation: [`~peft_spectral.svd_cache.compute_factors`] (eigen-decomposition
+    of the smaller Gram matrix) followed by [`~peft_spectral.svd_cache.svd_from_factors`] for the other side, the
+    same numbers the SVF tuner and SpectralCompress take from the SVD cache.
 
     Args:
-        weight (`torch.Tensor`): A 2-D matrix of shape `(out, in)`.
+        weight (`torch.Tensor`): A 2-D matrix of shape `(out, in)`, finite.
         rank (`int`, *optional*): Keep only the top `rank` singular triplets.
 
     Returns:
         `(U, S, V)` with shapes `(out, r)`, `(r,)`, `(in, r)` (note: `V`, not `V.T`), singular values descending.
+
+    Raises:
+        `ValueError`: If `weight` is not 2-D or has NaN/inf values.
     """
     if weight.ndim != 2:
         raise ValueError(f"thin_svd expects a 2-D matrix, got shape {tuple(weight.shape)}")
-    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-    if rank is not None:
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    return u.float().contiguous(), s.float().contiguous(), vh.T.float().contiguous()
+    return svd_cache.svd_from_factors(weight, svd_cache.compute_factors(weight), rank)
 
 
 def truncate(weight: torch.Tensor, rank: int) -> torch.Tensor:

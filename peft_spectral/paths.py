@@ -1,14 +1,25 @@
-"""Where peft_spectral keeps its caches (embedded model, BigBench tasks, SVD factors)."""
+"""Where peft_spectral keeps its caches (embedded model, BigBench tasks, SVD factors).
+
+Every location comes from the user: an explicit argument, or the environment. Nothing read from a model or adapter
+file (e.g. an `adapter_config.json` downloaded from the Hub) decides where the library reads or writes.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional, Union
+
+
+#: Environment variable moving every cache of the package.
+CACHE_ENV = "PEFT_SPECTRAL_CACHE"
+#: Environment variable moving the SVD cache only (takes precedence over `CACHE_ENV` for it).
+SVD_CACHE_ENV = "PEFT_SPECTRAL_SVD_CACHE"
 
 
 def cache_root() -> Path:
     """Root cache directory: `$PEFT_SPECTRAL_CACHE`, else `$XDG_CACHE_HOME/peft_spectral`, else `~/.cache/peft_spectral`."""
-    env = os.environ.get("PEFT_SPECTRAL_CACHE")
+    env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -21,3 +32,21 @@ def cache_subdir(name: str) -> Path:
     path = cache_root() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def svd_cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Directory of the SVD cache, resolved without touching the disk.
+
+    Args:
+        explicit (`str` or `os.PathLike`, *optional*): A directory chosen by the caller at runtime; wins when given.
+
+    Returns:
+        `Path`: `explicit`, else `$PEFT_SPECTRAL_SVD_CACHE`, else `<cache_root()>/svd`. The directory is not created
+        here; the cache creates it on its first write.
+    """
+    if explicit is not None and str(explicit) != "":
+        return Path(explicit).expanduser()
+    env = os.environ.get(SVD_CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return cache_root() / "svd"

@@ -20,7 +20,7 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .sandbox import run_code
+from .sandbox import run_tests
 
 
 __all__ = [
@@ -170,21 +170,36 @@ def extract_code(text: str, entry_point: str = "") -> str:
     return blocks[0]
 
 
-def build_program(completion: str, *, test: str, entry_point: str, prompt: str = "") -> str:
-    """The HumanEval program: stub + completion, then the tests and `check(entry_point)`.
+def _stub(prompt: str, entry_point: str) -> str:
+    """The function stub held by `prompt` (the code of its ```python block when it is an instruction)."""
+    if "```" in prompt:  # an instruction with the stub in a code block (e.g. Example.prompt of HumanEval)
+        prompt = extract_code(prompt, entry_point)
+    if prompt and not prompt.endswith("\n"):
+        prompt += "\n"
+    return prompt
+
+
+def build_candidate(completion: str, *, entry_point: str, prompt: str = "") -> str:
+    """The candidate program: stub + completion, without any test.
 
     `prompt` is the function stub, or a text holding it in a ```python block (its content is used). A completion
     that redefines `entry_point` follows the stub (keeping its imports and helpers) and overrides it; any other
     completion continues the stub's body. A fenced completion is unwrapped first.
     """
     code = extract_code(completion, entry_point)
-    if "```" in prompt:  # an instruction with the stub in a code block (e.g. Example.prompt of HumanEval)
-        prompt = extract_code(prompt, entry_point)
-    if prompt and not prompt.endswith("\n"):
-        prompt += "\n"
+    prompt = _stub(prompt, entry_point)
     defines = bool(entry_point) and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.MULTILINE)
     # A full definition follows the stub (keeping its imports and helpers) and overrides it; a body continues it.
-    body = prompt + "\n" + code if defines else prompt + code
+    return prompt + "\n" + code if defines else prompt + code
+
+
+def build_program(completion: str, *, test: str, entry_point: str, prompt: str = "") -> str:
+    """The single HumanEval program: [`build_candidate`], then the tests and `check(entry_point)`.
+
+    Not how [`score_code`] judges code (a program holding its own tests can fake passing them); kept for reading
+    and for running trusted solutions with [`peft_spectral.sandbox.run_code`].
+    """
+    body = build_candidate(completion, entry_point=entry_point, prompt=prompt)
     check = f"\ncheck({entry_point})\n" if entry_point else "\n"
     return f"{body}\n\n{test}\n{check}"
 
@@ -223,11 +238,33 @@ def score_generation(prediction: str, targets: str | Sequence[str]) -> bool:
 def score_code(
     completion: str, *, test: str, entry_point: str, prompt: str = "", timeout: float = 5.0, memory_mb: int = 512
 ) -> bool:
-    """Whether the completion passes the HumanEval tests in the sandbox."""
+    """Whether the completion passes the HumanEval tests, judged by [`peft_spectral.sandbox.run_tests`].
+
+    The stub + completion run in one sandbox and only answer calls of `entry_point`; `test` and the stub (for helpers
+    such as HumanEval's `poly`) run in another, which alone decides the verdict (see `docs/security.md`).
+
+    Args:
+        completion (`str`): The model's completion (a body continuing the stub, or a whole function, fenced or not).
+        test (`str`): The example's test code defining `check(candidate)`.
+        entry_point (`str`): The name of the function under test.
+        prompt (`str`, defaults to `""`): The function stub, or an instruction holding it in a ```python block.
+        timeout (`float`, defaults to 5.0): Wall-clock seconds for the whole check.
+        memory_mb (`int`, defaults to 512): Address-space limit of each sandboxed process in MiB.
+    """
     if not test:
         raise ValueError("score_code needs the example's `test` code (meta['test'] for HumanEval)")
-    program = build_program(completion, test=test, entry_point=entry_point, prompt=prompt)
-    return run_code(program, timeout=timeout, memory_mb=memory_mb).passed
+    if not entry_point:
+        raise ValueError("score_code needs the example's `entry_point` (meta['entry_point'] for HumanEval)")
+    candidate = build_candidate(completion, entry_point=entry_point, prompt=prompt)
+    result = run_tests(
+        candidate,
+        test=test,
+        entry_point=entry_point,
+        prelude=_stub(prompt, entry_point),
+        timeout=timeout,
+        memory_mb=memory_mb,
+    )
+    return result.passed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,7 +335,8 @@ def code_reward(
     memory_mb: int = 512,
     **kwargs,
 ):
-    """+1 when the completion passes its HumanEval tests, run in [`peft_spectral.sandbox.run_code`].
+    """+1 when the completion passes its HumanEval tests, judged by [`score_code`] (two sandboxes, see
+    `docs/security.md`).
 
     Columns: `test`, `entry_point`, and optionally `code_prompt` (the function stub the completion continues; else
     TRL's `prompts` when they are plain strings).

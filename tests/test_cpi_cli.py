@@ -70,3 +70,27 @@ def test_cli_bad_hyper_parameters(patched, tmp_path, flag, value):
 def test_cli_needs_tasks(patched, tmp_path):
     with pytest.raises(SystemExit, match="at least one task"):
         main(["cpi", "--output", str(tmp_path / "x")])
+
+
+def test_cli_stage_order_and_fusion_options(patched, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["cpi", "--tasks", "a", "b", "--steps", "1", "--output", str(out), "--target-modules", "up_proj"]
+    argv += ["--tau", "1", "--max-length", "32", "--fusion", "slerp_task_vectors", "--until", "grouping"]
+    assert main(argv + ["--stage-order", "dependency", "--stage-dependencies", "b:a"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["config"]["fusion"] == "slerp_task_vectors" and state["config"]["stage_order"] == "dependency"
+    assert state["stage_order"] == [["b"], ["a"]]
+    assert "stage order: [['b'], ['a']]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--stage-order", "dependency", "--stage-dependencies", "a-b"], "BEFORE:AFTER"),
+        (["--stage-order", "dependency"], "needs `stage_dependencies`"),
+        (["--stage-dependencies", "a:b"], "only used with stage_order='dependency'"),
+    ],
+)
+def test_cli_bad_stage_dependencies(patched, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), *extra])

@@ -12,8 +12,17 @@ import torch
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
-from peft_spectral.cpi import CPIConfig, CPIPipeline, FreezeMaskCallback, build_sft_dataset
+from peft_spectral.cpi import (
+    CPIConfig,
+    CPIPipeline,
+    FreezeMaskCallback,
+    base_model_fingerprint,
+    build_sft_dataset,
+    fuse_deltas,
+)
+from peft_spectral.state import StateFileError
 from peft_spectral.tasks import Example, Task
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig
 
@@ -109,20 +118,20 @@ def test_frozen_full_params_bit_identical(tmp_path):
     assert not torch.equal(params["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
 
 
-def _config(**kw):
+def _config(core_fraction=0.05, similarity_threshold=0.1, **kw):
+    adapter = CoreIsolationConfig(
+        target_modules=MLP, core_fraction=core_fraction, similarity_threshold=similarity_threshold
+    )
     base = {
-        "target_modules": MLP,
         "probe_steps": 2,
         "stage_steps": 2,
         "batch_size": 4,
         "learning_rate": 1e-2,
         "weight_decay": 0.1,
-        "core_fraction": 0.05,
-        "similarity_threshold": 0.1,
         "max_length": 48,
     }
     base.update(kw)
-    return CPIConfig(**base)
+    return CPIConfig(adapter=adapter, **base)
 
 
 def test_pipeline_end_to_end_resume_and_reload(tmp_path):
@@ -234,15 +243,102 @@ def test_other_base_model_rejected(tmp_path):
     out = tmp_path / "cpi"
     tok = build_tiny_tokenizer()
     CPIPipeline(build_tiny_llama(tok, seed=0), tok, TASKS[:2], _config(), out, progress=False).run(until="probe")
-    with pytest.raises(ValueError, match="another base model"):
+    with pytest.raises(StateFileError, match=rf"{out / 'state.json'} was made from another base model"):
         CPIPipeline(build_tiny_llama(tok, seed=1), tok, TASKS[:2], _config(), out, progress=False)
     # a probe checkpoint copied in from a run on another base model is refused as well
     other = tmp_path / "other"
     CPIPipeline(build_tiny_llama(tok, seed=1), tok, TASKS[:2], _config(), other, progress=False).run(until="probe")
     shutil.copy(other / "probe" / "rev.safetensors", out / "probe" / "rev.safetensors")
     pipe = CPIPipeline(build_tiny_llama(tok, seed=0), tok, TASKS[:2], _config(), out, progress=False)
-    with pytest.raises(ValueError, match="another base model"):
+    with pytest.raises(StateFileError, match=r"rev\.safetensors belongs to another run.*another base model"):
         pipe.run()
+
+
+def _state_dir(tmp_path):
+    """A state directory with a written state.json (no training: the pipeline writes it on construction)."""
+    out = tmp_path / "cpi"
+    tok = build_tiny_tokenizer()
+    CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False)
+    return out, tok
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "is empty"),
+        ('{"version": 2, "fingerprint": "ab', "is not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"version": 1, "tasks": ["inc", "rev"]}', "is not a version-2 CPI-FT state"),
+    ],
+)
+def test_unusable_state_file_one_line_error(tmp_path, content, message):
+    out, tok = _state_dir(tmp_path)
+    (out / "state.json").write_text(content)
+    with pytest.raises(StateFileError, match=message) as err:
+        CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False)
+    text = str(err.value)
+    assert "\n" not in text and str(out / "state.json") in text and "delete" in text
+
+
+def test_mismatched_state_file_says_what_differs(tmp_path):
+    out, tok = _state_dir(tmp_path)
+    cases = [
+        ({"config": _config(core_fraction=0.2)}, r"another config .*core_fraction"),
+        ({"config": _config(fusion="slerp_task_vectors")}, r"another config .*fusion"),
+        ({"tasks": [TASKS[1], TASKS[0]]}, r"is for tasks \['inc', 'rev'\], not \['rev', 'inc'\]"),
+        ({"tasks": [TASKS[0], _task("rev", str)]}, "other training data"),
+    ]
+    for change, message in cases:
+        kwargs = {"tasks": TASKS[:2], "config": _config(), **change}
+        with pytest.raises(StateFileError, match=message) as err:
+            CPIPipeline(build_tiny_llama(tok), tok, kwargs["tasks"], kwargs["config"], out, progress=False)
+        assert str(out / "state.json") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_checkpoint_one_line_error(tmp_path):
+    out = tmp_path / "cpi"
+    tok = build_tiny_tokenizer()
+    CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False).run(until="probe")
+    path = out / "probe" / "rev.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    pipe = CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False)
+    with pytest.raises(StateFileError, match=r"rev\.safetensors cannot be read"):
+        pipe.run(until="cores")
+
+
+class _DeltasAtTrainBegin(TrainerCallback):
+    """Records the tracked deltas when each SFT run starts, before its first optimizer step."""
+
+    def __init__(self):
+        self.pipe, self.snapshots = None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.snapshots.append(self.pipe.tracked.deltas())
+
+
+def test_staged_sft_starts_from_the_fused_model(tmp_path):
+    out = tmp_path / "cpi"
+    tok = build_tiny_tokenizer()
+    cfg, tasks = _config(similarity_threshold=1.0), TASKS[:2]
+    pipe = CPIPipeline(build_tiny_llama(tok), tok, tasks, cfg, out, progress=False)
+    pipe.run(until="grouping")
+    probes = [pipe.load_probe_delta(t.name) for t in tasks]
+    cores = [pipe.load_core(t.name) for t in tasks]
+    base = {k: pipe.tracked.base(k) for k in pipe.tracked.names}
+    expected = fuse_deltas(probes, cores, pipe.tracked.names, base=base, fusion="slerp_params")
+
+    recorder = _DeltasAtTrainBegin()
+    pipe2 = CPIPipeline(build_tiny_llama(tok), tok, tasks, cfg, out, progress=False, callbacks=[recorder])
+    recorder.pipe = pipe2
+    pipe2.run()
+    assert pipe2.trainer_runs[0] == "stage:0" and len(recorder.snapshots) == len(pipe2.state["stage_order"])
+    first = recorder.snapshots[0]
+    for name, value in expected.items():
+        torch.testing.assert_close(first[name], value, rtol=0, atol=0)
+    # neither zeros (θ0) nor any single probe would pass
+    assert any(bool(v.any()) for v in first.values())
+    for probe in probes:
+        assert any(not torch.equal(first[k], probe[k]) for k in first)
 
 
 def test_changed_config_rejected(tmp_path):
@@ -251,3 +347,35 @@ def test_changed_config_rejected(tmp_path):
     CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False)
     with pytest.raises(ValueError, match="another config"):
         CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(core_fraction=0.2), out, progress=False)
+
+
+def test_pipeline_stage_order_from_config(tmp_path):
+    """The grouping step orders the groups with the configured strategy (here: dependency, reversing the input)."""
+    tok = build_tiny_tokenizer()
+    cfg = _config(
+        similarity_threshold=1.0, stage_order="dependency", stage_dependencies=[["abc", "rev"], ["rev", "inc"]]
+    )
+    pipe = CPIPipeline(build_tiny_llama(tok), tok, TASKS, cfg, tmp_path / "d", progress=False)
+    rep = pipe.run(until="grouping")
+    assert rep["groups"] == [["inc"], ["rev"], ["abc"]] and rep["stage_order"] == [["abc"], ["rev"], ["inc"]]
+    assert set(rep["probe_difficulty"]) == {"inc", "rev", "abc"}
+    with pytest.raises(ValueError, match="unknown tasks"):
+        CPIPipeline(
+            build_tiny_llama(tok),
+            tok,
+            TASKS,
+            _config(stage_order="dependency", stage_dependencies=[["abc", "nope"]]),
+            tmp_path / "e",
+            progress=False,
+        )
+
+
+def test_base_model_fingerprint_looks_through_the_adapter():
+    tok = build_tiny_tokenizer()
+    base = build_tiny_llama(tok)
+    before = base_model_fingerprint(base)
+    wrapped = get_peft_model(base, CoreIsolationConfig(target_modules=MLP))
+    layer = next(iter(wrapped.base_model.core_isolation_layers().values()))
+    layer.core_isolation_delta["default"].data.fill_(0.5)  # adapter tensors do not enter the hash
+    assert base_model_fingerprint(wrapped) == before
+    assert base_model_fingerprint(build_tiny_llama(tok, seed=1)) != before

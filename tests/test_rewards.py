@@ -1,14 +1,30 @@
-"""Tests of answer extraction, TRL reward functions and the code sandbox (incl. hostile programs)."""
+"""Tests of answer extraction, TRL reward functions and code scoring (incl. hostile programs; the attacks on the
+sandbox itself are in tests/test_sandbox.py)."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
 
 from peft_spectral import rewards as R
-from peft_spectral.sandbox import run_code
+from peft_spectral.sandbox import SandboxUnavailableError, check_sandbox, run_code
+
+
+def _sandbox_problem() -> str:
+    try:
+        check_sandbox()
+    except SandboxUnavailableError as err:
+        return str(err)
+    return ""
+
+
+# Code scoring needs bubblewrap: skipped without it on a developer machine, a failure on CI (see .ci/run).
+requires_sandbox = pytest.mark.skipif(
+    bool(_sandbox_problem()) and not os.environ.get("CI"), reason=f"no code sandbox here: {_sandbox_problem()}"
+)
 
 
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -51,6 +67,7 @@ def test_exact_match_reward_and_zero_one_factory():
         R.make_reward("poetry")
 
 
+@requires_sandbox
 def test_code_reward_right_and_wrong():
     completions = [
         "    return a + b\n",  # body continuing the stub
@@ -73,6 +90,7 @@ HOSTILE = {
 }
 
 
+@requires_sandbox
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_code_fails_and_caller_unharmed(name):
     program = STUB + "    return a + b\n" + HOSTILE[name]  # would pass the tests if the hostile part were ignored
@@ -82,6 +100,7 @@ def test_hostile_code_fails_and_caller_unharmed(name):
     assert time.monotonic() - start < 15
 
 
+@requires_sandbox
 def test_sandbox_cannot_delete_or_overwrite_outside_files(tmp_path):
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
@@ -99,6 +118,7 @@ def test_sandbox_cannot_delete_or_overwrite_outside_files(tmp_path):
     assert run_code("open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'").passed
 
 
+@requires_sandbox
 def test_run_code_results():
     assert run_code("assert 1 + 1 == 2") == run_code("x = 1")
     assert run_code("x = 1").passed
@@ -133,6 +153,7 @@ def test_checked_reward_rejects_nan_none_inf():
     assert ok(["x"], target=["x"]) == [1.0] and ok.__name__ == "exact_match_reward"
 
 
+@requires_sandbox
 def test_code_reward_with_instruction_prompt_and_missing_columns():
     from peft_spectral.tasks import humaneval_examples
 
@@ -149,6 +170,10 @@ def test_code_reward_with_instruction_prompt_and_missing_columns():
         assert R.code_reward([completion], test=[TEST], entry_point=["add"], code_prompt=[ex.prompt]) == [expected]
     with pytest.raises(ValueError, match="entry_point"):
         R.code_reward(["x"], test=[TEST])
+    with pytest.raises(ValueError, match="entry_point"):
+        R.score_code("x", test=TEST, entry_point="")
+    # the stub alone (no tests) is what the candidate sandbox runs
+    assert R.build_candidate("    return a + b\n", entry_point="add", prompt=ex.prompt) == STUB + "    return a + b\n"
     with pytest.raises(ValueError, match="target"):
         R.exact_match_reward(["x"])
 

@@ -120,13 +120,13 @@ def test_factored_forward_equals_dense_truncated_matrix(compressed):
         dense = multi_subspace_truncate(w, settings[key]["rho"], settings[key].get("clusters", 1))
         torch.testing.assert_close(layer.get_truncated_weight("default"), dense, atol=1e-5, rtol=1e-5)
         x = torch.randn(3, 5, layer.in_features)
-        layer.forward_mode["default"] = "factored"
+        layer.spectral_compress_forward_mode["default"] = "factored"
         y_fact = layer(x)
-        layer.forward_mode["default"] = "dense"
+        layer.spectral_compress_forward_mode["default"] = "dense"
         y_dense = layer(x)
         torch.testing.assert_close(y_fact, y_dense, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(y_fact, x @ dense.T, atol=1e-5, rtol=1e-5)
-        layer.forward_mode["default"] = "auto"
+        layer.spectral_compress_forward_mode["default"] = "auto"
         assert layer._use_factored("default") == (layer.factored_macs("default") < w.numel())
 
 
@@ -256,3 +256,59 @@ def test_adapter_on_other_model_shapes_names_module_and_shapes(compressed, tmp_p
         ValueError, match=r"model\.layers\.\d\.mlp\.(up|down)_proj.*\[(64, 32|32, 64)\].*\[(48, 32|32, 48)\]"
     ):
         PeftModel.from_pretrained(other, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- training-free
+
+
+def _factors(model):
+    return [p for n, p in model.named_parameters() if "spectral_compress_" in n]
+
+
+def test_training_free_adapter_has_no_trainable_parameters(compressed, capsys):
+    model, _ = compressed
+    factors = _factors(model)
+    assert factors and not any(p.requires_grad for p in factors)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 0 and total == sum(p.numel() for p in model.parameters())
+    model.print_trainable_parameters()
+    assert "trainable params: 0 ||" in capsys.readouterr().out
+    # PEFT's own switches keep the factors frozen
+    model.set_adapter("default")
+    model.base_model.set_requires_grad("default", requires_grad=True)
+    model.base_model.enable_adapter_layers()
+    assert not any(p.requires_grad for p in _factors(model))
+
+
+def test_training_free_adapter_stays_frozen_when_loaded_trainable_and_with_modules_to_save(tmp_path):
+    base = build_tiny_llama(build_tiny_tokenizer())
+    config = SpectralCompressConfig(modules=dict(MODULES), modules_to_save=["model.norm"])
+    model = get_peft_model(base, config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("model.norm.modules_to_save" in n for n in trainable)  # only modules_to_save
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_tiny_llama(build_tiny_tokenizer()), tmp_path, is_trainable=True)
+    assert _factors(loaded) and not any(p.requires_grad for p in _factors(loaded))
+    loaded.add_adapter("second", SpectralCompressConfig(modules=dict(MODULES)))
+    loaded.set_adapter("second")
+    assert not any(p.requires_grad for p in _factors(loaded))
+
+
+def test_factors_are_computed_under_gather_params_ctx(monkeypatch):
+    """DeepSpeed ZeRO-3: the weight is gathered (PEFT's `gather_params_ctx`) for the truncation's SVD."""
+    import contextlib
+
+    import peft_spectral.tuners.spectral_compress.model as sc_model
+
+    gathered = []
+
+    @contextlib.contextmanager
+    def recording_ctx(params, *args, **kwargs):
+        gathered.extend([params] if isinstance(params, torch.nn.Parameter) else list(params))
+        yield
+
+    monkeypatch.setattr(sc_model, "gather_params_ctx", recording_ctx)
+    base = build_tiny_llama(build_tiny_tokenizer())
+    targets = {id(base.get_submodule(name).weight) for name in MODULES}
+    get_peft_model(base, SpectralCompressConfig(modules=dict(MODULES)))
+    assert targets <= {id(p) for p in gathered}

@@ -6,11 +6,12 @@ import argparse
 import json
 
 import pytest
-from test_spectral_compress_search import PLANTED, _planted_problem
+from conftest import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import tasks
 from peft_spectral.cli import build_parser
 from peft_spectral.cli import compress as cli_compress
+from peft_spectral.compress import planted_problem
 from peft_spectral.tasks import Task
 
 
@@ -22,10 +23,15 @@ def test_parse_layers():
         cli_compress.parse_layers("4-2")
 
 
+PLANTED = "model.layers.1.mlp.down_proj"
+
+
 @pytest.fixture(scope="module")
 def planted_task():
-    model, tok, validation, train = _planted_problem()
-    return model, tok, Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
+    tok = build_tiny_tokenizer()
+    problem = planted_problem(build_tiny_llama(tok, seed=1), tok, PLANTED)
+    validation, train = problem.validation, problem.train
+    return problem.model, tok, Task("planted", "multiple_choice", train=train, validation=validation, test=validation)
 
 
 @pytest.mark.parametrize("method", ["laser", "c2i"])
@@ -60,6 +66,8 @@ def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, me
         assert args.func(args) == 0
     text = capsys.readouterr().out
     assert f"chosen: {PLANTED} @ rho=0.2" in text
+    reason = "kept (paired bootstrap" if method == "c2i" else "kept (plain rule)"
+    assert f"{PLANTED} @ rho=0.2: {reason}" in text
     assert "test accuracy (20 examples): before 0.400 -> after 1.000" in text
     summary = json.loads((out / "search.json").read_text())
     assert summary["test"]["after"] == 1.0 and (out / "adapter_model.safetensors").exists()

@@ -22,17 +22,8 @@ def test_c2i_on_embedded_model_round_trips_as_adapter(tmp_path):
     modules = C.find_target_modules(model, ["up_proj", "down_proj"], layers=[29])
     scores = C.c2i_scores(model, task.train[:8], modules, tokenizer=tok, batch_size=8)
     assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in scores.grads.values())
-    result = C.c2i_search(
-        model,
-        task.train[:8],
-        task.validation[:6],
-        modules,
-        tokenizer=tok,
-        kind=task.kind,
-        rhos=[0.01],
-        top_k=2,
-        scores=scores,
-    )
+    config = C.C2ISearchConfig(rhos=[0.01], top_k=2, kind=task.kind, n_eval=6)
+    result = C.c2i_search(model, task.train[:8], task.validation, modules, config, tokenizer=tok, scores=scores)
     assert result.evaluations == 3 and len(result.candidates) == 2
     # the best-ranked candidate as an adapter: factored forward == in-place truncation, save → load bit-exact
     iv = result.candidates[0].intervention

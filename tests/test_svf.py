@@ -14,7 +14,8 @@ import peft_spectral
 from peft_spectral import SVFConfig, combine_svf_adapters
 from peft_spectral.adapter_io import AdapterLoadError, load_adapter, validate_adapter_dir
 from peft_spectral.svd_cache import SVDCache, compute_factors
-from peft_spectral.tuners.svf.layer import SVFLinear, weight_matrix
+from peft_spectral.tuners import weight_matrix
+from peft_spectral.tuners.svf.layer import SVFLinear
 
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -491,6 +492,158 @@ def test_non_finite_z_refused_on_merge(llama):
     with pytest.raises(ValueError, match="non-finite"):
         model.merge_adapter()
     assert torch.equal(layer.get_base_layer().weight, before)
+
+
+# ----------------------------------------------------------------------------- init_weights
+
+
+def test_init_weights_false_is_a_random_non_identity_adapter(tok):
+    x = ids()
+    base = build_tiny_llama(tok)
+    with torch.no_grad():
+        ref = base(x).logits
+    torch.manual_seed(0)
+    model = get_peft_model(base, SVFConfig(target_modules=MLP, init_weights=False))
+    zs = [layer.svf_z["default"].detach() for _, layer in model.base_model.svf_layers()]
+    assert all(not torch.equal(z, torch.ones_like(z)) for z in zs)
+    spread = torch.cat(zs) - 1
+    assert 0.3 < float(spread.std()) < 0.7 and abs(float(spread.mean())) < 0.15  # N(1, 0.5²) around init_value
+    with torch.no_grad():
+        assert not torch.allclose(model(x).logits, ref, atol=1e-3)
+    model.add_adapter("other", SVFConfig(target_modules=MLP, init_weights=False))
+    layer = model.base_model.svf_layers()[0][1]
+    assert not torch.equal(layer.svf_z["default"], layer.svf_z["other"])  # each call draws anew
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_init_weights_must_be_bool(bad):
+    with pytest.raises(ValueError, match="init_weights"):
+        SVFConfig(target_modules=MLP, init_weights=bad)
+
+
+# ----------------------------------------------------------------------------- add_weighted_adapter
+
+
+def test_add_weighted_adapter_is_peft_style_linear_combination(tok, tmp_path):
+    model = get_peft_model(build_tiny_llama(tok), SVFConfig(target_modules=MLP, init_weights=False))
+    model.add_adapter("b", SVFConfig(target_modules=MLP, init_weights=False))
+    model.add_weighted_adapter(adapters=["default", "b"], weights=[0.25, -0.5], adapter_name="mix")
+    assert "mix" in model.peft_config and model.active_adapters == ["default"]
+    for name, layer in model.base_model.svf_layers():
+        expected = 0.25 * layer.svf_z["default"].detach().double() - 0.5 * layer.svf_z["b"].detach().double()
+        torch.testing.assert_close(layer.svf_z["mix"].detach().double(), expected, rtol=1e-6, atol=1e-6)
+        assert not layer.svf_z["mix"].requires_grad  # a new adapter is inactive, as in PEFT
+    model.set_adapter("mix")
+    x = ids()
+    with torch.no_grad():
+        mixed = model(x).logits
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    loaded = PeftModel.from_pretrained(build_tiny_llama(tok), tmp_path / "mix")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, mixed)
+
+
+def test_add_weighted_adapter_refuses_other_combination_types_and_names(llama):
+    model = get_peft_model(llama, SVFConfig(target_modules=MLP))
+    with pytest.raises(ValueError, match="combination_type must be 'linear'"):
+        model.add_weighted_adapter(["default"], [1.0], "mix", combination_type="svd")
+    with pytest.raises(ValueError, match="exists already"):
+        model.add_weighted_adapter(["default"], [1.0], "default")
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.add_weighted_adapter(["nope"], [1.0], "mix")
+    assert set(model.peft_config) == {"default"}
+
+
+# ----------------------------------------------------------------------------- dtypes and devices
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_forward_backward_merge_save_load(tok, tmp_path, dtype):
+    """bf16/fp16 base model: factors and arithmetic stay fp32, z is fp32 (PEFT's autocast), merge and reload agree."""
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 5e-3, "atol": 5e-3}
+    x = ids()
+    torch.manual_seed(0)
+    model = get_peft_model(build_tiny_llama(tok).to(dtype), SVFConfig(target_modules=MLP, init_weights=False))
+    layers = [layer for _, layer in model.base_model.svf_layers()]
+    assert all(layer.svf_z["default"].dtype == torch.float32 for layer in layers)
+    assert all(layer.svf_Q.dtype == torch.float32 and layer.svf_S.dtype == torch.float32 for layer in layers)
+
+    # forward: each layer against the fp64 dense reference of its (half precision) base weight
+    layer = layers[0]
+    h = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        y = layer(h)
+        y_ref = h.double() @ dense_reference(layer).T
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+
+    # backward: finite gradients on z only
+    out = model(x).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+    grads = [layer.svf_z["default"].grad for layer in layers]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if "svf_z" not in n)
+
+    # merge: same outputs up to half-precision rounding; unmerge restores the weight bit for bit
+    before = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        adapted = model(x).logits.float()
+        model.merge_adapter()
+        assert layer.get_base_layer().weight.dtype == dtype
+        merged = model(x).logits.float()
+        # the merged weight is rounded to half precision once: a relative error of a few units of its epsilon
+        assert float((merged - adapted).norm() / adapted.norm()) < 4 * torch.finfo(dtype).eps
+        model.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, before)
+
+    # save / load onto a fresh half-precision base: identical outputs
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_tiny_llama(tok).to(dtype), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_half_precision_without_autocast_keeps_z_in_base_dtype(tok):
+    model = get_peft_model(
+        build_tiny_llama(tok).to(torch.bfloat16), SVFConfig(target_modules=MLP), autocast_adapter_dtype=False
+    )
+    layer = model.base_model.svf_layers()[0][1]
+    assert layer.svf_z["default"].dtype == torch.bfloat16 and layer.svf_Q.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(ids()).logits).all()
+
+
+def test_to_moves_every_tensor_of_the_layer(tok):
+    model = get_peft_model(build_tiny_llama(tok), SVFConfig(target_modules=MLP, fast_factored=True))
+    randomize_z(model)
+    model.merge_adapter()  # also creates the backup of the base weight
+    model.to("meta")
+    for _, layer in model.base_model.svf_layers():
+        tensors = list(layer.parameters()) + list(layer.buffers())
+        tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+        assert layer.svf_weight_backup is not None and layer.svf_P is not None
+        assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_factors_are_computed_under_gather_params_ctx(tok, monkeypatch):
+    """DeepSpeed ZeRO-3: the SVD reads the weights inside PEFT's `gather_params_ctx` (as PEFT's PiSSA init does)."""
+    import contextlib
+
+    import peft_spectral.tuners.svf.model as svf_model
+
+    gathered = []
+
+    @contextlib.contextmanager
+    def recording_ctx(params, *args, **kwargs):
+        gathered.extend([params] if isinstance(params, torch.nn.Parameter) else list(params))
+        yield
+
+    monkeypatch.setattr(svf_model, "gather_params_ctx", recording_ctx)
+    base = build_tiny_llama(tok)
+    targets = {id(m.weight) for n, m in base.named_modules() if n.endswith(tuple(MLP))}
+    get_peft_model(base, SVFConfig(target_modules=MLP))
+    assert targets <= {id(p) for p in gathered}
 
 
 @pytest.mark.parametrize(

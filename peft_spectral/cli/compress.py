@@ -68,6 +68,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="C2I: candidates evaluated (default 5)")
     p.add_argument("--score", choices=("first_order", "raw"), default="first_order")
     p.add_argument("--combine", action="store_true", help="C2I: greedily stack kept interventions")
+    p.add_argument(
+        "--selection",
+        choices=("auto", "guard", "plain"),
+        default="auto",
+        help=(
+            "how a candidate is kept: 'guard' = only when its gain is beyond a paired bootstrap's noise (balanced "
+            "over labels when they are unbalanced), 'plain' = when better on the evaluation examples; 'auto' "
+            "(default) = guard for c2i, plain for laser (LASER as published)"
+        ),
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--state", default=None, help="LASER: JSON state file to resume an interrupted search")
     p.add_argument("--test-examples", type=int, default=None, help="test examples for before/after (default all)")
@@ -87,39 +97,52 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_or_exit(args.model)
     modules = C.find_target_modules(model, args.matrices, args.layers)
     validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
-    common = {"tokenizer": tok, "kind": task.kind, "batch_size": args.batch_size}
+    use_guard = args.selection == "guard" or (args.selection == "auto" and args.method == "c2i")
+    guard = C.SelectionGuard(seed=args.seed) if use_guard else None
     if args.method == "laser":
         grid = C.candidate_grid(modules, args.rhos)
         print(
             f"LASER: {len(grid)} candidates ({len(modules)} matrices × {len(args.rhos)} rho) on "
             f"{len(validation)} validation examples"
         )
-        result = C.laser_search(model, validation, grid, state_path=args.state, **common)
+        result = C.laser_search(
+            model,
+            validation,
+            grid,
+            tokenizer=tok,
+            kind=task.kind,
+            batch_size=args.batch_size,
+            state_path=args.state,
+            guard=guard,
+        )
     else:
         calibration = C.take_examples(task.train, args.n_grad, "calibration (train)", strict=args.strict)
         if args.clustered:
             evaluation = C.take_examples(task.validation, args.n_eval, "evaluation", strict=args.strict)
         else:
             evaluation = validation
-        result = C.c2i_search(
-            model,
-            calibration,
-            evaluation,
-            modules,
+        config = C.C2ISearchConfig(
             rhos=args.rhos,
             clusters=args.clusters if args.clustered else 1,
             top_k=args.top_k,
             score=args.score,
             combine=args.combine,
+            n_eval=None,  # the evaluation examples were taken above (--n-eval / --n-val)
+            guard=guard,
+            kind=task.kind,
+            batch_size=args.batch_size,
             seed=args.seed,
             progress=True,
-            **common,
         )
+        result = C.c2i_search(model, calibration, evaluation, modules, config, tokenizer=tok)
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
     print(
         f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "
         f"{result.best.accuracy:.3f} (loglik {result.best.mean_loglik:.3f})"
     )
+    for cand in result.candidates:
+        if cand.decision is not None and (args.method == "c2i" or cand.intervention in result.chosen):
+            print(f"  {cand.intervention}: {cand.decision.reason}")
     if not result.chosen:
         print("no intervention beat the unmodified model; nothing to save")
     for iv in result.chosen:

@@ -68,7 +68,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--max-train", type=int, default=None, help="training examples per task (default all)")
-    p.add_argument("--stage-order", choices=("input", "random", "small_first"), default="input")
+    p.add_argument(
+        "--stage-order",
+        choices=("random", "input", "difficulty", "dependency", "core_overlap", "small_first"),
+        default="random",
+        help="order of the stages: 'random' (default, seeded by --seed), 'input', 'difficulty' (lowest probe loss "
+        "first), 'dependency' (see --stage-dependencies), 'core_overlap' (least core overlap first), 'small_first'",
+    )
+    p.add_argument(
+        "--stage-dependencies",
+        nargs="+",
+        default=None,
+        metavar="BEFORE:AFTER",
+        help="with --stage-order dependency: task pairs, the group of BEFORE trains before the group of AFTER",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=("slerp_params", "slerp_task_vectors"),
+        default="slerp_params",
+        help="merge of non-core entries: SLERP of the fine-tuned parameters (default, the paper) or of the task vectors",
+    )
     p.add_argument("--slerp-t", type=float, default=None, help="fixed SLERP weight (default: equal task weights)")
     p.add_argument(
         "--until",
@@ -109,16 +128,26 @@ def make_eval_fn(max_eval: int | None, batch_size: int = 8):
 
 def run(args: argparse.Namespace) -> int:
     from ..cpi import CPIConfig, CPIPipeline
+    from ..tuners.core_isolation import CoreIsolationConfig
 
     if not args.tasks and not args.jsonl:
         raise SystemExit("peft-spectral cpi: give at least one task with --tasks and/or --jsonl")
     try:
-        config = CPIConfig(
+        dependencies = None
+        if args.stage_dependencies is not None:
+            dependencies = [pair.split(":", 1) for pair in args.stage_dependencies]
+            if any(len(pair) != 2 for pair in dependencies):
+                raise ValueError(f"--stage-dependencies takes BEFORE:AFTER pairs, got {args.stage_dependencies}")
+        adapter = CoreIsolationConfig(
+            target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
             core_fraction=args.core_fraction,
             similarity_threshold=args.tau,
             core_scope=args.scope,
+            slerp_t=args.slerp_t,
+        )
+        config = CPIConfig(
+            adapter=adapter,
             train_params=args.train_params,
-            target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules,
             probe_steps=args.steps,
             stage_steps=args.stage_steps,
             learning_rate=args.lr,
@@ -129,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             max_train_examples=args.max_train,
             stage_order=args.stage_order,
-            slerp_t=args.slerp_t,
+            stage_dependencies=dependencies,
+            fusion=args.fusion,
             seed=args.seed,
         )
     except ValueError as err:
@@ -148,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     report = pipe.run(until=args.until)
     print(f"completed: {', '.join(report['completed'])}")
     if report.get("groups") is not None:
-        print(f"groups (tau={config.similarity_threshold}): {report['groups']}")
+        print(f"groups (tau={config.adapter.similarity_threshold}): {report['groups']}")
         print(f"stage order: {report['stage_order']}")
     for name, score in (report.get("scores") or {}).items():
         print(f"  {name}: {json.dumps(score)}")

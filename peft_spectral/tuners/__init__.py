@@ -1,1 +1,7 @@
-"""PEFT tuners of peft_spectral: one sub-package per method (config, layer, model)."""
+"""The PEFT tuners of this package (SVF, SpectralCompress, CoreIsolation) and the `nn.Linear`/`Conv1D` weight helpers
+they share."""
+
+from ._linear import is_conv1d, linear_features, weight_matrix
+
+
+__all__ = ["is_conv1d", "linear_features", "weight_matrix"]

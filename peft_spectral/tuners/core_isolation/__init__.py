@@ -2,10 +2,10 @@
 
 from ...registry import register_method
 from .config import CoreIsolationConfig
-from .layer import CoreIsolationLayer, Linear
+from .layer import CoreIsolationLayer, CoreIsolationLinear
 from .model import CoreIsolationModel
 
 
 register_method("core_isolation", CoreIsolationConfig, CoreIsolationModel, prefix="core_isolation_")
 
-__all__ = ["CoreIsolationConfig", "CoreIsolationLayer", "CoreIsolationModel", "Linear"]
+__all__ = ["CoreIsolationConfig", "CoreIsolationLayer", "CoreIsolationLinear", "CoreIsolationModel"]

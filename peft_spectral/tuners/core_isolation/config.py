@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
-
-from ...registry import add_peft_type
+from peft.utils import PeftType
 
 
 CoreScope = Literal["global", "per_tensor"]
@@ -56,6 +55,10 @@ class CoreIsolationConfig(PeftConfig):
         slerp_t (`float`, *optional*): SLERP interpolation weight used when fusing non-core parameters. `None`
             gives every task equal weight (t = 1/k at the k-th step of the iterative merge).
         slerp_eps (`float`): Threshold on `1 - |cos Ω|` below which SLERP falls back to linear interpolation.
+        init_weights (`bool`): `True` (default): `Δ = 0`, the adapter is the base model at initialisation. `False`:
+            `Δ` is drawn from a normal distribution with the standard deviation of the base weight (torch's global
+            generator), a non-identity adapter, as `init_weights=False` does for PEFT's other methods (used to test
+            merging, saving and loading).
         modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
     """
 
@@ -90,13 +93,17 @@ class CoreIsolationConfig(PeftConfig):
     slerp_eps: float = field(
         default=1e-4, metadata={"help": "Below this 1 - |cos|, SLERP falls back to linear interpolation."}
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: zero delta (the base model at init). False: a random, non-identity delta."},
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train and save in full."}
     )
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = add_peft_type("CORE_ISOLATION")
+        self.peft_type = PeftType.CORE_ISOLATION
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -106,6 +113,8 @@ class CoreIsolationConfig(PeftConfig):
                 raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex str.")
             if self.layers_pattern is not None:
                 raise ValueError("`layers_pattern` cannot be used when `target_modules` is a regex str.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be a bool, got {self.init_weights!r}")
         self.core_fraction = validate_core_fraction(self.core_fraction)
         self.similarity_threshold = validate_similarity_threshold(self.similarity_threshold)
         if self.core_scope not in ("global", "per_tensor"):

@@ -15,12 +15,7 @@ from .._linear import linear_features
 from .config import CoreIsolationConfig
 
 
-__all__ = ["CoreIsolationLayer", "Linear"]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' `Conv1D` (GPT-2) stores its weight as `(in, out)`."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+__all__ = ["CoreIsolationLayer", "CoreIsolationLinear"]
 
 
 class CoreIsolationLayer(BaseTunerLayer):
@@ -34,24 +29,35 @@ class CoreIsolationLayer(BaseTunerLayer):
     adapter_layer_names = ("core_isolation_delta",)
     other_param_names = ("core_isolation_mask",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs) -> None:
         self.base_layer = base_layer
+        self.module_name = module_name
         self.core_isolation_delta = nn.ParameterDict({})
         self.core_isolation_mask = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # Exact unmerge: floating-point `(W + Δ) - Δ` is not always `W`, so the weight before each merge is kept.
-        self._pre_merge_weights: list[torch.Tensor] = []
+        # Exact unmerge: floating-point `(W + Δ) - Δ` is not always `W`, so the weight before the first merge is kept
+        # (a buffer, so that `.to()` moves it along with the layer).
+        self.register_buffer("core_isolation_weight_backup", None, persistent=False)
         self.kwargs = kwargs
 
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(
-            self.get_base_layer(), "CoreIsolation"
+            self.get_base_layer(), "CoreIsolation", module_name
         )
 
     def update_layer(self, adapter_name: str, config: CoreIsolationConfig, inference_mode: bool = False, **kwargs):
-        """Add adapter `adapter_name`: a zero delta and an all-`False` mask shaped like the base weight."""
+        """Add adapter `adapter_name`: a delta and an all-`False` mask shaped like the base weight.
+
+        The delta is zero (`config.init_weights=True`) or normal with the base weight's standard deviation
+        (`False`, a non-identity adapter); it takes the base weight's dtype, as PEFT's adapters do.
+        """
         weight = self.get_base_layer().weight
-        self.core_isolation_delta[adapter_name] = nn.Parameter(torch.zeros_like(weight, device=weight.device))
+        delta = torch.zeros_like(weight, device=weight.device)
+        if not config.init_weights:
+            with torch.no_grad():
+                scale = weight.float().std() if weight.numel() > 1 else weight.float().abs().mean()
+                delta = (torch.randn(weight.shape) * scale.cpu().clamp_min(1e-3)).to(delta)
+        self.core_isolation_delta[adapter_name] = nn.Parameter(delta)
         self.core_isolation_mask[adapter_name] = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -82,12 +88,14 @@ class CoreIsolationLayer(BaseTunerLayer):
         return self.core_isolation_delta[adapter_name].detach()
 
 
-class Linear(nn.Module, CoreIsolationLayer):
+class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
     """CoreIsolation wrapper around an `nn.Linear` (or transformers `Conv1D`): `y = x (W + Σ_active Δ)ᵀ + b`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: CoreIsolationConfig, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: CoreIsolationConfig, module_name: str = "", **kwargs
+    ) -> None:
         super().__init__()
-        CoreIsolationLayer.__init__(self, base_layer, **kwargs)
+        CoreIsolationLayer.__init__(self, base_layer, module_name=module_name, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config=config, inference_mode=config.inference_mode)
 
@@ -109,7 +117,8 @@ class Linear(nn.Module, CoreIsolationLayer):
             merged = original + self.get_delta_weight(name).to(original.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self._pre_merge_weights.append(original.clone())
+            if self.core_isolation_weight_backup is None:
+                self.core_isolation_weight_backup = original.clone()
             base.weight.data = merged
             self.merged_adapters.append(name)
 
@@ -119,9 +128,9 @@ class Linear(nn.Module, CoreIsolationLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        while self.merged_adapters:
-            self.merged_adapters.pop()
-            base.weight.data = self._pre_merge_weights.pop()
+        base.weight.data = self.core_isolation_weight_backup
+        self.core_isolation_weight_backup = None
+        self.merged_adapters.clear()
 
     def _adapted_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight

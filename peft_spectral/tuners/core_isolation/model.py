@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from .._checks import check_finite_weight
+from .._linear import is_conv1d
+from .._tuner import SpectralTunerMixin
 from .config import CoreIsolationConfig
-from .layer import CoreIsolationLayer, Linear, _is_conv1d
+from .layer import CoreIsolationLayer, CoreIsolationLinear
 
 
 __all__ = ["CoreIsolationModel"]
 
 
-class CoreIsolationModel(BaseTuner):
+class CoreIsolationModel(SpectralTunerMixin, BaseTuner):
     """Creates a CoreIsolation (CPI-FT) model from a pretrained transformers model.
 
     Every targeted weight `W` gets a trainable dense delta `Δ` (zero at init) and a boolean freeze mask; the
@@ -52,19 +56,24 @@ class CoreIsolationModel(BaseTuner):
         if isinstance(target, CoreIsolationLayer):
             target.update_layer(adapter_name, config=config, inference_mode=config.inference_mode)
             return
-        new_module = self._create_new_module(config, adapter_name, target)
+        new_module = self._create_new_module(config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(config: CoreIsolationConfig, adapter_name: str, target: nn.Module) -> Linear:
+    def _create_new_module(
+        config: CoreIsolationConfig, adapter_name: str, target: nn.Module, module_name: str = ""
+    ) -> CoreIsolationLinear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Linear) or _is_conv1d(base):
-            return Linear(target, adapter_name, config=config)
+        if isinstance(base, nn.Linear) or is_conv1d(base):
+            # under DeepSpeed ZeRO-3 the weight is partitioned: gather it for the checks and the init
+            with gather_params_ctx(base.weight):
+                check_finite_weight(base, "CoreIsolation", module_name)
+                return CoreIsolationLinear(target, adapter_name, config=config, module_name=module_name)
         raise TypeError(
-            f"Target module {target} is not supported: CoreIsolation adapts `torch.nn.Linear` and transformers "
-            "`Conv1D` layers only."
+            f"Target module {module_name or target!r} ({type(base).__name__}) is not supported: CoreIsolation adapts "
+            "`torch.nn.Linear` and transformers `Conv1D` layers only."
         )
 
     # ------------------------------------------------------------------------------------------------ helpers

@@ -29,6 +29,12 @@ class SpectralCompressConfig(PeftConfig):
     plain truncation to a fraction `rho` of the rank (LASER), or, with `clusters > 1`, a multi-subspace truncation in
     which the rows of `W` are clustered and each cluster's block is truncated on its own (Compress to Impress).
 
+    The adapter is *training-free*: its factors are computed from the base weight and never trained. `get_peft_model`
+    therefore leaves them with `requires_grad=False` (also after `set_adapter`, `set_requires_grad` or
+    `PeftModel.from_pretrained(..., is_trainable=True)`), and `print_trainable_parameters()` reports
+    `trainable params: 0` (only `modules_to_save`, when given, are trainable). There is no identity initialisation
+    either: a truncation changes the model from the start, so the config has no `init_weights`.
+
     The adapter's saved tensors are the truncated factors, so loading it needs no SVD. The shapes of those factors
     depend on the decomposition and are recorded in `layout` (filled in automatically when the adapter is created),
     which lets `PeftModel.from_pretrained` build the layers before it loads the tensors.

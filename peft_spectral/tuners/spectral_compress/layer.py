@@ -25,15 +25,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...subspace import multi_subspace_factors
-from .._linear import linear_features
-
-
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
+from .._linear import linear_features, weight_matrix
 
 
 class SpectralCompressLayer(BaseTunerLayer):
-    """Mixin holding the truncated factors of one weight for each adapter."""
+    """Mixin holding the truncated factors of one weight for each adapter.
+
+    The factors are training-free: they are registered in PEFT's `frozen_peft_weight_names`, so that
+    `set_adapter`, `set_requires_grad` and `enable_adapters` keep `requires_grad=False` on them and
+    `print_trainable_parameters()` reports 0 trainable parameters.
+    """
 
     adapter_layer_names = ("spectral_compress_us", "spectral_compress_v")
     other_param_names = (
@@ -41,6 +42,8 @@ class SpectralCompressLayer(BaseTunerLayer):
         "spectral_compress_sizes",
         "spectral_compress_rho",
         "spectral_compress_clusters",
+        "spectral_compress_forward_mode",
+        "spectral_compress_settings",
     )
 
     def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs) -> None:
@@ -53,8 +56,9 @@ class SpectralCompressLayer(BaseTunerLayer):
         self.spectral_compress_original = BufferDict({}, persistent=False)  # base weight while merged
         self.spectral_compress_rho: dict[str, float] = {}
         self.spectral_compress_clusters: dict[str, int] = {}
-        self.forward_mode: dict[str, str] = {}
-        self._settings: dict[str, dict] = {}
+        self.spectral_compress_forward_mode: dict[str, str] = {}
+        self.spectral_compress_settings: dict[str, dict] = {}
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}  # per instance (BaseTunerLayer's is shared)
         self._pending: set[str] = set()  # allocated from a recorded layout, waiting for load_state_dict
         self._dense_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._disable_adapters = False
@@ -76,8 +80,7 @@ class SpectralCompressLayer(BaseTunerLayer):
 
     def _weight_matrix(self) -> torch.Tensor:
         """The base weight as an `(out, in)` matrix (a view)."""
-        w = self.get_base_layer().weight
-        return w.T if self.fan_in_fan_out else w
+        return weight_matrix(self.get_base_layer())
 
     def update_layer(
         self,
@@ -107,8 +110,9 @@ class SpectralCompressLayer(BaseTunerLayer):
         """
         self.spectral_compress_rho[adapter_name] = float(rho)
         self.spectral_compress_clusters[adapter_name] = int(clusters)
-        self.forward_mode[adapter_name] = forward_mode
-        self._settings[adapter_name] = {"seed": seed, "cluster_iters": cluster_iters}
+        self.spectral_compress_forward_mode[adapter_name] = forward_mode
+        self.spectral_compress_settings[adapter_name] = {"seed": seed, "cluster_iters": cluster_iters}
+        self.frozen_peft_weight_names[adapter_name] = self.adapter_layer_names
         if layout is not None:
             recorded = tuple(layout.get("shape", ()))
             if recorded != self.shape:
@@ -140,7 +144,7 @@ class SpectralCompressLayer(BaseTunerLayer):
 
     def _compute_factors(self, adapter_name: str, svd=None):
         weight = self._weight_matrix().detach()
-        settings = self._settings[adapter_name]
+        settings = self.spectral_compress_settings[adapter_name]
         factors = multi_subspace_factors(
             weight,
             self.spectral_compress_rho[adapter_name],
@@ -221,7 +225,7 @@ class SpectralCompressLayer(BaseTunerLayer):
         return sum(k * (self.in_features + n) for n, k in sizes)
 
     def _use_factored(self, adapter_name: str) -> bool:
-        mode = self.forward_mode.get(adapter_name, "auto")
+        mode = self.spectral_compress_forward_mode.get(adapter_name, "auto")
         if mode == "auto":
             return self.factored_macs(adapter_name) < self.in_features * self.out_features
         return mode == "factored"

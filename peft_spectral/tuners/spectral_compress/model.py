@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
+from .._checks import check_finite_weight
+from .._linear import is_conv1d
+from .._tuner import SpectralTunerMixin
 from .config import SpectralCompressConfig
-from .layer import SpectralCompressLayer, SpectralCompressLinear, _is_conv1d
+from .layer import SpectralCompressLayer, SpectralCompressLinear
 
 
-class SpectralCompressModel(BaseTuner):
+class SpectralCompressModel(SpectralTunerMixin, BaseTuner):
     """Replaces chosen weight matrices of a model by low-rank (optionally multi-subspace) truncations.
 
     This is the adapter form of LASER (Sharma et al., 2023) and of Compress to Impress (arXiv 2510.20800): the
@@ -66,17 +70,21 @@ class SpectralCompressModel(BaseTuner):
             "inference_mode": config.inference_mode,
         }
         if isinstance(target, SpectralCompressLayer):
-            layout = target.update_layer(adapter_name, settings["rho"], settings["clusters"], **kwargs)
+            with gather_params_ctx(target.get_base_layer().weight):
+                layout = target.update_layer(adapter_name, settings["rho"], settings["clusters"], **kwargs)
         else:
             base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+            if not (isinstance(base, nn.Linear) or is_conv1d(base)):
                 raise TypeError(
                     f"Module {current_key!r} ({type(base).__name__}) cannot be compressed: SpectralCompress supports "
                     "torch.nn.Linear and transformers' Conv1D."
                 )
-            new_module = SpectralCompressLinear(
-                target, adapter_name, settings["rho"], settings["clusters"], module_name=current_key, **kwargs
-            )
+            # under DeepSpeed ZeRO-3 the weight is partitioned: gather it for the SVD, as PEFT's PiSSA init does
+            with gather_params_ctx(base.weight):
+                check_finite_weight(base, "SpectralCompress", current_key)
+                new_module = SpectralCompressLinear(
+                    target, adapter_name, settings["rho"], settings["clusters"], module_name=current_key, **kwargs
+                )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)

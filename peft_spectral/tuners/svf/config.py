@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -31,6 +32,11 @@ SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
 
 SVFMode = Literal["linear", "sigmoid"]
 
+_IGNORED_CACHE_DIR = (
+    "`svd_cache_dir` in {source} is ignored: the SVD cache location is chosen only at runtime "
+    "(SVFConfig(svd_cache_dir=...), $PEFT_SPECTRAL_SVD_CACHE or $PEFT_SPECTRAL_CACHE), never by an adapter file."
+)
+
 
 @dataclass
 class SVFConfig(PeftConfig):
@@ -52,17 +58,25 @@ class SVFConfig(PeftConfig):
             model at initialisation.
         rank (`int`, *optional*): Adapt only the top `rank` singular values of each weight; the rest of the spectrum
             is kept exactly. `None` adapts all `min(out, in)` values.
-        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode.
+        max_mult (`float`): Upper bound of `f` in `"sigmoid"` mode. The sum-preserving rescale divides it out again,
+            so it does not change the scales `s` (kept for the reference code's configs).
         init_value (`float`, *optional*): Initial `z`. Defaults to 1.0 (`"linear"`) or 0.1 (`"sigmoid"`, the reference).
         init_noise_std (`float`): Standard deviation of Gaussian noise added to the initial `z` (the reference uses
             0.01 in `"sigmoid"` mode). Non-zero noise makes the initial model differ slightly from the base.
         init_seed (`int`): Seed of that noise, so that adapters are reproducible.
+        init_weights (`bool`): `True` (default) initialises `z` as above, so that the adapter is the base model at
+            initialisation (up to `init_noise_std`). `False` draws `z` at random around `init_value` (standard
+            deviation 0.5, from torch's global generator), a non-identity adapter, as `init_weights=False` does for
+            PEFT's other methods (used to test merging, saving and loading).
         fast_factored (`bool`): Also keep the larger side's scaled singular vectors (`W V = U Σ` or `Uᵀ W = Σ Vᵀ`,
             one more copy of each targeted weight in memory, never saved) and compute the factored output as
             `U Σ (s ⊙ Vᵀ x)`: one extra `m × m` matmul per token instead of two, which makes training steps cheaper
             (see the SVF cost benchmark). The output at `s = 1` then equals the base model up to float rounding
             instead of bit for bit. Used only where more than half of the singular values are adapted.
-        svd_cache_dir (`str`, *optional*): Directory of the SVD cache; defaults to the user cache directory.
+        svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
+            `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
+            setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
+            saved adapter, so that a downloaded adapter cannot choose where the library reads and writes.
         use_svd_cache (`bool`): Set to `False` to always recompute the SVD (nothing is written).
         modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
     """
@@ -100,6 +114,13 @@ class SVFConfig(PeftConfig):
         default=0.0, metadata={"help": "Std of Gaussian noise on the initial z (reference: 0.01 in sigmoid mode)."}
     )
     init_seed: int = field(default=0, metadata={"help": "Seed of the initial noise."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter is the base model at init (up to init_noise_std). False: a random, "
+            "non-identity z (std 0.5 around init_value), as for PEFT's other methods."
+        },
+    )
     fast_factored: bool = field(
         default=False,
         metadata={
@@ -108,7 +129,8 @@ class SVFConfig(PeftConfig):
         },
     )
     svd_cache_dir: Optional[str] = field(
-        default=None, metadata={"help": "Directory of the SVD cache; the user cache dir when None."}
+        default=None,
+        metadata={"help": "Directory of the SVD cache (runtime only, never saved); the user cache dir when None."},
     )
     use_svd_cache: bool = field(default=True, metadata={"help": "Read and write the on-disk SVD cache."})
     modules_to_save: Optional[list[str]] = field(
@@ -117,6 +139,10 @@ class SVFConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.peft_type is not None and self.svd_cache_dir is not None:
+            # Only deserialization passes `peft_type` (PeftConfig.from_pretrained / from_peft_type): a saved file.
+            warnings.warn(_IGNORED_CACHE_DIR.format(source="a saved adapter config"), UserWarning, stacklevel=3)
+            self.svd_cache_dir = None
         self.peft_type = PeftType.SVF
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
@@ -130,9 +156,29 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
         if not isinstance(self.fast_factored, bool):
             raise ValueError(f"SVFConfig.fast_factored must be a bool, got {self.fast_factored!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"SVFConfig.init_weights must be a bool, got {self.init_weights!r}")
         if self.init_noise_std < 0:
             raise ValueError(f"SVFConfig.init_noise_std must be >= 0, got {self.init_noise_std!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("SVFConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str.")
         if self.init_value is None:
             self.init_value = 1.0 if self.mode == "linear" else 0.1
+
+    def to_dict(self) -> dict:
+        """The config as a dict, without the runtime-only `svd_cache_dir` (so it is never saved)."""
+        out = super().to_dict()
+        out.pop("svd_cache_dir", None)
+        return out
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """Read a saved config, dropping `svd_cache_dir` (with a warning): only the user chooses the cache location.
+
+        Args:
+            path_json_file (`str`): Path of an `adapter_config.json`.
+        """
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        if loaded.pop("svd_cache_dir", None) is not None:
+            warnings.warn(_IGNORED_CACHE_DIR.format(source=path_json_file), UserWarning, stacklevel=2)
+        return loaded

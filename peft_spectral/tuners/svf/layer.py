@@ -31,22 +31,15 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...svd_cache import SpectralFactors
+from .._checks import check_finite_adapter
+from .._linear import linear_features, weight_matrix
 from .config import SVFConfig
 
 
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The weight of an `nn.Linear` or transformers `Conv1D` in `(out, in)` orientation (a view, no copy)."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    if isinstance(layer, Conv1D):
-        return layer.weight.T
-    raise TypeError(
-        f"SVF supports torch.nn.Linear and transformers' Conv1D layers, got {type(layer).__module__}."
-        f"{type(layer).__name__}"
-    )
+#: Standard deviation of the random `z` of `SVFConfig(init_weights=False)` (around `init_value`).
+RANDOM_INIT_STD = 0.5
 
 
 class SVFLayer(BaseTunerLayer):
@@ -61,17 +54,17 @@ class SVFLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
     other_param_names: tuple[str, ...] = ("svf_settings",)
 
-    def __init__(self, base_layer: nn.Module, factors: SpectralFactors, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, factors: SpectralFactors, module_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
+        self.module_name = module_name
         self.svf_z = nn.ParameterDict({})
         self.svf_settings: dict[str, dict[str, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._svf_weight_backup: Optional[torch.Tensor] = None
+        self._svf_checked: dict[str, tuple[int, int]] = {}  # adapter -> (data_ptr, _version) of the last finite z
 
         base = self.get_base_layer()
-        self.fan_in_fan_out = isinstance(base, Conv1D)
-        self.out_features, self.in_features = weight_matrix(base).shape
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base, "SVF", module_name)
         m = min(self.out_features, self.in_features)
         if tuple(factors.S.shape) != (m,) or tuple(factors.Q.shape) != (m, m):
             raise ValueError(
@@ -79,10 +72,25 @@ class SVFLayer(BaseTunerLayer):
                 f"shape ({self.out_features}, {self.in_features})"
             )
         self.svf_side = factors.side
+        # a zero weight (σ = 0): every scale leaves it unchanged; known once here, so the forward needs no host sync
+        self._svf_zero_weight = bool(m == 0 or float(factors.S.max()) <= 0)
         device = weight_matrix(base).device
         self.register_buffer("svf_S", factors.S.to(device), persistent=False)
         self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
         self.register_buffer("svf_P", None, persistent=False)
+        # the base weight before the first merge (a buffer, so that `.to()` moves it along); exact unmerge
+        self.register_buffer("svf_weight_backup", None, persistent=False)
+
+    @property
+    def svf_compute_dtype(self) -> torch.dtype:
+        """The dtype of the spectral arithmetic: float32 (or float64), even when the factors were cast to 16 bits."""
+        return torch.promote_types(self.svf_Q.dtype, torch.float32)
+
+    def _q(self) -> torch.Tensor:
+        return self.svf_Q.to(self.svf_compute_dtype)
+
+    def _p(self) -> torch.Tensor:
+        return self.svf_P.to(self.svf_compute_dtype)
 
     @property
     def svf_rank(self) -> int:
@@ -90,13 +98,24 @@ class SVFLayer(BaseTunerLayer):
         return int(self.svf_S.shape[0])
 
     def update_layer(self, adapter_name: str, config: SVFConfig, current_key: str = "") -> None:
-        """Add an adapter: a `z` of length `min(config.rank, m)`, initialised so that the layer is the base layer."""
+        """Add an adapter: a `z` of length `min(config.rank, m)`.
+
+        With `config.init_weights=True` the layer is the base layer at initialisation (up to `init_noise_std`); with
+        `False`, `z` is drawn at random around `init_value` (standard deviation [`RANDOM_INIT_STD`], from torch's
+        global generator), so that the adapter is not the identity. `z` takes the dtype of the base weight, as
+        PEFT's adapters do (`get_peft_model(..., autocast_adapter_dtype=True)` then upcasts fp16/bf16 to fp32).
+        """
         k = min(config.rank or self.svf_rank, self.svf_rank)
         z = torch.full((k,), float(config.init_value), dtype=torch.float32)
-        if config.init_noise_std > 0:
+        if not config.init_weights:
+            z += RANDOM_INIT_STD * torch.randn(k)
+        elif config.init_noise_std > 0:
             gen = torch.Generator().manual_seed(config.init_seed * 1_000_003 + zlib.crc32(current_key.encode()))
             z += config.init_noise_std * torch.randn(k, generator=gen)
-        self.svf_z[adapter_name] = nn.Parameter(z.to(self.svf_S.device))
+        weight = weight_matrix(self.get_base_layer())
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.svf_z[adapter_name] = nn.Parameter(z.to(device=self.svf_S.device, dtype=dtype))
+        self._svf_checked.pop(adapter_name, None)
         self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
         if getattr(config, "fast_factored", False) and self.svf_P is None:
             self.svf_P = self._scaled_factor()
@@ -105,20 +124,44 @@ class SVFLayer(BaseTunerLayer):
     def _scaled_factor(self) -> torch.Tensor:
         """`W Q = U Σ` (right side, `(out, m)`) or `Qᵀ W = Σ Vᵀ` (left side, `(m, in)`) of the current base weight."""
         with torch.no_grad():
-            w = weight_matrix(self.get_base_layer()).to(self.svf_Q.dtype)
-            return (w @ self.svf_Q) if self.svf_side == "right" else (self.svf_Q.T @ w)
+            w = weight_matrix(self.get_base_layer()).to(self.svf_compute_dtype)
+            q = self._q()
+            return (w @ q) if self.svf_side == "right" else (q.T @ w)
 
     # ------------------------------------------------------------------ scales
 
     def svf_scale(self, adapter_name: str) -> torch.Tensor:
-        """The per-singular-value scale `s = f(z)` of one adapter (length `k`), differentiable in `z`."""
+        """The per-singular-value scale `s = f(z)` of one adapter (length `k`, float32 or wider), differentiable in `z`.
+
+        `"sigmoid"` mode: `f = max_mult · sigmoid(z)` rescaled so that `Σ σ ⊙ f = Σ σ`, i.e.
+        `s_i = Σσ · sigmoid(z_i) / Σ_j σ_j sigmoid(z_j)` (`max_mult` cancels). It is computed in log space
+        (`logsigmoid`, `logsumexp`), so that it stays finite for any finite `z`, including `z = ±1e4` where
+        `sigmoid(z)` underflows to 0 and the direct ratio is `0 / 0`.
+
+        Raises:
+            `ValueError`: when `z` holds NaN or inf, naming the adapter and the module.
+        """
         z = self.svf_z[adapter_name]
+        self._check_finite_z(adapter_name, z)
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         settings = self.svf_settings[adapter_name]
         if settings["mode"] == "linear":
             return z
-        f = settings["max_mult"] * torch.sigmoid(z)
-        sigma = self.svf_S[: z.shape[0]].to(f.dtype)
-        return f * (sigma.sum() / (sigma * f).sum())
+        if self._svf_zero_weight:
+            return torch.ones_like(z)
+        sigma = self.svf_S[: z.shape[0]].to(z.dtype)
+        total = sigma.sum()
+        log_f = F.logsigmoid(z)
+        log_f = log_f - log_f.max().detach()  # shift-invariant; keeps the exponents near 0 for |z| ~ 1e4
+        return total * torch.exp(log_f - torch.logsumexp(log_f + torch.log(sigma), dim=0))
+
+    def _check_finite_z(self, adapter_name: str, z: torch.Tensor) -> None:
+        """Raise on a non-finite `z`; checked once per change of `z` (a host sync), not on every forward."""
+        key = (z.data_ptr(), z._version)
+        if self._svf_checked.get(adapter_name) == key:
+            return
+        check_finite_adapter(z.detach(), "SVF", adapter_name, self.module_name, "z")
+        self._svf_checked[adapter_name] = key
 
     def _combined_delta(self, adapter_names: list[str]) -> Optional[torch.Tensor]:
         """`Π_a s_a - 1` over the given adapters (padded with 1 to the longest `k`), or `None` if none applies."""
@@ -135,8 +178,8 @@ class SVFLayer(BaseTunerLayer):
 
     def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """`W' - W` in `(out, in)` orientation for the correction `delta = s - 1`."""
-        w = weight_matrix(self.get_base_layer()).to(self.svf_Q.dtype)
-        q = self.svf_Q[:, : delta.shape[0]]
+        w = weight_matrix(self.get_base_layer()).to(self.svf_compute_dtype)
+        q = self._q()[:, : delta.shape[0]]
         if self.svf_side == "right":
             return (w @ q) @ (q * delta).T
         return (q * delta) @ (q.T @ w)
@@ -157,20 +200,14 @@ class SVFLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.svf_z:
                 continue
-            z = self.svf_z[name].detach()
-            if not torch.isfinite(z).all():
-                raise ValueError(
-                    f"SVF adapter '{name}' has non-finite values in z ({int((~torch.isfinite(z)).sum())} of "
-                    f"{z.numel()}); refusing to merge it into the base weight"
-                )
             with torch.no_grad():
                 delta = self._combined_delta([name])
                 w = weight_matrix(base)
-                new_w = (w.to(self.svf_Q.dtype) + self.delta_weight(delta)).to(w.dtype)
+                new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(delta)).to(w.dtype)
                 if safe_merge and not torch.isfinite(new_w).all():
                     raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
-                if self._svf_weight_backup is None:
-                    self._svf_weight_backup = base.weight.data.clone()
+                if self.svf_weight_backup is None:
+                    self.svf_weight_backup = base.weight.data.clone()
                 base.weight.data = new_w.T.contiguous() if self.fan_in_fan_out else new_w
             self.merged_adapters.append(name)
 
@@ -180,8 +217,8 @@ class SVFLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        base.weight.data = self._svf_weight_backup
-        self._svf_weight_backup = None
+        base.weight.data = self.svf_weight_backup
+        self.svf_weight_backup = None
         self.merged_adapters.clear()
 
 
@@ -198,7 +235,7 @@ class SVFLinear(nn.Module, SVFLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        SVFLayer.__init__(self, base_layer, factors)
+        SVFLayer.__init__(self, base_layer, factors, module_name=current_key)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key)
 
@@ -226,7 +263,7 @@ class SVFLinear(nn.Module, SVFLayer):
             return self.base_layer(x, *args, **kwargs)
 
         base = self.get_base_layer()
-        compute_dtype = self.svf_Q.dtype
+        compute_dtype = self.svf_compute_dtype
         if self._use_recomposed(x, delta):
             w = weight_matrix(base)
             new_w = (w.to(compute_dtype) + self.delta_weight(delta)).to(x.dtype)
@@ -235,7 +272,7 @@ class SVFLinear(nn.Module, SVFLayer):
 
         if self._fast_form(delta.shape[0]):
             return self._fast_factored_forward(x, delta, base)
-        q = self.svf_Q[:, : delta.shape[0]]
+        q = self._q()[:, : delta.shape[0]]
         if self.svf_side == "right":
             xc = x.to(compute_dtype)
             x = x + (((xc @ q) * delta) @ q.T).to(x.dtype)
@@ -250,11 +287,12 @@ class SVFLinear(nn.Module, SVFLayer):
         scale = delta + 1
         if k < m:
             scale = torch.cat([scale, scale.new_ones(m - k)])
-        xc = x.to(self.svf_Q.dtype)
+        xc = x.to(self.svf_compute_dtype)
+        q, p = self._q(), self._p()
         if self.svf_side == "right":
-            y = ((xc @ self.svf_Q) * scale) @ self.svf_P.T
+            y = ((xc @ q) * scale) @ p.T
         else:
-            y = ((xc @ self.svf_P.T) * scale) @ self.svf_Q.T
+            y = ((xc @ p.T) * scale) @ q.T
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)
         return y.to(x.dtype)

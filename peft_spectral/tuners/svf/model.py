@@ -14,12 +14,15 @@ from peft.tuners.tuners_utils import (
     _maybe_include_all_linear_layers,
     check_target_module_exists,
 )
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ...svd_cache import SVDCache
+from .._checks import check_finite_weight
+from .._linear import is_conv1d, weight_matrix
+from .._tuner import SpectralTunerMixin
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
-from .layer import SVFLayer, SVFLinear, weight_matrix
+from .layer import SVFLayer, SVFLinear
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -27,7 +30,7 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 def linear_module_names(model: nn.Module, limit: Optional[int] = None) -> list[str]:
     """Names of the `nn.Linear`/`Conv1D` modules of `model` (for error messages)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     return names[:limit] if limit else names
 
 
@@ -37,7 +40,7 @@ def layer_index(module_name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-class SVFModel(BaseTuner):
+class SVFModel(SpectralTunerMixin, BaseTuner):
     """Singular Value Fine-tuning (Transformer², https://huggingface.co/papers/2501.06252) for PEFT.
 
     Each targeted weight `W = U diag(σ) Vᵀ` becomes `U diag(σ ⊙ f(z)) Vᵀ` with one trainable `z` per singular value.
@@ -81,17 +84,24 @@ class SVFModel(BaseTuner):
                 f"SVFConfig.target_modules={_describe(peft_config.target_modules)} matches no module of the model. "
                 f"Some linear modules of this model: {examples}"
             )
-        unsupported = [(n, type(m).__name__) for n, m in matched if not isinstance(m, (nn.Linear, Conv1D, SVFLayer))]
+        unsupported = [
+            (n, type(m).__name__) for n, m in matched if not (isinstance(m, (nn.Linear, SVFLayer)) or is_conv1d(m))
+        ]
         if unsupported:
             name, kind = unsupported[0]
             raise TypeError(
                 f"SVF supports torch.nn.Linear and transformers' Conv1D layers; target '{name}' is a {kind}"
                 f" ({len(unsupported)} unsupported target(s) in all). Narrow target_modules."
             )
+        new = [(n, m) for n, m in matched if not isinstance(m, SVFLayer)]
         cache = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache)
-        new = [(n, weight_matrix(m)) for n, m in matched if not isinstance(m, SVFLayer)]
         self._svd_cache = cache
-        self._pending_factors = cache.get_many(new, desc="SVF: SVD of target weights")
+        # under DeepSpeed ZeRO-3 the weights are partitioned: gather them for the SVD, as PEFT's PiSSA init does
+        with gather_params_ctx([m.weight for _, m in new]):
+            for name, module in new:
+                check_finite_weight(module, "SVF", name)
+            weights = [(n, weight_matrix(m)) for n, m in new]
+            self._pending_factors = cache.get_many(weights, desc="SVF: SVD of target weights")
 
     def _create_and_replace(
         self,
@@ -108,8 +118,12 @@ class SVFModel(BaseTuner):
             return
         factors = getattr(self, "_pending_factors", {}).pop(current_key, None)
         if factors is None:
-            factors = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache).get(weight_matrix(target))
-        new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
+            with gather_params_ctx(target.weight):
+                check_finite_weight(target, "SVF", current_key)
+                cache = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache)
+                factors = cache.get(weight_matrix(target), name=current_key)
+        with gather_params_ctx(target.weight):
+            new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -140,6 +154,37 @@ class SVFModel(BaseTuner):
     def svf_layers(self) -> list[tuple[str, SVFLinear]]:
         """All SVF layers of the model with their module names."""
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, SVFLinear)]
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Union[Sequence[float], Sequence[Sequence[float]], Mapping[str, Any], torch.Tensor],
+        adapter_name: str,
+        combination_type: str = "linear",
+    ) -> None:
+        """Add adapter `adapter_name` with `z = Σ_k weights[k] · z_k` over the given SVF adapters (PEFT's name).
+
+        This is [`combine_svf_adapters`] under the name and signature that PEFT's other methods use (e.g.
+        `IA3Model.add_weighted_adapter`). The new adapter is not active; use `set_adapter(adapter_name)`.
+
+        Args:
+            adapters (`Sequence[str]`): Names of the source adapters.
+            weights (`Sequence[float]`, nested sequence, mapping or `torch.Tensor`): One weight per adapter, or one
+                per adapter per transformer block (see [`combine_svf_adapters`]).
+            adapter_name (`str`): Name of the new adapter (must not exist yet).
+            combination_type (`str`, defaults to `"linear"`): Only `"linear"` (a weighted sum of the `z`) is
+                defined for SVF.
+
+        Raises:
+            `ValueError`: for another `combination_type`, an unknown or non-SVF source adapter, or an existing
+                `adapter_name`.
+        """
+        if combination_type != "linear":
+            raise ValueError(
+                f"SVF adapters combine linearly (z = sum_k w_k z_k): combination_type must be 'linear', got "
+                f"{combination_type!r}"
+            )
+        combine_svf_adapters(self, adapters, weights, adapter_name)
 
 
 def _describe(targets: Any) -> str:
@@ -174,10 +219,11 @@ def combine_svf_adapters(
     """Build a new SVF adapter with `z' = Σ_k α_k z_k` from existing adapters of `peft_model`.
 
     The new adapter is an ordinary SVF adapter: it can be activated with `set_adapter`, saved with
-    `save_pretrained(..., selected_adapters=[adapter_name])` and loaded with `PeftModel.from_pretrained`.
+    `save_pretrained(..., selected_adapters=[adapter_name])` and loaded with `PeftModel.from_pretrained`. It is
+    also available as `SVFModel.add_weighted_adapter` (PEFT's name, reachable as `peft_model.add_weighted_adapter`).
 
     Args:
-        peft_model (`PeftModel`): A model holding the SVF adapters to combine.
+        peft_model (`PeftModel` or `SVFModel`): A model holding the SVF adapters to combine.
         adapters (`Sequence[str]`): Names of the K source adapters.
         weights: Mixing weights α: K floats (one per adapter), a `K × L` nested sequence or tensor (one per adapter
             per transformer block, `L` blocks, the block index read from module names such as `layers.3`), or a
@@ -206,9 +252,17 @@ def combine_svf_adapters(
     base_config = copy.deepcopy(configs[adapters[0]])
     base_config.inference_mode = True
     base_config.init_noise_std = 0.0
-    peft_model.add_adapter(adapter_name, base_config)
-
-    tuner = peft_model.base_model
+    base_config.init_weights = True
+    tuner = peft_model if isinstance(peft_model, SVFModel) else peft_model.base_model
+    if not isinstance(tuner, SVFModel):
+        raise ValueError(f"combine_svf_adapters needs a PeftModel with SVF adapters, got {type(peft_model).__name__}")
+    tuner.peft_config[adapter_name] = base_config
+    try:
+        tuner.inject_adapter(tuner.model, adapter_name)
+        tuner._cast_adapter_dtype(adapter_name=adapter_name, autocast_adapter_dtype=True)
+    except Exception:
+        del tuner.peft_config[adapter_name]
+        raise
     for name, layer in tuner.svf_layers():
         if adapter_name not in layer.svf_z:
             continue
