@@ -265,6 +265,28 @@ class EvalResult:
     n: int
     correct: list[bool] = field(default_factory=list)
 
+    def ci(self, confidence: float = 0.95):
+        """The accuracy with its Wilson interval ([`peft_spectral.stats.accuracy_ci`]); `str()` gives
+        `0.620 [0.55, 0.69] (n=200)`."""
+        from .stats import accuracy_ci
+
+        return accuracy_ci(self._verdicts(), confidence)
+
+    def compare(self, reference: EvalResult, **kwargs):
+        """This result against `reference` on the same examples ([`peft_spectral.stats.compare_paired`]: Δ =
+        this accuracy minus the reference's, paired bootstrap interval, exact McNemar p-value)."""
+        from .stats import compare_paired
+
+        return compare_paired(reference._verdicts(), self._verdicts(), **kwargs)
+
+    def _verdicts(self) -> list[bool]:
+        if len(self.correct) != self.n or self.n == 0:
+            raise ValueError(
+                f"this EvalResult has {len(self.correct)} per-example verdicts for n={self.n}: intervals and paired "
+                "comparisons need them all"
+            )
+        return self.correct
+
 
 def score_prediction(kind: str, prediction: str, example: Example) -> bool:
     """Whether `prediction` (a generated answer) is correct for `example`.

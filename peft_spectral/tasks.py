@@ -97,7 +97,10 @@ def split_examples(
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Shuffle `examples` with `random.Random(seed)`, keep the first `max_examples`, and cut train/validation/test.
 
-    The split sizes are `round(fractions[0] * n)`, `round(fractions[1] * n)` and the rest.
+    The split sizes are `round(fractions[0] * n)`, `round(fractions[1] * n)` and the rest, less the duplicates:
+    a validation example whose [`example_content`] is already in train, and a test example whose content is in train or
+    validation (or earlier in test), is dropped, so that no split leaks into a later one (BigBench has repeated
+    questions, e.g. 14 in `sports_understanding`). Train itself is left as cut.
     """
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
@@ -112,7 +115,37 @@ def split_examples(
     n_train = min(n, round(fractions[0] * n))
     n_val = min(n - n_train, round(fractions[1] * n))
     chosen = [examples[i] for i in order]
-    return chosen[:n_train], chosen[n_train : n_train + n_val], chosen[n_train + n_val :]
+    train = chosen[:n_train]
+    seen = {example_content(ex) for ex in train}
+    validation = _drop_seen(chosen[n_train : n_train + n_val], seen)
+    test = _drop_seen(chosen[n_train + n_val :], seen)
+    return train, validation, test
+
+
+def example_content(example: Example) -> str:
+    """What makes two examples the same question: the BigBench input (`meta["question"]`, before its options were
+    shuffled into the prompt) when known, else the prompt."""
+    return str(example.meta.get("question", example.prompt)).strip()
+
+
+def _drop_seen(examples: list[Example], seen: set[str]) -> list[Example]:
+    kept = []
+    for ex in examples:
+        key = example_content(ex)
+        if key not in seen:
+            seen.add(key)
+            kept.append(ex)
+    return kept
+
+
+def draw_shots(task: Task, n: int) -> list[Example]:
+    """`n` labelled examples of `task` for few-shot adaptation (Transformer²'s CEM): the first `n` of its (shuffled)
+    train split, so they never overlap its validation or test examples (see [`split_examples`])."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n > len(task.train):
+        raise ValueError(f"task {task.name!r} has {len(task.train)} train examples, fewer than n={n} shots")
+    return list(task.train[:n])
 
 
 def _make_task(name, kind, examples, description, seed, max_examples, fractions) -> Task:
@@ -177,7 +210,7 @@ def parse_bigbench_examples(
         choices, label = (), None
         if isinstance(scores, dict) and scores:
             choices, label = _shuffled_options(scores, random.Random(f"{seed}:{name}:{i}"))
-        meta = {"source": name, "index": i}
+        meta = {"source": name, "index": i, "question": question}
         if kind == "multiple_choice":
             if not choices:
                 raise ValueError(f"example {i} of BigBench task {name!r} has no target_scores")

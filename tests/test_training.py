@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
+from transformers import TrainerCallback
 
 from peft_spectral import SVFConfig
 from peft_spectral.tasks import Example, Task
 from peft_spectral.training import (
+    VALIDATION_FILE,
     NonFiniteGuard,
+    ValidationCallback,
     examples_to_dataset,
     fix_reference_adapter,
     paper_rl_preset,
@@ -341,3 +345,150 @@ def test_with_lettered_options():
     assert reward(["A", "B. no", "yes"], choices=[ex.choices] * 3, label=[0, 0, 0]) == [1.0, -1.0, 1.0]
     with pytest.raises(ValueError, match="choices"):
         with_lettered_options(Example(prompt="2+2", target="4"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: checkpoint selection and early stopping
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ZRecorder(TrainerCallback):
+    """Records the SVF z after every optimizer step (and before the first)."""
+
+    def __init__(self):
+        self.z = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.z.setdefault(state.global_step, svf_parameters(model))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.z[state.global_step] = svf_parameters(model)
+
+
+def test_validation_restores_best_z_and_stops_early(tmp_path):
+    """Validation scores we control rise to step 2 and fall after: training stops after `patience` worse
+    evaluations (step 4 of 10) and the model ends with the z of step 2."""
+    scores = iter([0.1, 0.5, 0.9, 0.3, 0.2, 0.95, 0.95])  # steps 0, 1, 2, 3, 4, (5, 6 never reached)
+    validation = ValidationCallback(score_fn=lambda model: next(scores), eval_every=1, patience=2)
+    recorder = ZRecorder()
+    tok = build_tiny_tokenizer()
+    result = train_svf(
+        build_tiny_llama(tok),
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=10,
+        svf_config=svf_config(),
+        per_device_train_batch_size=4,
+        callbacks=[recorder, validation],
+        resume=True,
+        save_steps=1,
+    )
+    assert result.trainer.state.global_step == 4 and max(recorder.z) == 4
+    summary = result.validation
+    assert [row["step"] for row in summary["curve"]] == [0, 1, 2, 3, 4]
+    assert summary["best_step"] == 2 and summary["stopped_early_at"] == 4 and summary["restored_best"]
+    final = svf_parameters(result.model)
+    assert any(not torch.equal(recorder.z[4][k], recorder.z[2][k]) for k in final)  # z moved after step 2
+    assert all(torch.equal(final[k], recorder.z[2][k]) for k in final)
+    saved = json.loads((tmp_path / VALIDATION_FILE).read_text())
+    assert saved["best_step"] == 2 and len(saved["curve"]) == 5
+
+    def never(model):
+        raise AssertionError("a run that stopped early must not be trained or validated again")
+
+    again = train_svf(  # the same command again (resume=True): restores the best z of the stopped run, no step
+        build_tiny_llama(tok),
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=10,
+        svf_config=svf_config(),
+        per_device_train_batch_size=4,
+        callbacks=[ValidationCallback(score_fn=never, eval_every=1, patience=2)],
+        resume=True,
+        save_steps=1,
+    )
+    assert again.step_times == [] and again.validation["best_step"] == 2
+    final = svf_parameters(again.model)
+    assert all(torch.equal(final[k], recorder.z[2][k]) for k in final)
+
+
+def test_validation_scores_the_task_validation_split(tmp_path):
+    tok = build_tiny_tokenizer()
+    task = mc_task()
+    result = train_svf(
+        build_tiny_llama(tok),
+        tok,
+        task,
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=3,
+        svf_config=svf_config(),
+        per_device_train_batch_size=4,
+        eval_examples=2,
+        eval_every=2,
+        eval_max_new_tokens=2,
+    )
+    curve = result.validation["curve"]
+    assert [row["step"] for row in curve] == [0, 2, 3]  # before training, every 2 steps, and the last step
+    assert all(row["n"] == 2 and 0.0 <= row["accuracy"] <= 1.0 for row in curve)
+    # a random model scores 0 throughout: the tie keeps step 0, and the initial z (all ones) is restored
+    assert result.validation["best_step"] == 0
+    assert all(torch.equal(v, torch.ones_like(v)) for v in svf_parameters(result.model).values())
+    with pytest.raises(ValueError, match="eval_every"):
+        ValidationCallback(score_fn=lambda m: 0.0, eval_every=0)
+    with pytest.raises(ValueError, match="Task"):
+        train_svf(build_tiny_llama(tok), tok, task.train, kind=task.kind, eval_examples=2, output_dir=str(tmp_path))
+
+
+def test_resume_true_continues_from_last_checkpoint(tmp_path):
+    """Interrupted after 2 steps and resumed to 4 with `resume=True` (the same call twice): the same z, validation
+    curve and restored best z as 4 uninterrupted steps. GRPO samples, but TRL/Trainer checkpoints hold the RNG
+    states and the data order is replayed, so the runs agree to float rounding."""
+
+    def run(max_steps, out):
+        tok = build_tiny_tokenizer()
+        validation = ValidationCallback(
+            score_fn=lambda model: float(sum(v.sum() for v in svf_parameters(model).values())), eval_every=1
+        )
+        recorder = ZRecorder()
+        result = train_svf(
+            build_tiny_llama(tok),
+            tok,
+            mc_task(),
+            method="rl",
+            algorithm="grpo",
+            output_dir=str(out),
+            max_steps=max_steps,
+            svf_config=svf_config(),
+            reward_funcs=[varied_reward],
+            beta=0.1,
+            learning_rate=0.05,
+            max_grad_norm=1.0,
+            resume=True,
+            callbacks=[recorder, validation],
+            **FAST_RL,
+        )
+        return result, recorder
+
+    full, full_z = run(4, tmp_path / "full")
+    assert full.resumed_from is None
+    run(2, tmp_path / "half")
+    assert (tmp_path / "half" / "checkpoint-2" / "validation_state.json").exists()
+    resumed, resumed_z = run(4, tmp_path / "half")
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.trainer.state.global_step == 4
+    assert sorted(resumed_z.z) == [2, 3, 4]  # steps 1-2 were not run again
+    for k in full_z.z[4]:
+        assert torch.allclose(full_z.z[4][k], resumed_z.z[4][k], atol=1e-6, rtol=0), k
+    assert not torch.allclose(full_z.z[4][k], torch.ones_like(full_z.z[4][k]))
+    curve_full = [(r["step"], r["score"]) for r in full.validation["curve"]]
+    curve_resumed = [(r["step"], r["score"]) for r in resumed.validation["curve"]]
+    assert [s for s, _ in curve_resumed] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in curve_full] == [s for s, _ in curve_resumed]
+    assert all(math.isclose(a, b, rel_tol=0, abs_tol=1e-4) for (_, a), (_, b) in zip(curve_full, curve_resumed))
+    assert full.validation["best_step"] == resumed.validation["best_step"]
+    final_full, final_resumed = svf_parameters(full.model), svf_parameters(resumed.model)
+    assert all(torch.allclose(final_full[k], final_resumed[k], atol=1e-6, rtol=0) for k in final_full)

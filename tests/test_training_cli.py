@@ -95,3 +95,26 @@ def test_train_svf_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-svf", "--task", "toy", "--steps", "0", "--output", str(tmp_path)])
     assert "--steps" in capsys.readouterr().err
+
+
+def test_train_svf_cli_validation_and_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`--val-examples` writes the validation curve next to the adapter; `--resume` run twice continues from the
+    last checkpoint of the first run (here: 2 steps, then the same command with --steps 3 does one more)."""
+    monkeypatch.setattr(cli_train_svf, "_load_task", _toy_task)
+    out = tmp_path / "adapter"
+    common = ["train-svf", "--task", "toy", "--method", "sft", "--output", str(out), "--model", str(tiny_model_dir)]
+    options = ["--batch-size", "4", "--val-examples", "2", "--eval-every", "1", "--save-steps", "1", "--resume"]
+    assert main([*common, "--steps", "2", *options]) == 0
+    assert (out / "checkpoints" / "checkpoint-2" / "validation_state.json").exists()
+    first = json.loads((out / "validation.json").read_text())
+    assert [row["step"] for row in first["curve"]] == [0, 1, 2]
+    capsys.readouterr()
+    assert main([*common, "--steps", "3", *options]) == 0
+    text = capsys.readouterr().out
+    assert "validation: best" in text and "1 steps in this run" in text
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["resumed_from"].endswith("checkpoint-2")
+    curve = json.loads((out / "validation.json").read_text())["curve"]
+    assert [row["step"] for row in curve] == [0, 1, 2, 3]
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        main([*common, "--steps", "3", "--resume", str(tmp_path / "missing")])

@@ -69,9 +69,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--save-steps",
         type=positive_int,
         default=None,
-        help="write a resumable checkpoint every N steps; left out: no checkpoints",
+        help="write a resumable checkpoint every N steps; left out: none (every 10 with --resume)",
     )
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from ('last' for the newest)")
+    p.add_argument(
+        "--val-examples",
+        type=positive_int,
+        default=None,
+        help="checkpoint selection: score the first N validation examples before training and every --eval-every "
+        "steps, keep the best z (restored at the end) and write validation.json",
+    )
+    p.add_argument("--eval-every", type=positive_int, default=10, help="steps between validations")
+    p.add_argument("--patience", type=positive_int, default=None, help="stop after N validations without improvement")
+    p.add_argument(
+        "--val-metric",
+        choices=("accuracy", "balanced_accuracy"),
+        default="accuracy",
+        help="validation score (balanced_accuracy: mean per-label accuracy)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="make the run resumable: continue from the newest checkpoint under --output when there is one (run "
+        "the same command again after an interruption); or give a checkpoint directory",
+    )
     add_progress_option(p)
     add_push_option(p)
     add_seed_option(p)
@@ -85,10 +107,14 @@ def _load_task(name: str, seed: int):
     return load_task(name, seed=seed)
 
 
-def _resume_arg(value: Optional[str]) -> Any:
+def _resume_kwargs(value: Optional[str]) -> dict[str, Any]:
     if value is None:
-        return None
-    return True if value == "last" else value
+        return {}
+    if value == "last":
+        return {"resume": True}
+    if not Path(value).is_dir():
+        raise SystemExit(f"--resume {value!r}: no such checkpoint directory")
+    return {"resume_from_checkpoint": value}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         "disable_tqdm": args.no_progress,
         "use_cpu": next(model.parameters()).device.type == "cpu",
     }
+    if args.val_examples and not task.validation:
+        raise SystemExit(f"--val-examples: task {args.task!r} has no validation examples")
     if args.method == "rl":
         preset.update(
             prompts_per_step=args.prompts_per_step,
@@ -150,17 +178,37 @@ def run(args: argparse.Namespace) -> int:
         beta=args.beta,
         svf_config=config,
         printer=tqdm.write,
-        resume_from_checkpoint=_resume_arg(args.resume),
+        eval_examples=task.validation[: args.val_examples] if args.val_examples else None,
+        eval_every=args.eval_every,
+        early_stopping_patience=args.patience,
+        eval_metric=args.val_metric,
+        eval_max_new_tokens=max(args.max_completion_length, 8),
+        **_resume_kwargs(args.resume),
         **preset,
     )
     wall = time.perf_counter() - start
     peft_model = result.model
     peft_model.save_pretrained(str(out))
+    steps_run = len(result.step_times)
     print(
-        f"trained {result.trainable_parameters} parameters in {wall:.1f} s "
-        f"({wall / args.steps:.2f} s/step); adapter saved to {out}"
+        f"trained {result.trainable_parameters} parameters in {wall:.1f} s ({steps_run} steps in this run, "
+        f"{result.train_runtime / max(steps_run, 1):.2f} s/step); adapter saved to {out}"
     )
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
+    if result.resumed_from:
+        report["resumed_from"] = result.resumed_from
+    if result.validation is not None:
+        result.save_validation(out)
+        report["validation"] = {k: v for k, v in result.validation.items() if k != "curve"}
+        print(
+            f"validation: best {result.validation['best_score']:.3f} at step {result.validation['best_step']}"
+            + (
+                f", stopped early at step {result.validation['stopped_early_at']}"
+                if result.validation["stopped_early_at"]
+                else ""
+            )
+            + f"; curve in {out / 'validation.json'}"
+        )
     if test:
         after = evaluate(peft_model, tokenizer, test, progress=not args.no_progress, **eval_kwargs)
         print(f"SVF test accuracy: {after.accuracy:.3f}")

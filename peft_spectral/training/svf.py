@@ -1,0 +1,275 @@
+"""[`train_svf`]: one call from a task to a trained SVF expert (RL or SFT), with validation early stopping and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from transformers import TrainerCallback, TrainingArguments
+
+from ..tasks import Example, Task
+from .callbacks import MetricsLogger, NonFiniteGuard, ValidationCallback
+from .datasets import examples_to_dataset, reward_for_task
+from .presets import Algorithm, Method, paper_rl_preset, sft_preset
+from .trainer import build_trainer
+
+
+__all__ = ["VALIDATION_FILE", "SVFTrainingResult", "train_svf"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the validation-curve file [`train_svf`] writes in its `output_dir`.
+VALIDATION_FILE = "validation.json"
+#: Checkpoint interval when `resume=True` and no `save_steps` is given.
+RESUME_SAVE_STEPS = 10
+
+
+@dataclass
+class SVFTrainingResult:
+    """What [`train_svf`] returns.
+
+    Args:
+        model (`PeftModel`): The trained model (adapter `"default"` active, unmerged); with validation, the best z.
+        logs (`list[dict]`): Every logged row (loss, reward, kl, grad_norm, ...), with its `step`.
+        step_times (`list[float]`): Wall seconds of each optimizer step (generation included for RL).
+        train_runtime (`float`): Wall seconds of `trainer.train()`.
+        trainable_parameters (`int`): Trainable parameters of the adapter.
+        trainer: The TRL trainer (for `save_model`, state, ...).
+        validation (`dict`, *optional*): With validation: the curve (`[{"step", "score", "accuracy", ...}]`),
+            `best_step`, `best_score`, `stopped_early_at`, `restored_best` (see [`ValidationCallback.summary`]).
+        resumed_from (`str`, *optional*): The checkpoint training continued from.
+    """
+
+    model: Any
+    logs: list[dict[str, float]]
+    step_times: list[float]
+    train_runtime: float
+    trainable_parameters: int
+    trainer: Any = field(default=None, repr=False)
+    validation: Optional[dict] = None
+    resumed_from: Optional[str] = None
+
+    def final(self, key: str) -> Optional[float]:
+        """The last logged value of `key` (e.g. `"reward"`, `"loss"`), or `None`."""
+        for row in reversed(self.logs):
+            if key in row:
+                return row[key]
+        return None
+
+    def save_validation(self, directory: Union[str, os.PathLike]) -> Optional[str]:
+        """Write the validation curve to `directory/validation.json` (e.g. next to a saved adapter); returns the path,
+        or `None` when training ran without validation."""
+        if self.validation is None:
+            return None
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, VALIDATION_FILE)
+        with open(path, "w") as handle:
+            json.dump(self.validation, handle, indent=1)
+        return path
+
+
+def _examples_and_kind(task, kind) -> tuple[list[Example], str]:
+    if isinstance(task, Task):
+        return task.train, task.kind
+    if kind is None:
+        raise ValueError("kind is required when task is a list of examples")
+    return list(task), kind
+
+
+def _validation_callback(task, kind, tokenizer, eval_examples, callbacks, printer, **options):
+    """The [`ValidationCallback`] of this run: one passed in `callbacks`, else one built from `eval_examples`."""
+    given = [c for c in callbacks or [] if isinstance(c, ValidationCallback)]
+    if len(given) > 1:
+        raise ValueError("pass at most one ValidationCallback in callbacks")
+    if given:
+        if eval_examples is not None:
+            raise ValueError("pass either eval_examples or a ValidationCallback in callbacks, not both")
+        return given[0], list(callbacks)
+    if eval_examples is None:
+        return None, list(callbacks or [])
+    if isinstance(eval_examples, int):
+        if not isinstance(task, Task):
+            raise ValueError(
+                "eval_examples=<int> takes the first examples of the task's validation split: pass a Task"
+            )
+        if eval_examples < 1:
+            raise ValueError(f"eval_examples must be >= 1, got {eval_examples}")
+        eval_examples = task.validation[:eval_examples]
+    callback = ValidationCallback(list(eval_examples), kind=kind, tokenizer=tokenizer, printer=printer, **options)
+    return callback, [*(callbacks or []), callback]
+
+
+def _checkpoint_to_resume(output_dir: str, resume: bool, resume_from_checkpoint) -> Optional[str]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume_from_checkpoint not in (None, False, True):
+        return str(resume_from_checkpoint)
+    if not (resume or resume_from_checkpoint is True):
+        return None
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None and resume_from_checkpoint is True:
+        raise ValueError(f"resume_from_checkpoint=True but {output_dir!r} holds no checkpoint-<step> directory")
+    if last is None:
+        logger.info("resume=True: no checkpoint in %s yet, starting from step 0", output_dir)
+    return last
+
+
+def train_svf(
+    model,
+    tokenizer,
+    task: Union[Task, Sequence[Example]],
+    method: Method = "rl",
+    algorithm: Algorithm = "grpo",
+    *,
+    kind: Optional[str] = None,
+    output_dir: str = "svf-output",
+    max_steps: int = 40,
+    beta: float = 0.0,
+    svf_config: Optional[Any] = None,
+    args: Optional[TrainingArguments] = None,
+    reward_funcs: Optional[Union[Callable, list[Callable]]] = None,
+    train_limit: Optional[int] = None,
+    conversational: Optional[bool] = None,
+    callbacks: Optional[list[TrainerCallback]] = None,
+    printer: Optional[Callable[[str], None]] = None,
+    resume_from_checkpoint: Optional[Union[str, bool]] = None,
+    resume: bool = False,
+    eval_examples: Optional[Union[int, Sequence[Example]]] = None,
+    eval_every: int = 10,
+    early_stopping_patience: Optional[int] = None,
+    eval_metric: str = "accuracy",
+    eval_mode: str = "generate",
+    eval_max_new_tokens: int = 16,
+    **preset_kwargs: Any,
+) -> SVFTrainingResult:
+    """Train an SVF expert on a task with TRL: RL (GRPO or RLOO, ±1 rewards, KL weight `beta`) or SFT.
+
+    Args:
+        model: A transformers causal LM (an SVF adapter is added from `svf_config`), or a `PeftModel` whose active
+            adapter is trained further.
+        tokenizer: The model's tokenizer. With a chat template, prompts are conversational.
+        task ([`~peft_spectral.tasks.Task`] or a sequence of [`~peft_spectral.tasks.Example`]): Training data (the
+            task's `train` split); a plain sequence needs `kind`.
+        method (`str`, defaults to `"rl"`): `"rl"` or `"sft"`.
+        algorithm (`str`, defaults to `"grpo"`): `"grpo"` or `"rloo"` for RL.
+        output_dir (`str`): Checkpoint directory (and where `validation.json` goes).
+        max_steps (`int`): Optimizer steps.
+        beta (`float`): KL weight λ (RL).
+        svf_config ([`SVFConfig`] or any `PeftConfig`, *optional*): The adapter; defaults to `SVFConfig()` (MLP
+            projections, linear mode). A `LoraConfig` trains a LoRA baseline through the same path.
+        args (*optional*): A complete TRL config; overrides the preset (then `max_steps`/`beta`/`preset_kwargs` are
+            ignored).
+        reward_funcs (*optional*): RL rewards; default [`reward_for_task`].
+        train_limit (`int`, *optional*): Use only the first examples of the split.
+        callbacks (*optional*): Extra `TrainerCallback`s; a [`ValidationCallback`] among them is this run's validation
+            (instead of `eval_examples`).
+        printer (*optional*): Receives one line per logged step and per validation (e.g. `tqdm.write`).
+        resume_from_checkpoint (`str` or `bool`, *optional*): A checkpoint directory to continue from, or `True` for
+            the newest one in `output_dir` (an error when there is none).
+        resume (`bool`, defaults to `False`): Make the run resumable: continue from the newest checkpoint in
+            `output_dir` when there is one (else start at step 0), and write checkpoints every `save_steps` (10
+            unless given). Optimizer, scheduler, RNG and data order are restored, so a run interrupted and resumed
+            ends at the same z as an uninterrupted one.
+        eval_examples (`int` or `Sequence[Example]`, *optional*): Validation examples (an int: the first N of the
+            task's validation split). Enables checkpoint selection: the model is scored before training and every
+            `eval_every` steps, and the best z is restored at the end.
+        eval_every (`int`, defaults to 10): Steps between validations.
+        early_stopping_patience (`int`, *optional*): Stop after this many validations without improvement.
+        eval_metric (`str`, defaults to `"accuracy"`): `"accuracy"` or `"balanced_accuracy"`.
+        eval_mode (`str`, defaults to `"generate"`): How validation scores answers (see
+            [`peft_spectral.evaluation.evaluate`]).
+        eval_max_new_tokens (`int`, defaults to 16): Validation generation budget.
+        preset_kwargs: Forwarded to [`paper_rl_preset`] or [`sft_preset`].
+
+    Returns:
+        [`SVFTrainingResult`].
+    """
+    examples, kind = _examples_and_kind(task, kind)
+    if train_limit is not None:
+        examples = examples[:train_limit]
+    if method not in ("rl", "sft"):
+        raise ValueError(f"method must be 'rl' or 'sft', got {method!r}")
+    dataset = examples_to_dataset(
+        examples, kind, tokenizer=tokenizer, conversational=conversational, with_completion=method == "sft"
+    )
+    if args is None:
+        if resume and preset_kwargs.get("save_steps") is None:
+            preset_kwargs["save_steps"] = RESUME_SAVE_STEPS
+        if method == "rl":
+            args = paper_rl_preset(output_dir, algorithm=algorithm, max_steps=max_steps, beta=beta, **preset_kwargs)
+        else:
+            args = sft_preset(output_dir, max_steps=max_steps, **preset_kwargs)
+    validation, callbacks = _validation_callback(
+        task,
+        kind,
+        tokenizer,
+        eval_examples,
+        callbacks,
+        printer,
+        eval_every=eval_every,
+        patience=early_stopping_patience,
+        metric=eval_metric,
+        mode=eval_mode,
+        max_new_tokens=eval_max_new_tokens,
+    )
+    if method == "rl" and reward_funcs is None:
+        reward_funcs = [reward_for_task(kind)]
+    checkpoint = _checkpoint_to_resume(args.output_dir, resume, resume_from_checkpoint)
+    if checkpoint is not None and validation is not None:
+        validation.load_state(checkpoint)
+    metrics = MetricsLogger(printer=printer)
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        dataset,
+        method=method,
+        algorithm=algorithm,
+        args=args,
+        peft_config=svf_config,
+        reward_funcs=reward_funcs,
+        callbacks=[NonFiniteGuard(), metrics, *callbacks],
+    )
+    start = time.perf_counter()
+    if validation is not None and validation.stopped_at is not None:
+        # the checkpoint's run had stopped early: nothing to train, only the best z to restore
+        message = f"{checkpoint} stopped early at step {validation.stopped_at}: restoring the best z, not training"
+        logger.info(message)
+        if printer is not None:
+            printer(message)
+        validation.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.perf_counter() - start
+    peft_model = trainer.model
+    _warn_without_signal(metrics.history, printer)
+    trainable = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
+    result = SVFTrainingResult(
+        model=peft_model,
+        logs=metrics.history,
+        step_times=metrics.step_times,
+        train_runtime=runtime,
+        trainable_parameters=trainable,
+        trainer=trainer,
+        validation=validation.summary() if validation is not None else None,
+        resumed_from=checkpoint,
+    )
+    result.save_validation(args.output_dir)
+    return result
+
+
+def _warn_without_signal(history: list[dict], printer: Optional[Callable[[str], None]]) -> None:
+    zero_std = [row["frac_reward_zero_std"] for row in history if "frac_reward_zero_std" in row]
+    if zero_std and min(zero_std) >= 1.0:
+        message = (
+            "no learning signal: in every step all completions of each prompt got the same reward, so the policy "
+            "gradient was 0 and the adapter did not move. Use more num_generations, a higher temperature, an easier "
+            "task or SFT first."
+        )
+        logger.warning(message)
+        if printer is not None:
+            printer(message)

@@ -1,0 +1,136 @@
+"""Building the TRL trainer for an SVF adapter, with the fixes SVF needs under TRL/PEFT."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from ..assets import as_plain_fp32
+from ..tuners.svf import SVFConfig, SVFLinear
+from .presets import Algorithm, Method
+
+
+__all__ = ["build_trainer", "fix_reference_adapter", "svf_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+def svf_parameters(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """`{module name: z}` (detached copies) of one SVF adapter of `model`."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SVFLinear) and adapter_name in module.svf_z:
+            out[name] = module.svf_z[adapter_name].detach().clone()
+    return out
+
+
+def fix_reference_adapter(model: torch.nn.Module, source: str = "default", reference: str = "ref") -> int:
+    """Make TRL's frozen `"ref"` adapter an exact copy of the trained adapter's starting z.
+
+    TRL (GRPO/RLOO with `beta > 0` on a model that already is a `PeftModel`) adds a `"ref"` adapter and copies only
+    parameters named `*.default.*`; an SVF parameter is named `*.svf_z.default`, so `ref` would stay at the identity.
+    Returns the number of SVF layers fixed (0 when there is no `ref` adapter).
+    """
+    fixed = 0
+    for module in model.modules():
+        if isinstance(module, SVFLinear) and reference in module.svf_z and source in module.svf_z:
+            with torch.no_grad():
+                module.svf_z[reference].data.copy_(module.svf_z[source].data)
+            module.svf_z[reference].requires_grad_(False)
+            fixed += 1
+    return fixed
+
+
+def _default_svf_config(model: torch.nn.Module, svf_config: Optional[Any]) -> Any:
+    if svf_config is not None:
+        return svf_config
+    return SVFConfig()  # MLP projections for known architectures
+
+
+def build_trainer(
+    model,
+    tokenizer,
+    train_dataset,
+    *,
+    method: Method = "rl",
+    algorithm: Algorithm = "grpo",
+    args: Optional[TrainingArguments] = None,
+    peft_config: Optional[Any] = None,
+    reward_funcs: Optional[Union[Callable, list[Callable]]] = None,
+    callbacks: Optional[list[TrainerCallback]] = None,
+    eval_dataset=None,
+):
+    """Construct the TRL trainer for `method`/`algorithm` and apply this package's SVF fixes.
+
+    Args:
+        model: A transformers causal LM (then `peft_config`, default `SVFConfig()`, is applied by TRL) or a
+            `PeftModel` holding the adapter to (re-)train (then `peft_config` must be `None`).
+        tokenizer: Its tokenizer (TRL's `processing_class`).
+        train_dataset: From [`task_dataset`] / [`examples_to_dataset`].
+        method (`str`): `"rl"` or `"sft"`.
+        algorithm (`str`): `"grpo"` or `"rloo"` (RL only).
+        args: A TRL config (see [`paper_rl_preset`], [`sft_preset`]); required.
+        reward_funcs: Reward callables for RL (required for RL).
+
+    Returns:
+        The trainer (`GRPOTrainer`, `RLOOTrainer` or `SFTTrainer`).
+    """
+    from peft import PeftModel
+
+    if method not in ("rl", "sft"):
+        raise ValueError(f"method must be 'rl' or 'sft', got {method!r}")
+    if args is None:
+        raise ValueError("args is required: build it with paper_rl_preset(...) or sft_preset(...)")
+    is_peft = isinstance(model, PeftModel)
+    if is_peft and peft_config is not None:
+        raise ValueError("model is already a PeftModel: pass peft_config=None to keep training its adapter")
+    as_plain_fp32(model.get_base_model() if is_peft else model)
+    if not is_peft:
+        peft_config = _default_svf_config(model, peft_config)
+    callbacks = list(callbacks or [])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        if not isinstance(args, SFTConfig):
+            raise TypeError(f"method='sft' needs an SFTConfig (see sft_preset), got {type(args).__name__}")
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+    else:
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        if algorithm not in ("grpo", "rloo"):
+            raise ValueError(f"algorithm must be 'grpo' or 'rloo', got {algorithm!r}")
+        config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+        if not isinstance(args, config_cls):
+            raise TypeError(
+                f"algorithm={algorithm!r} needs a {config_cls.__name__} (see paper_rl_preset), got {type(args).__name__}"
+            )
+        if reward_funcs is None:
+            raise ValueError("reward_funcs is required for method='rl' (see reward_for_task)")
+        trainer = trainer_cls(
+            model=model,
+            reward_funcs=reward_funcs if isinstance(reward_funcs, list) else [reward_funcs],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        fixed = fix_reference_adapter(trainer.model)
+        if fixed:
+            logger.info("copied the trained SVF z into TRL's 'ref' adapter in %d layers", fixed)
+    return trainer
