@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...svd_cache import SpectralFactors
 from .config import SVFConfig
+from .mixed_batch import mixed_batch_forward
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
@@ -215,6 +216,9 @@ class SVFLinear(nn.Module, SVFLayer):
         return self.svf_P is not None and 2 * k > self.svf_rank
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ...svd_cache import SVDCache
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
 from .layer import SVFLayer, SVFLinear, weight_matrix
+from .mixed_batch import mixed_batch_hooks
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -136,6 +138,16 @@ class SVFModel(BaseTuner):
         return remapped
 
     # ------------------------------------------------------------------ adapters
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Mixed-adapter batches: `adapter_names=[...]` (one per example) in `forward`/`generate`, as for LoRA."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        with mixed_batch_hooks(self.model, adapter_names, layer_cls=SVFLayer, num_beams=kwargs.get("num_beams")):
+            yield
 
     def svf_layers(self) -> list[tuple[str, SVFLinear]]:
         """All SVF layers of the model with their module names."""
