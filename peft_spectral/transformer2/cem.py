@@ -348,7 +348,8 @@ def regularized_cross_entropy_method(
     """CEM on a fit fitness, the result selected by a hold-out fitness, shrunk toward `α = 0` (the base model).
 
     Each generation samples `population` candidates around the mean (clamped), ranks them by the fit fitness
-    minus `l1_penalty · mean|α|` (on its first component), refits the Gaussian to the elites, and evaluates the
+    minus `l1_penalty · mean|α|` (on its first component), refits the Gaussian to the elites (their unclamped
+    values, so that starting at the bound 0 the spread does not collapse there), and evaluates the
     generation's best on `holdout`. The result is the candidate with the best hold-out fitness among the base model
     (`α` at the lower clamp bound, normally 0, evaluated first) and the generation bests; ties keep the earlier
     one, so the base model wins unless a mixture is strictly better on the hold-out. The search stops after
@@ -392,7 +393,8 @@ def regularized_cross_entropy_method(
     try:
         for g in range(config.generations):
             noise = torch.randn((config.population, *shape), generator=gen, dtype=torch.float64)
-            samples = (mean + std * noise).clamp(lo, hi)
+            raw = mean + std * noise
+            samples = raw.clamp(lo, hi)
             fits = []
             for cand in samples:
                 fits.append(penalised(cand))
@@ -406,7 +408,7 @@ def regularized_cross_entropy_method(
             if improved:
                 best_alpha, best_hold = champion, hold
             stale = 0 if improved else stale + 1
-            elites = samples[order[: config.num_elites]]
+            elites = raw[order[: config.num_elites]]  # unclamped: the spread does not collapse at a bound
             mean = elites.mean(0)
             std = (
                 elites.std(0, unbiased=False).clamp_min(config.min_std)
