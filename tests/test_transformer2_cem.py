@@ -57,7 +57,7 @@ def test_regularized_cem_never_worse_than_base_on_holdout():
     assert torch.equal(result.best_alpha, torch.zeros(3, dtype=torch.float64))
     assert result.holdout_fitness == result.base_holdout_fitness == (0.0, 0.0)
     # the plain CEM on the same fit fitness runs off to the bound
-    plain = cross_entropy_method(lambda a: fit(a), 3, CEMConfig.reference(population=8, generations=5, progress=False))
+    plain = cross_entropy_method(fit, 3, CEMConfig.reference(population=8, generations=5, progress=False))
     assert float(plain.best_alpha.sum()) > 2.0 and hold(plain.best_alpha)[0] < result.holdout_fitness[0]
     # when the hold-out agrees with the fit part, a real mixture is selected, strictly better than the base
     target = torch.tensor([0.7, 0.1, 0.4], dtype=torch.float64)

@@ -150,7 +150,10 @@ def test_dispatch_report_counts():
 
 def test_calibrated_threshold_saved_and_loaded_with_library(library, expert_specs, tmp_path):
     lib, _ = library
-    data = {"arith": _questions(4), "logic": [Example(prompt=f"If A{i} then B. A{i}. B?", target="") for i in range(4)]}
+    data = {
+        "arith": _questions(4),
+        "logic": [Example(prompt=f"If A{i} then B. A{i}. B?", target="") for i in range(4)],
+    }
     others = {"story": [Example(prompt=f"Tell a story about {w}", target="") for w in ("cats", "rain", "ships")]}
     labelled = labelled_prompts(data, others)
     assert len(labelled) == 11 and labelled[-1][1] == OTHERS
