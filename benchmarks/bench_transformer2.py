@@ -1,8 +1,10 @@
 """Benchmark of Transformer² inference on the embedded model with saved SVF experts.
 
 Measures, on BigBench tasks none of the experts was trained on: accuracy of the base model, prompt dispatch, the
-classifier expert and few-shot CEM; dispatch accuracy on the experts' own test splits; pass-1 / pass-2 time and
-expert-switch time / pass-2 time. Writes `docs/results/transformer2.json`, `docs/results/transformer2.md` and the
+classifier expert (each with the "others" threshold fitted on validation prompts, and as plain argmax) and few-shot
+CEM (regularised by default, `--cem-reference` for the plain reference); dispatch accuracy on the experts' own test
+splits and on unrelated ("others") tasks; pass-1 / pass-2 time, mixed-adapter vs grouped pass 2, and expert-switch
+time / pass-2 time. Writes `docs/results/transformer2.json`, `docs/results/transformer2.md` and the
 CEM fitness plot `docs/results/cem_fitness.png`.
 
 Usage (defaults sized for a shared 2-core CPU, ~20 min; the defaults are the settings of docs/results)::
@@ -36,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from peft_spectral.assets import load_default_model  # noqa: E402
 from peft_spectral.tasks import load_task  # noqa: E402
 from peft_spectral.transformer2 import (  # noqa: E402
+    OTHERS,
     CEMConfig,
     DispatchPrompt,
     ExpertLibrary,
@@ -43,6 +46,9 @@ from peft_spectral.transformer2 import (  # noqa: E402
     FixedDispatcher,
     PromptDispatcher,
     build_classifier_examples,
+    calibrate_threshold,
+    dispatch_report,
+    labelled_prompts,
     train_classifier_expert,
     two_pass_evaluate,
     two_pass_generate,
@@ -163,10 +169,31 @@ def main() -> int:
     p.add_argument("--n-test", type=int, default=32, help="test examples per unseen task")
     p.add_argument("--n-dispatch", type=int, default=16, help="test examples per expert task for dispatch accuracy")
     p.add_argument("--shots", type=int, default=8, help="few-shot examples (from the train split) for CEM")
-    p.add_argument("--population", type=int, default=6)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--elite-fraction", type=float, default=0.2)
+    p.add_argument("--population", type=int, default=None, help="CEM population (default: CEMConfig's, 16)")
+    p.add_argument("--generations", type=int, default=None, help="CEM generations (default: CEMConfig's, 12)")
+    p.add_argument("--elite-fraction", type=float, default=None, help="default: CEMConfig's (0.25)")
     p.add_argument("--init-std", type=float, default=0.5)
+    p.add_argument("--cem-reference", action="store_true", help="plain reference CEM instead of the regularised one")
+    p.add_argument("--holdout-fraction", type=float, default=0.4, help="regularised CEM: shots held out")
+    p.add_argument("--l1-penalty", type=float, default=0.01, help="regularised CEM: penalty on mean |alpha|")
+    p.add_argument("--patience", type=int, default=4, help="regularised CEM: early-stopping patience")
+    p.add_argument(
+        "--others-tasks",
+        nargs="*",
+        default=None,
+        help="unrelated BigBench tasks for the 'others' class (default: 2 unused ones from the preference list)",
+    )
+    p.add_argument("--others-per-task", type=int, default=8, help="'others' training examples per unrelated task")
+    p.add_argument("--no-others", action="store_true", help="train the classifier on the experts' data only")
+    p.add_argument("--n-calibrate", type=int, default=8, help="validation prompts per category to fit thresholds")
+    p.add_argument("--threshold-target", choices=("accuracy", "balanced_accuracy"), default="balanced_accuracy")
+    p.add_argument("--confidence", choices=("margin", "probability"), default="margin")
+    p.add_argument("--no-threshold", action="store_true", help="dispatch by plain argmax only (no 'others' fit)")
+    p.add_argument("--prefix-sharing", choices=("prompts", "instruction"), default="prompts")
+    p.add_argument("--no-mixed-batch", action="store_true", help="pass 2 grouped by expert")
+    p.add_argument(
+        "--no-compare-paths", action="store_true", help="do not also time the other pass-2 path (mixed/grouped)"
+    )
     p.add_argument("--classifier-steps", type=int, default=8)
     p.add_argument("--classifier-batch", type=int, default=4)
     p.add_argument("--classifier-per-task", type=int, default=16)
@@ -252,6 +279,15 @@ def main() -> int:
     for n, t in unseen.items():
         if t.kind != "multiple_choice":
             raise SystemExit(f"unseen task {n} is {t.kind}; this benchmark scores multiple-choice tasks")
+    if args.others_tasks is None:
+        used = trained_on | set(unseen_names)
+        others_names = [t for t in UNSEEN_PREFERENCE if t not in used][:2]
+    else:
+        others_names = args.others_tasks
+    overlap = set(others_names) & (trained_on | set(unseen_names))
+    if overlap:
+        raise SystemExit(f"--others-tasks must differ from the expert and unseen tasks; both: {sorted(overlap)}")
+    others_tasks = {n: load_task(n, seed=0) for n in others_names}
     prompt = DispatchPrompt(max_question_tokens=args.max_question_tokens)
     bs = args.batch_size
     results: dict = {"unseen": {}, "dispatch_accuracy": {}, "timing": {}}
@@ -261,6 +297,9 @@ def main() -> int:
     clf_data = build_classifier_examples(
         library,
         {n: t.train for n, t in expert_tasks.items()},
+        others=None
+        if args.no_others or not others_tasks
+        else {n: t.train[: args.others_per_task] for n, t in others_tasks.items()},
         per_category=args.classifier_per_task,
         prompt=prompt,
         seed=args.seed,
@@ -288,47 +327,73 @@ def main() -> int:
     classifier_seconds = time.perf_counter() - t0
     logger.info("classifier expert trained in %.0fs", classifier_seconds)
 
+    options = {
+        "prompt": prompt,
+        "batch_size": bs,
+        "confidence": args.confidence,
+        "prefix_sharing": args.prefix_sharing,
+    }
     dispatchers = {
-        "prompt_dispatch": PromptDispatcher(None, prompt=prompt, batch_size=bs),
-        "classifier_expert": PromptDispatcher(clf_name, prompt=prompt, batch_size=bs),
+        "prompt_dispatch": PromptDispatcher(None, **options),
+        "classifier_expert": PromptDispatcher(clf_name, **options),
     }
 
-    # ---------------------------------------------------------------- dispatch accuracy on the experts' tasks
+    # ---------------------------------------------------------------- "others" thresholds on validation prompts
+    results["calibration"] = {}
+    if not args.no_threshold:
+        labelled = labelled_prompts(
+            {n: t.validation[: args.n_calibrate] for n, t in expert_tasks.items()},
+            {n: t.validation[: args.n_calibrate] for n, t in others_tasks.items()},
+        )
+        for label, disp in list(dispatchers.items()):
+            dispatchers[f"{label}_argmax"] = PromptDispatcher(disp.adapter, **options)
+            entry = calibrate_threshold(disp, library, labelled, target=args.threshold_target)
+            results["calibration"][label] = entry
+            logger.info(
+                "%s: threshold %.3f (%s), validation %s %.3f (argmax %.3f)",
+                label,
+                entry["threshold"],
+                args.confidence,
+                args.threshold_target,
+                entry["report"][args.threshold_target],
+                entry["argmax_report"][args.threshold_target],
+            )
+        library.save_manifest(work / "library")
+
+    # ---------------------------------------------------------------- dispatch accuracy on expert and others tasks
     for label, disp in dispatchers.items():
-        per_task = {}
-        for name, task in expert_tasks.items():
+        predicted, truth, seconds = [], [], 0.0
+        for name, task in [*expert_tasks.items(), *((OTHERS, t) for t in others_tasks.values())]:
             exs = task.test[: args.n_dispatch]
             choices, secs = run_pass1(library, disp, exs)
-            per_task[name] = {
-                "n": len(exs),
-                "accuracy": sum(c == name for c in choices) / len(exs),
-                "chosen": {("base" if k is None else k): choices.count(k) for k in set(choices)},
-                "pass1_seconds": secs,
-            }
-        total = sum(v["n"] for v in per_task.values())
+            predicted += choices
+            truth += [name] * len(exs)
+            seconds += secs
+        report = dispatch_report(predicted, truth)
+        per_task = {
+            k: {"n": v["n"], "accuracy": v["accuracy"], "correct": v["correct"], "chosen": v["predicted"]}
+            for k, v in report["per_category"].items()
+        }
         results["dispatch_accuracy"][label] = {
             "per_task": per_task,
-            "overall": sum(v["accuracy"] * v["n"] for v in per_task.values()) / total,
+            "overall": report["accuracy"],
+            "balanced": report["balanced_accuracy"],
+            "pass1_seconds": seconds,
         }
-        logger.info("dispatch accuracy %s: %.3f", label, results["dispatch_accuracy"][label]["overall"])
+        logger.info("dispatch accuracy %s: %.3f", label, report["accuracy"])
 
     # ---------------------------------------------------------------- unseen tasks
     curves = {}
+    pass2 = {"mixed_batch": not args.no_mixed_batch, "compare_paths": not args.no_compare_paths}
     for tname, task in unseen.items():
         test = task.test[: args.n_test]
         row: dict = {"n_test": len(test), "description": short_description(task.description)}
         for label, disp in [("base", FixedDispatcher(None)), *dispatchers.items()]:
-            res = two_pass_evaluate(library, disp, test, kind="multiple_choice", batch_size=bs)
+            res = two_pass_evaluate(library, disp, test, kind="multiple_choice", batch_size=bs, **pass2)
             row[label] = res.to_dict()
             logger.info("%s %s: accuracy %.3f (groups %s)", tname, label, res.accuracy, row[label]["group_sizes"])
         shots = task.train[: args.shots]
-        cem_config = CEMConfig(
-            population=args.population,
-            generations=args.generations,
-            elite_fraction=args.elite_fraction,
-            init_std=args.init_std,
-            seed=args.seed,
-        )
+        cem_config = cem_settings(args)
         mixer = FewShotMixer(library, shots, batch_size=bs, adapter_name=f"mix_{expert_name(tname)}")
         search = mixer.search(cem_config)
         res = two_pass_evaluate(
@@ -342,6 +407,12 @@ def main() -> int:
             "search_seconds": search.seconds,
             "evaluations": search.evaluations,
             "seconds_per_evaluation": search.seconds / max(1, search.evaluations),
+            "evaluations_per_second": search.evaluations_per_second,
+            "regularized": search.regularized,
+            "holdout_fitness": list(search.holdout_fitness) if search.holdout_fitness else None,
+            "base_holdout_fitness": list(search.base_holdout_fitness) if search.base_holdout_fitness else None,
+            "stopped_early": search.stopped_early,
+            "cache_hits": search.cache_hits,
             "history": search.history,
         }
         curves[tname] = search.history
@@ -353,7 +424,7 @@ def main() -> int:
     gen_prompts = [ex for t in unseen.values() for ex in t.train[args.shots : args.shots + per]]  # not shots, not test
     timing = {}
     for label, disp in dispatchers.items():
-        res = two_pass_generate(library, disp, gen_prompts, max_new_tokens=args.gen_tokens, batch_size=bs)
+        res = two_pass_generate(library, disp, gen_prompts, max_new_tokens=args.gen_tokens, batch_size=bs, **pass2)
         timing[f"generate_{label}"] = {**res.to_dict(), "max_new_tokens": args.gen_tokens}
     # switching cost alone: set_adapter / disable_adapter over all experts, averaged
     switches = []
@@ -375,14 +446,19 @@ def main() -> int:
         "n_dispatch": args.n_dispatch,
         "n_shots": args.shots,
         "cem": {
-            "population": args.population,
-            "generations": args.generations,
-            "elite_fraction": args.elite_fraction,
-            "init_std": args.init_std,
+            **{k: v for k, v in vars(cem_settings(args)).items() if k != "progress"},
             "clamp": [0, 1],
-            "init_mean": "1/K",
             "reference": REFERENCE_CEM,
         },
+        "others_tasks": others_names,
+        "others_per_task": 0 if args.no_others else args.others_per_task,
+        "thresholds": {
+            "fitted": not args.no_threshold,
+            "target": args.threshold_target,
+            "confidence": args.confidence,
+            "n_calibrate_per_category": args.n_calibrate,
+        },
+        "pass2": pass2,
         "lettered_prompts": not args.no_lettered,
         "classifier": {
             "steps": args.classifier_steps,
@@ -393,7 +469,11 @@ def main() -> int:
             "n_examples": len(clf_data),
             "seconds": classifier_seconds,
         },
-        "dispatch": {"mode": "loglik", "max_question_tokens": args.max_question_tokens},
+        "dispatch": {
+            "mode": "loglik",
+            "max_question_tokens": args.max_question_tokens,
+            "prefix_sharing": args.prefix_sharing,
+        },
         "threads": args.threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -410,6 +490,21 @@ def main() -> int:
     (out_dir / "transformer2.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def cem_settings(args: argparse.Namespace) -> CEMConfig:
+    """The CEM configuration of the command line (library defaults where an option is not given)."""
+    given = {"population": args.population, "generations": args.generations, "elite_fraction": args.elite_fraction}
+    settings = {k: v for k, v in given.items() if v is not None}
+    settings.update(
+        init_std=args.init_std,
+        seed=args.seed,
+        holdout_fraction=args.holdout_fraction,
+        l1_penalty=args.l1_penalty,
+        patience=args.patience,
+        progress=False,
+    )
+    return CEMConfig.reference(**settings) if args.cem_reference else CEMConfig(**settings)
 
 
 def plot(curves: dict, path: Path) -> None:
@@ -440,6 +535,14 @@ def plot(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _paths(x: dict) -> str:
+    """`(mixed 1.2 s, grouped 1.5 s)` when both pass-2 paths were timed."""
+    by = x.get("pass2_seconds_by_path") or {}
+    if len(by) < 2:
+        return ""
+    return "(" + ", ".join(f"{k} {v:.2f} s" for k, v in by.items()) + f"; agree: {x.get('paths_agree')})"
+
+
 def _mean_eval_seconds(r: dict) -> float:
     rows = [row["few_shot_cem"]["seconds_per_evaluation"] for row in r["unseen"].values()]
     return sum(rows) / len(rows)
@@ -462,18 +565,31 @@ def markdown(r: dict) -> str:
         "",
         "## Accuracy on unseen tasks",
         "",
-        "| task | n | base | prompt dispatch | classifier expert | few-shot CEM (n shots) |",
-        "|---|---|---|---|---|---|",
+    ]
+    labels = [k for k in next(iter(r["unseen"].values())) if k.startswith(("prompt_dispatch", "classifier_expert"))]
+    lines += [
+        "| task | n | base | " + " | ".join(x.replace("_", " ") for x in labels) + " | few-shot CEM (n shots) |",
+        "|---|---|---|" + "---|" * (len(labels) + 1),
     ]
     for t, row in r["unseen"].items():
         c = row["few_shot_cem"]
         lines.append(
-            f"| {t} | {row['n_test']} | {row['base']['accuracy']:.3f} | {row['prompt_dispatch']['accuracy']:.3f} "
-            f"| {row['classifier_expert']['accuracy']:.3f} | {c['accuracy']:.3f} ({c['n_shots']}) |"
+            f"| {t} | {row['n_test']} | {row['base']['accuracy']:.3f} | "
+            + " | ".join(f"{row[x]['accuracy']:.3f}" for x in labels)
+            + f" | {c['accuracy']:.3f} ({c['n_shots']}) |"
         )
-    lines += ["", "Experts chosen by pass 1 on the unseen tasks:", ""]
+    lines += [
+        "",
+        (
+            "Strategies without `argmax` answer `others` (the base model) unless the top category wins by the threshold "
+            "fitted on validation prompts (see below)."
+        ),
+        "",
+        "Experts chosen by pass 1 on the unseen tasks:",
+        "",
+    ]
     for t, row in r["unseen"].items():
-        for label in ("prompt_dispatch", "classifier_expert"):
+        for label in labels:
             lines.append(f"- {t}, {label.replace('_', ' ')}: {row[label]['group_sizes']}")
     lines += ["", "CEM mixing weights α (best on the shots):", ""]
     for t, row in r["unseen"].items():
@@ -483,20 +599,31 @@ def markdown(r: dict) -> str:
             + ", ".join(f"{k} {v:.2f}" for k, v in c["alpha"].items())
             + f" — shot fitness (accuracy, mean log-lik) {tuple(round(x, 3) for x in c['best_fitness_on_shots'])}, "
             f"{c['evaluations']} evaluations, {c['seconds_per_evaluation']:.1f} s each"
+            + (
+                f"; hold-out accuracy {c['holdout_fitness'][0]:.3f} vs base {c['base_holdout_fitness'][0]:.3f}"
+                + (" (stopped early)" if c.get("stopped_early") else "")
+                if c.get("regularized")
+                else ""
+            )
         )
     cem = s["cem"]
     lines += [
         "",
         (
-            f"CEM settings here: population {cem['population']}, {cem['generations']} generations, elite "
-            f"{cem['elite_fraction']}, initial std {cem['init_std']}, α in [0, 1], initial mean 1/K. Reference: population 32, "
-            f"50 generations = 1600 evaluations, {1600 / (cem['population'] * cem['generations']):.0f}× the evaluations run "
-            f"here: at the measured {_mean_eval_seconds(r):.1f} s per evaluation that is ≈ {1600 * _mean_eval_seconds(r) / 60:.0f} min "
-            "per task on this shared CPU, beyond the benchmark budget; the library defaults are the reference values. "
-            "Fitness curve: `cem_fitness.png`."
+            f"CEM settings here: population {cem['population']}, at most {cem['generations']} generations, elite "
+            f"{cem['elite_fraction']}, initial std {cem['init_std']}, α in [0, 1], "
+            + (
+                f"regularised (hold-out fraction {cem['holdout_fraction']}, λ {cem['l1_penalty']}, patience "
+                f"{cem['patience']}, α mixing around the base model, initial mean 0, base model a candidate)"
+                if cem["regularize"]
+                else "plain reference (initial mean 1/K, z' = Σ α_k z_k)"
+            )
+            + f". Reference: population 32, 50 generations = 1600 evaluations, at the measured "
+            f"{_mean_eval_seconds(r):.1f} s per evaluation ≈ {1600 * _mean_eval_seconds(r) / 60:.0f} min per task on "
+            "this shared CPU. Fitness curve: `cem_fitness.png`."
         ),
         "",
-        "## Dispatch accuracy on the experts' own test splits",
+        "## Dispatch accuracy on the experts' own test splits and on unrelated tasks (right answer `others`)",
         "",
         "| strategy | " + " | ".join(r["dispatch_accuracy"]["prompt_dispatch"]["per_task"]) + " | overall |",
         "|---|" + "---|" * (len(r["dispatch_accuracy"]["prompt_dispatch"]["per_task"]) + 1),
@@ -506,6 +633,14 @@ def markdown(r: dict) -> str:
             f"| {label.replace('_', ' ')} | "
             + " | ".join(f"{v['accuracy']:.2f} (n={v['n']})" for v in d["per_task"].values())
             + f" | {d['overall']:.3f} |"
+        )
+    if r.get("calibration"):
+        lines += ["", "Fitted 'others' thresholds:", ""]
+    for label, entry in r.get("calibration", {}).items():
+        lines.append(
+            f"- {label.replace('_', ' ')}: threshold {entry['threshold']:.3f} ({entry['confidence']}), fitted for "
+            f"{entry['target']} on {entry['n']} validation prompts: {entry['report'][entry['target']]:.3f} "
+            f"(argmax {entry['argmax_report'][entry['target']]:.3f})"
         )
     cl = s["classifier"]
     lines += [
@@ -524,10 +659,11 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for t, row in r["unseen"].items():
-        for label in ("prompt_dispatch", "classifier_expert"):
+        for label in labels:
             x = row[label]
             lines.append(
-                f"| {t}, {label.replace('_', ' ')}, option scoring (n={x['n']}) | {x['pass1_seconds']:.2f} | "
+                f"| {t}, {label.replace('_', ' ')}, option scoring (n={x['n']}), pass 2 {x.get('pass2_path')} "
+                f"{_paths(x)} | {x['pass1_seconds']:.2f} | "
                 f"{x['pass2_seconds']:.2f} | {x['pass1_over_pass2']:.1%} | {x['switch_over_pass2']:.3%} |"
             )
     for label, x in r["timing"].items():

@@ -52,7 +52,10 @@ def add_parser(subparsers) -> None:
         description=(
             "Search mixing weights alpha (one per expert, or per expert per layer with --per-layer) of saved SVF "
             "experts with the cross-entropy method, scoring accuracy on the labelled shots (mean log-likelihood "
-            "breaks ties), and save z' = sum_k alpha_k z_k as an ordinary SVF adapter in --output."
+            "breaks ties), and save the mixture as an ordinary SVF adapter in --output. By default the search is "
+            "regularised (shots split into fit/hold-out parts, the result chosen on the hold-out part with the base "
+            "model as a candidate, mixing around the base model z' = z0 + sum_k alpha_k (z_k - z0), early "
+            "stopping); --no-regularize runs the reference CEM (z' = sum_k alpha_k z_k on all shots)."
         ),
     )
     _add_expert_args(p)
@@ -70,11 +73,33 @@ def add_parser(subparsers) -> None:
         help="task kind; left out: multiple_choice when the shots have choices, else generation",
     )
     p.add_argument("--per-layer", action="store_true", help="one alpha per expert per transformer block")
-    p.add_argument("--population", type=positive_int, default=32, help="CEM: candidates per generation")
-    p.add_argument("--elite-fraction", type=float, default=0.2, help="CEM: share of candidates refitted on")
+    p.add_argument(
+        "--population",
+        type=positive_int,
+        default=None,
+        help="CEM: candidates per generation; left out: 16 (reference, --no-regularize: 32)",
+    )
+    p.add_argument(
+        "--elite-fraction",
+        type=float,
+        default=None,
+        help="CEM: share of candidates refitted on; left out: 0.25 (reference: 0.2)",
+    )
     p.add_argument("--init-std", type=float, default=0.5, help="CEM: initial standard deviation of alpha")
-    p.add_argument("--init-mean", type=float, default=None, help="CEM: initial mean of alpha; left out: 1/K")
-    p.add_argument("--generations", type=positive_int, default=50, help="CEM: generations")
+    p.add_argument(
+        "--init-mean", type=float, default=None, help="CEM: initial mean of alpha; left out: 0 (reference: 1/K)"
+    )
+    p.add_argument(
+        "--generations", type=positive_int, default=None, help="CEM: generations at most; left out: 12 (reference: 50)"
+    )
+    p.add_argument(
+        "--no-regularize", action="store_true", help="the plain reference CEM (population 32, 50 generations)"
+    )
+    p.add_argument("--holdout-fraction", type=float, default=0.4, help="shots held out to select the mixture")
+    p.add_argument("--l1-penalty", type=float, default=0.01, help="fit fitness pays this times mean |alpha|")
+    p.add_argument(
+        "--patience", type=positive_int, default=4, help="generations without hold-out progress before stopping"
+    )
     add_progress_option(p)
     add_push_option(p)
     add_seed_option(p)
@@ -127,6 +152,23 @@ def add_parser(subparsers) -> None:
         default="auto",
         help="pass 2: score the options (loglik), generate, or pick by task kind (auto)",
     )
+    e.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="dispatch to 'others' (the base model) unless the top category wins by this confidence",
+    )
+    e.add_argument("--confidence", choices=("margin", "probability"), default="margin", help="with --threshold")
+    e.add_argument(
+        "--prefix-sharing",
+        choices=("prompts", "instruction"),
+        default="prompts",
+        help="pass-1 prefix run once: the category questions' common prefix, or the instruction only (old)",
+    )
+    e.add_argument(
+        "--no-mixed-batch", action="store_true", help="pass 2 grouped by expert instead of mixed-adapter batches"
+    )
+    e.add_argument("--compare-paths", action="store_true", help="also time the other pass-2 path")
     e.add_argument("--max-new-tokens", type=positive_int, default=32, help="pass 2: generation budget")
     add_progress_option(e)
     add_seed_option(e)
@@ -149,15 +191,22 @@ def run_mix(args: argparse.Namespace) -> int:
 
     shots = load_shots(args.shots)
     kind = args.kind or ("multiple_choice" if all(s.choices for s in shots) else "generation")
-    config = CEMConfig(
-        population=args.population,
-        elite_fraction=args.elite_fraction,
+    given = {
+        "population": args.population,
+        "elite_fraction": args.elite_fraction,
+        "init_mean": args.init_mean,
+        "generations": args.generations,
+    }
+    settings = {k: v for k, v in given.items() if v is not None}
+    settings.update(
         init_std=args.init_std,
-        init_mean=args.init_mean,
-        generations=args.generations,
         seed=args.seed,
         progress=not args.no_progress,
+        holdout_fraction=args.holdout_fraction,
+        l1_penalty=args.l1_penalty,
+        patience=args.patience,
     )
+    config = CEMConfig.reference(**settings) if args.no_regularize else CEMConfig(**settings)
     library = _library(args)
     mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
     result = mixer.search(config)
@@ -174,8 +223,13 @@ def run_mix(args: argparse.Namespace) -> int:
     acc, ll = result.best_fitness[:2]
     print(
         f"best fitness on {len(shots)} shots: accuracy {acc:.3f}, mean log-likelihood {ll:.4f} "
-        f"({result.evaluations} evaluations, {result.seconds:.1f}s)"
+        f"({result.evaluations} evaluations, {result.seconds:.1f}s, {result.evaluations_per_second:.2f}/s)"
     )
+    if result.regularized:
+        print(
+            f"hold-out ({len(result.split['holdout'])} shots): accuracy {result.holdout_fitness[0]:.3f}, "
+            f"base model {result.base_holdout_fitness[0]:.3f}" + (" (stopped early)" if result.stopped_early else "")
+        )
     print(f"saved mixed SVF adapter to {out}")
     push_adapter_if_requested(args, out)
     return 0
@@ -204,15 +258,23 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         raise SystemExit(f"no examples to evaluate in {name!r} ({args.split})")
     library = _library(args)
     prompt = DispatchPrompt(max_question_tokens=args.max_question_tokens)
+    dispatch_options = {
+        "mode": args.dispatch_mode,
+        "prompt": prompt,
+        "batch_size": args.batch_size,
+        "threshold": args.threshold,
+        "confidence": args.confidence,
+        "prefix_sharing": args.prefix_sharing,
+    }
     if args.strategy == "base":
         dispatcher = FixedDispatcher(None)
     elif args.strategy == "dispatch":
-        dispatcher = PromptDispatcher(None, mode=args.dispatch_mode, prompt=prompt, batch_size=args.batch_size)
+        dispatcher = PromptDispatcher(None, **dispatch_options)
     elif args.strategy == "classifier":
         if not args.classifier:
             raise SystemExit("--strategy classifier needs --classifier DIR")
         adapter = library.load_extra_adapter(args.classifier, "t2_classifier", "classifier")
-        dispatcher = PromptDispatcher(adapter, mode=args.dispatch_mode, prompt=prompt, batch_size=args.batch_size)
+        dispatcher = PromptDispatcher(adapter, **dispatch_options)
     else:
         if not args.mixture:
             raise SystemExit("--strategy mixture needs --mixture DIR")
@@ -225,6 +287,8 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         mode=args.answer_mode,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        mixed_batch=not args.no_mixed_batch,
+        compare_paths=args.compare_paths,
     )
     summary = {
         "task": name,
@@ -237,7 +301,8 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
     print("experts chosen: " + ", ".join(f"{k}={v}" for k, v in summary["group_sizes"].items()))
     print(
         f"pass 1 {result.pass1_seconds:.2f}s, pass 2 {result.pass2_seconds:.2f}s "
-        f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms"
+        f"(pass1/pass2 {result.pass1_over_pass2:.1%}), switching {result.switch_seconds * 1e3:.2f} ms, "
+        f"pass 2 {result.pass2_path}"
     )
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,26 @@ fraction and refits the Gaussian to it.
 A fitness evaluation only rewrites the `z` of one mixture adapter (a `K × r` matrix product per layer: no SVD, no
 new adapter) and scores the shots' options with one forward pass per shot batch ([`peft_spectral.option_scoring`]).
 The best mixture is saved as an ordinary SVF adapter ([`FewShotMixer.save`]).
+
+Fitness on a few shots overfits: the reference CEM (kept as `CEMConfig(regularize=False)`) often picks a mixture
+that is worse than the base model on the task. The default, regularised search
+([`regularized_cross_entropy_method`]):
+
+* splits the shots (seeded) into a *fit* part, which CEM maximises, and a *hold-out* part, which picks the result;
+* mixes the experts *around the base model*, `z' = z₀ + Σ_k α_k (z_k − z₀)` with `z₀` the `z` of the unadapted
+  layer (1 in linear mode; the reference's `Σ_k α_k z_k` at `α = 0` zeroes the singular values in linear mode), so
+  `α = 0` is exactly the base model, and `α = e_k` is expert `k`;
+* shrinks toward the base model: the search starts at `α = 0` (mean 0) and the fit fitness pays `λ · mean|α|`;
+* includes the base model (`α = 0`) as a candidate, so the selected mixture is never worse than the base on the
+  hold-out shots (lexicographically: accuracy, then mean log-likelihood; ties keep the base);
+* stops early when the hold-out fitness has not improved for `patience` generations.
+
+Budget (defaults, SmolLM2-135M on this machine's CPU, ~3.4 s to score 40 two-option shots, i.e. ~0.085 s per
+shot): with 40 shots, hold-out 40 % → 24 fit + 16 hold-out shots; a generation costs 16 candidates × 24 shots ×
+0.085 s ≈ 32.6 s plus one hold-out evaluation (16 × 0.085 ≈ 1.4 s); 12 generations ≈ 408 s, plus the base model on
+both parts (≈ 3.4 s) and a final evaluation on all shots (≈ 3.4 s): ≈ 415 s ≈ 7 minutes ≤ 10 minutes. For other
+shot counts [`CEMConfig.for_budget`] sizes the generations to a time budget. The reference (32 × 50 on all 40 shots)
+would take 1600 × 3.4 s ≈ 90 minutes.
 """
 
 from __future__ import annotations
@@ -40,32 +60,91 @@ Fitness = Union[float, tuple[float, ...]]
 MIXTURE_METADATA = "transformer2_mixture.json"
 
 
+#: Seconds to score one shot once with SmolLM2-135M on the development CPU (40 two-option shots ≈ 3.4 s).
+SECONDS_PER_SHOT = 0.085
+
+
 @dataclass
 class CEMConfig:
-    """Settings of the cross-entropy method (defaults: the Transformer² reference).
+    """Settings of the cross-entropy method.
+
+    The defaults are the regularised search sized for ≤ 10 minutes per task with 40 shots on SmolLM2-135M (see
+    the module docstring); [`CEMConfig.reference`] gives the Transformer² reference (32 × 50, no regularisation).
 
     Args:
         population (`int`): Candidates per generation (reference 32).
         elite_fraction (`float`): Fraction of the population kept to refit the distribution (reference 0.2).
         init_std (`float`): Initial standard deviation of every α (reference 0.5).
-        init_mean (`float`, *optional*): Initial mean of every α; `None` uses `1 / K` (the plain average of the
-            experts).
+        init_mean (`float`, *optional*): Initial mean of every α; `None` uses `0` (the base model) when
+            regularising, else `1 / K` (the plain average of the experts, the reference).
         clamp (`tuple[float, float]`): Bounds of α (reference `[0, 1]`).
-        generations (`int`): Number of generations (reference 50).
+        generations (`int`): Number of generations (reference 50); the most, with early stopping.
         min_std (`float`): Floor of the standard deviation (0 = none).
-        seed (`int`): Seed of the sampling; the search is deterministic given a deterministic fitness.
+        seed (`int`): Seed of the sampling and of the fit/hold-out split; the search is deterministic given a
+            deterministic fitness.
         progress (`bool`): Show a tqdm progress bar.
+        regularize (`bool`): The regularised search (hold-out selection, shrinkage toward the base model, base
+            model as a candidate, early stopping); `False` is the plain reference CEM.
+        holdout_fraction (`float`): Fraction of the shots held out to select the result (regularised search; at
+            least one shot on each side).
+        l1_penalty (`float`): `λ`: the fit fitness's first component pays `λ · mean|α|` (regularised search).
+        patience (`int`): Generations without hold-out improvement before stopping (regularised search; `0`: never
+            stop early).
     """
 
-    population: int = 32
-    elite_fraction: float = 0.2
+    population: int = 16
+    elite_fraction: float = 0.25
     init_std: float = 0.5
     init_mean: Optional[float] = None
     clamp: tuple[float, float] = (0.0, 1.0)
-    generations: int = 50
+    generations: int = 12
     min_std: float = 0.0
     seed: int = 0
     progress: bool = True
+    regularize: bool = True
+    holdout_fraction: float = 0.4
+    l1_penalty: float = 0.01
+    patience: int = 4
+
+    @classmethod
+    def reference(cls, **overrides: Any) -> CEMConfig:
+        """The Transformer² reference settings: population 32, elite 20 %, 50 generations, no regularisation."""
+        values = {"population": 32, "elite_fraction": 0.2, "generations": 50, "regularize": False}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def for_budget(
+        cls,
+        n_shots: int,
+        *,
+        seconds: float = 600.0,
+        seconds_per_shot: float = SECONDS_PER_SHOT,
+        **overrides: Any,
+    ) -> CEMConfig:
+        """Settings whose number of generations fits `seconds` for `n_shots` shots.
+
+        Cost model: `seconds_per_shot` per shot scored; per generation `population × n_fit` shots plus `n_hold`
+        for the hold-out check; once the base model on all shots and a final evaluation on all shots.
+
+        Args:
+            n_shots (`int`): Number of labelled shots.
+            seconds (`float`): Time budget of the search.
+            seconds_per_shot (`float`): Measured time to score one shot once (default: SmolLM2-135M on CPU).
+            **overrides: Other [`CEMConfig`] fields (e.g. `population`).
+        """
+        config = cls(**overrides)
+        n_fit, n_hold = split_sizes(n_shots, config.holdout_fraction) if config.regularize else (n_shots, 0)
+        per_generation = (config.population * n_fit + n_hold) * seconds_per_shot
+        fixed = 2 * n_shots * seconds_per_shot if config.regularize else 0.0
+        generations = int((seconds - fixed) // per_generation) if per_generation > 0 else 1
+        if generations < 1:
+            raise ValueError(
+                f"a budget of {seconds} s does not fit one generation of {config.population} candidates on "
+                f"{n_fit} shots ({per_generation:.1f} s); lower population or the number of shots"
+            )
+        config.generations = generations
+        return config
 
     def __post_init__(self) -> None:
         if self.population < 2:
@@ -81,6 +160,12 @@ class CEMConfig:
             raise ValueError(f"CEMConfig.clamp must be (low, high) with low < high, got {self.clamp}")
         if self.min_std < 0:
             raise ValueError(f"CEMConfig.min_std must be >= 0, got {self.min_std}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"CEMConfig.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.l1_penalty < 0:
+            raise ValueError(f"CEMConfig.l1_penalty must be >= 0, got {self.l1_penalty}")
+        if self.patience < 0:
+            raise ValueError(f"CEMConfig.patience must be >= 0, got {self.patience}")
 
     @property
     def num_elites(self) -> int:
@@ -97,9 +182,17 @@ class CEMResult:
         best_fitness (`tuple[float, ...]`): Its fitness.
         history (`list[dict]`): Per generation: `best` (best so far, first fitness component), `generation_best`,
             `generation_mean`, `elite_mean`, `std_mean` (mean σ after refitting), `best_fitness` (full tuple).
-        evaluations (`int`): Fitness evaluations done.
+        evaluations (`int`): Fitness calls made (including those answered from a cache, see `cache_hits`).
         seconds (`float`): Wall time.
         mean, std (`torch.Tensor`): The final Gaussian.
+        holdout_fitness (`tuple[float, ...]`, *optional*): Regularised search: hold-out fitness of `best_alpha`.
+        base_holdout_fitness (`tuple[float, ...]`, *optional*): Regularised search: hold-out fitness of the base
+            model (`α = 0`); `holdout_fitness` is never below it.
+        stopped_early (`bool`): Regularised search: stopped before `generations` for lack of hold-out progress.
+        shot_evaluations (`int`): Shots scored in all (evaluations × shots per evaluation), when known.
+        cache_hits (`int`): Candidates whose fitness came from the cache (identical α, e.g. clamped to the bounds).
+        regularized (`bool`): Whether the regularised search produced this result.
+        split (`dict`, *optional*): Shot indices of the `fit` and `holdout` parts ([`FewShotMixer.search`]).
     """
 
     best_alpha: torch.Tensor
@@ -109,20 +202,45 @@ class CEMResult:
     seconds: float
     mean: torch.Tensor
     std: torch.Tensor
+    holdout_fitness: Optional[tuple[float, ...]] = None
+    base_holdout_fitness: Optional[tuple[float, ...]] = None
+    stopped_early: bool = False
+    shot_evaluations: Optional[int] = None
+    cache_hits: int = 0
+    regularized: bool = False
+    split: Optional[dict[str, list[int]]] = None
 
     @property
     def fitness_curve(self) -> list[float]:
         """Best-so-far fitness (first component) after each generation."""
         return [h["best"] for h in self.history]
 
+    @property
+    def evaluations_per_second(self) -> float:
+        """Fitness evaluations per second of wall time."""
+        return self.evaluations / self.seconds if self.seconds > 0 else float("inf")
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "best_alpha": self.best_alpha.tolist(),
             "best_fitness": list(self.best_fitness),
             "history": self.history,
             "evaluations": self.evaluations,
             "seconds": self.seconds,
+            "evaluations_per_second": self.evaluations_per_second,
+            "regularized": self.regularized,
+            "cache_hits": self.cache_hits,
         }
+        if self.shot_evaluations is not None:
+            out["shot_evaluations"] = self.shot_evaluations
+            out["shots_per_second"] = self.shot_evaluations / self.seconds if self.seconds > 0 else float("inf")
+        if self.regularized:
+            out["holdout_fitness"] = list(self.holdout_fitness) if self.holdout_fitness else None
+            out["base_holdout_fitness"] = list(self.base_holdout_fitness) if self.base_holdout_fitness else None
+            out["stopped_early"] = self.stopped_early
+        if self.split is not None:
+            out["split"] = self.split
+        return out
 
 
 def _as_tuple(value: Fitness) -> tuple[float, ...]:
@@ -213,6 +331,124 @@ def cross_entropy_method(
     )
 
 
+def split_sizes(n_shots: int, holdout_fraction: float) -> tuple[int, int]:
+    """`(n_fit, n_hold)` for a fit/hold-out split of `n_shots`; at least one on each side when `n_shots >= 2`."""
+    if n_shots < 2:
+        return n_shots, 0
+    n_hold = min(n_shots - 1, max(1, round(holdout_fraction * n_shots)))
+    return n_shots - n_hold, n_hold
+
+
+def regularized_cross_entropy_method(
+    fitness: Callable[[torch.Tensor], Fitness],
+    holdout: Callable[[torch.Tensor], Fitness],
+    shape: Union[int, Sequence[int]],
+    config: Optional[CEMConfig] = None,
+) -> CEMResult:
+    """CEM on a fit fitness, the result selected by a hold-out fitness, shrunk toward `α = 0` (the base model).
+
+    Each generation samples `population` candidates around the mean (clamped), ranks them by the fit fitness
+    minus `l1_penalty · mean|α|` (on its first component), refits the Gaussian to the elites (their unclamped
+    values, so that starting at the bound 0 the spread does not collapse there), and evaluates the
+    generation's best on `holdout`. The result is the candidate with the best hold-out fitness among the base model
+    (`α` at the lower clamp bound, normally 0, evaluated first) and the generation bests; ties keep the earlier
+    one, so the base model wins unless a mixture is strictly better on the hold-out. The search stops after
+    `patience` generations without hold-out improvement.
+
+    Args:
+        fitness (`Callable`): Fit fitness of an α (float or tuple compared lexicographically; higher is better).
+        holdout (`Callable`): Hold-out fitness of an α.
+        shape (`int` or `Sequence[int]`): Shape of α.
+        config ([`CEMConfig`], *optional*): Settings (`init_mean=None` starts at 0).
+
+    Returns:
+        [`CEMResult`] with `best_fitness` = `holdout_fitness` = the selected α's hold-out fitness.
+    """
+    config = config or CEMConfig()
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if any(s < 1 for s in shape):
+        raise ValueError(f"shape must be positive, got {shape}")
+    lo, hi = config.clamp
+    gen = torch.Generator().manual_seed(config.seed)
+    init_mean = config.init_mean if config.init_mean is not None else 0.0
+    mean = torch.full(shape, float(init_mean), dtype=torch.float64).clamp(lo, hi)
+    std = torch.full(shape, float(config.init_std), dtype=torch.float64)
+    base_alpha = torch.full(shape, float(min(max(0.0, lo), hi)), dtype=torch.float64)
+    evaluations = 0
+    start = time.perf_counter()
+
+    def penalised(alpha: torch.Tensor) -> tuple[float, ...]:
+        fit = _as_tuple(fitness(alpha.clone()))
+        return (fit[0] - config.l1_penalty * float(alpha.abs().mean()), *fit[1:])
+
+    base_hold = _as_tuple(holdout(base_alpha.clone()))
+    best_alpha, best_hold = base_alpha.clone(), base_hold
+    evaluations += 1
+    history: list[dict[str, Any]] = []
+    stale = 0
+    stopped_early = False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.generations * config.population, desc="CEM", disable=not config.progress)
+    try:
+        for g in range(config.generations):
+            noise = torch.randn((config.population, *shape), generator=gen, dtype=torch.float64)
+            raw = mean + std * noise
+            samples = raw.clamp(lo, hi)
+            fits = []
+            for cand in samples:
+                fits.append(penalised(cand))
+                evaluations += 1
+                bar.update(1)
+            order = sorted(range(len(fits)), key=lambda i: _key(fits[i]), reverse=True)
+            champion = samples[order[0]].clone()
+            hold = _as_tuple(holdout(champion.clone()))
+            evaluations += 1
+            improved = _key(hold) > _key(best_hold)
+            if improved:
+                best_alpha, best_hold = champion, hold
+            stale = 0 if improved else stale + 1
+            elites = raw[order[: config.num_elites]]  # unclamped: the spread does not collapse at a bound
+            mean = elites.mean(0)
+            std = (
+                elites.std(0, unbiased=False).clamp_min(config.min_std)
+                if len(elites) > 1
+                else std.clamp_min(config.min_std)
+            )
+            firsts = [f[0] for f in fits]
+            history.append(
+                {
+                    "generation": g,
+                    "best": best_hold[0],
+                    "best_fitness": list(best_hold),
+                    "generation_best": fits[order[0]][0],
+                    "generation_best_holdout": list(hold),
+                    "generation_mean": sum(firsts) / len(firsts),
+                    "elite_mean": sum(fits[i][0] for i in order[: config.num_elites]) / config.num_elites,
+                    "std_mean": float(std.mean()),
+                }
+            )
+            bar.set_postfix(holdout=f"{best_hold[0]:.4g}")
+            if config.patience and stale >= config.patience and g + 1 < config.generations:
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+    return CEMResult(
+        best_alpha=best_alpha,
+        best_fitness=best_hold,
+        history=history,
+        evaluations=evaluations,
+        seconds=time.perf_counter() - start,
+        mean=mean,
+        std=std,
+        holdout_fitness=best_hold,
+        base_holdout_fitness=base_hold,
+        stopped_early=stopped_early,
+        regularized=True,
+    )
+
+
 def _check_shots(shots: Sequence[Example], kind: str) -> list[Example]:
     shots = list(shots or [])
     if not shots:
@@ -278,16 +514,26 @@ class FewShotMixer:
             model.set_adapter(active)
         if adapter_name not in library.extra_adapters:
             library.register_adapter(adapter_name, "mixture")
-        # stacked expert z per layer: (K, r), and the block index of the layer
-        self._stacks: list[tuple[torch.nn.Parameter, torch.Tensor, Optional[int]]] = []
+        # stacked expert z per layer: (K, r), the block index of the layer, and the z that is the base layer
+        self._stacks: list[tuple[torch.nn.Parameter, torch.Tensor, Optional[int], float]] = []
         for name, layer in library.svf_layers:
             if adapter_name not in layer.svf_z:
                 continue
             stack = torch.stack([layer.svf_z[e].detach().to(torch.float64) for e in self.experts])
-            self._stacks.append((layer.svf_z[adapter_name], stack, layer_index(name)))
-        if kind == "multiple_choice":
+            identity = 1.0 if layer.svf_settings[self.experts[0]]["mode"] == "linear" else 0.0
+            self._stacks.append((layer.svf_z[adapter_name], stack, layer_index(name), identity))
+        #: How α mixes the experts: `False`: `z' = Σ_k α_k z_k` (the reference); `True`: around the base model,
+        #: `z' = z₀ + Σ_k α_k (z_k − z₀)` with `z₀` the `z` of the unadapted layer (1 in linear mode), so `α = 0` is
+        #: the base model exactly. [`search`] sets it from `CEMConfig.regularize`.
+        self.around_base = False
+        if kind == "multiple_choice":  # encoded once: the tokens do not change between candidates
             self._prompts, self._options = encode_examples(library.tokenizer, self.shots)
+        self._labels = [ex.label for ex in self.shots]
+        self._pad_id = pad_token_id(library.tokenizer, library.model)
+        self._cache: dict[tuple, tuple[float, float]] = {}
         self.evaluations = 0
+        self.cache_hits = 0
+        self.shots_scored = 0
 
     @property
     def alpha_shape(self) -> tuple[int, ...]:
@@ -296,7 +542,11 @@ class FewShotMixer:
         return (k, self.num_layers) if self.per_layer else (k,)
 
     def apply(self, alpha: Union[torch.Tensor, Sequence[float], Sequence[Sequence[float]]]) -> None:
-        """Write `z' = Σ_k α_k z_k` into the mixture adapter (same result as `combine_svf_adapters`)."""
+        """Write the mixture `alpha` into the mixture adapter.
+
+        `z' = Σ_k α_k z_k` (same result as `combine_svf_adapters`), or, with `around_base`,
+        `z' = z₀ + Σ_k α_k (z_k − z₀)` (`α = 0` is the base model).
+        """
         alpha = torch.as_tensor(alpha, dtype=torch.float64)
         if alpha.ndim == 1:
             alpha = alpha[:, None]
@@ -304,40 +554,98 @@ class FewShotMixer:
         if alpha.shape[0] != k or alpha.ndim != 2 or alpha.shape[1] not in (1, self.num_layers):
             raise ValueError(f"alpha must have shape ({k},) or ({k}, {self.num_layers}), got {tuple(alpha.shape)}")
         with torch.no_grad():
-            for param, stack, idx in self._stacks:
+            for param, stack, idx, identity in self._stacks:
                 col = alpha[:, 0] if alpha.shape[1] == 1 else alpha[:, idx if idx is not None else 0]
-                param.data.copy_((col @ stack).to(param.dtype))
+                z = identity + col @ (stack - identity) if self.around_base else col @ stack
+                param.data.copy_(z.to(param.dtype))
 
-    def fitness(self, alpha: torch.Tensor) -> tuple[float, float]:
-        """`(accuracy, mean gold log-likelihood)` of the mixture `alpha` on the shots."""
+    def split(self, seed: int = 0, holdout_fraction: float = 0.4) -> tuple[list[int], list[int]]:
+        """Seeded split of the shot indices into a fit part and a hold-out part (see [`split_sizes`]).
+
+        With a single shot both parts are that shot.
+        """
+        n_fit, n_hold = split_sizes(len(self.shots), holdout_fraction)
+        order = torch.randperm(len(self.shots), generator=torch.Generator().manual_seed(seed)).tolist()
+        if n_hold == 0:
+            return order, order
+        return sorted(order[:n_fit]), sorted(order[n_fit:])
+
+    def fitness(self, alpha: torch.Tensor, shots: Optional[Sequence[int]] = None) -> tuple[float, float]:
+        """`(accuracy, mean gold log-likelihood)` of the mixture `alpha` on the shots (or the shots of the indices).
+
+        Results are cached by `(α, shots)`: a candidate seen before (e.g. clamped to the same bounds) is not
+        scored again.
+
+        Args:
+            alpha (`torch.Tensor`): Mixing weights of shape [`alpha_shape`].
+            shots (`Sequence[int]`, *optional*): Indices of the shots to score; all when `None`.
+        """
+        alpha = torch.as_tensor(alpha, dtype=torch.float64)
+        idx = list(range(len(self.shots))) if shots is None else list(shots)
+        key = (self.around_base, tuple(idx), tuple(alpha.shape), alpha.contiguous().numpy().tobytes())
+        if key in self._cache:
+            self.cache_hits += 1
+            return self._cache[key]
         self.apply(alpha)
         self.evaluations += 1
+        self.shots_scored += len(idx)
         lib = self.library
         with lib.use(self.adapter_name):
             if self.kind == "multiple_choice":
                 scores = score_option_ids(
                     lib.model,
-                    self._prompts,
-                    self._options,
-                    pad_id=pad_token_id(lib.tokenizer, lib.model),
+                    [self._prompts[i] for i in idx],
+                    [self._options[i] for i in idx],
+                    pad_id=self._pad_id,
                     batch_size=self.batch_size,
                 )
-                correct, ll = multiple_choice_metrics(scores, [ex.label for ex in self.shots])
-                return sum(correct) / len(correct), ll
-            res = evaluate(
-                lib.model,
-                lib.tokenizer,
-                self.shots,
-                kind=self.kind,
-                mode="generate",
-                batch_size=self.batch_size,
-                max_new_tokens=self.max_new_tokens,
-            )
-            return res.accuracy, res.mean_loglik
+                correct, ll = multiple_choice_metrics(scores, [self._labels[i] for i in idx])
+                value = (sum(correct) / len(correct), ll)
+            else:
+                res = evaluate(
+                    lib.model,
+                    lib.tokenizer,
+                    [self.shots[i] for i in idx],
+                    kind=self.kind,
+                    mode="generate",
+                    batch_size=self.batch_size,
+                    max_new_tokens=self.max_new_tokens,
+                )
+                value = (res.accuracy, res.mean_loglik)
+        self._cache[key] = value
+        return value
 
     def search(self, config: Optional[CEMConfig] = None) -> CEMResult:
-        """Run the cross-entropy method and leave the best α applied to the mixture adapter."""
-        result = cross_entropy_method(self.fitness, self.alpha_shape, config)
+        """Run the cross-entropy method and leave the best α applied to the mixture adapter.
+
+        With `config.regularize` (default) the shots are split (seeded by `config.seed`) into fit and hold-out
+        parts and [`regularized_cross_entropy_method`] selects the α; the returned `best_fitness` is then that α's
+        fitness on *all* shots (its hold-out fitness is `holdout_fitness`, the base model's `base_holdout_fitness`).
+        With `regularize=False` it is the plain reference CEM on all shots ([`cross_entropy_method`]). Sets
+        `around_base` to `config.regularize` (how α mixes the experts, see [`apply`]).
+        """
+        config = config or CEMConfig()
+        hits, scored = self.cache_hits, self.shots_scored
+        self.around_base = config.regularize
+        if config.regularize:
+            fit_idx, hold_idx = self.split(config.seed, config.holdout_fraction)
+            result = regularized_cross_entropy_method(
+                lambda a: self.fitness(a, fit_idx), lambda a: self.fitness(a, hold_idx), self.alpha_shape, config
+            )
+            result.best_fitness = self.fitness(result.best_alpha)
+            result.split = {"fit": fit_idx, "holdout": hold_idx}
+        else:
+            result = cross_entropy_method(self.fitness, self.alpha_shape, config)
+        result.cache_hits = self.cache_hits - hits
+        result.shot_evaluations = self.shots_scored - scored
+        logger.info(
+            "CEM: %d fitness calls (%d cached), %.2f evaluations/s, %d shots scored in %.1f s",
+            result.evaluations,
+            result.cache_hits,
+            result.evaluations_per_second,
+            result.shot_evaluations,
+            result.seconds,
+        )
         self.apply(result.best_alpha)
         return result
 
@@ -382,6 +690,7 @@ class FewShotMixer:
                 for e in self.experts
             ],
             "per_layer": self.per_layer,
+            "mixing": "around_base" if self.around_base else "weighted_sum",
             "alpha": torch.as_tensor(alpha).tolist() if alpha is not None else None,
             "n_shots": len(self.shots),
             "kind": self.kind,

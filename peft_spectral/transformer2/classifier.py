@@ -37,18 +37,24 @@ def build_classifier_examples(
     library: ExpertLibrary,
     task_examples: Mapping[str, Sequence[Example]],
     *,
-    others: Optional[Sequence[Example]] = None,
+    others: Optional[Union[Sequence[Example], Mapping[str, Sequence[Example]]]] = None,
     per_category: Optional[int] = None,
     prompt: Optional[DispatchPrompt] = None,
     seed: int = 0,
 ) -> list[Example]:
-    """Category questions built from the experts' task data.
+    """Category questions built from the experts' task data, optionally with an `others` class.
+
+    The reference trains the classifier on the experts' data only, so it never learns to answer `others`. Give
+    `others` — ideally a mapping of several unrelated tasks — to teach it "no expert fits".
 
     Args:
         library ([`ExpertLibrary`]): Gives the category names and descriptions.
         task_examples (`Mapping[str, Sequence[Example]]`): For each expert name, examples of its task (typically
             its training split).
-        others (`Sequence[Example]`, *optional*): Examples of unrelated tasks, labelled `others`.
+        others (`Sequence[Example]` or `Mapping[str, Sequence[Example]]`, *optional*): Examples of unrelated tasks,
+            labelled `others`. A mapping (task name → examples) is drawn from evenly, round robin over the tasks in
+            a seeded random order, up to `per_category` examples (default: as many as the largest expert
+            category), so that no single unrelated task dominates the class.
         per_category (`int`, *optional*): Cap of examples per category (classes are balanced to it).
         prompt ([`DispatchPrompt`], *optional*): The category question; must match the one used at dispatch.
         seed (`int`): Seed of the sub-sampling and shuffling.
@@ -67,7 +73,10 @@ def build_classifier_examples(
     names = library.names
     descriptions = [library.experts[n].description for n in names]
     sources: list[tuple[str, Sequence[Example]]] = list(task_examples.items())
-    if others:
+    if isinstance(others, Mapping) and others:
+        cap = per_category or max(len(exs) for exs in task_examples.values())
+        sources.append((OTHERS, draw_evenly(others, cap, rng)))
+    elif others:
         sources.append((OTHERS, others))
     out: list[Example] = []
     for label, exs in sources:
@@ -78,6 +87,26 @@ def build_classifier_examples(
             exs = rng.sample(exs, per_category)
         out.extend(prompt.example(library.tokenizer, names, descriptions, ex.prompt, label) for ex in exs)
     rng.shuffle(out)
+    return out
+
+
+def draw_evenly(tasks: Mapping[str, Sequence[Example]], total: int, rng: random.Random) -> list[Example]:
+    """Up to `total` examples taken round robin from several tasks (each task's examples in a seeded random order).
+
+    Args:
+        tasks (`Mapping[str, Sequence[Example]]`): Task name → examples.
+        total (`int`): How many to take.
+        rng (`random.Random`): Source of the shuffling.
+    """
+    empty = [name for name, exs in tasks.items() if not exs]
+    if empty:
+        raise ValueError(f"others task(s) {empty} have no examples")
+    queues = [rng.sample(list(exs), len(exs)) for exs in tasks.values()]
+    out: list[Example] = []
+    while len(out) < total and any(queues):
+        for queue in queues:
+            if queue and len(out) < total:
+                out.append(queue.pop())
     return out
 
 
@@ -136,7 +165,6 @@ def train_classifier_expert(
             else ref.target_modules,
             mode=ref.mode,
             rank=ref.rank,
-            svd_cache_dir=ref.svd_cache_dir,
         )
     model = base_model if base_model is not None else base_model_copy(library)
     if getattr(ref, "base_model_name_or_path", None):

@@ -16,6 +16,7 @@ model (unknown names are logged).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ DEFAULT_INSTRUCTION = (
     "Categories:\n{categories}\n"
 )
 QUESTION_HEADER = "Question:\n"
+#: Prefix keys/values a [`PromptDispatcher`] keeps (oldest dropped first).
+MAX_CACHED_PREFIXES = 8
 
 
 class Dispatcher(Protocol):
@@ -133,6 +136,12 @@ class DispatchPrompt:
 class PromptDispatcher:
     """Ask the model (optionally with a classifier adapter active) which category each question belongs to.
 
+    With a `threshold`, pass 1 can say "no expert fits": a prompt goes to its most likely category only when that
+    category wins by at least `threshold` (see `confidence`), and to `others` (the base model) otherwise. Fit the
+    threshold on labelled validation prompts with
+    [`~peft_spectral.transformer2.calibration.calibrate_threshold`], which also records it in the library
+    (`threshold="library"` reads it back, e.g. after [`ExpertLibrary.from_manifest`]).
+
     Args:
         adapter (`str`, *optional*): Adapter active during pass 1: `None` for the base model (prompt dispatch), or
             the name of a classifier expert loaded in the library (classification-expert dispatch).
@@ -145,6 +154,17 @@ class PromptDispatcher:
         label_tokens (`str`): In `"loglik"` mode, `"distinct"` (default) scores each category name only up to the
             first token that tells it apart from the others (usually one token: no second forward pass, the answer
             greedy decoding would start), `"full"` scores every token of the names.
+        threshold (`float` or `str`, *optional*): Minimal confidence of the top category (`"loglik"` mode only);
+            below it the prompt goes to `others`. `None` or `0` is the plain argmax; `"library"` uses the threshold
+            fitted for this dispatcher and stored in `library.dispatch_thresholds`.
+        confidence (`str`): `"margin"` (default): log-likelihood of the top category minus that of the second;
+            `"probability"`: probability of the top category, normalised over the categories.
+        prefix_sharing (`str`): Which prefix of the category questions is run once per call (`"loglik"` mode):
+            `"prompts"` (default) the longest common prefix of this call's category questions — the instructions,
+            the category list *and* whatever text the questions start with (e.g. a task's own instructions);
+            `"instruction"` only the instructions and category list (the former behaviour, cached across calls).
+            Both give the same scores up to float rounding; `"prompts"` runs fewer tokens when the questions share a
+            beginning.
     """
 
     def __init__(
@@ -156,19 +176,42 @@ class PromptDispatcher:
         batch_size: int = 8,
         max_new_tokens: int = 8,
         label_tokens: str = "distinct",
+        threshold: Optional[Union[float, str]] = None,
+        confidence: str = "margin",
+        prefix_sharing: str = "prompts",
     ):
         if mode not in ("loglik", "generate"):
             raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
         if label_tokens not in ("distinct", "full"):
             raise ValueError(f"label_tokens must be 'distinct' or 'full', got {label_tokens!r}")
+        if confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {confidence!r}")
+        if prefix_sharing not in ("prompts", "instruction"):
+            raise ValueError(f"prefix_sharing must be 'prompts' or 'instruction', got {prefix_sharing!r}")
+        if threshold is not None and not isinstance(threshold, (int, float)) and threshold != "library":
+            raise ValueError(f"threshold must be a number, None or 'library', got {threshold!r}")
+        if threshold is not None and mode != "loglik":
+            raise ValueError("threshold needs mode='loglik' (category scores); generate mode has none")
         self.label_tokens = label_tokens
         self.adapter = adapter
         self.mode = mode
         self.prompt = prompt or DispatchPrompt()
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.threshold = threshold
+        self.confidence = confidence
+        self.prefix_sharing = prefix_sharing
         self.last_answers: list[str] = []
+        self.last_scores: list[list[float]] = []
+        self.last_confidences: list[float] = []
+        #: Tokens run through the model by the last `"loglik"` call (shared prefix once + each question's rest).
+        self.last_tokens_run: int = 0
         self._prefix: dict[tuple, PrefixState] = {}
+
+    @property
+    def key(self) -> str:
+        """Name of this dispatcher's entry in `library.dispatch_thresholds`: `"prompt"` or the classifier adapter."""
+        return self.adapter if self.adapter is not None else "prompt"
 
     def category_examples(self, library: ExpertLibrary, examples: Sequence[Example]) -> list[Example]:
         """The category questions for `examples` (as multiple-choice examples over the categories)."""
@@ -180,16 +223,30 @@ class PromptDispatcher:
         """Forget cached prefix keys/values (call after changing the adapter's weights)."""
         self._prefix.clear()
 
+    def resolved_threshold(self, library: ExpertLibrary) -> Optional[float]:
+        """The threshold in use: the number given, the library's fitted one for `"library"`, or `None`."""
+        if self.threshold != "library":
+            return self.threshold
+        entry = library.dispatch_thresholds.get(self.key)
+        if entry is None:
+            raise ValueError(
+                f"threshold='library' but the library holds no fitted threshold for dispatcher {self.key!r} "
+                f"(fitted: {sorted(library.dispatch_thresholds)}); run calibrate_threshold first"
+            )
+        if entry.get("confidence", self.confidence) != self.confidence:
+            raise ValueError(
+                f"the library's threshold for {self.key!r} was fitted for confidence={entry['confidence']!r}, "
+                f"this dispatcher uses confidence={self.confidence!r}"
+            )
+        return float(entry["threshold"])
+
     def __call__(self, library: ExpertLibrary, examples: Sequence[Example]) -> list[Optional[str]]:
         if not examples:
             return []
-        if self.adapter is not None and self.adapter not in library.model.peft_config:
-            raise ValueError(
-                f"dispatch adapter {self.adapter!r} is not loaded; loaded: {sorted(library.model.peft_config)}"
-            )
-        questions = self.category_examples(library, examples)
-        with library.use(self.adapter):
-            if self.mode == "generate":
+        if self.mode == "generate":
+            self._check_adapter(library)
+            questions = self.category_examples(library, examples)
+            with library.use(self.adapter):
                 answers = generate_answers(
                     library.model,
                     library.tokenizer,
@@ -197,46 +254,117 @@ class PromptDispatcher:
                     max_new_tokens=self.max_new_tokens,
                     batch_size=self.batch_size,
                 )
-                self.last_answers = answers
-                return [parse_category(a, library.names) for a in answers]
-            return self._loglik(library, questions)
-
-    def _loglik(self, library: ExpertLibrary, questions: list[Example]) -> list[Optional[str]]:
-        tok = library.tokenizer
-        prompts = [encode_prompt(tok, q) for q in questions]
-        choices = questions[0].choices
-        labels = [encode_answer(tok, c) for c in choices]
-        if self.label_tokens == "distinct":
-            labels = distinct_prefixes(labels)
-        options = [labels for _ in questions]
-        prefix = self._shared_prefix(library, prompts)
-        scores = score_option_ids(
-            library.model,
-            prompts,
-            options,
-            pad_id=pad_token_id(tok, library.model),
-            batch_size=self.batch_size,
-            prefix=prefix,
-            share_prefix=False,
-        )
-        picks = [choices[i] for i in scores.argmax()]
+            self.last_answers = answers
+            return [parse_category(a, library.names) for a in answers]
+        threshold = self.resolved_threshold(library)
+        scores = self.scores(library, examples)
+        picks = decide_categories(scores, library.names + [OTHERS], threshold=threshold, confidence=self.confidence)
         self.last_answers = picks
         return picks
 
-    def _shared_prefix(self, library: ExpertLibrary, prompts: list[list[int]]) -> Optional[PrefixState]:
-        """The constant part of the category question (instructions + categories), run once per adapter state."""
+    def scores(self, library: ExpertLibrary, examples: Sequence[Example]) -> list[list[float]]:
+        """Log-likelihood of each category (experts in order, then `others`) as the answer, per example.
+
+        Also sets `last_scores`, `last_confidences` and `last_tokens_run`.
+        """
+        self._check_adapter(library)
+        if not examples:
+            return []
+        questions = self.category_examples(library, examples)
         tok = library.tokenizer
-        names = library.names
-        descriptions = [library.experts[n].description for n in names]
-        probe = [encode_prompt(tok, self.prompt.render(tok, names, descriptions, q)) for q in ("a", "Z")]
-        plen = common_prefix_length(probe + prompts)
+        prompts = [encode_prompt(tok, q) for q in questions]
+        labels = [encode_answer(tok, c) for c in questions[0].choices]
+        if self.label_tokens == "distinct":
+            labels = distinct_prefixes(labels)
+        options = [labels for _ in questions]
+        with library.use(self.adapter):
+            prefix = self._shared_prefix(library, prompts)
+            result = score_option_ids(
+                library.model,
+                prompts,
+                options,
+                pad_id=pad_token_id(tok, library.model),
+                batch_size=self.batch_size,
+                prefix=prefix,
+                share_prefix=False,
+            )
+        plen = len(prefix.ids) if prefix is not None else 0
+        self.last_tokens_run = plen + sum(len(p) - plen for p in prompts)
+        self.last_scores = result.sums
+        self.last_confidences = [category_confidence(s, self.confidence) for s in result.sums]
+        return result.sums
+
+    def _check_adapter(self, library: ExpertLibrary) -> None:
+        if self.adapter is not None and self.adapter not in library.model.peft_config:
+            raise ValueError(
+                f"dispatch adapter {self.adapter!r} is not loaded; loaded: {sorted(library.model.peft_config)}"
+            )
+
+    def _shared_prefix(self, library: ExpertLibrary, prompts: list[list[int]]) -> Optional[PrefixState]:
+        """The constant part of the category questions, run once (per adapter state for `"instruction"`)."""
+        if self.prefix_sharing == "prompts":
+            plen = common_prefix_length(prompts)
+        else:
+            tok = library.tokenizer
+            names = library.names
+            descriptions = [library.experts[n].description for n in names]
+            probe = [encode_prompt(tok, self.prompt.render(tok, names, descriptions, q)) for q in ("a", "Z")]
+            plen = common_prefix_length(probe + prompts)
         plen = min(plen, min(len(p) for p in prompts) - 1)
         if plen <= 0:
             return None
         key = (self.adapter, tuple(prompts[0][:plen]))
         if key not in self._prefix:
+            while len(self._prefix) >= MAX_CACHED_PREFIXES:
+                self._prefix.pop(next(iter(self._prefix)))
             self._prefix[key] = run_prefix(library.model, prompts[0][:plen])
         return self._prefix[key]
+
+
+CONFIDENCE_MEASURES = ("margin", "probability")
+
+
+def category_confidence(scores: Sequence[float], confidence: str = "margin") -> float:
+    """How clearly the top category wins.
+
+    Args:
+        scores (`Sequence[float]`): Log-likelihood of each category.
+        confidence (`str`): `"margin"`: top log-likelihood minus the second (`inf` with one category);
+            `"probability"`: softmax probability of the top category over the categories.
+    """
+    if confidence not in CONFIDENCE_MEASURES:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {confidence!r}")
+    ordered = sorted(scores, reverse=True)
+    if confidence == "margin":
+        return ordered[0] - ordered[1] if len(ordered) > 1 else math.inf
+    top = ordered[0]
+    return 1.0 / sum(math.exp(v - top) for v in ordered)
+
+
+def decide_categories(
+    scores: Sequence[Sequence[float]],
+    categories: Sequence[str],
+    *,
+    threshold: Optional[float] = None,
+    confidence: str = "margin",
+) -> list[str]:
+    """The category of each row of scores, or `others` when the top one does not win by `threshold`.
+
+    Args:
+        scores (`Sequence[Sequence[float]]`): Per prompt, the log-likelihood of each category.
+        categories (`Sequence[str]`): The category names, in the order of the scores (experts, then `others`).
+        threshold (`float`, *optional*): Minimal confidence of the top category; `None` or `0`: plain argmax.
+        confidence (`str`): `"margin"` or `"probability"` (see [`category_confidence`]).
+    """
+    out = []
+    for row in scores:
+        if len(row) != len(categories):
+            raise ValueError(f"a score row has {len(row)} values for {len(categories)} categories")
+        best = categories[max(range(len(row)), key=row.__getitem__)]
+        if threshold is not None and category_confidence(row, confidence) < threshold:
+            best = OTHERS
+        out.append(best)
+    return out
 
 
 class FixedDispatcher:

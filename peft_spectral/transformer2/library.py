@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: Category name that means "no expert fits": the unadapted base model answers.
 OTHERS = "others"
+#: File name of a saved library manifest ([`ExpertLibrary.save_manifest`]).
+LIBRARY_MANIFEST = "transformer2_library.json"
 #: Names that cannot be given to an expert.
 RESERVED_NAMES = frozenset({OTHERS, "base", "none", "default"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -146,6 +148,10 @@ class ExpertLibrary:
         self.tokenizer = tokenizer
         self.experts: dict[str, Expert] = {e.name: e for e in experts}
         self.extra_adapters: dict[str, str] = {}  # name -> role ("classifier", "mixture")
+        self.extra_sources: dict[str, str] = {}  # name -> saved directory / Hub id, where loaded from one
+        #: Fitted dispatch thresholds per dispatcher key (`"prompt"` or the classifier's adapter name), see
+        #: `peft_spectral.transformer2.calibration.calibrate_threshold`; saved by `save_manifest`.
+        self.dispatch_thresholds: dict[str, dict[str, Any]] = {}
         self.switch_seconds: list[float] = []
         missing = [e.name for e in experts if e.name not in model.peft_config]
         if missing:
@@ -271,7 +277,66 @@ class ExpertLibrary:
         load_adapter(self.model, folder, adapter_name=name, expected_type="SVF")
         self.model.set_adapter(active)
         self.register_adapter(name, role)
+        self.extra_sources[name] = str(source)
         return name
+
+    # ------------------------------------------------------------------ manifest
+
+    def manifest(self) -> dict[str, Any]:
+        """The library as JSON-friendly data: experts, extra adapters with a source, fitted dispatch thresholds."""
+        return {
+            "experts": [
+                {"name": e.name, "source": e.source, "description": e.description} for e in self.experts.values()
+            ],
+            "extra_adapters": [
+                {"name": n, "role": self.extra_adapters[n], "source": src} for n, src in self.extra_sources.items()
+            ],
+            "dispatch_thresholds": self.dispatch_thresholds,
+        }
+
+    def save_manifest(self, path: Union[str, os.PathLike]) -> Path:
+        """Write [`ExpertLibrary.manifest`] to `path` (a file, or a directory receiving `transformer2_library.json`).
+
+        Returns:
+            `Path`: The file written.
+        """
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / LIBRARY_MANIFEST
+        path.write_text(json.dumps(self.manifest(), indent=2))
+        return path
+
+    @classmethod
+    def from_manifest(
+        cls, base_model: nn.Module, tokenizer: Any, path: Union[str, os.PathLike], **load_kwargs: Any
+    ) -> ExpertLibrary:
+        """Load a library saved with [`ExpertLibrary.save_manifest`]: experts, extra adapters and thresholds.
+
+        Args:
+            base_model (`PreTrainedModel`): The unadapted model (wrapped in place).
+            tokenizer: Its tokenizer.
+            path: The manifest file, or the directory holding `transformer2_library.json`.
+            **load_kwargs: Passed to [`ExpertLibrary.load`].
+
+        Raises:
+            [`ExpertLibraryError`]: the manifest is missing or malformed.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / LIBRARY_MANIFEST
+        if not path.is_file():
+            raise ExpertLibraryError(f"library manifest {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+            experts = data["experts"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ExpertLibraryError(f"library manifest {str(path)!r} is not valid ({err})") from err
+        library = cls.load(base_model, tokenizer, experts, **load_kwargs)
+        for extra in data.get("extra_adapters", []):
+            library.load_extra_adapter(extra["source"], extra["name"], extra.get("role", "classifier"))
+        library.dispatch_thresholds = dict(data.get("dispatch_thresholds", {}))
+        return library
 
     # ------------------------------------------------------------------ switching
 

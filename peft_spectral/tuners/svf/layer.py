@@ -36,6 +36,7 @@ from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
 from .config import SVFConfig
+from .mixed_batch import mixed_batch_forward
 
 
 #: Standard deviation of the random `z` of `SVFConfig(init_weights=False)` (around `init_value`).
@@ -252,6 +253,9 @@ class SVFLinear(nn.Module, SVFLayer):
         return self.svf_P is not None and 2 * k > self.svf_rank
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self.disable_adapters:
+            return mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from .._linear import is_conv1d, weight_matrix
 from .._tuner import SpectralTunerMixin
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
 from .layer import SVFLayer, SVFLinear
+from .mixed_batch import mixed_batch_hooks
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -150,6 +152,16 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
         return remapped
 
     # ------------------------------------------------------------------ adapters
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Mixed-adapter batches: `adapter_names=[...]` (one per example) in `forward`/`generate`, as for LoRA."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        with mixed_batch_hooks(self.model, adapter_names, layer_cls=SVFLayer, num_beams=kwargs.get("num_beams")):
+            yield
 
     def svf_layers(self) -> list[tuple[str, SVFLinear]]:
         """All SVF layers of the model with their module names."""
