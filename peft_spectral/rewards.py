@@ -394,7 +394,12 @@ def make_reward(kind: str, *, positive: float = 1.0, negative: float = -1.0, **o
 
 
 def checked_reward(fn: RewardFunc) -> RewardFunc:
-    """Wrap a reward function so that a `None`, NaN or infinite reward raises a `ValueError` naming the function."""
+    """Wrap a reward function so that a `None`, NaN or infinite reward raises a `ValueError` naming the function.
+
+    Wrapping twice is a no-op: an already checked function is returned as is.
+    """
+    if getattr(fn, "_peft_spectral_checked", False):
+        return fn
     name = getattr(fn, "__name__", repr(fn))
 
     @functools.wraps(fn)
@@ -420,4 +425,5 @@ def checked_reward(fn: RewardFunc) -> RewardFunc:
                 raise ValueError(f"reward function {name!r} returned {number} for completion {i}")
         return [float(v) for v in rewards]
 
+    wrapper._peft_spectral_checked = True
     return wrapper

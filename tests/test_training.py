@@ -272,9 +272,8 @@ def test_nan_reward_is_a_clear_error(tmp_path):
     def bad_reward(completions, **kwargs):
         return [float("nan")] * len(completions)
 
-    from peft_spectral.rewards import checked_reward
-
-    with pytest.raises(ValueError, match="bad_reward"):
+    # the user's function is not wrapped by hand: train_svf checks every reward function itself
+    with pytest.raises(ValueError, match="reward function 'bad_reward' returned nan"):
         train_svf(
             build_tiny_llama(tok),
             tok,
@@ -282,12 +281,48 @@ def test_nan_reward_is_a_clear_error(tmp_path):
             output_dir=str(tmp_path),
             max_steps=1,
             svf_config=svf_config(),
-            reward_funcs=[checked_reward(bad_reward)],
+            reward_funcs=[bad_reward],
             **FAST_RL,
         )
     guard = NonFiniteGuard()
     with pytest.raises(FloatingPointError, match="reward"):
         guard.on_log(None, type("S", (), {"global_step": 3})(), None, logs={"reward": float("nan")})
+
+
+def test_all_none_rewards_are_a_clear_error(tmp_path):
+    tok = build_tiny_tokenizer()
+
+    def none_reward(completions, **kwargs):
+        return [None] * len(completions)
+
+    with pytest.raises(ValueError, match="reward function 'none_reward' returned None"):
+        train_svf(
+            build_tiny_llama(tok),
+            tok,
+            mc_task(),
+            output_dir=str(tmp_path),
+            max_steps=1,
+            svf_config=svf_config(),
+            reward_funcs=[none_reward],
+            **FAST_RL,
+        )
+
+
+def test_rl_run_without_an_optimizer_step_is_an_error(tmp_path):
+    """Fewer prompts than one RL step needs used to run 0 steps and return an untrained adapter as if trained (SFT
+    takes a short last batch, so only RL's grouped sampler can starve)."""
+    tok = build_tiny_tokenizer()
+    batch = {"prompts_per_step": 4, "num_generations": 2, "max_completion_length": 4}
+    with pytest.raises(ValueError, match=r"training ran 0 optimizer steps: the task has 1 training examples"):
+        train_svf(
+            build_tiny_llama(tok),
+            tok,
+            mc_task(1),
+            output_dir=str(tmp_path),
+            max_steps=2,
+            svf_config=svf_config(),
+            **batch,
+        )
 
 
 def test_bad_arguments_name_themselves(tmp_path):

@@ -243,7 +243,9 @@ def train_svf(
             printer(message)
         validation.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     else:
+        first_step = trainer.state.global_step
         trainer.train(resume_from_checkpoint=checkpoint)
+        _check_steps_ran(trainer, first_step, len(dataset), method)
     runtime = time.perf_counter() - start
     peft_model = trainer.model
     _warn_without_signal(metrics.history, printer)
@@ -260,6 +262,23 @@ def train_svf(
     )
     result.save_validation(args.output_dir)
     return result
+
+
+def _check_steps_ran(trainer, first_step: int, n_examples: int, method: str) -> None:
+    """A run that took no optimizer step must not look trained (e.g. fewer examples than one step's prompts)."""
+    if trainer.state.global_step > first_step or trainer.state.global_step >= trainer.args.max_steps:
+        return
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    unit = "examples"
+    if method == "rl":
+        per_step //= max(1, getattr(args, "num_generations", 1))
+        unit = "prompts"
+    raise ValueError(
+        f"training ran 0 optimizer steps: the task has {n_examples} training examples and one step takes {per_step} "
+        f"{unit} (prompts_per_step / per_device_train_batch_size x gradient_accumulation_steps x processes). Give "
+        "more training examples or a smaller batch."
+    )
 
 
 def _warn_without_signal(history: list[dict], printer: Optional[Callable[[str], None]]) -> None:

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..assets import as_plain_fp32
+from ..rewards import checked_reward
 from ..tuners.svf import SVFConfig, SVFLinear
 from .presets import Algorithm, Method
 
@@ -120,9 +121,12 @@ def build_trainer(
             )
         if reward_funcs is None:
             raise ValueError("reward_funcs is required for method='rl' (see reward_for_task)")
+        # A user's reward that returns NaN or None would leave z unchanged behind TRL's generic warning: check them all.
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         trainer = trainer_cls(
             model=model,
-            reward_funcs=reward_funcs if isinstance(reward_funcs, list) else [reward_funcs],
+            reward_funcs=funcs,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
