@@ -7,7 +7,7 @@ What runs where (accelerate 1.16, torch 2.13):
   back to DDP over gloo. The Trainer path under FSDP is therefore only run where ≥ 2 CUDA devices exist
   (`test_accelerate_fsdp_matches_one_process`, skipped on CPU with that reason).
 * torch's FSDP (FSDP2 `fully_shard`, and FSDP1 with PEFT's `fsdp_auto_wrap_policy` and `use_orig_params=True`) does
-  run on CPU with gloo: `test_fsdp_cpu_matches_unsharded` shards the SVF model over 2 processes, trains z with AdamW on
+  run on CPU with gloo: `test_fsdp_cpu_matches_unsharded` shards the SVF model over 2 processes, trains z with SGD on
   half of the global batch each, and checks the gathered z against an unsharded replica trained on the whole batch in
   rank 0.
 
@@ -43,7 +43,8 @@ def _svf_model():
 
 
 def _train(model, batch: torch.Tensor) -> None:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    # Plain SGD: unlike Adam, its step scales with the gradient, so a wrong reduction (sum vs mean) would show.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
     for _ in range(STEPS):
         model(input_ids=batch, labels=batch).loss.backward()
         opt.step()
