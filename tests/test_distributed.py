@@ -11,8 +11,6 @@ This file is also the worker script (`python -m accelerate.commands.launch ... t
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,12 +20,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 STEPS = 3
 GLOBAL_BATCH = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(out_dir: str, per_device_batch: int) -> None:
@@ -67,33 +59,12 @@ def _worker(out_dir: str, per_device_batch: int) -> None:
 
 
 def _launch(tmp_path: Path, num_processes: int) -> dict[str, torch.Tensor]:
+    from distributed_utils import accelerate_launch
     from safetensors.torch import load_file
 
     out = tmp_path / f"np{num_processes}"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *(["--multi_gpu"] if num_processes > 1 else ["--cpu"]),
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(Path(__file__).resolve()),
-        str(out),
-        str(GLOBAL_BATCH // num_processes),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    accelerate_launch(Path(__file__), [str(out), str(GLOBAL_BATCH // num_processes)], num_processes)
     z = load_file(str(out / "z.safetensors"))
     assert int(z.pop("__world_size__")) == num_processes
     return z
