@@ -8,16 +8,7 @@ archive in it. The builders behind them are in `tests/testing_utils.py`.
 from __future__ import annotations
 
 import pytest
-
-# Re-exported for test modules that still import the builders from here; new code imports them from testing_utils.
-from testing_utils import (  # noqa: F401
-    CHAT_TEMPLATE,
-    SPECIAL_TOKENS,
-    build_tiny_gpt2,
-    build_tiny_llama,
-    build_tiny_tokenizer,
-    make_fake_bigbench,
-)
+from testing_utils import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer, make_fake_bigbench
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from peft.utils import PeftType
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig, CoreIsolationLayer, CoreIsolationModel
 
@@ -88,7 +88,7 @@ def test_merge_and_unload_plain_model(tiny_llama):
 
 
 def test_save_load_bit_exact_with_masks(tiny_llama, tmp_path):
-    from conftest import build_tiny_llama
+    from testing_utils import build_tiny_llama
 
     base, tok = tiny_llama
     model = get_peft_model(base, CoreIsolationConfig(target_modules=MLP, core_fraction=0.05))

@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 from transformers import TrainerCallback
 
 from peft_spectral.cpi import (

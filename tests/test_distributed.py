@@ -24,8 +24,8 @@ GLOBAL_BATCH = 4
 
 def _worker(out_dir: str, per_device_batch: int) -> None:
     sys.path.insert(0, str(HERE))
-    from conftest import build_tiny_llama, build_tiny_tokenizer
     from safetensors.torch import save_file
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
     from peft_spectral import SVFConfig
     from peft_spectral.tasks import Example, Task

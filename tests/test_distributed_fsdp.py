@@ -32,8 +32,8 @@ TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 def _svf_model():
     sys.path.insert(0, str(HERE))
-    from conftest import build_tiny_llama, build_tiny_tokenizer
     from peft import get_peft_model
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
     from peft_spectral import SVFConfig
 
@@ -125,8 +125,8 @@ def test_fsdp_cpu_matches_unsharded(tmp_path, version):
 def _trainer_worker(out_dir: str, per_device_batch: int) -> None:
     """`train_svf` SFT under whatever `accelerate launch` configured; saves the full-state-dict z on the main rank."""
     sys.path.insert(0, str(HERE))
-    from conftest import build_tiny_llama, build_tiny_tokenizer
     from safetensors.torch import save_file
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
     from peft_spectral import SVFConfig
     from peft_spectral.tasks import Example, Task

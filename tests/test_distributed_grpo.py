@@ -27,8 +27,8 @@ def _varied_reward(completions, **kwargs):
 
 def _worker(out_dir: str) -> None:
     sys.path.insert(0, str(HERE))
-    from conftest import build_tiny_llama, build_tiny_tokenizer
     from safetensors.torch import save_file
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
     from peft_spectral import SVFConfig
     from peft_spectral.tasks import Example, Task

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import subspace
 from peft_spectral.linalg import thin_svd
@@ -189,7 +189,7 @@ def test_save_load_bit_exact_without_svd(compressed, tmp_path, monkeypatch):
 
 def test_gpt2_conv1d_supported():
     tok = build_tiny_tokenizer()
-    from conftest import build_tiny_gpt2
+    from testing_utils import build_tiny_gpt2
 
     base = build_tiny_gpt2(tok)
     w = base.transformer.h[0].mlp.c_fc.weight.detach().clone()  # (in, out)

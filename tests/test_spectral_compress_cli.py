@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from conftest import build_tiny_llama, build_tiny_tokenizer
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import tasks
 from peft_spectral.cli import build_parser

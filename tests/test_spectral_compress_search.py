@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import compress
 from peft_spectral.compress import (
@@ -539,7 +539,7 @@ def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_target_nll_equals_answer_nll_with_the_same_gradients(arch):
-    from conftest import build_tiny_gpt2
+    from testing_utils import build_tiny_gpt2
 
     tok = build_tiny_tokenizer()
     model = build_tiny_llama(tok, seed=4) if arch == "llama" else build_tiny_gpt2(tok, seed=4)

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import SVFConfig, linalg, svd_cache
 from peft_spectral.adapter_io import validate_adapter_dir

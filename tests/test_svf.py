@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from testing_utils import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
 
 import peft_spectral
 from peft_spectral import SVFConfig, combine_svf_adapters

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
 from peft import get_peft_model
+from testing_utils import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
 
 import peft_spectral
 from peft_spectral.tuners.svf.layer import SVFLayer

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import PeftModel, get_peft_model
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 from transformers import TrainerCallback
 
 from peft_spectral import SVFConfig

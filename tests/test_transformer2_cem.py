@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 from peft import get_peft_model
+from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 import peft_spectral
 from peft_spectral.tasks import Example
