@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for the smoke runs
 
 from peft_spectral.assets import load_default_model  # noqa: E402
 from peft_spectral.cpi import (  # noqa: E402
@@ -69,7 +69,8 @@ def load_model():
 
 
 def smoke_setup():
-    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from tiny_model import tiny_model as build_tiny_llama
+    from tiny_model import tiny_tokenizer as build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
 

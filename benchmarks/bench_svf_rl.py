@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for the smoke runs
 
 from peft_spectral import SVFConfig  # noqa: E402
 from peft_spectral.evaluation import evaluate  # noqa: E402
@@ -48,7 +48,8 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 def load(args) -> tuple[Any, Any, dict[str, Task]]:
     if args.smoke:
-        from conftest import build_tiny_llama, build_tiny_tokenizer
+        from tiny_model import tiny_model as build_tiny_llama
+        from tiny_model import tiny_tokenizer as build_tiny_tokenizer
 
         tok = build_tiny_tokenizer()
         tasks = {}

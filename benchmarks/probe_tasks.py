@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for the smoke runs
 
 from peft_spectral.evaluation import evaluate  # noqa: E402
 from peft_spectral.stats import accuracy_ci, balanced_accuracy, label_balance  # noqa: E402
@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.smoke:
-        from conftest import build_tiny_llama, build_tiny_tokenizer
+        from tiny_model import tiny_model as build_tiny_llama
+        from tiny_model import tiny_tokenizer as build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         model, model_name = build_tiny_llama(tokenizer).eval(), "tiny random Llama (smoke test)"
