@@ -11,14 +11,7 @@ Scoring answer options (log-likelihoods) lives in `peft_spectral.option_scoring`
 """
 
 from .calibration import calibrate_threshold, dispatch_report, fit_threshold, labelled_prompts
-from .cem import (
-    CEMConfig,
-    CEMResult,
-    FewShotMixer,
-    cross_entropy_method,
-    push_mixture_to_hub,
-    regularized_cross_entropy_method,
-)
+from .cem import CEMConfig, CEMResult, cross_entropy_method, regularized_cross_entropy_method
 from .classifier import base_model_copy, build_classifier_examples, train_classifier_expert
 from .dispatch import (
     DispatchPrompt,
@@ -29,6 +22,7 @@ from .dispatch import (
     parse_category,
 )
 from .library import OTHERS, Expert, ExpertLibrary, ExpertLibraryError, check_compatible
+from .mixer import FewShotMixer, push_mixture_to_hub
 from .shots import load_shots
 from .two_pass import TwoPassResult, group_by_choice, two_pass_evaluate, two_pass_generate
 
