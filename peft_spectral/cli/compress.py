@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
         )
         result = C.c2i_search(model, calibration, evaluation, modules, config, tokenizer=tok)
+    processes = C.distributed.launched_state()
+    if processes is not None and not processes.is_main_process:
+        return 0  # under `accelerate launch` every process has the same result; the main one reports and saves it
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
     print(
         f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "
