@@ -148,6 +148,8 @@ def laser_search(
     processes = launched_state()
     writer = processes is None or processes.is_main_process
     state = _StateFile(Path(state_path) if state_path else None, fp, len(candidates), writer=writer)
+    if processes is not None:
+        processes.wait_for_everyone()  # every process has read the state file before the main one rewrites it
     if state.data["base"] is None:
         if base is not None:
             state.add_seconds(base.seconds)
