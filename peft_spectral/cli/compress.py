@@ -90,6 +90,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .. import compress as C
+    from ..compress.distributed import launched_state
     from ..evaluation import evaluate
     from ..tasks import load_task
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
         )
         result = C.c2i_search(model, calibration, evaluation, modules, config, tokenizer=tok)
-    processes = C.distributed.launched_state()
+    processes = launched_state()
     if processes is not None and not processes.is_main_process:
         return 0  # under `accelerate launch` every process has the same result; the main one reports and saves it
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
