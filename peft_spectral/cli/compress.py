@@ -135,6 +135,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .. import compress as C
+    from ..compress.distributed import launched_state
     from ..evaluation import evaluate
     from ..tasks import load_task
 
@@ -180,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         result = C.c2i_search(model, calibration, evaluation, modules, config, tokenizer=tok)
+    processes = launched_state()
+    if processes is not None and not processes.is_main_process:
+        return 0  # under `accelerate launch` every process has the same result; the main one reports and saves it
     print(f"{result.method}: {result.evaluations} evaluations, {result.wall_time_s:.1f} s")
     print(
         f"search set: base acc {result.base.accuracy:.3f} (loglik {result.base.mean_loglik:.3f}) -> "

@@ -15,6 +15,7 @@ from torch import nn
 from ..state import fingerprint, load_state, model_fingerprint, write_json_atomic
 from ..tasks import Example
 from .candidates import Intervention, take_examples
+from .distributed import launched_state, map_across_processes
 from .results import EvalFn, EvalSummary, ScoredCandidate, SearchResult, default_eval_fn, timed_eval
 from .selection import SelectionGuard, compare
 from .weights import TruncationCache, apply_interventions
@@ -57,8 +58,8 @@ def _scoring_settings(kind: str, eval_fn: Optional[EvalFn]) -> dict:
 class _StateFile:
     """The JSON state of one LASER search; elapsed time accumulates over resumed runs."""
 
-    def __init__(self, path: Optional[Path], fp: str, n_candidates: int):
-        self.path = path
+    def __init__(self, path: Optional[Path], fp: str, n_candidates: int, writer: bool = True):
+        self.path, self.writer = path, writer
         self.data = {"version": _STATE_VERSION, "fingerprint": fp, "base": None, "results": {}, "evaluations": 0}
         self.data["elapsed_s"] = 0.0
         if path is not None:
@@ -73,7 +74,7 @@ class _StateFile:
 
     def save(self) -> None:
         self.data["elapsed_s"] = self._before + time.perf_counter() - self._start
-        if self.path is not None:
+        if self.path is not None and self.writer:
             write_json_atomic(self.path, self.data)
 
 
@@ -111,6 +112,11 @@ def laser_search(
     the same model weights, candidates, validation examples and scoring settings skips the ones already done. The
     progress bar shows an ETA.
 
+    Under `accelerate launch` with several processes (see [`~peft_spectral.compress.distributed`]) the candidates
+    still to evaluate go in rounds of one per process; after each round the results are gathered on every process
+    and the main process alone writes the state file. Results are keyed by candidate, so a search interrupted with
+    one number of processes resumes with another.
+
     Args:
         model (`nn.Module`): The model (left unchanged).
         validation (`Sequence[Example]`): The validation examples.
@@ -139,7 +145,11 @@ def laser_search(
         raise ValueError("duplicate LASER candidates")
     fp = laser_fingerprint(model, candidates, validation, _scoring_settings(kind, eval_fn))
     eval_fn = eval_fn or default_eval_fn(tokenizer, kind, batch_size=batch_size)
-    state = _StateFile(Path(state_path) if state_path else None, fp, len(candidates))
+    processes = launched_state()
+    writer = processes is None or processes.is_main_process
+    state = _StateFile(Path(state_path) if state_path else None, fp, len(candidates), writer=writer)
+    if processes is not None:
+        processes.wait_for_everyone()  # every process has read the state file before the main one rewrites it
     if state.data["base"] is None:
         if base is not None:
             state.add_seconds(base.seconds)
@@ -148,7 +158,9 @@ def laser_search(
         state.data["base"] = base.to_dict()
         state.data["evaluations"] += 1
         state.save()
-    _run_grid(model, validation, candidates, eval_fn, state, progress)
+    _run_grid(model, validation, candidates, eval_fn, state, progress and writer, processes)
+    if processes is not None:
+        processes.wait_for_everyone()  # the state file is complete before any process returns
     base = EvalSummary(**state.data["base"])
     results = [(iv, EvalSummary(**state.data["results"][iv.key])) for iv in candidates]
     scored, (chosen, best) = _choose(results, base, validation, guard)
@@ -169,23 +181,30 @@ def laser_search(
     )
 
 
-def _run_grid(model, validation, candidates, eval_fn, state: _StateFile, progress: bool) -> None:
+def _run_grid(model, validation, candidates, eval_fn, state: _StateFile, progress: bool, processes=None) -> None:
     from tqdm.auto import tqdm
 
     cache = TruncationCache(model, {})
     todo = [iv for iv in candidates if iv.key not in state.data["results"]]
     done = len(candidates) - len(todo)
     bar = tqdm(total=len(candidates), initial=done, desc="LASER", disable=not progress, unit="eval")
-    try:
-        for iv in todo:
-            with apply_interventions(model, [iv], cache=cache):
-                r = timed_eval(eval_fn, model, validation)
-            cache.clear()  # every candidate is used once
-            state.data["results"][iv.key] = r.to_dict()
+
+    def evaluate(iv: Intervention) -> EvalSummary:
+        with apply_interventions(model, [iv], cache=cache):
+            r = timed_eval(eval_fn, model, validation)
+        cache.clear()  # every candidate is used once
+        return r
+
+    def record(finished: list) -> None:
+        for i, r in finished:
+            state.data["results"][todo[i].key] = r.to_dict()
             state.data["evaluations"] += 1
-            state.save()
-            bar.update(1)
-            bar.set_postfix(acc=f"{r.accuracy:.3f}")
+        state.save()
+        bar.update(len(finished))
+        bar.set_postfix(acc=f"{finished[-1][1].accuracy:.3f}")
+
+    try:
+        map_across_processes(evaluate, todo, processes, on_round=record)
     finally:
         bar.close()
         state.save()

@@ -20,6 +20,7 @@ from torch import nn
 from ..subspace import rank_for
 from ..tasks import Example
 from .candidates import LASER_RHOS, Intervention
+from .distributed import launched_state, sum_across_processes
 from .results import LossFn, ScoredCandidate
 from .weights import compute_svds
 
@@ -98,7 +99,8 @@ class GradientPass:
         grads (`dict[str, torch.Tensor]`): `g` per module (float32, length `min(out, in)`).
         loss (`float`): The value of `L`.
         timings (`dict[str, float]`): Seconds spent in `forward_s`, `backward_s` (autograd only) and
-            `projection_s` (turning `∂L/∂W` into `g`), and the number of `batches`.
+            `projection_s` (turning `∂L/∂W` into `g`), the number of `batches` and of `processes`, and with
+            several processes `reduce_s` (summing `g` across them); per-process figures.
     """
 
     grads: dict
@@ -190,6 +192,11 @@ def gradient_pass(
     averaged over batches weighted by batch size. Only the candidate weights require gradients, so autograd computes
     no `∂L/∂W` for any other parameter.
 
+    Under `accelerate launch` with several processes (see [`~peft_spectral.compress.distributed`]) each process
+    takes a contiguous share of `examples`, weighs its batches by their share of the *global* token (or example)
+    count, and the per-process `g` and `L` are summed (float64), so every process gets the one-process result up
+    to rounding.
+
     Args:
         model (`nn.Module`): The model (its parameters' `requires_grad` flags are restored afterwards; no step).
         examples (`Sequence[Example]`): Calibration examples.
@@ -221,11 +228,16 @@ def gradient_pass(
         counts = [len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples]
     else:
         counts = [1] * len(examples)
-    total = float(sum(counts))
+    total = float(sum(counts))  # over all examples: every process weighs its share by the global count
+    state = launched_state()
+    if state is not None:  # this process's share of the examples; the shares' g and L are summed below
+        with state.split_between_processes(list(range(len(examples)))) as mine:
+            examples, counts = [examples[i] for i in mine], [counts[i] for i in mine]
     projector = _Projector(svds, modules, model)
     params = {name: model.get_submodule(name).weight for name in modules}
     batches = _batches(examples, tokenizer, batch_size, by_length=default_loss)
     timings = {"forward_s": 0.0, "backward_s": 0.0, "projection_s": 0.0, "batches": len(batches)}
+    timings["processes"] = 1 if state is None else state.num_processes
     loss_value = 0.0
     with _only_these_require_grad(model, params, projector if project_each_batch else None), torch.enable_grad():
         for idx in tqdm(batches, desc="gradients", disable=not progress):
@@ -243,7 +255,16 @@ def gradient_pass(
                     projector.add(name, p.grad)
                 p.grad = None
     timings["projection_s"] = projector.seconds
-    return GradientPass({k: g.float() for k, g in projector.grads.items()}, loss_value, timings)
+    grads = projector.grads
+    if state is not None:
+        t = time.perf_counter()
+        names = list(grads)
+        flat = sum_across_processes(torch.cat([grads[n] for n in names] + [torch.tensor([loss_value])]), state)
+        sizes = [len(grads[n]) for n in names]
+        grads = dict(zip(names, flat[:-1].split(sizes)))
+        loss_value = float(flat[-1])
+        timings["reduce_s"] = time.perf_counter() - t
+    return GradientPass({k: g.float() for k, g in grads.items()}, loss_value, timings)
 
 
 def singular_value_gradients(

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..tasks import Example, Task
 from .candidates import LASER_RHOS, Intervention, take_examples
+from .distributed import launched_state, map_across_processes
 from .results import EvalFn, EvalSummary, LossFn, SearchResult, default_eval_fn, timed_eval
 from .scoring import C2IScores, c2i_scores, score_candidates
 from .selection import PAPER_N_EVAL, SelectionGuard, compare
@@ -128,8 +129,18 @@ def _select(to_eval, base, run, evaluation, config) -> tuple[list[Intervention],
     from tqdm.auto import tqdm
 
     n_tested = len(to_eval)
-    for cand in tqdm(to_eval, desc="C2I evaluation", disable=not config.progress):
-        cand.result = run([cand.intervention])
+    processes = launched_state()  # with several processes, one candidate per process per round
+    main = processes is None or processes.is_main_process
+    count_before = run.count
+    with tqdm(total=n_tested, desc="C2I evaluation", disable=not (config.progress and main)) as bar:
+        results = map_across_processes(
+            lambda cand: run([cand.intervention]), to_eval, processes, on_round=lambda done: bar.update(len(done))
+        )
+    if processes is not None:  # the evaluations that the other processes ran count too
+        run.count = count_before + n_tested
+        run.examples = run.count * len(evaluation)
+    for cand, result in zip(to_eval, results):
+        cand.result = result
         cand.decision = compare(base, cand.result, evaluation, config.guard, n_tested)
     kept = [c for c in to_eval if c.decision.kept]
     if config.guard is None:
@@ -171,6 +182,10 @@ def c2i_search(
 
     A candidate is kept only when it passes `config.guard` against the unmodified model on the evaluation examples
     (see [`~peft_spectral.compress.selection`]); every evaluated candidate carries its decision in the result.
+
+    Under `accelerate launch` with several processes (see [`~peft_spectral.compress.distributed`]) the gradient
+    pass splits `calibration` across them and sums the gradients, and the top candidates are evaluated one per
+    process; every process returns the same result.
 
     Args:
         model (`nn.Module`): The model (left unchanged).
