@@ -29,7 +29,8 @@ C2I (arXiv 2510.20800)
 
 Modules: [`candidates`] (interventions, grid, examples), [`weights`] (SVDs, truncations), [`scoring`] (the gradient
 pass), [`selection`] (the guard), [`search`] (C2I), [`laser`] (LASER), [`results`] (evaluations and results),
-[`planted`] (a problem with a known answer, for tests and demos).
+[`planted`] (a problem with a known answer, for tests and demos), [`distributed`] (sharing the work across
+`accelerate launch` processes).
 """
 
 from ..subspace import rank_for
