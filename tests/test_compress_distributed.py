@@ -9,9 +9,6 @@ is tested too. This file is also the worker script (`python -m accelerate.comman
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -96,38 +93,6 @@ def _worker(out_dir: str, state_path: str) -> None:
     Path(out_dir, f"rank{state.process_index}.json").write_text(json.dumps(out))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_processes(script: Path, *args: str) -> None:
-    """Run `script args` on 2 CPU processes with `accelerate launch` (gloo); fail with its output if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(HERE.parent))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(script),
-        *args,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-
-
 @pytest.mark.filterwarnings("ignore:c2i_search evaluates candidates on")
 def test_two_processes_match_one_and_resume_its_state(tmp_path):
     from peft_spectral.compress import distributed, laser_search
@@ -144,7 +109,9 @@ def test_two_processes_match_one_and_resume_its_state(tmp_path):
     single = _run(problem, tok, modules, grid, None)
     assert single["laser_chosen"] == single["c2i_chosen"] == [f"{PLANTED} @ rho=0.2"]  # the planted choice
 
-    launch_two_processes(Path(__file__).resolve(), str(tmp_path), str(state_path))
+    from distributed_utils import accelerate_launch
+
+    accelerate_launch(Path(__file__).resolve(), [str(tmp_path), str(state_path)], num_processes=2)
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for double in ranks:
         assert double["world"] == 2

@@ -239,6 +239,12 @@ def _key(f: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(-math.inf if math.isnan(v) else v for v in f)  # NaN ranks last
 
 
+def _refit(elites: torch.Tensor, std: torch.Tensor, min_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling Gaussian refitted to the elites (a single elite keeps the previous spread), floored at `min_std`."""
+    spread = elites.std(0, unbiased=False) if len(elites) > 1 else std
+    return elites.mean(0), spread.clamp_min(min_std)
+
+
 def cross_entropy_method(
     fitness: Callable[[torch.Tensor], Fitness],
     shape: Union[int, Sequence[int]],
@@ -284,13 +290,7 @@ def cross_entropy_method(
             order = sorted(range(len(fits)), key=lambda i: _key(fits[i]), reverse=True)
             if best_fit is None or _key(fits[order[0]]) > _key(best_fit):
                 best_fit, best_alpha = fits[order[0]], samples[order[0]].clone()
-            elites = samples[order[: config.num_elites]]
-            mean = elites.mean(0)
-            std = (
-                elites.std(0, unbiased=False).clamp_min(config.min_std)
-                if len(elites) > 1
-                else std.clamp_min(config.min_std)
-            )
+            mean, std = _refit(samples[order[: config.num_elites]], std, config.min_std)
             firsts = [f[0] for f in fits]
             history.append(
                 {
@@ -394,13 +394,8 @@ def regularized_cross_entropy_method(
             if improved:
                 best_alpha, best_hold = champion, hold
             stale = 0 if improved else stale + 1
-            elites = raw[order[: config.num_elites]]  # unclamped: the spread does not collapse at a bound
-            mean = elites.mean(0)
-            std = (
-                elites.std(0, unbiased=False).clamp_min(config.min_std)
-                if len(elites) > 1
-                else std.clamp_min(config.min_std)
-            )
+            # unclamped elites: the spread does not collapse at a bound
+            mean, std = _refit(raw[order[: config.num_elites]], std, config.min_std)
             firsts = [f[0] for f in fits]
             history.append(
                 {
