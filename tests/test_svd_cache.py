@@ -1,4 +1,14 @@
-"""The SVD (one implementation) and its trusted on-disk cache: integrity, location, read-only disks, dtypes, devices."""
+"""The SVD (one implementation) and its trusted on-disk cache: integrity, location, read-only disks, dtypes, devices.
+
+| attack or bad input (before: what happened) | test |
+|---|---|
+| cache entry with a replaced Q column, a changed sigma or a NaN (used as is) | `test_edited_entry_is_rejected_with_a_warning_recomputed_and_rewritten` |
+| forged entry with a recomputed digest | `test_self_consistent_but_wrong_entry_is_caught_by_the_probe` |
+| `svd_cache_dir` in a downloaded `adapter_config.json` (honoured on load) | `test_cache_dir_is_never_saved_and_a_saved_one_is_ignored_on_load` |
+| read-only / unwritable `PEFT_SPECTRAL_CACHE` (`OSError` from `get_peft_model`) | `test_unwritable_cache_degrades_to_memory_with_one_warning`, `test_read_only_directory_degrades_to_memory` |
+| `use_svd_cache=False` still touching the disk | `test_disabled_cache_never_touches_the_disk` |
+| NaN/inf weight (NaN factors, no error) | `test_non_finite_weight_is_refused_with_its_name`, `test_get_peft_model_names_the_non_finite_module` |
+"""
 
 from __future__ import annotations
 

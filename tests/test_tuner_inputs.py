@@ -1,4 +1,17 @@
-"""Bad inputs to the tuners fail early with an error that names what is wrong (issue 14, items 5-6)."""
+r"""Bad inputs to the tuners fail early with an error that names what is wrong (issue 14, items 5-6).
+
+| bad input (before: what happened) | test |
+|---|---|
+| z = NaN/inf at forward (NaN logits, no error) | `test_svf_non_finite_z_raises_naming_adapter_and_module`, `..._after_an_in_place_update` |
+| `mode="sigmoid"` with z = -1e4 (0/0 in the rescale: NaN logits) | `test_svf_sigmoid_mode_is_finite_for_extreme_z`, `..._mixed_extreme_z_matches_the_limit` |
+| `mode="sigmoid"` with z = inf | `test_svf_sigmoid_mode_infinite_z_raises` |
+| NaN/inf base weight at injection (NaN factors, no error) | `test_non_finite_base_weight_is_refused_at_injection` |
+| adapter name with `.`, `/`, `\`, `..` or empty (raised late and broke the model) | `test_get_peft_model_refuses_bad_adapter_name`, `test_add_adapter_...`, `test_load_adapter_...`, `test_other_tuners_...` |
+| adapter name `"/tmp/x"` (save_pretrained wrote outside the save dir) | `test_adapter_name_with_path_cannot_escape_the_save_dir` |
+
+Training-side bad inputs (a user reward returning NaN/None, an RL run with 0 optimizer steps) are in
+`tests/test_training.py`; cache and state-file inputs in `tests/test_svd_cache.py` and `tests/test_state.py`.
+"""
 
 from __future__ import annotations
 
