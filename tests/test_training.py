@@ -527,3 +527,85 @@ def test_resume_true_continues_from_last_checkpoint(tmp_path):
     assert full.validation["best_step"] == resumed.validation["best_step"]
     final_full, final_resumed = svf_parameters(full.model), svf_parameters(resumed.model)
     assert all(torch.allclose(final_full[k], final_resumed[k], atol=1e-6, rtol=0) for k in final_full)
+
+
+class _Clock:
+    """A fake `time` module for `peft_spectral.training.callbacks`: a step costs 1 s, a validation 100 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _StepCost(TrainerCallback):
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.clock.now += 1.0
+
+
+def _budget_run(tmp_path, clock, budget, max_steps=50, **kw):
+    def slow_score(model):
+        clock.now += 100.0
+        return 0.0
+
+    tok = build_tiny_tokenizer()
+    return train_svf(
+        build_tiny_llama(tok),
+        tok,
+        mc_task(),
+        method="sft",
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        svf_config=svf_config(),
+        per_device_train_batch_size=4,
+        callbacks=[_StepCost(clock), ValidationCallback(score_fn=slow_score, eval_every=3)],
+        max_train_seconds=budget,
+        **kw,
+    )
+
+
+def test_time_budget_stops_training_and_leaves_out_validation(tmp_path, monkeypatch):
+    """Steps cost 1 s and validations 100 s on a fake clock: a 3.5 s budget ends training after step 4 (not after
+    step 0's validation), the step at which it ends is validated although it is no multiple of eval_every, and the
+    result records why training stopped."""
+    from peft_spectral.training import callbacks
+
+    clock = _Clock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    result = _budget_run(tmp_path, clock, 3.5)
+    assert result.trainer.state.global_step == 4 and len(result.step_times) == 4
+    assert result.time_budget == {
+        "max_train_seconds": 3.5,
+        "train_seconds": 4.0,
+        "validation_seconds": 300.0,
+        "steps": 4,
+        "stopped_at": 4,
+        "exhausted": True,
+    }
+    assert [row["step"] for row in result.validation["curve"]] == [0, 3, 4]
+    # without a budget the same run goes to max_steps
+    unbounded = _budget_run(tmp_path / "free", clock, None, max_steps=5)
+    assert unbounded.trainer.state.global_step == 5 and unbounded.time_budget is None
+    with pytest.raises(ValueError, match="max_train_seconds"):
+        _budget_run(tmp_path / "bad", clock, 0.0)
+
+
+def test_time_budget_continues_on_resume(tmp_path, monkeypatch):
+    """The seconds spent go into each checkpoint: a run stopped by a 2.5 s budget at step 3 and resumed with 4.5 s
+    does 2 more steps; resumed again with its budget used up, it restores the best z without training."""
+    from peft_spectral.training import callbacks
+
+    clock = _Clock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    first = _budget_run(tmp_path, clock, 2.5, resume=True, save_steps=1)
+    assert first.trainer.state.global_step == 3 and first.time_budget["train_seconds"] == 3.0
+    second = _budget_run(tmp_path, clock, 4.5, resume=True, save_steps=1)
+    assert second.resumed_from.endswith("checkpoint-3")
+    assert second.trainer.state.global_step == 5 and len(second.step_times) == 2
+    assert second.time_budget["train_seconds"] == 5.0 and second.time_budget["stopped_at"] == 5
+    third = _budget_run(tmp_path, clock, 4.5, resume=True, save_steps=1)
+    assert third.step_times == [] and third.time_budget["exhausted"] and third.time_budget["steps"] == 0

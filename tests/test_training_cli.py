@@ -118,3 +118,19 @@ def test_train_svf_cli_validation_and_resume(tmp_path, tiny_model_dir, monkeypat
     assert [row["step"] for row in curve] == [0, 1, 2, 3]
     with pytest.raises(SystemExit, match="no such checkpoint"):
         main([*common, "--steps", "3", "--resume", str(tmp_path / "missing")])
+
+
+def test_train_svf_cli_time_budget(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`--time-budget` ends training before `--steps` once the (tiny) budget is spent, and says so in the log."""
+    monkeypatch.setattr(cli_train_svf, "_load_task", _toy_task)
+    out = tmp_path / "adapter"
+    common = ["train-svf", "--task", "toy", "--method", "sft", "--output", str(out), "--model", str(tiny_model_dir)]
+    assert main([*common, "--steps", "50", "--batch-size", "4", "--time-budget", "0.001", "--no-progress"]) == 0
+    assert "time budget of 0.001 s used up at step 1" in capsys.readouterr().out
+    budget = json.loads((out / "training_log.json").read_text())["time_budget"]
+    assert budget["steps"] == 1 and budget["stopped_at"] == 1 and budget["exhausted"]
+    assert budget["max_train_seconds"] == 0.001 and budget["train_seconds"] >= 0.001
+    for bad in ("0", "-5", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            main([*common, "--time-budget", bad])
+        assert "--time-budget" in capsys.readouterr().err

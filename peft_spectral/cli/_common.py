@@ -151,6 +151,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = number(text)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def device_name(text: str) -> str:
     """`"auto"` or anything `torch.device` accepts (`"cpu"`, `"cuda"`, `"cuda:1"`, `"mps"`)."""
     if text == "auto":

@@ -18,6 +18,7 @@ from ._common import (
     add_seed_option,
     load_model_or_exit,
     non_negative_float,
+    positive_float,
     positive_int,
     push_adapter_if_requested,
 )
@@ -44,6 +45,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rl", "sft"), default="rl", help="training objective")
     p.add_argument("--algorithm", choices=("grpo", "rloo"), default="grpo", help="RL algorithm (--method rl)")
     p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
+    p.add_argument(
+        "--time-budget",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop once training has taken SECONDS (validation excluded) or at --steps, whichever comes first",
+    )
     p.add_argument("--beta", type=non_negative_float, default=0.0, help="KL weight lambda (RL; paper 0-0.3)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (the paper's)")
     p.add_argument("--prompts-per-step", type=positive_int, default=2, help="RL: prompts per step")
@@ -183,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience,
         eval_metric=args.val_metric,
         eval_max_new_tokens=max(args.max_completion_length, 8),
+        max_train_seconds=args.time_budget,
         **_resume_kwargs(args.resume),
         **preset,
     )
@@ -197,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
     if result.resumed_from:
         report["resumed_from"] = result.resumed_from
+    if result.time_budget is not None:
+        report["time_budget"] = result.time_budget
     if result.validation is not None:
         result.save_validation(out)
         report["validation"] = {k: v for k, v in result.validation.items() if k != "curve"}

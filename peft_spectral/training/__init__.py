@@ -24,11 +24,18 @@ What TRL does with a PEFT model and how SVF copes (checked by `tests/test_traini
   `load_adapter(..., is_trainable=True)` and restores optimizer, scheduler and RNG states.
 
 Modules: `datasets` (TRL datasets, SFT targets, rewards), `presets` (TRL configs), `callbacks` (divergence guard,
-metrics, validation/early stopping), `trainer` (trainer construction and fixes), `svf` ([`train_svf`]).
+metrics, validation/early stopping, time budget), `trainer` (trainer construction and fixes), `svf` ([`train_svf`]).
 """
 
 from ..assets import as_plain_fp32
-from .callbacks import MetricsLogger, NonFiniteGuard, ValidationCallback, load_trainable_state, trainable_state
+from .callbacks import (
+    MetricsLogger,
+    NonFiniteGuard,
+    TimeBudget,
+    ValidationCallback,
+    load_trainable_state,
+    trainable_state,
+)
 from .datasets import examples_to_dataset, reward_for_task, sft_answer, task_dataset, with_lettered_options
 from .presets import (
     PAPER_BATCH_SIZE,
@@ -55,6 +62,7 @@ __all__ = [
     "MetricsLogger",
     "NonFiniteGuard",
     "SVFTrainingResult",
+    "TimeBudget",
     "ValidationCallback",
     "as_plain_fp32",
     "build_trainer",

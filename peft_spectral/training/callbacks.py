@@ -1,4 +1,5 @@
-"""Trainer callbacks for SVF training: divergence guard, metrics history, validation with early stopping."""
+"""Trainer callbacks for SVF training: divergence guard, metrics history, validation with early stopping, and a
+wall-clock budget."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ from typing import Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 
-__all__ = ["MetricsLogger", "NonFiniteGuard", "ValidationCallback", "load_trainable_state", "trainable_state"]
+__all__ = [
+    "MetricsLogger",
+    "NonFiniteGuard",
+    "TimeBudget",
+    "ValidationCallback",
+    "load_trainable_state",
+    "trainable_state",
+]
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -84,6 +93,101 @@ class MetricsLogger(TrainerCallback):
         if self.printer is not None and any(k in row for k in self.keys):
             parts = [f"{k}={row[k]:.4g}" for k in self.keys if k in row]
             self.printer(f"step {state.global_step}: " + " ".join(parts))
+
+
+class TimeBudget(TrainerCallback, ExportableState):
+    """Stops training once the training time reaches a wall-clock budget: the same compute for methods whose steps
+    cost differently (SVF vs LoRA, RL vs SFT).
+
+    Training time runs from the start of `trainer.train()` and leaves out the time spent validating in
+    `validation` (a [`ValidationCallback`]: its evaluations are not training). The check follows every optimizer
+    step, so the last step may overrun the budget by up to one step; the seconds actually spent are recorded. Put
+    this callback before the [`ValidationCallback`] so that the step at which the budget ends is validated too. Its
+    spent seconds are written into every checkpoint (`trainer_state.json`), and `spent_before` continues them on
+    resume.
+
+    Args:
+        max_seconds (`float`): The budget in seconds (> 0).
+        validation ([`ValidationCallback`], *optional*): Whose evaluation time is not counted.
+        spent_before (`float`, defaults to 0.0): Training seconds already spent (by the run this one resumes).
+        clock (`Callable[[], float]`, *optional*): The clock; defaults to `time.perf_counter`, the clock of the
+            validation's `seconds`.
+    """
+
+    def __init__(
+        self,
+        max_seconds: float,
+        *,
+        validation: Optional[ValidationCallback] = None,
+        spent_before: float = 0.0,
+        clock: Optional[Callable[[], float]] = None,
+    ) -> None:
+        if not (isinstance(max_seconds, (int, float)) and math.isfinite(max_seconds) and max_seconds > 0):
+            raise ValueError(f"max_train_seconds must be a finite number > 0, got {max_seconds!r}")
+        if not spent_before >= 0:
+            raise ValueError(f"spent_before must be >= 0, got {spent_before!r}")
+        self.max_seconds = float(max_seconds)
+        self.validation = validation
+        self.spent_before = float(spent_before)
+        self.clock = clock if clock is not None else time.perf_counter
+        self.stopped_at: Optional[int] = None
+        self.steps = 0
+        self._start: Optional[float] = None
+        self._validation_at_start = 0.0
+        self._final: Optional[float] = None
+
+    def _validation_seconds(self) -> float:
+        if self.validation is None:
+            return 0.0
+        return sum(row.get("seconds", 0.0) for row in self.validation.curve)
+
+    @property
+    def validation_seconds(self) -> float:
+        """Seconds spent validating since training (this call) started."""
+        return self._validation_seconds() - self._validation_at_start if self._start is not None else 0.0
+
+    @property
+    def spent(self) -> float:
+        """Training seconds spent so far, `spent_before` included, validation excluded."""
+        if self._final is not None:
+            return self._final
+        if self._start is None:
+            return self.spent_before
+        return self.spent_before + max(0.0, self.clock() - self._start - self.validation_seconds)
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the budget is used up."""
+        return self.spent >= self.max_seconds
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = self.clock()
+        self._validation_at_start = self._validation_seconds()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+        if self.exhausted and not control.should_training_stop:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._final = self.spent
+
+    def state(self) -> dict:
+        return {"args": {"max_seconds": self.max_seconds}, "attributes": {"spent_before": self.spent}}
+
+    def summary(self) -> dict:
+        """What the budget did, as `train_svf` records it: `max_train_seconds`, `train_seconds` (validation
+        excluded, earlier runs of a resumed one included), `validation_seconds` and `steps` (this call), and
+        `stopped_at` (the step at which the budget ended training; `None` when something else ended it)."""
+        return {
+            "max_train_seconds": self.max_seconds,
+            "train_seconds": self.spent,
+            "validation_seconds": self.validation_seconds,
+            "steps": self.steps,
+            "stopped_at": self.stopped_at,
+            "exhausted": self.exhausted,
+        }
 
 
 VALIDATION_STATE_FILE = "validation_state.json"
@@ -211,7 +315,8 @@ class ValidationCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if step % self.eval_every != 0 and step < state.max_steps:
+        # the last step is scored too, also when an earlier callback (e.g. a TimeBudget) ends training at this step
+        if step % self.eval_every != 0 and step < state.max_steps and not control.should_training_stop:
             return
         if self.curve and self.curve[-1]["step"] == step:
             return

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 from transformers import TrainerCallback, TrainingArguments
 
 from ..tasks import Example, Task
-from .callbacks import MetricsLogger, NonFiniteGuard, ValidationCallback
+from .callbacks import MetricsLogger, NonFiniteGuard, TimeBudget, ValidationCallback
 from .datasets import examples_to_dataset, reward_for_task
 from .presets import Algorithm, Method, paper_rl_preset, sft_preset
 from .trainer import build_trainer
@@ -43,6 +43,9 @@ class SVFTrainingResult:
         validation (`dict`, *optional*): With validation: the curve (`[{"step", "score", "accuracy", ...}]`),
             `best_step`, `best_score`, `stopped_early_at`, `restored_best` (see [`ValidationCallback.summary`]).
         resumed_from (`str`, *optional*): The checkpoint training continued from.
+        time_budget (`dict`, *optional*): With `max_train_seconds`: `max_train_seconds`, `train_seconds`
+            (validation excluded), `validation_seconds`, `steps`, `stopped_at` (the step at which the budget ended
+            training, else `None`) and `exhausted` (see [`TimeBudget.summary`]).
     """
 
     model: Any
@@ -53,6 +56,7 @@ class SVFTrainingResult:
     trainer: Any = field(default=None, repr=False)
     validation: Optional[dict] = None
     resumed_from: Optional[str] = None
+    time_budget: Optional[dict] = None
 
     def final(self, key: str) -> Optional[float]:
         """The last logged value of `key` (e.g. `"reward"`, `"loss"`), or `None`."""
@@ -145,6 +149,7 @@ def train_svf(
     eval_metric: str = "accuracy",
     eval_mode: str = "generate",
     eval_max_new_tokens: int = 16,
+    max_train_seconds: Optional[float] = None,
     **preset_kwargs: Any,
 ) -> SVFTrainingResult:
     """Train an SVF expert on a task with TRL: RL (GRPO or RLOO, ±1 rewards, KL weight `beta`) or SFT.
@@ -184,6 +189,10 @@ def train_svf(
         eval_mode (`str`, defaults to `"generate"`): How validation scores answers (see
             [`peft_spectral.evaluation.evaluate`]).
         eval_max_new_tokens (`int`, defaults to 16): Validation generation budget.
+        max_train_seconds (`float`, *optional*): A wall-clock budget: stop once training has taken this many seconds
+            (validation time excluded; checked after every step, so the last step may overrun it), or at
+            `max_steps`, whichever comes first. On resume the seconds spent before the checkpoint count. Recorded in
+            `result.time_budget` (see [`TimeBudget`]).
         preset_kwargs: Forwarded to [`paper_rl_preset`] or [`sft_preset`].
 
     Returns:
@@ -223,6 +232,10 @@ def train_svf(
     if checkpoint is not None and validation is not None:
         validation.load_state(checkpoint)
     metrics = MetricsLogger(printer=printer)
+    budget = None
+    if max_train_seconds is not None:
+        spent = _budget_spent(checkpoint) if checkpoint is not None else 0.0
+        budget = TimeBudget(max_train_seconds, validation=validation, spent_before=spent)
     trainer = build_trainer(
         model,
         tokenizer,
@@ -232,16 +245,20 @@ def train_svf(
         args=args,
         peft_config=svf_config,
         reward_funcs=reward_funcs,
-        callbacks=[NonFiniteGuard(), metrics, *callbacks],
+        # the budget before the validation: the step at which the budget ends is validated too
+        callbacks=[NonFiniteGuard(), metrics, *([budget] if budget is not None else []), *callbacks],
     )
     start = time.perf_counter()
-    if validation is not None and validation.stopped_at is not None:
-        # the checkpoint's run had stopped early: nothing to train, only the best z to restore
-        message = f"{checkpoint} stopped early at step {validation.stopped_at}: restoring the best z, not training"
+    stopped = validation is not None and validation.stopped_at is not None
+    if stopped or (budget is not None and budget.exhausted):
+        # the checkpoint's run had stopped early or used up its time: nothing to train, only the best z to restore
+        why = f"stopped early at step {validation.stopped_at}" if stopped else "used up its time budget"
+        message = f"{checkpoint} {why}: restoring the best z, not training"
         logger.info(message)
         if printer is not None:
             printer(message)
-        validation.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        if validation is not None:
+            validation.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     else:
         first_step = trainer.state.global_step
         trainer.train(resume_from_checkpoint=checkpoint)
@@ -259,9 +276,32 @@ def train_svf(
         trainer=trainer,
         validation=validation.summary() if validation is not None else None,
         resumed_from=checkpoint,
+        time_budget=budget.summary() if budget is not None else None,
     )
+    if budget is not None and budget.stopped_at is not None:
+        message = (
+            f"time budget of {budget.max_seconds:g} s used up at step {budget.stopped_at} "
+            f"({budget.spent:.1f} s of training, validation excluded)"
+        )
+        logger.info(message)
+        if printer is not None:
+            printer(message)
     result.save_validation(args.output_dir)
     return result
+
+
+def _budget_spent(checkpoint: str) -> float:
+    """Training seconds a [`TimeBudget`] had spent when `checkpoint` was written (0 when it had none)."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return 0.0
+    with open(path) as handle:
+        saved = json.load(handle).get("stateful_callbacks", {}).get(TimeBudget.__name__)
+    if isinstance(saved, list):  # transformers keeps a list when several callbacks of the class were saved
+        saved = saved[-1] if saved else None
+    return float(saved["attributes"]["spent_before"]) if saved else 0.0
 
 
 def _check_steps_ran(trainer, first_step: int, n_examples: int, method: str) -> None:
