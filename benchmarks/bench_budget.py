@@ -219,6 +219,7 @@ def _worker(spec: dict, result_path: str) -> None:
         torch.set_num_threads(spec["threads"])
         torch.manual_seed(spec["seed"])
         start = time.perf_counter()
+        load_before = os.getloadavg()[0]
         model, tokenizer, task = _load(spec)
         load_peak_mb = _memory_mb("VmHWM")
         peak_reset = _reset_peak_memory()
@@ -260,6 +261,8 @@ def _worker(spec: dict, result_path: str) -> None:
         if torch.cuda.is_available():
             row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         row["wall_s"] = time.perf_counter() - start
+        # other work on the machine takes steps from a wall-clock budget: keep the 1-minute load average with the run
+        row["load_average"] = [load_before, os.getloadavg()[0]]
         write_json_atomic(result_path, row)
     except BaseException:
         write_json_atomic(result_path, {"error": traceback.format_exc()})
@@ -442,6 +445,11 @@ def _comparison(cmp) -> dict:
     }
 
 
+def _load_text(row: dict) -> str:
+    load = row.get("load_average")
+    return f"{load[0]:.1f}→{load[1]:.1f}" if load else "—"
+
+
 def _num(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -458,7 +466,8 @@ def markdown(summary: dict, smoke: bool) -> str:
             "Test accuracy: greedy generation with 95% Wilson intervals; Δ: paired difference with a 95% bootstrap "
             "interval and exact McNemar p (`*`: the interval excludes 0). Peak memory: peak RSS (VmHWM) of the run's own "
             "process during training and test evaluation (reset after loading the model), and above the RSS after "
-            "loading."
+            "loading. Load avg: the machine's 1-minute load average at the start and end of the run (other work on "
+            "the machine takes steps from a wall-clock budget)."
         ),
         "",
     ]
@@ -482,9 +491,9 @@ def markdown(summary: dict, smoke: bool) -> str:
         lines += [
             (
                 "| run | budget s | steps | train s | s/step | validation s | trainable params | peak MiB (over loaded) "
-                "| test accuracy [95% CI] | Δ vs base [95% CI] |"
+                "| load avg | test accuracy [95% CI] | Δ vs base [95% CI] |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for run, r in rows.items():
             if run == "base":
@@ -492,9 +501,9 @@ def markdown(summary: dict, smoke: bool) -> str:
             phases = r.get("phases", [])
             steps = " + ".join(f"{p['steps']} {p['method'].upper()}" for p in phases) if len(phases) > 1 else None
             lines.append(
-                f"| {LABELS[run]} | {r['settings']['budget']:g} | {steps or r['steps']} | {r['train_s']:.0f} | "
+                f"| {LABELS[run]} | {r['settings']['budget']:g} | {steps or r['steps']} | {r['train_s']:.1f} | "
                 f"{_num(r['s_per_step'], '.2f')} | {r['validation_s']:.0f} | {r['trainable_parameters']:,} | "
-                f"{r['peak_rss_mb']:.0f} ({r['peak_over_loaded_mb']:+.0f}) | {r['accuracy_text']} | "
+                f"{r['peak_rss_mb']:.0f} ({r['peak_over_loaded_mb']:+.0f}) | {_load_text(r)} | {r['accuracy_text']} | "
                 f"{r.get('vs_base', {}).get('text', '—')} |"
             )
         if entry["svf_vs_lora"]:

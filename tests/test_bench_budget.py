@@ -38,6 +38,7 @@ def test_smoke_run_reports_every_run_and_resumes(tmp_path):
         assert all(phase["stopped_by_budget"] for phase in row["phases"]), name
         assert row["s_per_step"] == row["train_s"] / row["steps"]
         assert row["peak_rss_mb"] >= row["rss_loaded_mb"] > 0 and row["peak_reset_after_load"], name
+        assert len(row["load_average"]) == 2, name
         assert row["phases"][0]["curve"][0]["step"] == 0, name  # validation before the first step
         assert row["vs_base"]["n"] == 8 and row["vs_base"]["low"] <= row["vs_base"]["delta"] <= row["vs_base"]["high"]
         assert 0.0 <= row["vs_base"]["p_value"] <= 1.0 and row["vs_base"]["text"].startswith("Δ")
@@ -54,7 +55,9 @@ def test_smoke_run_reports_every_run_and_resumes(tmp_path):
     ]
     assert all(p["parameter_ratio"] == lora / svf and p["svf_minus_lora"]["n"] == 8 for p in pairs)
     text = (tmp_path / "budget.md").read_text()
-    assert "| SVF-SFT→RL | 0.5 |" in text and "Δ SVF − LoRA" in text and "## Reading" in text
+    assert (
+        "| SVF-SFT→RL | 0.5 |" in text and "| load avg |" in text and "Δ SVF − LoRA" in text and "## Reading" in text
+    )
     assert (tmp_path / "budget.png").stat().st_size > 1000
     state = json.loads((tmp_path / "budget_state.json").read_text())
     assert len(state["runs"]["toy_a/svf_rl"]["correct"]) == 8
