@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -188,6 +188,7 @@ def model_card(
     wall_seconds: Optional[float] = None,
     validation: Optional[Mapping[str, Any]] = None,
     test_eval: Optional[Mapping[str, Any]] = None,
+    stages: Optional[Sequence[Mapping[str, Any]]] = None,
     folder_hint: str = "path/to/this/adapter",
 ) -> str:
     """The text of an SVF expert's `README.md`.
@@ -205,6 +206,9 @@ def model_card(
         wall_seconds (`float`, *optional*): Wall-clock seconds of the training run.
         validation (`Mapping`, *optional*): The validation summary (`validation.json`: `curve`, `best_step`, ...).
         test_eval (`Mapping`, *optional*): A [`peft_spectral.expert_eval.paired_report`].
+        stages (`Sequence[Mapping]`, *optional*): For an expert trained in stages (e.g. SFT then RL from the SFT
+            adapter): one `{"name", "method", "steps_run", "wall_seconds", "init_from"}` per stage, in order; the
+            recipe table then describes the last stage and `wall_seconds` is the total.
         folder_hint (`str`): The adapter path shown in the loading snippet.
 
     Returns:
@@ -237,12 +241,24 @@ def model_card(
         "## Recipe",
         "",
     ]
+    if stages:
+        lines += ["Trained in stages, each starting from the previous one's adapter:", ""]
+        lines += ["| stage | method | steps run | wall clock (s) | starts from |", "|---|---|---:|---:|---|"]
+        for stage in stages:
+            seconds = stage.get("wall_seconds")
+            lines.append(
+                f"| {stage.get('name', '')} | {stage.get('method', '')} | {stage.get('steps_run', '')} | "
+                f"{'' if seconds is None else f'{seconds:.0f}'} | {stage.get('init_from') or 'z = 1'} |"
+            )
+        lines += ["", "The last stage's settings:", ""]
     recipe_lines = _recipe_lines(recipe)
     lines += recipe_lines or ["Not recorded."]
     lines += ["", "## Budget", ""]
     if wall_seconds is not None:
         budget = f"{wall_seconds:.0f} s wall clock ({wall_seconds / 60:.1f} min) for the training run"
-        if recipe.get("steps_run"):
+        if stages:
+            budget = f"{wall_seconds:.0f} s wall clock ({wall_seconds / 60:.1f} min) for all {len(stages)} stages"
+        elif recipe.get("steps_run"):
             budget += f", {wall_seconds / recipe['steps_run']:.1f} s per step including validation"
         lines.append(budget + ".")
     else:
@@ -262,9 +278,10 @@ def expert_json(
     wall_seconds: Optional[float] = None,
     validation: Optional[Mapping[str, Any]] = None,
     test_eval: Optional[Mapping[str, Any]] = None,
+    stages: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> dict[str, Any]:
     """The `expert.json` dict: `task`, `description`, `kind`, `steps`, `test_accuracy` (the keys older readers use)
-    plus `recipe` and `metrics` (`train_seconds`, `validation_best_score`/`_step`, `test`: accuracies with intervals
+    plus `recipe`, `stages` (when given) and `metrics` (`train_seconds`, `validation_best_score`/`_step`, `test`: accuracies with intervals
     and Δ vs base, without the per-example verdicts, which stay in `test_eval.json`)."""
     recipe = dict(recipe or {})
     metrics: dict[str, Any] = {}
@@ -291,6 +308,8 @@ def expert_json(
             "delta": dict(test_eval["delta"]),
         }
     data["recipe"] = recipe
+    if stages:
+        data["stages"] = [dict(stage) for stage in stages]
     data["metrics"] = metrics
     return data
 
@@ -306,6 +325,7 @@ def write_expert_files(
     wall_seconds: Optional[float] = None,
     validation: Optional[Mapping[str, Any]] = None,
     test_eval: Optional[Mapping[str, Any]] = None,
+    stages: Optional[Sequence[Mapping[str, Any]]] = None,
 ) -> tuple[Path, Path]:
     """Write `README.md` ([`model_card`]) and `expert.json` ([`expert_json`]) into an adapter directory.
 
@@ -322,6 +342,7 @@ def write_expert_files(
         "wall_seconds": wall_seconds,
         "validation": validation,
         "test_eval": test_eval,
+        "stages": stages,
     }
     card = folder / CARD_FILE
     card.write_text(model_card(base_model=base_model, folder_hint=folder.as_posix(), **common))
