@@ -245,7 +245,18 @@ def test_trained_adapter_saves_loads_and_merges(tmp_path):
         max_steps=2,
         svf_config=config,
         per_device_train_batch_size=4,
+        save_dir=tmp_path / "expert",
     )
+    # save_dir: the adapter with its model card and expert.json
+    card = (tmp_path / "expert" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "# SVF expert: toy_mc" in card and "| steps run | 2 |" in card
+    meta = json.loads((tmp_path / "expert" / "expert.json").read_text())
+    assert (
+        meta["task"] == "toy_mc"
+        and meta["recipe"]["batch_size"] == 4
+        and meta["recipe"]["target_modules"] == sorted(TARGETS)
+    )
+    assert (tmp_path / "expert" / "adapter_model.safetensors").is_file()
     peft_model = result.model
     peft_model.save_pretrained(tmp_path / "adapter")
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
