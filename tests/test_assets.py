@@ -102,11 +102,31 @@ def test_load_model_none_uses_default(monkeypatch):
     assert assets.load_model(None) == ("model", "tok")
 
 
+def test_name_as_hub_model_makes_saved_adapters_portable(tmp_path, tiny_llama):
+    """A model loaded from a local file would record its directory as the adapter's base model; after
+    `name_as_hub_model` PEFT records the Hub id instead."""
+    from peft import get_peft_model
+
+    from peft_spectral import SVFConfig
+
+    model, _ = tiny_llama
+    model.name_or_path = str(tmp_path / "cache" / "models")  # what a local load records
+    model.config.name_or_path = model.name_or_path
+    assert assets.name_as_hub_model(model) is model
+    assert model.name_or_path == model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    get_peft_model(model, SVFConfig(target_modules=["up_proj"])).save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == assets.DEFAULT_HUB_ID
+    with pytest.raises(ValueError, match="hub_id"):
+        assets.name_as_hub_model(model, "")
+
+
 @pytest.mark.slow
 def test_real_default_model_loads():
     import torch
 
     model, tokenizer = assets.load_default_model()
+    assert model.name_or_path == model.config._name_or_path == assets.DEFAULT_HUB_ID
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tokenizer.chat_template and tokenizer.eos_token and tokenizer.pad_token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,9 +45,25 @@ def test_table_report_and_plots(tmp_path):
     ]
     c2i = plot_c2i_scores(cands, tmp_path / "c2i.png")
     assert fit.read_bytes()[:4] == b"\x89PNG" and c2i.read_bytes()[:4] == b"\x89PNG"
-    rows = [Row("SVF (GRPO)", "navigate", 0.5, 0.625, 51840, 12.0, "6 RL steps")]
+    rows = [
+        Row("SVF (GRPO)", "navigate", 0.5, 0.625, 51840, 12.0, "6 RL steps"),
+        # with the per-example verdicts: n, 95% Wilson intervals and the paired Δ vs base (4/10 -> 8/10, b=0, c=4)
+        Row(
+            "SVF expert",
+            "snarks",
+            0.4,
+            0.8,
+            51840,
+            60.0,
+            "committed",
+            [True] * 4 + [False] * 6,
+            [True] * 8 + [False] * 2,
+        ),
+    ]
     table = format_table(rows)
-    assert "| SVF (GRPO) | navigate | 0.500 | 0.625 | 51,840 | 12 | 6 RL steps |" in table
+    assert "| SVF (GRPO) | navigate | 0.500 | 0.625 | — | 51,840 | 12 | 6 RL steps |" in table
+    assert "| SVF expert | snarks | 0.400 [0.17, 0.69] (n=10) | 0.800 [0.49, 0.94] (n=10) | +0.400 [" in table
+    assert "+0.400 [+0.10, +0.70] p=0.12 * |" in table and "Δ vs base [95% CI]" in table
     report = DemoReport(rows=rows, plots={"cem_fitness": str(fit), "c2i_scores": str(c2i)})
     write_report(report, tmp_path / "report.md", table)
     text = (tmp_path / "report.md").read_text()
@@ -60,6 +77,36 @@ def test_cli_demo_options():
     assert quick.svf_steps < DemoConfig().svf_steps and quick.unseen_task == "snarks"
 
 
+def test_demo_uses_the_committed_library_unless_asked_to_train(tmp_path):
+    from testing_utils import save_svf_expert
+
+    from peft_spectral.demo import _expert_plan, find_expert_library, library_tasks
+
+    library = tmp_path / "benchmarks" / "experts"
+    for task in ("navigate", "social_iqa", "elementary_math_qa"):
+        save_svf_expert(library / task, seed=0, svd_dir=tmp_path / "svd", targets=("up_proj",))
+        (library / task / "expert.json").write_text(f'{{"task": "{task}", "description": "d"}}')
+    (library / "old").mkdir()  # a directory without an adapter is not an expert
+    (library / "old" / "expert.json").write_text('{"task": "old"}')
+    assert set(library_tasks(library)) == {"navigate", "social_iqa", "elementary_math_qa"}
+    assert find_expert_library(tmp_path) == library
+    assert find_expert_library(tmp_path / "elsewhere") in (
+        None,
+        Path(__file__).resolve().parents[1] / "benchmarks" / "experts",
+    )
+    said = []
+    # default: the library's tasks, without the unseen task (Transformer² must not see an expert of its own task)
+    tasks, chosen = _expert_plan(DemoConfig(experts_dir=str(library)), said.append)
+    assert tasks == ["elementary_math_qa", "social_iqa"] and chosen == {t: library / t for t in tasks}
+    # asked to train, another model, or a task the library lacks: train
+    assert _expert_plan(DemoConfig(experts_dir=str(library), train_experts=True), said.append)[1] is None
+    assert _expert_plan(DemoConfig(experts_dir=str(library), model="m"), said.append)[1] is None
+    tasks, chosen = _expert_plan(DemoConfig(experts_dir=str(library), expert_tasks=("snarks",)), said.append)
+    assert chosen is None and tasks == ["snarks"] and "no expert for ['snarks']" in said[-1]
+    tasks, chosen = _expert_plan(DemoConfig(experts_dir=str(tmp_path / "none")), said.append)
+    assert chosen is None and tasks == ["sports_understanding", "strategyqa", "anachronisms"]
+
+
 def test_cli_demo_passes_device_dtype_and_progress(monkeypatch):
     import peft_spectral.demo
 
@@ -70,6 +117,10 @@ def test_cli_demo_passes_device_dtype_and_progress(monkeypatch):
     (config,) = seen
     assert (config.device, config.dtype, config.progress, config.output_dir) == ("cpu", "bfloat16", False, "x")
     assert config.svf_steps == DemoConfig.quick().svf_steps
+    assert config.expert_tasks is None and not config.train_experts and config.experts_dir is None
+    seen.clear()
+    assert main([*argv, "--train-experts", "--experts-dir", "lib", "--expert-tasks", "a", "b"]) == 0
+    assert seen[0].train_experts and seen[0].experts_dir == "lib" and seen[0].expert_tasks == ("a", "b")
 
 
 @pytest.mark.slow
@@ -82,7 +133,7 @@ def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
     tok = build_tiny_tokenizer()
     build_tiny_llama(tok).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    config = DemoConfig.quick(model=str(tmp_path / "model"), output_dir=str(tmp_path / "run"))
+    config = DemoConfig.quick(model=str(tmp_path / "model"), output_dir=str(tmp_path / "run"))  # a model: trains
     report = run_demo(config, printer=lambda *_: None)
     methods = [r.method for r in report.rows]
     assert methods.count("SVF (GRPO)") == 3 and methods.count("CPI-FT (CoreIsolation)") == 3

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from peft_spectral import SVFConfig
 from peft_spectral.tasks import Example, Task
 from peft_spectral.training import (
+    PAPER_BETA,
     VALIDATION_FILE,
     NonFiniteGuard,
     ValidationCallback,
@@ -233,6 +234,7 @@ def test_checkpoint_resume_reaches_same_z(tmp_path):
 
 def test_trained_adapter_saves_loads_and_merges(tmp_path):
     tok = build_tiny_tokenizer()
+    config = svf_config()
     model = build_tiny_llama(tok)
     result = train_svf(
         model,
@@ -241,14 +243,29 @@ def test_trained_adapter_saves_loads_and_merges(tmp_path):
         method="sft",
         output_dir=str(tmp_path / "run"),
         max_steps=2,
-        svf_config=svf_config(),
+        svf_config=config,
         per_device_train_batch_size=4,
+        save_dir=tmp_path / "expert",
     )
+    # save_dir: the adapter with its model card and expert.json
+    card = (tmp_path / "expert" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "# SVF expert: toy_mc" in card and "| steps run | 2 |" in card
+    meta = json.loads((tmp_path / "expert" / "expert.json").read_text())
+    assert (
+        meta["task"] == "toy_mc"
+        and meta["recipe"]["batch_size"] == 4
+        and meta["recipe"]["target_modules"] == sorted(TARGETS)
+    )
+    assert (tmp_path / "expert" / "adapter_model.safetensors").is_file()
     peft_model = result.model
     peft_model.save_pretrained(tmp_path / "adapter")
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    # a config without task_type trains (and saves) as a causal LM adapter; the caller's object is not changed
+    assert config.task_type is None
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     loaded = PeftModel.from_pretrained(build_tiny_llama(tok), tmp_path / "adapter")
+    assert type(loaded).__name__ == "PeftModelForCausalLM"
     z0, z1 = svf_parameters(peft_model), svf_parameters(loaded)
     assert all(torch.equal(z0[k], z1[k]) for k in z0)
 
@@ -344,6 +361,20 @@ def test_paper_preset_values(tmp_path):
     assert args.optim.value.startswith("adamw") and args.lr_scheduler_type.value == "constant"
     rloo = paper_rl_preset(str(tmp_path), algorithm="rloo", beta=0.1)
     assert type(rloo).__name__ == "RLOOConfig" and rloo.beta == 0.1
+    # the default KL weight is the paper's 0.1 (grid {0, 0.1, 0.2, 0.3}), not 0
+    assert paper_rl_preset(str(tmp_path)).beta == PAPER_BETA == 0.1
+
+
+def test_causal_lm_config_defaults():
+    from peft import LoraConfig
+
+    from peft_spectral.training import causal_lm_config
+
+    assert causal_lm_config(None).task_type == "CAUSAL_LM" and isinstance(causal_lm_config(None), SVFConfig)
+    given = LoraConfig(r=2, target_modules=["up_proj"])
+    assert causal_lm_config(given).task_type == "CAUSAL_LM" and given.task_type is None
+    seq = SVFConfig(task_type="SEQ_CLS")
+    assert causal_lm_config(seq) is seq
 
 
 def test_gguf_flag_is_dropped_so_trainer_accepts_the_model(tmp_path):

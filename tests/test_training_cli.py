@@ -63,18 +63,45 @@ def test_train_svf_cli_writes_loadable_adapter(tmp_path, tiny_model_dir, monkeyp
             "4",
             "--eval-examples",
             "2",
-            "--beta",
-            "0.1",
         ]
     )
     assert code == 0
     printed = capsys.readouterr()
     text = printed.out + printed.err
     assert "step 1:" in text and ("reward=" in text if method == "rl" else "loss=" in text)
-    assert "adapter saved" in text and "base test accuracy" in text
+    assert "adapter saved" in text and "base test accuracy" in text and "vs base Δ" in text
     assert (out / "adapter_model.safetensors").exists()
     log = json.loads((out / "training_log.json").read_text())
     assert log["trainable_parameters"] > 0 and len([r for r in log["logs"] if "loss" in r]) >= 2
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tiny_model_dir)
+
+    # the paired test evaluation: per-example verdicts kept, intervals and Δ recomputable from them
+    from peft_spectral.stats import accuracy_ci, compare_paired
+
+    test_eval = json.loads((out / "test_eval.json").read_text())
+    base, adapter = test_eval["base"]["correct"], test_eval["adapter"]["correct"]
+    assert test_eval["n"] == len(base) == len(adapter) == 2 and test_eval["settings"]["mode"] == "generate"
+    ci = accuracy_ci(adapter)
+    assert (test_eval["adapter"]["accuracy"], test_eval["adapter"]["low"], test_eval["adapter"]["high"]) == (
+        ci.accuracy,
+        ci.low,
+        ci.high,
+    )
+    delta = compare_paired(base, adapter)
+    assert test_eval["delta"]["delta"] == delta.delta and test_eval["delta"]["p_value"] == delta.p_value
+
+    # the model card and expert.json
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "- toy" in card
+    assert "## Test accuracy" in card and "Δ vs base" in card and "## How to load it" in card
+    meta = json.loads((out / "expert.json").read_text())
+    assert meta["task"] == "toy" and meta["kind"] == "multiple_choice" and meta["steps"] == 2
+    assert meta["test_accuracy"] == test_eval["adapter"]["accuracy"] and meta["recipe"]["method"] == method
+    if method == "rl":
+        assert meta["recipe"]["beta"] == 0.1 and meta["recipe"]["num_generations"] == 2
+    else:
+        assert meta["recipe"]["batch_size"] == 4
 
     from transformers import AutoModelForCausalLM
 
@@ -134,3 +161,45 @@ def test_train_svf_cli_time_budget(tmp_path, tiny_model_dir, monkeypatch, capsys
         with pytest.raises(SystemExit):
             main([*common, "--time-budget", bad])
         assert "--time-budget" in capsys.readouterr().err
+
+
+def test_train_svf_cli_default_beta_is_the_paper_preset():
+    from peft_spectral.cli import build_parser
+    from peft_spectral.training import PAPER_BETA
+
+    args = build_parser().parse_args(["train-svf", "--task", "toy", "--output", "x"])
+    assert args.beta == PAPER_BETA == 0.1
+
+
+def test_train_svf_cli_init_adapter_starts_from_the_loaded_z(tmp_path, tiny_model_dir, monkeypatch):
+    """`--init-adapter` (SFT → RL warm start): training continues from the saved z, not from ones. With lr 0 the
+    saved adapter equals the loaded one; with a small lr it moves a little away from it."""
+    from safetensors.torch import load_file
+    from testing_utils import save_svf_expert
+
+    monkeypatch.setattr(cli_train_svf, "_load_task", _toy_task)
+    init = save_svf_expert(tmp_path / "init", seed=3, svd_dir=tmp_path / "svd", base_name=str(tiny_model_dir))
+    start = load_file(init / "adapter_model.safetensors")
+    assert all(not torch.allclose(z, torch.ones_like(z)) for z in start.values())
+    common = ["train-svf", "--task", "toy", "--method", "sft", "--steps", "1", "--batch-size", "4"]
+    common += ["--model", str(tiny_model_dir), "--init-adapter", str(init), "--no-progress"]
+    for lr, out in (("0", tmp_path / "lr0"), ("1e-4", tmp_path / "small")):
+        assert main([*common, "--lr", lr, "--output", str(out)]) == 0
+        trained = load_file(out / "adapter_model.safetensors")
+        assert set(trained) == set(start)
+        for key, z in start.items():
+            if lr == "0":
+                assert torch.equal(trained[key], z), key
+            else:
+                assert torch.allclose(trained[key], z, atol=1e-3) and not torch.allclose(
+                    trained[key], torch.ones_like(z), atol=0.1
+                )
+        meta = json.loads((out / "expert.json").read_text())
+        assert meta["recipe"]["init_adapter"] == str(init)
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    moved = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert any(not torch.equal(moved[k], start[k]) for k in start)
+    with pytest.raises(SystemExit, match="--target-modules"):
+        main([*common, "--target-modules", "up_proj", "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no such adapter directory"):
+        main(["train-svf", "--task", "toy", "--init-adapter", str(tmp_path / "missing"), "--output", str(tmp_path)])

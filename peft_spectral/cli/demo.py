@@ -23,19 +23,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo",
         help="adapt the embedded model with SVF/Transformer², SpectralCompress and CoreIsolation; print a summary",
         description=(
-            "Runs the three methods on real BigBench tasks: SVF experts trained briefly with RL (TRL GRPO), "
+            "Runs the three methods on real BigBench tasks: SVF experts (the committed library, or trained briefly "
+            "with RL (TRL GRPO) with --train-experts), "
             "Transformer² few-shot CEM mixing and prompt dispatch on an unseen task, a Compress-to-Impress search, "
-            "and a small CPI-FT run. Prints one summary table and writes report.md with plots to --output. "
+            "and a small CPI-FT run. Prints one summary table (accuracies with 95% CIs, Δ vs base) and writes "
+            "report.md with plots to --output. "
             "Re-running continues from what is cached there."
         ),
     )
     add_model_options(p)
     add_output_option(p, "the report, the plots and every step's cached result (re-runs resume)", default=d.output_dir)
-    p.add_argument("--expert-tasks", nargs="+", default=list(d.expert_tasks), help="tasks of the SVF experts")
+    p.add_argument(
+        "--expert-tasks",
+        nargs="+",
+        default=None,
+        help="tasks of the SVF experts; left out: those of the committed expert library (benchmarks/experts/, "
+        "except --unseen-task), or sports_understanding strategyqa anachronisms when training",
+    )
+    p.add_argument(
+        "--experts-dir",
+        metavar="DIR",
+        default=None,
+        help="the SVF expert library to use (directories with an adapter and expert.json); left out: "
+        "benchmarks/experts/ of the repository when the demo runs from it",
+    )
+    p.add_argument(
+        "--train-experts",
+        action="store_true",
+        help="train the SVF experts (--svf-steps GRPO steps each) instead of using the committed library (also done "
+        "when there is no library or --model is given)",
+    )
     p.add_argument("--unseen-task", default=d.unseen_task, help="Transformer² task no expert was trained on")
     p.add_argument("--compress-task", default=d.compress_task, help="task of the C2I search")
     p.add_argument("--cpi-tasks", nargs="+", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
-    p.add_argument("--svf-steps", type=positive_int, default=d.svf_steps, help="GRPO steps per expert")
+    p.add_argument(
+        "--svf-steps", type=positive_int, default=d.svf_steps, help="GRPO steps per expert (--train-experts)"
+    )
     p.add_argument("--eval-examples", type=positive_int, default=d.eval_examples, help="test examples per accuracy")
     p.add_argument(
         "--quick",
@@ -54,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {
         "model": args.model,
         "output_dir": args.output,
-        "expert_tasks": tuple(args.expert_tasks),
+        "expert_tasks": tuple(args.expert_tasks) if args.expert_tasks else None,
+        "experts_dir": args.experts_dir,
+        "train_experts": args.train_experts,
         "unseen_task": args.unseen_task,
         "compress_task": args.compress_task,
         "cpi_tasks": tuple(args.cpi_tasks),

@@ -36,12 +36,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "Train an SVF adapter on a task's train split. 'rl' is Transformer²'s recipe: REINFORCE-style policy "
             "gradient (TRL GRPO or RLOO) with +1/-1 rewards for right/wrong answers, AdamW lr 2e-3, grad-norm clip "
             "1e-3 and a KL weight --beta to the base model. 'sft' trains on the gold answers with TRL SFT. Shows "
-            "progress and the logged reward/KL/loss, and saves a PEFT adapter (only the z vectors) to --output."
+            "progress and the logged reward/KL/loss, and saves a PEFT adapter (only the z vectors) with a model card "
+            "to --output."
         ),
     )
     p.add_argument("--task", required=True, help="task name (e.g. a BigBench task such as elementary_math_qa)")
     add_model_options(p)
-    add_output_option(p, "the adapter, training_log.json and checkpoints/")
+    add_output_option(
+        p, "the adapter, its model card README.md, expert.json, training_log.json, test_eval.json and checkpoints/"
+    )
     p.add_argument("--method", choices=("rl", "sft"), default="rl", help="training objective")
     p.add_argument("--algorithm", choices=("grpo", "rloo"), default="grpo", help="RL algorithm (--method rl)")
     p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
@@ -52,7 +55,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="stop once training has taken SECONDS (validation excluded) or at --steps, whichever comes first",
     )
-    p.add_argument("--beta", type=non_negative_float, default=0.0, help="KL weight lambda (RL; paper 0-0.3)")
+    p.add_argument(
+        "--beta",
+        type=non_negative_float,
+        default=0.1,  # peft_spectral.training.PAPER_BETA (not imported here: --help stays fast)
+        help="KL weight lambda to the starting model (RL; the paper's grid: 0, 0.1, 0.2, 0.3)",
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate (the paper's)")
     p.add_argument("--prompts-per-step", type=positive_int, default=2, help="RL: prompts per step")
     p.add_argument("--num-generations", type=positive_int, default=4, help="RL: samples per prompt")
@@ -62,7 +70,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--target-modules", nargs="+", default=None, help="module names to adapt; left out: the MLP projections"
     )
     p.add_argument(
-        "--svf-mode", choices=("linear", "sigmoid"), default="linear", help="SVF scale function of z (SVFConfig.mode)"
+        "--svf-mode",
+        choices=("linear", "sigmoid"),
+        default=None,
+        help="SVF scale function of z (SVFConfig.mode); left out: linear",
+    )
+    p.add_argument(
+        "--init-adapter",
+        metavar="DIR",
+        default=None,
+        help="warm start: load this saved SVF adapter (e.g. an SFT expert) and train its z further with --method "
+        "(its target modules and mode are kept); left out: z starts at 1",
     )
     p.add_argument(
         "--train-examples", type=positive_int, default=None, help="use only the first N train examples; left out: all"
@@ -71,7 +89,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--eval-examples",
         type=int,
         default=0,
-        help="evaluate base and adapter on the first N test examples (generated answers); 0 skips",
+        help="evaluate base and adapter on the first N test examples (generated answers): accuracies with 95%% "
+        "CIs and the paired difference (95%% CI, McNemar p), written to test_eval.json and the model card; 0 skips",
     )
     p.add_argument(
         "--save-steps",
@@ -125,14 +144,34 @@ def _resume_kwargs(value: Optional[str]) -> dict[str, Any]:
     return {"resume_from_checkpoint": value}
 
 
+def _recipe_from_args(args: argparse.Namespace, n_train: int) -> dict[str, Any]:
+    recipe: dict[str, Any] = {"train_examples": n_train, "seed": args.seed}
+    if args.init_adapter:
+        recipe["init_adapter"] = args.init_adapter
+    return recipe
+
+
+def _check_init_adapter(args: argparse.Namespace) -> None:
+    if not args.init_adapter:
+        return
+    if args.target_modules is not None or args.svf_mode is not None:
+        raise SystemExit(
+            "--init-adapter keeps the loaded adapter's target modules and mode: leave out --target-modules/--svf-mode"
+        )
+    if not Path(args.init_adapter).is_dir():
+        raise SystemExit(f"--init-adapter {args.init_adapter!r}: no such adapter directory")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..evaluation import evaluate
-    from ..training import train_svf
+    from ..adapter_io import AdapterLoadError
+    from ..expert_eval import evaluate_generated, paired_report, report_lines, write_test_eval
+    from ..training import load_trainable_adapter, train_svf
     from ..tuners.svf import SVFConfig
 
+    _check_init_adapter(args)
     torch.manual_seed(args.seed)
     task = _load_task(args.task, args.seed)
     model, tokenizer = load_model_or_exit(args)
@@ -146,16 +185,26 @@ def run(args: argparse.Namespace) -> int:
         f"train-svf: task {task.name} ({task.kind}), {len(train)} train examples, method {args.method}"
         + (f"/{args.algorithm} beta={args.beta}" if args.method == "rl" else "")
         + f", {args.steps} steps"
+        + (f", starting from {args.init_adapter}" if args.init_adapter else "")
     )
 
     report: dict[str, Any] = {"task": task.name, "kind": task.kind, "method": args.method, "steps": args.steps}
-    eval_kwargs = {"kind": task.kind, "mode": "generate", "max_new_tokens": max(args.max_completion_length, 8)}
+    max_new_tokens = max(args.max_completion_length, 8)
+    eval_kwargs = {"kind": task.kind, "max_new_tokens": max_new_tokens, "progress": not args.no_progress}
+    before = None
     if test:
-        before = evaluate(model, tokenizer, test, progress=not args.no_progress, **eval_kwargs)
-        print(f"base test accuracy ({len(test)} examples, generated answers): {before.accuracy:.3f}")
+        before = evaluate_generated(model, tokenizer, test, **eval_kwargs)
+        print(f"base test accuracy ({len(test)} examples, generated answers): {before.ci()}")
         report["base_accuracy"] = before.accuracy
 
-    config = SVFConfig(target_modules=args.target_modules, mode=args.svf_mode)
+    config = None
+    if args.init_adapter:
+        try:
+            model = load_trainable_adapter(model, args.init_adapter)
+        except AdapterLoadError as err:
+            raise SystemExit(f"--init-adapter {args.init_adapter!r}: {err}") from None
+    else:
+        config = SVFConfig(target_modules=args.target_modules, mode=args.svf_mode or "linear", task_type="CAUSAL_LM")
     preset: dict[str, Any] = {
         "learning_rate": args.lr,
         "seed": args.seed,
@@ -190,26 +239,22 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         early_stopping_patience=args.patience,
         eval_metric=args.val_metric,
-        eval_max_new_tokens=max(args.max_completion_length, 8),
         max_train_seconds=args.time_budget,
+        eval_max_new_tokens=max_new_tokens,
         **_resume_kwargs(args.resume),
         **preset,
     )
     wall = time.perf_counter() - start
     peft_model = result.model
-    peft_model.save_pretrained(str(out))
     steps_run = len(result.step_times)
-    print(
-        f"trained {result.trainable_parameters} parameters in {wall:.1f} s ({steps_run} steps in this run, "
-        f"{result.train_runtime / max(steps_run, 1):.2f} s/step); adapter saved to {out}"
-    )
     report.update(trainable_parameters=result.trainable_parameters, wall_s=wall, logs=result.logs)
+    if args.init_adapter:
+        report["init_adapter"] = args.init_adapter
     if result.resumed_from:
         report["resumed_from"] = result.resumed_from
     if result.time_budget is not None:
         report["time_budget"] = result.time_budget
     if result.validation is not None:
-        result.save_validation(out)
         report["validation"] = {k: v for k, v in result.validation.items() if k != "curve"}
         print(
             f"validation: best {result.validation['best_score']:.3f} at step {result.validation['best_step']}"
@@ -220,10 +265,27 @@ def run(args: argparse.Namespace) -> int:
             )
             + f"; curve in {out / 'validation.json'}"
         )
+    card = {
+        "task": task.name,
+        "description": task.description,
+        "kind": task.kind,
+        "recipe": _recipe_from_args(args, len(train)),
+        "wall_seconds": wall,
+    }
+    result.save(out, **card)  # the adapter first: a failing evaluation must not lose it
+    print(
+        f"trained {result.trainable_parameters} parameters in {wall:.1f} s ({steps_run} steps in this run, "
+        f"{result.train_runtime / max(steps_run, 1):.2f} s/step); adapter saved to {out} with its model card"
+    )
     if test:
-        after = evaluate(peft_model, tokenizer, test, progress=not args.no_progress, **eval_kwargs)
-        print(f"SVF test accuracy: {after.accuracy:.3f}")
+        after = evaluate_generated(peft_model, tokenizer, test, **eval_kwargs)
+        settings = {"split": "test", "mode": "generate", "max_new_tokens": max_new_tokens, "seed": args.seed}
+        test_eval = paired_report(before, after, task=task.name, settings=settings)
+        path = write_test_eval(out, test_eval)
+        print("\n".join(["test accuracy (generated answers):", *report_lines(test_eval), f"written to {path}"]))
         report["svf_accuracy"] = after.accuracy
+        report["test"] = {k: v for k, v in test_eval.items() if k not in ("base", "adapter")}
+        result.save(out, test_eval=test_eval, **card)
     (out / "training_log.json").write_text(json.dumps(report, indent=1))
     push_adapter_if_requested(args, out)
     return 0

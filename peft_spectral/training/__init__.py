@@ -39,6 +39,7 @@ from .callbacks import (
 from .datasets import examples_to_dataset, reward_for_task, sft_answer, task_dataset, with_lettered_options
 from .presets import (
     PAPER_BATCH_SIZE,
+    PAPER_BETA,
     PAPER_LEARNING_RATE,
     PAPER_MAX_GRAD_NORM,
     PAPER_STEPS,
@@ -48,11 +49,12 @@ from .presets import (
     sft_preset,
 )
 from .svf import VALIDATION_FILE, SVFTrainingResult, train_svf
-from .trainer import build_trainer, fix_reference_adapter, svf_parameters
+from .trainer import build_trainer, causal_lm_config, fix_reference_adapter, load_trainable_adapter, svf_parameters
 
 
 __all__ = [
     "PAPER_BATCH_SIZE",
+    "PAPER_BETA",
     "PAPER_LEARNING_RATE",
     "PAPER_MAX_GRAD_NORM",
     "PAPER_STEPS",
@@ -66,8 +68,10 @@ __all__ = [
     "ValidationCallback",
     "as_plain_fp32",
     "build_trainer",
+    "causal_lm_config",
     "examples_to_dataset",
     "fix_reference_adapter",
+    "load_trainable_adapter",
     "load_trainable_state",
     "paper_rl_preset",
     "reward_for_task",

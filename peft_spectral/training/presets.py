@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "PAPER_BATCH_SIZE",
+    "PAPER_BETA",
     "PAPER_LEARNING_RATE",
     "PAPER_MAX_GRAD_NORM",
     "PAPER_STEPS",
@@ -31,6 +32,9 @@ PAPER_LEARNING_RATE = 2e-3
 PAPER_MAX_GRAD_NORM = 1e-3
 PAPER_BATCH_SIZE = 256
 PAPER_STEPS = 200
+#: Default KL weight λ: 0.1, from the paper's grid {0, 0.1, 0.2, 0.3} (0 would let z drift with nothing pulling it
+#: back to the base model).
+PAPER_BETA = 0.1
 
 
 def _common_args(output_dir: str, max_steps: int, seed: int, save_steps: Optional[int], logging_steps: int) -> dict:
@@ -63,7 +67,7 @@ def paper_rl_preset(
     *,
     algorithm: Algorithm = "grpo",
     max_steps: int = 40,
-    beta: float = 0.0,
+    beta: float = PAPER_BETA,
     prompts_per_step: int = 2,
     num_generations: int = 4,
     gradient_accumulation_steps: int = 1,
@@ -92,7 +96,8 @@ def paper_rl_preset(
         output_dir (`str`): Where checkpoints go.
         algorithm (`str`): `"grpo"` ([`trl.GRPOConfig`]) or `"rloo"` ([`trl.RLOOConfig`]).
         max_steps (`int`): Optimizer steps.
-        beta (`float`): KL coefficient λ; `0` skips the reference pass.
+        beta (`float`, defaults to 0.1): KL coefficient λ ([`PAPER_BETA`], from the paper's grid); `0` skips the
+            reference pass.
         prompts_per_step (`int`): Distinct prompts per process per micro-batch.
         num_generations (`int`): Sampled completions per prompt (≥ 2).
         max_completion_length (`int`): Generation budget in tokens (short answers: a letter, a number).

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from transformers import TrainerCallback, TrainingArguments
@@ -15,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 from ..tasks import Example, Task
 from .callbacks import MetricsLogger, NonFiniteGuard, TimeBudget, ValidationCallback
 from .datasets import examples_to_dataset, reward_for_task
-from .presets import Algorithm, Method, paper_rl_preset, sft_preset
+from .presets import PAPER_BETA, Algorithm, Method, paper_rl_preset, sft_preset
 from .trainer import build_trainer
 
 
@@ -46,6 +47,10 @@ class SVFTrainingResult:
         time_budget (`dict`, *optional*): With `max_train_seconds`: `max_train_seconds`, `train_seconds`
             (validation excluded), `validation_seconds`, `steps`, `stopped_at` (the step at which the budget ended
             training, else `None`) and `exhausted` (see [`TimeBudget.summary`]).
+        recipe (`dict`): The settings of the run, for the model card: `method`, `algorithm`, `beta`,
+            `learning_rate`, `steps`, `steps_run` (the optimizer step reached), `batch_size` or `prompts_per_step` ×
+            `num_generations`, `max_completion_length`, `target_modules`, `svf_mode`, `trainable_parameters`,
+            `train_examples`, `seed`.
     """
 
     model: Any
@@ -57,6 +62,7 @@ class SVFTrainingResult:
     validation: Optional[dict] = None
     resumed_from: Optional[str] = None
     time_budget: Optional[dict] = None
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def final(self, key: str) -> Optional[float]:
         """The last logged value of `key` (e.g. `"reward"`, `"loss"`), or `None`."""
@@ -75,6 +81,54 @@ class SVFTrainingResult:
         with open(path, "w") as handle:
             json.dump(self.validation, handle, indent=1)
         return path
+
+    def save(
+        self,
+        directory: Union[str, os.PathLike],
+        *,
+        task: str,
+        description: Optional[str] = None,
+        kind: Optional[str] = None,
+        recipe: Optional[dict[str, Any]] = None,
+        wall_seconds: Optional[float] = None,
+        test_eval: Optional[dict[str, Any]] = None,
+    ) -> Path:
+        """Save the trained expert: the PEFT adapter (only z), `validation.json` (with validation), and its model
+        card `README.md` and `expert.json` ([`peft_spectral.model_card.write_expert_files`]).
+
+        Args:
+            directory (`str` or `os.PathLike`): The adapter directory (created when missing).
+            task (`str`): The task's name.
+            description (`str`, *optional*): What the task asks.
+            kind (`str`, *optional*): The task's kind.
+            recipe (`dict`, *optional*): Entries added to (or replacing) [`SVFTrainingResult.recipe`] in the card.
+            wall_seconds (`float`, *optional*): The budget reported; defaults to `train_runtime`.
+            test_eval (`dict`, *optional*): A [`peft_spectral.expert_eval.paired_report`] for the card.
+
+        Returns:
+            `Path`: `directory`.
+        """
+        from ..model_card import write_expert_files
+
+        folder = Path(directory)
+        self.model.save_pretrained(str(folder))
+        self.save_validation(folder)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base_name = getattr(base, "name_or_path", None) or getattr(
+            getattr(base, "config", None), "_name_or_path", None
+        )
+        write_expert_files(
+            folder,
+            task=task,
+            description=description,
+            kind=kind,
+            base_model=base_name or None,
+            recipe={**self.recipe, **(recipe or {})},
+            wall_seconds=self.train_runtime if wall_seconds is None else wall_seconds,
+            validation=self.validation,
+            test_eval=test_eval,
+        )
+        return folder
 
 
 def _examples_and_kind(task, kind) -> tuple[list[Example], str]:
@@ -133,7 +187,7 @@ def train_svf(
     kind: Optional[str] = None,
     output_dir: str = "svf-output",
     max_steps: int = 40,
-    beta: float = 0.0,
+    beta: float = PAPER_BETA,
     svf_config: Optional[Any] = None,
     args: Optional[TrainingArguments] = None,
     reward_funcs: Optional[Union[Callable, list[Callable]]] = None,
@@ -150,6 +204,7 @@ def train_svf(
     eval_mode: str = "generate",
     eval_max_new_tokens: int = 16,
     max_train_seconds: Optional[float] = None,
+    save_dir: Optional[Union[str, os.PathLike]] = None,
     **preset_kwargs: Any,
 ) -> SVFTrainingResult:
     """Train an SVF expert on a task with TRL: RL (GRPO or RLOO, ±1 rewards, KL weight `beta`) or SFT.
@@ -164,9 +219,11 @@ def train_svf(
         algorithm (`str`, defaults to `"grpo"`): `"grpo"` or `"rloo"` for RL.
         output_dir (`str`): Checkpoint directory (and where `validation.json` goes).
         max_steps (`int`): Optimizer steps.
-        beta (`float`): KL weight λ (RL).
-        svf_config ([`SVFConfig`] or any `PeftConfig`, *optional*): The adapter; defaults to `SVFConfig()` (MLP
-            projections, linear mode). A `LoraConfig` trains a LoRA baseline through the same path.
+        beta (`float`, defaults to 0.1): KL weight λ to the starting model (RL; the paper's grid is {0, 0.1, 0.2,
+            0.3}).
+        svf_config ([`SVFConfig`] or any `PeftConfig`, *optional*): The adapter; defaults to
+            `SVFConfig(task_type="CAUSAL_LM")` (MLP projections, linear mode). A config without `task_type` gets
+            `"CAUSAL_LM"` (on a copy). A `LoraConfig` trains a LoRA baseline through the same path.
         args (*optional*): A complete TRL config; overrides the preset (then `max_steps`/`beta`/`preset_kwargs` are
             ignored).
         reward_funcs (*optional*): RL rewards; default [`reward_for_task`].
@@ -193,6 +250,9 @@ def train_svf(
             (validation time excluded; checked after every step, so the last step may overrun it), or at
             `max_steps`, whichever comes first. On resume the seconds spent before the checkpoint count. Recorded in
             `result.time_budget` (see [`TimeBudget`]).
+        save_dir (`str` or `os.PathLike`, *optional*): Save the trained expert there: the adapter, its
+            `validation.json`, a model card `README.md` and `expert.json` (see [`SVFTrainingResult.save`]); left
+            out: nothing is saved besides the checkpoints in `output_dir`.
         preset_kwargs: Forwarded to [`paper_rl_preset`] or [`sft_preset`].
 
     Returns:
@@ -277,6 +337,7 @@ def train_svf(
         validation=validation.summary() if validation is not None else None,
         resumed_from=checkpoint,
         time_budget=budget.summary() if budget is not None else None,
+        recipe=_recipe(trainer, method, algorithm, len(dataset), trainable),
     )
     if budget is not None and budget.stopped_at is not None:
         message = (
@@ -287,6 +348,10 @@ def train_svf(
         if printer is not None:
             printer(message)
     result.save_validation(args.output_dir)
+    if save_dir is not None:
+        name = task.name if isinstance(task, Task) else os.path.basename(os.path.normpath(str(save_dir)))
+        description = task.description if isinstance(task, Task) else None
+        result.save(save_dir, task=name, description=description, kind=kind)
     return result
 
 
@@ -302,6 +367,35 @@ def _budget_spent(checkpoint: str) -> float:
     if isinstance(saved, list):  # transformers keeps a list when several callbacks of the class were saved
         saved = saved[-1] if saved else None
     return float(saved["attributes"]["spent_before"]) if saved else 0.0
+
+
+def _recipe(trainer, method: str, algorithm: str, n_examples: int, trainable: int) -> dict[str, Any]:
+    """What the model card states about the run, read from the trainer's arguments and the adapter's config."""
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    recipe: dict[str, Any] = {"method": method}
+    if method == "rl":
+        generations = int(getattr(args, "num_generations", 1) or 1)
+        recipe.update(
+            algorithm=algorithm,
+            beta=float(getattr(args, "beta", 0.0)),
+            prompts_per_step=per_step // generations,
+            num_generations=generations,
+            max_completion_length=getattr(args, "max_completion_length", None),
+        )
+    else:
+        recipe["batch_size"] = per_step
+    recipe.update(learning_rate=args.learning_rate, steps=args.max_steps, steps_run=trainer.state.global_step)
+    model = trainer.model
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    if config is not None:
+        targets = config.target_modules
+        recipe["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+        recipe["peft_type"] = str(getattr(config.peft_type, "value", config.peft_type))
+        if getattr(config, "mode", None) is not None:
+            recipe["svf_mode"] = config.mode
+    recipe.update(trainable_parameters=trainable, train_examples=n_examples, seed=args.seed)
+    return recipe
 
 
 def _check_steps_ran(trainer, first_step: int, n_examples: int, method: str) -> None:

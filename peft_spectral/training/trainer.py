@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Optional, Union
 
@@ -15,7 +17,13 @@ from ..tuners.svf import SVFConfig, SVFLinear
 from .presets import Algorithm, Method
 
 
-__all__ = ["build_trainer", "fix_reference_adapter", "svf_parameters"]
+__all__ = [
+    "build_trainer",
+    "causal_lm_config",
+    "fix_reference_adapter",
+    "load_trainable_adapter",
+    "svf_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +54,49 @@ def fix_reference_adapter(model: torch.nn.Module, source: str = "default", refer
     return fixed
 
 
-def _default_svf_config(model: torch.nn.Module, svf_config: Optional[Any]) -> Any:
-    if svf_config is not None:
-        return svf_config
-    return SVFConfig()  # MLP projections for known architectures
+def load_trainable_adapter(model: torch.nn.Module, adapter: Union[str, os.PathLike]):
+    """Load a saved SVF adapter onto `model` for further training (a warm start, e.g. SFT then RL).
+
+    The adapter is checked ([`peft_spectral.adapter_io.validate_adapter_dir`]: an SVF adapter with finite z in
+    safetensors) and loaded with `PeftModel.from_pretrained(..., is_trainable=True)` as the `"default"` adapter, with
+    `task_type="CAUSAL_LM"` when its config has none. Pass the result to [`train_svf`] (with `svf_config=None`):
+    training starts from the loaded z, and with `beta > 0` the KL term pulls towards it (see
+    [`fix_reference_adapter`]).
+
+    Args:
+        model (`torch.nn.Module`): The base model the adapter was trained on.
+        adapter (`str` or `os.PathLike`): The adapter directory (or Hub id).
+
+    Returns:
+        `PeftModel` with the adapter's z trainable.
+
+    Raises:
+        [`~peft_spectral.adapter_io.AdapterLoadError`]: when `adapter` is not a loadable SVF adapter.
+    """
+    from peft import PeftModel
+
+    from ..adapter_io import validate_adapter_dir
+
+    folder, config = validate_adapter_dir(adapter, expected_type="SVF")
+    config = causal_lm_config(config)
+    config.inference_mode = False
+    return PeftModel.from_pretrained(model, str(folder), config=config, is_trainable=True, use_safetensors=True)
+
+
+def causal_lm_config(peft_config: Optional[Any]) -> Any:
+    """The adapter config to train a causal LM with: `SVFConfig(task_type="CAUSAL_LM")` (MLP projections of known
+    architectures) when `peft_config` is `None`, else `peft_config`, copied with `task_type="CAUSAL_LM"` when it has
+    none (the caller's object is left unchanged).
+
+    Every model this package trains is a causal LM (TRL's GRPO, RLOO and SFT trainers); a saved adapter whose
+    `task_type` is set loads as a `PeftModelForCausalLM` (generation, `prepare_inputs_for_generation`).
+    """
+    if peft_config is None:
+        return SVFConfig(task_type="CAUSAL_LM")
+    if hasattr(peft_config, "task_type") and peft_config.task_type is None:
+        peft_config = copy.copy(peft_config)
+        peft_config.task_type = "CAUSAL_LM"
+    return peft_config
 
 
 def build_trainer(
@@ -68,7 +115,8 @@ def build_trainer(
     """Construct the TRL trainer for `method`/`algorithm` and apply this package's SVF fixes.
 
     Args:
-        model: A transformers causal LM (then `peft_config`, default `SVFConfig()`, is applied by TRL) or a
+        model: A transformers causal LM (then `peft_config`, default `SVFConfig()`, is applied by TRL, with
+            `task_type="CAUSAL_LM"` unless it sets one, see [`causal_lm_config`]) or a
             `PeftModel` holding the adapter to (re-)train (then `peft_config` must be `None`).
         tokenizer: Its tokenizer (TRL's `processing_class`).
         train_dataset: From [`task_dataset`] / [`examples_to_dataset`].
@@ -91,7 +139,7 @@ def build_trainer(
         raise ValueError("model is already a PeftModel: pass peft_config=None to keep training its adapter")
     as_plain_fp32(model.get_base_model() if is_peft else model)
     if not is_peft:
-        peft_config = _default_svf_config(model, peft_config)
+        peft_config = causal_lm_config(peft_config)
     callbacks = list(callbacks or [])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
