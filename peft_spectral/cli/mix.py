@@ -187,6 +187,7 @@ def _library(args):
 
 
 def run_mix(args: argparse.Namespace) -> int:
+    from ..distributed import launched_state
     from ..transformer2 import CEMConfig, FewShotMixer, load_shots
 
     shots = load_shots(args.shots)
@@ -210,6 +211,9 @@ def run_mix(args: argparse.Namespace) -> int:
     library = _library(args)
     mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
     result = mixer.search(config)
+    processes = launched_state()
+    if processes is not None and not processes.is_main_process:
+        return 0  # under `accelerate launch` every process has the same α; the main one reports and saves it
     out = mixer.save(args.output, result=result, extra={"cem": dict(vars(config).items())})
     print(f"experts: {', '.join(mixer.experts)}")
     alpha = result.best_alpha

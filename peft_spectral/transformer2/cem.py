@@ -28,6 +28,12 @@ shot): with 40 shots, hold-out 40 % → 24 fit + 16 hold-out shots; a generation
 both parts (≈ 3.4 s) and a final evaluation on all shots (≈ 3.4 s): ≈ 415 s ≈ 7 minutes ≤ 10 minutes. For other
 shot counts [`CEMConfig.for_budget`] sizes the generations to a time budget. The reference (32 × 50 on all 40 shots)
 would take 1600 × 3.4 s ≈ 90 minutes.
+
+More than one process: under `accelerate launch --num_processes N` each generation's population is shared out across
+the processes (one candidate per process per round, [`peft_spectral.distributed.map_across_processes`]) and the
+fitness values gathered on every process; the hold-out checks run on one process and are gathered too. Every process
+samples the same candidates (same seed) and takes the same decisions from the same gathered values, so all of them
+end with the α that one process finds.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+
+from ..distributed import launched_state, map_across_processes
 
 
 logger = logging.getLogger(__name__)
@@ -245,6 +253,25 @@ def _refit(elites: torch.Tensor, std: torch.Tensor, min_std: float) -> tuple[tor
     return elites.mean(0), spread.clamp_min(min_std)
 
 
+def _quiet(config: CEMConfig, processes) -> bool:
+    """No progress bar when not asked for, nor on the processes other than the main one."""
+    return not config.progress or (processes is not None and not processes.is_main_process)
+
+
+def _population_fitness(
+    score: Callable[[torch.Tensor], tuple[float, ...]], samples: torch.Tensor, processes, bar
+) -> list[tuple[float, ...]]:
+    """`[score(c) for c in samples]`, the candidates shared out across launched processes (see the module docstring)."""
+    return map_across_processes(
+        lambda cand: score(cand.clone()), list(samples), processes, on_round=lambda done: bar.update(len(done))
+    )
+
+
+def _on_one_process(score: Callable[[torch.Tensor], tuple[float, ...]], alpha: torch.Tensor, processes):
+    """`score(alpha)` computed on one process and gathered on all of them (every process gets the same value)."""
+    return map_across_processes(lambda a: score(a.clone()), [alpha], processes)[0]
+
+
 def cross_entropy_method(
     fitness: Callable[[torch.Tensor], Fitness],
     shape: Union[int, Sequence[int]],
@@ -257,6 +284,9 @@ def cross_entropy_method(
             (e.g. `(accuracy, mean_loglik)`: accuracy first, log-likelihood breaks ties). Higher is better.
         shape (`int` or `Sequence[int]`): Shape of α, e.g. `K` or `(K, L)`.
         config ([`CEMConfig`], *optional*): Settings; the reference defaults when `None`.
+
+    Under `accelerate launch` with several processes every process must make the same call: each generation's
+    candidates are shared out and their fitness gathered, and every process returns the same result.
 
     Returns:
         [`CEMResult`]
@@ -275,18 +305,16 @@ def cross_entropy_method(
     history: list[dict[str, Any]] = []
     evaluations = 0
     start = time.perf_counter()
+    processes = launched_state()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.generations * config.population, desc="CEM", disable=not config.progress)
+    bar = tqdm(total=config.generations * config.population, desc="CEM", disable=_quiet(config, processes))
     try:
         for g in range(config.generations):
             noise = torch.randn((config.population, *shape), generator=gen, dtype=torch.float64)
             samples = (mean + std * noise).clamp(lo, hi)
-            fits = []
-            for cand in samples:
-                fits.append(_as_tuple(fitness(cand.clone())))
-                evaluations += 1
-                bar.update(1)
+            fits = _population_fitness(lambda a: _as_tuple(fitness(a)), samples, processes, bar)
+            evaluations += len(fits)
             order = sorted(range(len(fits)), key=lambda i: _key(fits[i]), reverse=True)
             if best_fit is None or _key(fits[order[0]]) > _key(best_fit):
                 best_fit, best_alpha = fits[order[0]], samples[order[0]].clone()
@@ -347,6 +375,10 @@ def regularized_cross_entropy_method(
         shape (`int` or `Sequence[int]`): Shape of α.
         config ([`CEMConfig`], *optional*): Settings (`init_mean=None` starts at 0).
 
+    Under `accelerate launch` with several processes every process must make the same call: each generation's
+    candidates are shared out, the hold-out checks run on one process, all values are gathered, and every process
+    returns the same result.
+
     Returns:
         [`CEMResult`] with `best_fitness` = `holdout_fitness` = the selected α's hold-out fitness.
     """
@@ -367,7 +399,12 @@ def regularized_cross_entropy_method(
         fit = _as_tuple(fitness(alpha.clone()))
         return (fit[0] - config.l1_penalty * float(alpha.abs().mean()), *fit[1:])
 
-    base_hold = _as_tuple(holdout(base_alpha.clone()))
+    processes = launched_state()
+
+    def held_out(alpha: torch.Tensor) -> tuple[float, ...]:
+        return _as_tuple(holdout(alpha))
+
+    base_hold = _on_one_process(held_out, base_alpha, processes)
     best_alpha, best_hold = base_alpha.clone(), base_hold
     evaluations += 1
     history: list[dict[str, Any]] = []
@@ -375,20 +412,17 @@ def regularized_cross_entropy_method(
     stopped_early = False
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.generations * config.population, desc="CEM", disable=not config.progress)
+    bar = tqdm(total=config.generations * config.population, desc="CEM", disable=_quiet(config, processes))
     try:
         for g in range(config.generations):
             noise = torch.randn((config.population, *shape), generator=gen, dtype=torch.float64)
             raw = mean + std * noise
             samples = raw.clamp(lo, hi)
-            fits = []
-            for cand in samples:
-                fits.append(penalised(cand))
-                evaluations += 1
-                bar.update(1)
+            fits = _population_fitness(penalised, samples, processes, bar)
+            evaluations += len(fits)
             order = sorted(range(len(fits)), key=lambda i: _key(fits[i]), reverse=True)
             champion = samples[order[0]].clone()
-            hold = _as_tuple(holdout(champion.clone()))
+            hold = _on_one_process(held_out, champion, processes)
             evaluations += 1
             improved = _key(hold) > _key(best_hold)
             if improved:
