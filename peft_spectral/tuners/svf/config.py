@@ -122,7 +122,7 @@ class SVFConfig(PeftConfig):
         },
     )
     fast_factored: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Keep U*Sigma (or Sigma*V^T) in memory for a cheaper factored forward/backward (one more "
             "weight copy per target; base output reproduced up to rounding)."
