@@ -41,7 +41,7 @@ ROWS: list[tuple[str, str, str, dict]] = [
         "SVFConfig",
         {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
     ),
-    (f"{ROW_PREFIX} SVF MLP 6 fast_factored", "MLP", "SVFConfig", {"target_modules": ["lin0"], "fast_factored": True}),
+    (f"{ROW_PREFIX} SVF MLP 6 exact", "MLP", "SVFConfig", {"target_modules": ["lin0"], "fast_factored": False}),
     (f"{ROW_PREFIX} SVF Conv1D 1", "EmbConv1D", "SVFConfig", {"target_modules": ["conv1d"]}),
     (f"{ROW_PREFIX} SVF Conv1D 2", "EmbConv1D", "SVFConfig", {"target_modules": ["conv1d", "lin0"]}),
     (f"{ROW_PREFIX} CoreIsolation MLP 1", "MLP", "CoreIsolationConfig", {"target_modules": ["lin0"]}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -112,30 +113,33 @@ def test_rank_limits_trainable_values(llama):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 6 * 5
 
 
+@pytest.mark.parametrize("fast_factored", [False, True])
 @pytest.mark.parametrize("mode", ["linear", "sigmoid"])
-def test_identity_at_init(tok, mode):
+def test_identity_at_init(tok, mode, fast_factored):
     base = build_tiny_llama(tok)
     x, long_x = ids(), ids(length=40)  # 80 tokens > max(out, in) = 64: the no-grad call recomposes W'
     with torch.no_grad():
         ref, long_ref = base(x).logits, base(long_x).logits
-    model = get_peft_model(base, SVFConfig(target_modules=MLP, mode=mode))
+    model = get_peft_model(base, SVFConfig(target_modules=MLP, mode=mode, fast_factored=fast_factored))
     model.train()
     out = model(x).logits  # factored path (grad enabled)
     with torch.no_grad():
         long_out = model(long_x).logits
-    if mode == "linear":  # the correction is exactly zero
+    assert not torch.equal(out, torch.zeros_like(out))
+    if mode == "linear" and not fast_factored:  # the exact form's correction is exactly zero
         assert torch.equal(out, ref) and torch.equal(long_out, long_ref)
-    else:  # sum-preserving rescale of a constant scale: 1 up to float rounding
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(long_out, long_ref, rtol=1e-5, atol=1e-5)
+    else:  # U Σ (Vᵀ x) instead of W x, or a sum-preserving rescale to 1: the base up to float rounding
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(long_out, long_ref, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("fast_factored", [True, False])
 @pytest.mark.parametrize("mode", ["linear", "sigmoid"])
 @pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2])
-def test_forward_matches_dense_reference_both_paths(tok, mode, builder):
+def test_forward_matches_dense_reference_both_paths(tok, mode, builder, fast_factored):
     base = builder(tok)
     targets = MLP if builder is build_tiny_llama else ["c_fc", "c_proj", "c_attn"]
-    model = get_peft_model(base, SVFConfig(target_modules=targets, mode=mode))
+    model = get_peft_model(base, SVFConfig(target_modules=targets, mode=mode, fast_factored=fast_factored))
     randomize_z(model)
     layers = [m for m in model.modules() if isinstance(m, SVFLinear)]
     assert {m.svf_side for m in layers} == {"left", "right"}
@@ -208,7 +212,21 @@ def test_fast_factored_is_base_up_to_rounding_and_not_saved(tok, tmp_path):
 def test_fast_factored_not_used_for_small_rank(llama):
     model = get_peft_model(llama, SVFConfig(target_modules=MLP, rank=4, fast_factored=True))
     layer = next(m for m in model.modules() if isinstance(m, SVFLinear))
-    assert layer.svf_P is not None and not layer._fast_form(4)  # 2·k·m < m²: the two-matmul form is cheaper
+    # 2·k·m < m²: the two-matmul exact form is cheaper, so no copy of the weight is kept
+    assert layer.svf_P is None and not layer._fast_form(4)
+    # an adapter of full rank added later keeps P (and uses it); the rank-4 adapter still uses the exact form
+    model.add_adapter("full", SVFConfig(target_modules=MLP, fast_factored=True))
+    assert layer.svf_P is not None and layer._fast_form(layer.svf_rank) and not layer._fast_form(4)
+
+
+def test_default_is_fast_factored_and_exact_form_is_opt_in(llama):
+    assert SVFConfig().fast_factored is True
+    fast = get_peft_model(copy.deepcopy(llama), SVFConfig(target_modules=MLP))
+    exact = get_peft_model(llama, SVFConfig(target_modules=MLP, fast_factored=False))
+    fast_layers = [m for m in fast.modules() if isinstance(m, SVFLinear)]
+    exact_layers = [m for m in exact.modules() if isinstance(m, SVFLinear)]
+    assert fast_layers and all(m.svf_P is not None for m in fast_layers)
+    assert exact_layers and all(m.svf_P is None for m in exact_layers)
 
 
 def test_only_z_receives_gradients(llama):
@@ -295,10 +313,11 @@ def test_push_to_hub_uploads_adapter_files_only(llama, monkeypatch):
 # ----------------------------------------------------------------------------- merge, disable, adapters
 
 
-def test_merge_unmerge_and_merge_and_unload(tok):
+@pytest.mark.parametrize("fast_factored", [True, False])
+def test_merge_unmerge_and_merge_and_unload(tok, fast_factored):
     base = build_tiny_llama(tok)
     originals = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = get_peft_model(base, SVFConfig(target_modules=MLP))
+    model = get_peft_model(base, SVFConfig(target_modules=MLP, fast_factored=fast_factored))
     randomize_z(model)
     x = ids()
     with torch.no_grad():
@@ -306,6 +325,7 @@ def test_merge_unmerge_and_merge_and_unload(tok):
         model.merge_adapter()
         torch.testing.assert_close(model(x).logits, adapted, rtol=1e-4, atol=1e-5)
         model.unmerge_adapter()
+        assert torch.equal(model(x).logits, adapted)  # the unmerged layer computes as before the merge
     for n, p in model.base_model.model.named_parameters():
         key = n.replace(".base_layer", "")
         if key in originals:
@@ -334,7 +354,8 @@ def test_multiple_adapters_share_factors_and_switch_without_svd(tok, monkeypatch
     model.add_adapter("b", SVFConfig(target_modules=MLP))
     layer = next(m for m in model.modules() if isinstance(m, SVFLinear))
     assert set(layer.svf_z) == {"default", "b"}
-    assert len([b for n, b in layer.named_buffers() if n.startswith("svf_")]) == 2  # one S, one Q for both
+    # one S, one Q (and one P of the default fast factored form) for both adapters
+    assert len([b for n, b in layer.named_buffers() if n.startswith("svf_")]) == 3
     randomize_z(model, seed=3)
 
     def no_svd(*a, **k):

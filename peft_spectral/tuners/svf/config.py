@@ -68,11 +68,13 @@ class SVFConfig(PeftConfig):
             initialisation (up to `init_noise_std`). `False` draws `z` at random around `init_value` (standard
             deviation 0.5, from torch's global generator), a non-identity adapter, as `init_weights=False` does for
             PEFT's other methods (used to test merging, saving and loading).
-        fast_factored (`bool`): Also keep the larger side's scaled singular vectors (`W V = U Σ` or `Uᵀ W = Σ Vᵀ`,
-            one more copy of each targeted weight in memory, never saved) and compute the factored output as
-            `U Σ (s ⊙ Vᵀ x)`: one extra `m × m` matmul per token instead of two, which makes training steps cheaper
-            (see the SVF cost benchmark). The output at `s = 1` then equals the base model up to float rounding
-            instead of bit for bit. Used only where more than half of the singular values are adapted.
+        fast_factored (`bool`): `True` (default): also keep the larger side's scaled singular vectors (`W V = U Σ`
+            or `Uᵀ W = Σ Vᵀ`, one more copy of each targeted weight in memory, float32, never saved) and compute the
+            output as `U Σ (s ⊙ Vᵀ x)` instead of the base matmul: one extra `m × m` matmul per token instead of two,
+            so training steps cost about what LoRA r=16's do (see the SVF cost benchmark). The output at `s = 1`
+            equals the base model up to float rounding. Used (and the copy kept) only where more than half of the
+            singular values are adapted. `False`: the exact form, the base model bit for bit at initialisation and
+            no copy of the weight, at +30-40 % step time (see `docs/svf_memory.md` for the memory of each form).
         svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
             `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
             setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
@@ -122,10 +124,11 @@ class SVFConfig(PeftConfig):
         },
     )
     fast_factored: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "Keep U*Sigma (or Sigma*V^T) in memory for a cheaper factored forward/backward (one more "
-            "weight copy per target; base output reproduced up to rounding)."
+            "help": "True (default): keep U*Sigma (or Sigma*V^T) for a cheaper factored forward/backward (one more "
+            "weight copy per target; base output reproduced up to rounding). False: the exact form (base model bit "
+            "for bit at init, no copy, slower steps)."
         },
     )
     svd_cache_dir: Optional[str] = field(

@@ -7,18 +7,21 @@ singular vectors of the smaller side (see [`peft_spectral.svd_cache`]), `k` the 
     W' = W (I + Q_k D Q_kᵀ)    when Q = V (in <= out)
     W' = (I + Q_k D Q_kᵀ) W    when Q = U (out < in)
 
-which equals `U diag(σ ⊙ s) Vᵀ` on the top-`k` subspace and keeps the rest of the spectrum. Written as a correction
-of the base weight it is exactly the base model when `s = 1` (bit for bit: the correction is `0`), needs only the
-smaller side's factors, and gives two exact ways to compute an output:
+which equals `U diag(σ ⊙ s) Vᵀ` on the top-`k` subspace and keeps the rest of the spectrum. Three ways to compute an
+output, per call and per matrix the cheapest that applies:
 
-* factored: transform the input (`x + ((x Q_k) ⊙ (s-1)) Q_kᵀ`) or the output, `2·tokens·m·k` extra FLOPs;
-* recomposed: build `W'` once, `2·out·in·k` extra FLOPs.
+* fast factored (the default, `SVFConfig(fast_factored=True)`): the layer also keeps `P = W Q` (right) or
+  `P = Qᵀ W` (left), i.e. `U Σ` or `Σ Vᵀ`, and computes `((x Q) ⊙ s) Pᵀ` or `((x Pᵀ) ⊙ s) Qᵀ` *instead of* the
+  base matmul: `tokens·m²` extra multiply-adds per direction (forward, and backward to the input), one more
+  weight-sized buffer, and an output at `s = 1` that matches the base up to float rounding. Used where more than
+  half of the singular values are adapted (`2k > m`); `P` is only kept for such layers.
+* exact factored (`fast_factored=False`, or `2k <= m`): transform the input (`x + ((x Q_k) ⊙ (s-1)) Q_kᵀ`) or the
+  output, then the base matmul: `2·tokens·m·k` extra multiply-adds, and exactly the base model when `s = 1` (bit
+  for bit: the correction is `0`), needing only the smaller side's factors.
+* recomposed: build `W'` once, `2·out·in·k` extra; chosen only when no gradient is needed and it is cheaper.
 
-The cheaper one is picked per call (recomposing only when no gradient is needed, since its backward is costlier).
-
-With `SVFConfig(fast_factored=True)` the layer also keeps `P = W Q` (right) or `P = Qᵀ W` (left), i.e. `U Σ` or
-`Σ Vᵀ`, and computes the factored output as `((x Q) ⊙ s) Pᵀ` or `((x Pᵀ) ⊙ s) Qᵀ`: `tokens·m²` extra FLOPs instead of
-`2·tokens·m·k`, for one more weight-sized buffer and an output at `s = 1` that matches the base up to rounding.
+Neither a per-step merged weight nor a dense delta form beats the fast factored one when `s` needs a gradient: the
+gradient of `s` needs the projections `x Q` and `g P` of the input and of the output gradient in any form.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from ...svd_cache import SpectralFactors
@@ -118,14 +122,15 @@ class SVFLayer(BaseTunerLayer):
         self.svf_z[adapter_name] = nn.Parameter(z.to(device=self.svf_S.device, dtype=dtype))
         self._svf_checked.pop(adapter_name, None)
         self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
-        if getattr(config, "fast_factored", False) and self.svf_P is None:
+        if getattr(config, "fast_factored", False) and self._fast_form(k, needs_factor=False) and self.svf_P is None:
             self.svf_P = self._scaled_factor()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _scaled_factor(self) -> torch.Tensor:
         """`W Q = U Σ` (right side, `(out, m)`) or `Qᵀ W = Σ Vᵀ` (left side, `(m, in)`) of the current base weight."""
-        with torch.no_grad():
-            w = weight_matrix(self.get_base_layer()).to(self.svf_compute_dtype)
+        base = self.get_base_layer()
+        with torch.no_grad(), gather_params_ctx(base.weight):  # DeepSpeed ZeRO-3: the full weight, as for the SVD
+            w = weight_matrix(base).to(self.svf_compute_dtype)
             q = self._q()
             return (w @ q) if self.svf_side == "right" else (q.T @ w)
 
@@ -164,8 +169,8 @@ class SVFLayer(BaseTunerLayer):
         check_finite_adapter(z.detach(), "SVF", adapter_name, self.module_name, "z")
         self._svf_checked[adapter_name] = key
 
-    def _combined_delta(self, adapter_names: list[str]) -> Optional[torch.Tensor]:
-        """`Π_a s_a - 1` over the given adapters (padded with 1 to the longest `k`), or `None` if none applies."""
+    def _combined_scale(self, adapter_names: list[str]) -> Optional[torch.Tensor]:
+        """`Π_a s_a` over the given adapters (padded with 1 to the longest `k`), or `None` if none applies."""
         scales = [self.svf_scale(a) for a in adapter_names if a in self.svf_z]
         if not scales:
             return None
@@ -175,7 +180,12 @@ class SVFLayer(BaseTunerLayer):
             if s.shape[0] < k:
                 s = torch.cat([s, s.new_ones(k - s.shape[0])])
             total = s if total is None else total * s
-        return total - 1
+        return total
+
+    def _combined_delta(self, adapter_names: list[str]) -> Optional[torch.Tensor]:
+        """`Π_a s_a - 1` over the given adapters (padded with 1 to the longest `k`), or `None` if none applies."""
+        scale = self._combined_scale(adapter_names)
+        return None if scale is None else scale - 1
 
     def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
         """`W' - W` in `(out, in)` orientation for the correction `delta = s - 1`."""
@@ -249,8 +259,12 @@ class SVFLinear(nn.Module, SVFLayer):
         factored = tokens * m * m if self._fast_form(k) else 2 * tokens * m * k
         return factored > 2 * self.out_features * self.in_features * k
 
-    def _fast_form(self, k: int) -> bool:
-        return self.svf_P is not None and 2 * k > self.svf_rank
+    def _fast_form(self, k: int, needs_factor: bool = True) -> bool:
+        """Whether the fast factored form is cheaper for `k` adapted values (and, with `needs_factor`, `P` is kept).
+
+        Its extra cost is `tokens·m²` multiply-adds against `2·tokens·m·k` for the exact factored form.
+        """
+        return (self.svf_P is not None or not needs_factor) and 2 * k > self.svf_rank
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -262,11 +276,14 @@ class SVFLinear(nn.Module, SVFLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        delta = self._combined_delta(self.active_adapters)
-        if delta is None:
+        scale = self._combined_scale(self.active_adapters)
+        if scale is None:
             return self.base_layer(x, *args, **kwargs)
 
         base = self.get_base_layer()
+        if self._fast_form(scale.shape[0]) and not self._use_recomposed(x, scale):
+            return self._fast_factored_forward(x, scale, base)
+        delta = scale - 1
         compute_dtype = self.svf_compute_dtype
         if self._use_recomposed(x, delta):
             w = weight_matrix(base)
@@ -274,8 +291,6 @@ class SVFLinear(nn.Module, SVFLayer):
             bias = base.bias.to(x.dtype) if base.bias is not None else None
             return F.linear(x, new_w, bias)
 
-        if self._fast_form(delta.shape[0]):
-            return self._fast_factored_forward(x, delta, base)
         q = self._q()[:, : delta.shape[0]]
         if self.svf_side == "right":
             xc = x.to(compute_dtype)
@@ -285,10 +300,9 @@ class SVFLinear(nn.Module, SVFLayer):
         lin = y if base.bias is None else y - base.bias
         return y + (((lin.to(compute_dtype) @ q) * delta) @ q.T).to(y.dtype)
 
-    def _fast_factored_forward(self, x: torch.Tensor, delta: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def _fast_factored_forward(self, x: torch.Tensor, scale: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """`U Σ (s ⊙ Vᵀ x)` from the kept scaled factor `P` (see `SVFConfig.fast_factored`)."""
-        m, k = self.svf_rank, delta.shape[0]
-        scale = delta + 1
+        m, k = self.svf_rank, scale.shape[0]
         if k < m:
             scale = torch.cat([scale, scale.new_ones(m - k)])
         xc = x.to(self.svf_compute_dtype)
