@@ -27,6 +27,7 @@ import copy
 import json
 import logging
 import platform
+import re
 import shutil
 import sys
 import time
@@ -178,8 +179,16 @@ def train_library(
             }
         )
     for task in tasks:
-        install_expert(task, work / task / recipes["tasks"][task][-1]["name"], library / task, done_stages[task])
+        install_expert(
+            task, work / task / recipes["tasks"][task][-1]["name"], library / expert_dir_name(task), done_stages[task]
+        )
     return done_stages
+
+
+def expert_dir_name(task: str) -> str:
+    """Library directory of a task's expert: one level below the library (`arithmetic/2_digit_addition` ->
+    `arithmetic_2_digit_addition`), as `bench_transformer2.py` and the demo look for them."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", task)
 
 
 def install_expert(task: str, stage_dir: Path, target: Path, stages: list[dict]) -> None:
