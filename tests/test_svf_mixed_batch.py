@@ -57,7 +57,9 @@ NAMES = ["a", "b", "__base__", "b", "a"]
 
 
 def _grouped_logits(model, ids, mask, names):
-    out = torch.empty(ids.shape[0], ids.shape[1], model.config.vocab_size)
+    out = torch.empty(
+        ids.shape[0], ids.shape[1], model.config.vocab_size, dtype=model.get_input_embeddings().weight.dtype
+    )
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
         with torch.no_grad():
@@ -96,6 +98,30 @@ def test_mixed_batch_forward_equals_grouped(builder, targets, rank, tmp_path):
     assert not torch.allclose(
         _grouped_logits(model, ids, mask, ["a"] * 5)[1], _grouped_logits(model, ids, mask, ["b"] * 5)[1], atol=1e-3
     )
+
+
+def test_mixed_batch_with_bfloat16_base_and_factors(tmp_path):
+    """bf16 base, bf16 factors: mixed rows match the grouped (fast form) ones within bf16 rounding, base rows exactly."""
+
+    def bf16_llama(tok):
+        return build_tiny_llama(tok).to(torch.bfloat16)
+
+    model, tok = _two_expert_model(bf16_llama, ["gate_proj", "up_proj", "down_proj"], tmp_path)
+    assert all(layer.svf_Q.dtype == torch.bfloat16 for _, layer in model.base_model.svf_layers())
+    ids, mask = _batch(tok, TEXTS)
+    expected = _grouped_logits(model, ids, mask, NAMES)
+    model.set_adapter("a")
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    assert mixed.dtype == torch.bfloat16 and torch.equal(mixed[2], base[2])
+    for row in (0, 1, 3, 4):
+        err = float((mixed[row].double() - expected[row].double()).norm() / expected[row].double().norm())
+        # the mixed rows use the exact form, the grouped ones the fast form: both round in bf16 (as fp32 factors do)
+        assert err < 4 * torch.finfo(torch.bfloat16).eps, (row, err)
+        moved = float((base[row].double() - expected[row].double()).norm() / expected[row].double().norm())
+        assert moved > 10 * err  # the adapters move the rows far more than rounding does
 
 
 def test_mixed_batch_generate_equals_grouped(tmp_path):

@@ -31,6 +31,10 @@ SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
 }
 
 SVFMode = Literal["linear", "sigmoid"]
+SVFFactorDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+#: The values of `SVFConfig.factor_dtype`.
+SVF_FACTOR_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 
 _IGNORED_CACHE_DIR = (
     "`svd_cache_dir` in {source} is ignored: the SVD cache location is chosen only at runtime "
@@ -69,12 +73,21 @@ class SVFConfig(PeftConfig):
             deviation 0.5, from torch's global generator), a non-identity adapter, as `init_weights=False` does for
             PEFT's other methods (used to test merging, saving and loading).
         fast_factored (`bool`): `True` (default): also keep the larger side's scaled singular vectors (`W V = U Σ`
-            or `Uᵀ W = Σ Vᵀ`, one more copy of each targeted weight in memory, float32, never saved) and compute the
-            output as `U Σ (s ⊙ Vᵀ x)` instead of the base matmul: one extra `m × m` matmul per token instead of two,
-            so training steps cost about what LoRA r=16's do (see the SVF cost benchmark). The output at `s = 1`
-            equals the base model up to float rounding. Used (and the copy kept) only where more than half of the
-            singular values are adapted. `False`: the exact form, the base model bit for bit at initialisation and
-            no copy of the weight, at +30-40 % step time (see `docs/svf_memory.md` for the memory of each form).
+            or `Uᵀ W = Σ Vᵀ`, one more copy of each targeted weight in memory, in `factor_dtype`, never saved) and
+            compute the output as `U Σ (s ⊙ Vᵀ x)` instead of the base matmul: one extra `m × m` matmul per token
+            instead of two, so training steps cost about what LoRA r=16's do (see the SVF cost benchmark). The output
+            at `s = 1` equals the base model up to the factor dtype's rounding. Used (and the copy kept) only where
+            more than half of the singular values are adapted. `False`: the exact form, the base model bit for bit at
+            initialisation and no copy of the weight, at +30-40 % step time (see `docs/svf_memory.md` for the memory
+            of each form).
+        factor_dtype (`str`): Dtype of the layer's singular vectors `Q` and of the fast form's `P`, and of the
+            matmuls that use them. `"auto"` (default): the base weight's dtype when it is bfloat16 or float16 (the
+            factors then cost what the weight costs, and the matmuls run as fast as the base model's), float32
+            otherwise. `"float32"` keeps them in float32 whatever the base (twice the memory of a 16-bit base, a
+            fast-form output closer to the base's at init); `"bfloat16"`/`"float16"` force 16 bits (e.g. a float32
+            base trained under autocast). The SVD itself is always computed and cached in float32; the singular
+            values `S`, `z` (float32 under PEFT's `autocast_adapter_dtype`) and the scales stay in float32. The
+            factors are shared by all adapters of a layer: the first adapter's setting decides.
         svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
             `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
             setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
@@ -131,6 +144,13 @@ class SVFConfig(PeftConfig):
             "for bit at init, no copy, slower steps)."
         },
     )
+    factor_dtype: SVFFactorDtype = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the singular vectors and of the fast form's weight copy: 'auto' (the base weight's "
+            "dtype if bf16/fp16, else float32), 'float32', 'bfloat16' or 'float16'. The SVD is always float32."
+        },
+    )
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Directory of the SVD cache (runtime only, never saved); the user cache dir when None."},
@@ -159,6 +179,10 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
         if not isinstance(self.fast_factored, bool):
             raise ValueError(f"SVFConfig.fast_factored must be a bool, got {self.fast_factored!r}")
+        if self.factor_dtype not in SVF_FACTOR_DTYPES:
+            raise ValueError(
+                f"SVFConfig.factor_dtype must be one of {list(SVF_FACTOR_DTYPES)}, got {self.factor_dtype!r}"
+            )
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"SVFConfig.init_weights must be a bool, got {self.init_weights!r}")
         if self.init_noise_std < 0:

@@ -20,6 +20,11 @@ output, per call and per matrix the cheapest that applies:
   for bit: the correction is `0`), needing only the smaller side's factors.
 * recomposed: build `W'` once, `2·out·in·k` extra; chosen only when no gradient is needed and it is cheaper.
 
+Dtypes: `Q` and `P` are kept in the layer's factor dtype (`SVFConfig.factor_dtype`; by default the base weight's
+dtype when it is bfloat16/float16, else float32), and the matmuls with them run in that dtype, as the base layer's
+do; the scales `s` (from a float32 `z`) are applied in float32 before the product is rounded to it, so that a small
+change of `z` is not lost to a 16-bit `s`. Merging and recomposing compute `W'` in float32 (or wider).
+
 Neither a per-step merged weight nor a dense delta form beats the fast factored one when `s` needs a gradient: the
 gradient of `s` needs the projections `x Q` and `g P` of the input and of the output gradient in any form.
 """
@@ -40,6 +45,7 @@ from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
 from .config import SVFConfig
+from .factor_dtype import resolve_factor_dtype, scaled_matmul
 from .mixed_batch import mixed_batch_forward
 
 
@@ -52,14 +58,22 @@ class SVFLayer(BaseTunerLayer):
 
     Attributes:
         svf_z (`nn.ParameterDict`): The trainable vector `z` of each adapter (the only saved tensors).
-        svf_S, svf_Q (buffers): Singular values and smaller-side singular vectors, shared by all adapters of the layer
-            and never saved.
+        svf_S, svf_Q (buffers): Singular values (float32) and smaller-side singular vectors (in the factor dtype),
+            shared by all adapters of the layer and never saved.
+        svf_P (buffer or `None`): `W Q` or `Qᵀ W` (in the factor dtype) where the fast factored form is used.
     """
 
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
     other_param_names: tuple[str, ...] = ("svf_settings",)
 
-    def __init__(self, base_layer: nn.Module, factors: SpectralFactors, module_name: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        factors: SpectralFactors,
+        module_name: str = "",
+        factor_dtype: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         self.base_layer = base_layer
         self.module_name = module_name
         self.svf_z = nn.ParameterDict({})
@@ -79,23 +93,26 @@ class SVFLayer(BaseTunerLayer):
         self.svf_side = factors.side
         # a zero weight (σ = 0): every scale leaves it unchanged; known once here, so the forward needs no host sync
         self._svf_zero_weight = bool(m == 0 or float(factors.S.max()) <= 0)
-        device = weight_matrix(base).device
-        self.register_buffer("svf_S", factors.S.to(device), persistent=False)
-        self.register_buffer("svf_Q", factors.Q.to(device), persistent=False)
+        weight = weight_matrix(base)
+        dtype = resolve_factor_dtype(factor_dtype, weight.dtype)
+        self.register_buffer("svf_S", factors.S.to(weight.device), persistent=False)
+        self.register_buffer("svf_Q", factors.Q.to(device=weight.device, dtype=dtype), persistent=False)
         self.register_buffer("svf_P", None, persistent=False)
         # the base weight before the first merge (a buffer, so that `.to()` moves it along); exact unmerge
         self.register_buffer("svf_weight_backup", None, persistent=False)
 
     @property
+    def svf_factor_dtype(self) -> torch.dtype:
+        """The dtype of `Q` and `P`, and of the forward's matmuls with them (see `SVFConfig.factor_dtype`)."""
+        return self.svf_Q.dtype
+
+    @property
     def svf_compute_dtype(self) -> torch.dtype:
-        """The dtype of the spectral arithmetic: float32 (or float64), even when the factors were cast to 16 bits."""
+        """The dtype of the scales, of merging and of recomposing `W'`: float32 (or wider), even for 16-bit factors."""
         return torch.promote_types(self.svf_Q.dtype, torch.float32)
 
     def _q(self) -> torch.Tensor:
         return self.svf_Q.to(self.svf_compute_dtype)
-
-    def _p(self) -> torch.Tensor:
-        return self.svf_P.to(self.svf_compute_dtype)
 
     @property
     def svf_rank(self) -> int:
@@ -122,17 +139,29 @@ class SVFLayer(BaseTunerLayer):
         self.svf_z[adapter_name] = nn.Parameter(z.to(device=self.svf_S.device, dtype=dtype))
         self._svf_checked.pop(adapter_name, None)
         self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
+        wanted = resolve_factor_dtype(getattr(config, "factor_dtype", "auto"), weight.dtype)
+        if wanted != self.svf_factor_dtype:
+            warnings.warn(
+                f"SVF: the factors of a layer are shared by its adapters and kept in {self.svf_factor_dtype}; the "
+                f"factor_dtype of adapter '{adapter_name}' ({wanted}) is not applied",
+                UserWarning,
+                stacklevel=2,
+            )
         if getattr(config, "fast_factored", False) and self._fast_form(k, needs_factor=False) and self.svf_P is None:
             self.svf_P = self._scaled_factor()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _scaled_factor(self) -> torch.Tensor:
-        """`W Q = U Σ` (right side, `(out, m)`) or `Qᵀ W = Σ Vᵀ` (left side, `(m, in)`) of the current base weight."""
+        """`W Q = U Σ` (right side, `(out, m)`) or `Qᵀ W = Σ Vᵀ` (left side, `(m, in)`) of the current base weight.
+
+        Computed in float32 (or wider) and rounded once to the factor dtype.
+        """
         base = self.get_base_layer()
         with torch.no_grad(), gather_params_ctx(base.weight):  # DeepSpeed ZeRO-3: the full weight, as for the SVD
             w = weight_matrix(base).to(self.svf_compute_dtype)
             q = self._q()
-            return (w @ q) if self.svf_side == "right" else (q.T @ w)
+            p = (w @ q) if self.svf_side == "right" else (q.T @ w)
+            return p.to(self.svf_factor_dtype)
 
     # ------------------------------------------------------------------ scales
 
@@ -246,7 +275,9 @@ class SVFLinear(nn.Module, SVFLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        SVFLayer.__init__(self, base_layer, factors, module_name=current_key)
+        SVFLayer.__init__(
+            self, base_layer, factors, module_name=current_key, factor_dtype=getattr(config, "factor_dtype", "auto")
+        )
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, current_key)
 
@@ -291,26 +322,25 @@ class SVFLinear(nn.Module, SVFLayer):
             bias = base.bias.to(x.dtype) if base.bias is not None else None
             return F.linear(x, new_w, bias)
 
-        q = self._q()[:, : delta.shape[0]]
+        q = self.svf_Q[:, : delta.shape[0]]
         if self.svf_side == "right":
-            xc = x.to(compute_dtype)
-            x = x + (((xc @ q) * delta) @ q.T).to(x.dtype)
+            x = x + scaled_matmul(x.to(q.dtype) @ q, delta, q.T).to(x.dtype)
             return self.base_layer(x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         lin = y if base.bias is None else y - base.bias
-        return y + (((lin.to(compute_dtype) @ q) * delta) @ q.T).to(y.dtype)
+        return y + scaled_matmul(lin.to(q.dtype) @ q, delta, q.T).to(y.dtype)
 
     def _fast_factored_forward(self, x: torch.Tensor, scale: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """`U Σ (s ⊙ Vᵀ x)` from the kept scaled factor `P` (see `SVFConfig.fast_factored`)."""
         m, k = self.svf_rank, scale.shape[0]
         if k < m:
             scale = torch.cat([scale, scale.new_ones(m - k)])
-        xc = x.to(self.svf_compute_dtype)
-        q, p = self._q(), self._p()
+        q, p = self.svf_Q, self.svf_P
+        xc = x.to(q.dtype)
         if self.svf_side == "right":
-            y = ((xc @ q) * scale) @ p.T
+            y = scaled_matmul(xc @ q, scale, p.T)
         else:
-            y = ((xc @ p.T) * scale) @ q.T
+            y = scaled_matmul(xc @ p.T, scale, q.T)
         if base.bias is not None:
             y = y + base.bias.to(y.dtype)
         return y.to(x.dtype)

@@ -2,10 +2,11 @@
 
 The numbers follow what [`SVFLinear`] keeps for a weight of shape `(out, in)`, `m = min(out, in)`, `k` adapted values:
 
-* `S` (`m` values) and `Q` (`m × m`): the singular values and the smaller side's singular vectors (float32 as they
-  come from the SVD cache; half as much if the buffers are cast to a 16-bit dtype);
-* `P = U Σ` or `Σ Vᵀ` (`out × in` values: a copy of the weight's size) for the default fast factored form, kept only
-  where it is used (`2k > m`);
+* `S` (`m` values, float32) and `Q` (`m × m`, in the factor dtype): the singular values and the smaller side's
+  singular vectors. The SVD cache holds float32; `SVFConfig(factor_dtype="auto")` (the default) keeps `Q` in the base
+  weight's dtype when that is bfloat16/float16, else float32;
+* `P = U Σ` or `Σ Vᵀ` (`out × in` values: a copy of the weight's size, in the factor dtype) for the default fast
+  factored form, kept only where it is used (`2k > m`);
 * `z` (`k` values), its gradient and the two AdamW moments while training (float32 under PEFT's
   `autocast_adapter_dtype`).
 
@@ -24,6 +25,9 @@ from typing import Optional
 
 #: Bytes per value of the dtypes the tables use.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+#: Bytes per singular value: `S` stays float32 whatever the factor dtype.
+S_BYTES = 4
 
 #: Llama-2-7B: 32 blocks of q/k/v/o 4096×4096 and gate/up 11008×4096, down 4096×11008 (`(out, in)` shapes).
 LLAMA2_7B_BLOCK: dict[str, tuple[int, int]] = {
@@ -45,8 +49,8 @@ class SVFMatrixMemory:
     """Bytes SVF keeps for one targeted matrix.
 
     Attributes:
-        S (`int`): Singular values.
-        Q (`int`): Singular vectors of the smaller side.
+        S (`int`): Singular values (float32).
+        Q (`int`): Singular vectors of the smaller side (in the factor dtype).
         P (`int`): The fast factored form's `U Σ` / `Σ Vᵀ` (0 for the exact form, or when `2k <= m`).
         z (`int`): The trainable vector (the only saved tensor).
         z_training (`int`): `z`'s gradient and the optimizer's moments while training.
@@ -100,7 +104,9 @@ def svf_matrix_memory(
         out_features (`int`), in_features (`int`): The weight's shape.
         rank (`int`, *optional*): `SVFConfig.rank`; `None` adapts all `min(out, in)` values.
         fast_factored (`bool`): `SVFConfig.fast_factored` (the default `True` keeps `P`).
-        factor_dtype (`str`): Dtype of `S`, `Q`, `P`: `"float32"` (as computed), or a 16-bit one if cast.
+        factor_dtype (`str`): Dtype of `Q` and `P` (`S` is float32 in any case): the one
+            [`~peft_spectral.tuners.svf.factor_dtype.resolve_factor_dtype`] gives, i.e. by default the base weight's
+            dtype for a bfloat16/float16 base and `"float32"` for a float32 one.
         z_dtype (`str`): Dtype of `z` and its optimizer state.
         optimizer_states (`int`): Tensors of `z`'s size the optimizer keeps (2 for AdamW's moments).
 
@@ -119,7 +125,7 @@ def svf_matrix_memory(
     k = min(rank or m, m)
     keeps_p = fast_factored and 2 * k > m
     return SVFMatrixMemory(
-        S=m * fb,
+        S=m * S_BYTES,
         Q=m * m * fb,
         P=out_features * in_features * fb if keeps_p else 0,
         z=k * zb,
@@ -163,6 +169,10 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _ratio(svf: int, lora: int, base: int) -> str:
+    return f"{(base + svf) / (base + lora):.2f}x"
+
+
 def memory_tables(examples: Sequence[tuple[str, int, int]] = ()) -> str:
     """The markdown tables of `docs/svf_memory.md`: per matrix, and for Llama-2-7B (MLP targets and all-linear)."""
     examples = list(examples) or [
@@ -175,7 +185,7 @@ def memory_tables(examples: Sequence[tuple[str, int, int]] = ()) -> str:
         ("Llama-2-7B down", 4096, 11008),
     ]
     lines = [
-        "| matrix `(out, in)` | factors | `S` | `Q` | `P` (fast form) | `z` + grad + AdamW | SVF total | LoRA r=16 (fp32, AdamW) |",
+        "| matrix `(out, in)` | `Q`, `P` dtype | `S` | `Q` | `P` (fast form) | `z` + grad + AdamW | SVF total | LoRA r=16 (fp32, AdamW) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, out_f, in_f in examples:
@@ -187,18 +197,27 @@ def memory_tables(examples: Sequence[tuple[str, int, int]] = ()) -> str:
             )
     lines += [
         "",
-        "| Llama-2-7B (32 blocks) | factors | `Q` + `S` | `P` | SVF total (fast, default) | SVF total (`fast_factored=False`) | LoRA r=16 | base weights (bf16 / fp32) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| Llama-2-7B (32 blocks) | `Q`, `P` dtype | `Q` + `S` | `P` | SVF total (fast, default) | "
+            "SVF total (`fast_factored=False`) | LoRA r=16 | base weights (bf16 / fp32) | "
+            "bf16 base: weights + SVF fast / exact vs weights + LoRA |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base_bf16, base_fp32 = LLAMA2_7B_PARAMS * 2, LLAMA2_7B_PARAMS * 4
+    dtypes = (
+        ("bfloat16", "bfloat16 (default for a bf16 base)"),
+        ("float32", 'float32 (`factor_dtype="float32"`; default for an fp32 base)'),
+    )
     for label, targets in (("MLP targets", MLP_TARGETS), ("all linear", tuple(LLAMA2_7B_BLOCK))):
         lora = LLAMA2_7B_LAYERS * sum(lora_matrix_memory(*LLAMA2_7B_BLOCK[t]) for t in targets)
-        for dtype in ("float32", "bfloat16"):
+        for dtype, dtype_label in dtypes:
             fast = model_memory(LLAMA2_7B_BLOCK, targets, LLAMA2_7B_LAYERS, factor_dtype=dtype)
             exact = model_memory(LLAMA2_7B_BLOCK, targets, LLAMA2_7B_LAYERS, factor_dtype=dtype, fast_factored=False)
             lines.append(
-                f"| {label} | {dtype} | {_gb(fast.Q + fast.S)} GB | {_gb(fast.P)} GB | {_gb(fast.total)} GB | "
-                f"{_gb(exact.total)} GB | {_gb(lora)} GB | {_gb(base_bf16)} / {_gb(base_fp32)} GB |"
+                f"| {label} | {dtype_label} | {_gb(fast.Q + fast.S)} GB | {_gb(fast.P)} GB | {_gb(fast.total)} GB | "
+                f"{_gb(exact.total)} GB | {_gb(lora)} GB | {_gb(base_bf16)} / {_gb(base_fp32)} GB | "
+                f"{_ratio(fast.total, lora, base_bf16)} / {_ratio(exact.total, lora, base_bf16)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .factor_dtype import scaled_matmul
+
 
 BASE_ADAPTER = "__base__"
 
@@ -72,16 +74,15 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, *args: Any, adapter_n
     delta = per_row_delta(layer, adapter_names)
     if delta is None:
         return layer.base_layer(x, *args, **kwargs)
-    compute_dtype = layer.svf_Q.dtype
-    q = layer.svf_Q[:, : delta.shape[1]]
-    delta = delta.to(compute_dtype).reshape(delta.shape[0], *([1] * (x.ndim - 2)), delta.shape[1])
+    q = layer.svf_Q[:, : delta.shape[1]]  # in the factor dtype; `delta` stays float32 (see `scaled_matmul`)
+    delta = delta.reshape(delta.shape[0], *([1] * (x.ndim - 2)), delta.shape[1])
     base = layer.get_base_layer()
     if layer.svf_side == "right":
-        x = x + (((x.to(compute_dtype) @ q) * delta) @ q.T).to(x.dtype)
+        x = x + scaled_matmul(x.to(q.dtype) @ q, delta, q.T).to(x.dtype)
         return layer.base_layer(x, *args, **kwargs)
     y = layer.base_layer(x, *args, **kwargs)
     lin = y if base.bias is None else y - base.bias
-    return y + (((lin.to(compute_dtype) @ q) * delta) @ q.T).to(y.dtype)
+    return y + scaled_matmul(lin.to(q.dtype) @ q, delta, q.T).to(y.dtype)
 
 
 def _names_for(adapter_names: AdapterNames, rows: int) -> Sequence[str]:
