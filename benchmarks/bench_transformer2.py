@@ -71,6 +71,8 @@ from peft_spectral.transformer2 import (  # noqa: E402
     build_classifier_examples,
     decide_categories,
     dispatch_report,
+    expert_name,
+    find_experts,
     fit_threshold,
     train_classifier_expert,
     two_pass_evaluate,
@@ -97,23 +99,6 @@ def short_description(text: str, limit: int = 90) -> str:
     text = " ".join(text.split())
     first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
     return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
-
-
-def expert_name(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", task)
-
-
-def find_experts(root: Path) -> list[tuple[str, Path, dict]]:
-    """`(task, directory, expert.json)` of every `root/*/expert.json` next to a saved adapter."""
-    found = []
-    for meta_file in sorted(root.glob("*/expert.json")):
-        meta = json.loads(meta_file.read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-            raise SystemExit(f"{meta_file} has no 'task' (the BigBench task the expert was trained on)")
-        if not (meta_file.parent / "adapter_config.json").is_file():
-            raise SystemExit(f"{meta_file.parent} has an expert.json but no adapter_config.json")
-        found.append((meta["task"], meta_file.parent, meta))
-    return found
 
 
 def train_quick_experts(model, tok, tasks: list[str], out_root: Path, steps: int, batch_size: int) -> None:

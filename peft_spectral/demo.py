@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .model_card import read_expert_json
 from .state import load_state, write_json_atomic
 
 
@@ -51,13 +52,11 @@ def find_expert_library(start: Optional[Path] = None) -> Optional[Path]:
 
 
 def library_tasks(folder: Path) -> dict[str, Path]:
-    """`task -> adapter directory` of the experts in a library (directories with an adapter and an `expert.json`)."""
-    found = {}
-    for meta in sorted(Path(folder).glob("**/expert.json")):
-        if (meta.parent / "adapter_config.json").is_file():
-            task = json.loads(meta.read_text()).get("task") or meta.parent.name
-            found[task] = meta.parent
-    return found
+    """`task -> adapter directory` of the experts in a library (`<folder>/<name>/` with an adapter and an
+    `expert.json`, see [`peft_spectral.transformer2.find_experts`])."""
+    from .transformer2.library import find_experts
+
+    return {expert.task: expert.path for expert in find_experts(folder)}
 
 
 @dataclass
@@ -360,7 +359,7 @@ def _library_experts(base, tok, tasks, library: dict[str, Path], config: DemoCon
         model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
         model.eval()
         scored = _evaluate(model, tok, tasks[name], config.eval_examples)
-        meta = json.loads((folder / "expert.json").read_text())
+        meta = read_expert_json(folder)
         recipe = meta.get("recipe") or {}
         stages = meta.get("stages")
         how = " → ".join(f"{s.get('method')} {s.get('steps_run')}" for s in stages) if stages else None
