@@ -540,40 +540,25 @@ def markdown(summary: dict, smoke: bool) -> str:
 
 
 def plot(summary: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed (the `plots` extra): no %s", path)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Test accuracy per task and run with 95% CI error bars; `None` (and a warning) without matplotlib."""
+    from peft_spectral.plots import ci_bars, pyplot, save_figure
 
-    names = ["base", *RUNS]
+    plt = pyplot("the benchmark's plots", required=False)
+    if plt is None:
+        return None
     tasks = list(summary["tasks"])
     fig, ax = plt.subplots(figsize=(max(6.0, 2.8 * len(tasks)), 4.0))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs, ys, errs = [], [], [[], []]
-        for t, task in enumerate(tasks):
-            row = summary["tasks"][task]["runs"].get(name)
-            if row is None:
-                continue
-            ci = row["accuracy_ci"]
-            xs.append(t + (i - (len(names) - 1) / 2) * width)
-            ys.append(ci["accuracy"])
-            errs[0].append(ci["accuracy"] - ci["low"])
-            errs[1].append(ci["high"] - ci["accuracy"])
-        if xs:
-            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=LABELS[name])
+    series = {}
+    for name in ["base", *RUNS]:
+        rows = [summary["tasks"][task]["runs"].get(name) for task in tasks]
+        series[LABELS[name]] = [row and row["accuracy_ci"] for row in rows]
+    ci_bars(ax, tasks, series)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test accuracy (95% Wilson CI)")
     ax.set_ylim(0, 1)
     ax.set_title("Same wall-clock training budget")
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_report(state: dict, args) -> dict:

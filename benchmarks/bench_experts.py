@@ -354,33 +354,22 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Optional[Path]:
-    """Base vs expert accuracy per task with 95% CI error bars; `None` (and a message) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'peft-spectral[plots]')", flush=True)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """Base vs expert accuracy per task with 95% CI error bars; `None` (and a warning) without matplotlib."""
+    from peft_spectral.plots import ci_bars, pyplot, save_figure
 
+    plt = pyplot("the benchmark's plots", required=False)
+    if plt is None:
+        return None
     rows = results["rows"]
-    x = np.arange(len(rows))
+    tasks = [r["task"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 3.8))
-    for offset, key, label in ((-0.18, "base", "base model"), (0.18, "expert_accuracy", "SVF expert")):
-        acc = np.array([r[key]["accuracy"] for r in rows])
-        err = np.array(
-            [[r[key]["accuracy"] - r[key]["low"] for r in rows], [r[key]["high"] - r[key]["accuracy"] for r in rows]]
-        )
-        ax.bar(x + offset, acc, width=0.36, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")
+    series = {"base model": [r["base"] for r in rows], "SVF expert": [r["expert_accuracy"] for r in rows]}
+    ci_bars(ax, tasks, series, width=0.72)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (95% CI)")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------------------------- main

@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from peft_spectral import stats  # noqa: E402
 from peft_spectral.option_scoring import encode_examples, score_option_ids  # noqa: E402
+from peft_spectral.plots import ci_bars, pyplot, save_figure  # noqa: E402
 from peft_spectral.prompting import pad_token_id  # noqa: E402
 from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
 from peft_spectral.tasks import Example, Task, load_task  # noqa: E402
@@ -863,29 +864,18 @@ def goals(r: dict) -> dict:
 
 
 def plot(r: dict, curves: dict, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the benchmark's plots")
     strategies = [s for s in STRATEGIES if s != "base"]
     tasks = list(r["unseen"])
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / len(strategies)
-    for k, s in enumerate(strategies):
-        d = [r["unseen"][t][f"{s}_vs_base"] for t in tasks]
-        x = np.arange(len(tasks)) + (k - (len(strategies) - 1) / 2) * width
-        y = [100 * e["delta"] for e in d]
-        err = [[100 * (e["delta"] - e["low"]) for e in d], [100 * (e["high"] - e["delta"]) for e in d]]
-        ax.bar(x, y, width, yerr=err, capsize=3, label=s.replace("_", " "))
+    series = {s.replace("_", " "): [r["unseen"][t][f"{s}_vs_base"] for t in tasks] for s in strategies}
+    ci_bars(ax, tasks, series, value="delta", scale=100)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
     ax.set_ylabel("Δ accuracy vs base (points)")
     ax.set_title("Transformer² on unseen tasks: Δ vs base, paired 95% CI")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "transformer2.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_dir / "transformer2.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, hist in curves.items():
@@ -898,9 +888,7 @@ def plot(r: dict, curves: dict, out_dir: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "cem_fitness.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cem_fitness.png", dpi=120)
 
 
 def _acc(e: dict) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .model_card import read_expert_json
+from .plots import pyplot, save_figure
 from .state import load_state, write_json_atomic
 
 
@@ -589,23 +590,9 @@ def write_report(report: DemoReport, path: Path, table: str) -> None:
     path.write_text("\n".join(parts))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError(
-            "the demo's plots need matplotlib: pip install 'peft-spectral[plots]' (or the 'default-model' extra)"
-        ) from err
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Path:
     """Best-so-far, generation-best and generation-mean fitness per CEM generation."""
-    plt = _pyplot()
+    plt = pyplot("the demo's plots")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     gens = list(range(1, len(history) + 1))
     for key, label in (
@@ -618,15 +605,12 @@ def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Pat
     ax.set_ylabel("accuracy on the shots")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -> Path:
     """For each matrix type, the best (lowest) first-order score over ρ, by layer."""
-    plt = _pyplot()
+    plt = pyplot("the demo's plots")
     best: dict[str, dict[int, float]] = {}
     for c in candidates:
         iv = c.intervention
@@ -643,7 +627,4 @@ def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -
     ax.set_ylabel("estimated Δloss of the best ρ (lower = helps)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
