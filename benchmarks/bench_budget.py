@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for --smoke
 
 from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
-from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison  # noqa: E402
+from peft_spectral.stats import accuracy_ci, format_accuracy  # noqa: E402
 
 
 logger = logging.getLogger("bench_budget")
@@ -214,7 +214,7 @@ def _worker(spec: dict, result_path: str) -> None:
     try:
         import torch
 
-        from peft_spectral.evaluation import evaluate
+        from peft_spectral.expert_eval import evaluate_generated
 
         torch.set_num_threads(spec["threads"])
         torch.manual_seed(spec["seed"])
@@ -240,12 +240,11 @@ def _worker(spec: dict, result_path: str) -> None:
             row.update(trained)
         model.eval()
         t0 = time.perf_counter()
-        result = evaluate(
+        result = evaluate_generated(
             model,
             tokenizer,
             test,
             kind=task.kind,
-            mode="generate",
             max_new_tokens=spec["max_new_tokens"],
             batch_size=spec["eval_batch_size"],
         )
@@ -413,19 +412,17 @@ def summarize(state: dict) -> dict:
             summary["accuracy_ci"] = {"accuracy": ci.accuracy, "low": ci.low, "high": ci.high, "n": ci.n}
             summary["accuracy_text"] = format_accuracy(ci)
             if run != "base" and base is not None and len(base["correct"]) == len(row["correct"]):
-                cmp = compare_paired(base["correct"], row["correct"])
-                summary["vs_base"] = _comparison(cmp)
+                summary["vs_base"] = _comparison(base["correct"], row["correct"])
             rows[run] = summary
         pairs = []
         for method, svf, lora in PAIRS:
             if svf in runs and lora in runs and len(runs[svf]["correct"]) == len(runs[lora]["correct"]):
-                cmp = compare_paired(runs[lora]["correct"], runs[svf]["correct"])  # Δ = SVF − LoRA
                 pairs.append(
                     {
                         "method": method,
                         "svf": svf,
                         "lora": lora,
-                        "svf_minus_lora": _comparison(cmp),
+                        "svf_minus_lora": _comparison(runs[lora]["correct"], runs[svf]["correct"]),
                         "parameter_ratio": runs[lora]["trainable_parameters"] / runs[svf]["trainable_parameters"],
                     }
                 )
@@ -433,16 +430,13 @@ def summarize(state: dict) -> dict:
     return out
 
 
-def _comparison(cmp) -> dict:
-    return {
-        "delta": cmp.delta,
-        "low": cmp.low,
-        "high": cmp.high,
-        "p_value": cmp.p_value,
-        "n": cmp.n,
-        "significant": cmp.significant,
-        "text": format_comparison(cmp),
-    }
+def _comparison(reference: list, other: list) -> dict:
+    """`other` minus `reference` on the same examples (`expert_eval.paired_report`: paired bootstrap CI, exact
+    McNemar p, `significant`) with its text."""
+    from peft_spectral.expert_eval import paired_report
+
+    report = paired_report(reference, other)
+    return {**report["delta"], "text": report["text"]["delta"]}
 
 
 def _load_text(row: dict) -> str:
