@@ -535,24 +535,24 @@ def markdown(summary: dict, smoke: bool) -> str:
 
 def plot(summary: dict, path: Path) -> Optional[Path]:
     """Test accuracy per task and run with 95% CI error bars; `None` (and a warning) without matplotlib."""
-    from peft_spectral.plots import ci_bars, pyplot, save_figure
+    from peft_spectral.plots import ci_bar_chart
 
-    plt = pyplot("the benchmark's plots", required=False)
-    if plt is None:
-        return None
     tasks = list(summary["tasks"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.8 * len(tasks)), 4.0))
     series = {}
     for name in ["base", *RUNS]:
         rows = [summary["tasks"][task]["runs"].get(name) for task in tasks]
         series[LABELS[name]] = [row and row["accuracy_ci"] for row in rows]
-    ci_bars(ax, tasks, series)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("test accuracy (95% Wilson CI)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Same wall-clock training budget")
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    return save_figure(fig, path, dpi=120)
+    return ci_bar_chart(
+        path,
+        tasks,
+        series,
+        ylabel="test accuracy (95% Wilson CI)",
+        title="Same wall-clock training budget",
+        ylim=(0, 1),
+        figsize=(max(6.0, 2.8 * len(tasks)), 4.0),
+        legend={"fontsize": 8, "ncol": 3, "loc": "upper center", "bbox_to_anchor": (0.5, -0.12)},
+        dpi=120,
+    )
 
 
 def write_report(state: dict, args) -> dict:

@@ -355,21 +355,19 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> Optional[Path]:
     """Base vs expert accuracy per task with 95% CI error bars; `None` (and a warning) without matplotlib."""
-    from peft_spectral.plots import ci_bars, pyplot, save_figure
+    from peft_spectral.plots import ci_bar_chart
 
-    plt = pyplot("the benchmark's plots", required=False)
-    if plt is None:
-        return None
     rows = results["rows"]
-    tasks = [r["task"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 3.8))
-    series = {"base model": [r["base"] for r in rows], "SVF expert": [r["expert_accuracy"] for r in rows]}
-    ci_bars(ax, tasks, series, width=0.72)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (95% CI)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    return save_figure(fig, path, dpi=110)
+    return ci_bar_chart(
+        path,
+        [r["task"] for r in rows],
+        {"base model": [r["base"] for r in rows], "SVF expert": [r["expert_accuracy"] for r in rows]},
+        width=0.72,
+        ylabel="test accuracy (95% CI)",
+        ylim=(0, 1),
+        figsize=(max(5, 1.4 * len(rows) + 2), 3.8),
+        xticks={"rotation": 20, "ha": "right"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------- main

@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from peft_spectral import stats  # noqa: E402
 from peft_spectral.option_scoring import encode_examples, score_option_ids  # noqa: E402
-from peft_spectral.plots import ci_bars, pyplot, save_figure  # noqa: E402
+from peft_spectral.plots import ci_bar_chart, pyplot, save_figure  # noqa: E402
 from peft_spectral.prompting import pad_token_id  # noqa: E402
 from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
 from peft_spectral.tasks import Example, Task, load_task  # noqa: E402
@@ -864,18 +864,24 @@ def goals(r: dict) -> dict:
 
 
 def plot(r: dict, curves: dict, out_dir: Path) -> None:
-    plt = pyplot("the benchmark's plots")
     strategies = [s for s in STRATEGIES if s != "base"]
     tasks = list(r["unseen"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    series = {s.replace("_", " "): [r["unseen"][t][f"{s}_vs_base"] for t in tasks] for s in strategies}
-    ci_bars(ax, tasks, series, value="delta", scale=100)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
-    ax.set_ylabel("Δ accuracy vs base (points)")
-    ax.set_title("Transformer² on unseen tasks: Δ vs base, paired 95% CI")
-    ax.legend(fontsize=8)
-    save_figure(fig, out_dir / "transformer2.png", dpi=120)
+    ci_bar_chart(
+        out_dir / "transformer2.png",
+        tasks,
+        {s.replace("_", " "): [r["unseen"][t][f"{s}_vs_base"] for t in tasks] for s in strategies},
+        value="delta",
+        scale=100,
+        zero_line=True,
+        ylabel="Δ accuracy vs base (points)",
+        title="Transformer² on unseen tasks: Δ vs base, paired 95% CI",
+        figsize=(7, 3.6),
+        xticks={"fontsize": 8},
+        legend={"fontsize": 8},
+        dpi=120,
+        required=True,
+    )
+    plt = pyplot("the benchmark's plots")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, hist in curves.items():

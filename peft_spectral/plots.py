@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 
-__all__ = ["ci_bars", "pyplot", "save_figure"]
+__all__ = ["ci_bar_chart", "ci_bars", "pyplot", "save_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,60 @@ def ci_bars(
             above.append(scale * interval["high"] - height)
         if xs:
             ax.bar(xs, ys, bar, yerr=[below, above], capsize=3, label=label)
+
+
+def ci_bar_chart(
+    path: Union[str, os.PathLike],
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[Optional[Mapping[str, float]]]],
+    *,
+    ylabel: str,
+    title: Optional[str] = None,
+    value: str = "accuracy",
+    scale: float = 1.0,
+    width: float = 0.8,
+    ylim: Optional[tuple[float, float]] = None,
+    zero_line: bool = False,
+    figsize: tuple[float, float] = (6.0, 3.8),
+    xticks: Optional[Mapping[str, Any]] = None,
+    legend: Optional[Mapping[str, Any]] = None,
+    dpi: int = 110,
+    purpose: str = "the benchmark's plots",
+    required: bool = False,
+) -> Optional[Path]:
+    """A whole figure of [`ci_bars`]: one group of bars per entry of `groups` (the x labels), saved to `path`.
+
+    Args:
+        path (`str` or `os.PathLike`): The image file.
+        groups, series, value, scale, width: As for [`ci_bars`].
+        ylabel (`str`): The y axis label.
+        title (`str`, *optional*): The title.
+        ylim (`tuple[float, float]`, *optional*): The y range, e.g. `(0, 1)` for accuracies.
+        zero_line (`bool`, defaults to `False`): Draw y = 0 (for differences).
+        figsize (`tuple[float, float]`): The figure size in inches.
+        xticks (`Mapping`, *optional*): Keyword arguments for the x labels (`rotation`, `ha`, `fontsize`).
+        legend (`Mapping`, *optional*): Keyword arguments of the legend.
+        dpi (`int`, defaults to 110): Resolution.
+        purpose, required: As for [`pyplot`]; by default a missing matplotlib only logs a warning.
+
+    Returns:
+        `Path` of the image, or `None` when matplotlib is missing and `required` is `False`.
+    """
+    plt = pyplot(purpose, required=required)
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=figsize)
+    ci_bars(ax, groups, series, value=value, scale=scale, width=width)
+    if zero_line:
+        ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), list(groups), **dict(xticks or {}))
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
+    ax.legend(**dict(legend or {}))
+    return save_figure(fig, path, dpi=dpi)
 
 
 def save_figure(fig: Any, path: Union[str, os.PathLike], *, dpi: int = 110) -> Path:

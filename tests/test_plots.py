@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from peft_spectral.plots import ci_bars, pyplot, save_figure
+from peft_spectral.plots import ci_bar_chart, ci_bars, pyplot, save_figure
 
 
 class _RecordingAxes:
@@ -59,3 +59,32 @@ def test_save_figure_writes_the_image(tmp_path):
     path = save_figure(fig, tmp_path / "sub" / "bars.png")
     assert path == tmp_path / "sub" / "bars.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
+
+
+def test_ci_bar_chart_saves_a_labelled_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    plt = pyplot()
+    figures = []
+    monkeypatch.setattr("peft_spectral.plots.save_figure", lambda fig, path, dpi: figures.append((fig, path, dpi)))
+    interval = {"delta": 0.1, "low": -0.05, "high": 0.2}
+    ci_bar_chart(
+        tmp_path / "d.png",
+        ["t1", "t2"],
+        {"cem": [interval, None]},
+        value="delta",
+        scale=100,
+        ylabel="Δ",
+        ylim=(-20, 30),
+    )
+    ((fig, path, dpi),) = figures
+    ax = fig.axes[0]
+    assert path == tmp_path / "d.png" and dpi == 110
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["t1", "t2"] and ax.get_ylabel() == "Δ"
+    assert ax.get_ylim() == (-20, 30) and [t.get_text() for t in ax.get_legend().get_texts()] == ["cem"]
+    (bar,) = ax.patches  # one bar: the second group has none
+    assert bar.get_height() == pytest.approx(10.0)
+    plt.close(fig)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert ci_bar_chart(tmp_path / "x.png", ["t"], {"a": [interval]}, ylabel="y") is None  # a warning, no picture
+    with pytest.raises(ImportError, match="need matplotlib"):
+        ci_bar_chart(tmp_path / "x.png", ["t"], {"a": [interval]}, ylabel="y", required=True)
