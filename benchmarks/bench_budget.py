@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for --smoke
 
 from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
-from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison  # noqa: E402
+from peft_spectral.stats import accuracy_ci, format_accuracy  # noqa: E402
 
 
 logger = logging.getLogger("bench_budget")
@@ -214,7 +214,7 @@ def _worker(spec: dict, result_path: str) -> None:
     try:
         import torch
 
-        from peft_spectral.evaluation import evaluate
+        from peft_spectral.expert_eval import evaluate_generated
 
         torch.set_num_threads(spec["threads"])
         torch.manual_seed(spec["seed"])
@@ -240,12 +240,11 @@ def _worker(spec: dict, result_path: str) -> None:
             row.update(trained)
         model.eval()
         t0 = time.perf_counter()
-        result = evaluate(
+        result = evaluate_generated(
             model,
             tokenizer,
             test,
             kind=task.kind,
-            mode="generate",
             max_new_tokens=spec["max_new_tokens"],
             batch_size=spec["eval_batch_size"],
         )
@@ -413,19 +412,17 @@ def summarize(state: dict) -> dict:
             summary["accuracy_ci"] = {"accuracy": ci.accuracy, "low": ci.low, "high": ci.high, "n": ci.n}
             summary["accuracy_text"] = format_accuracy(ci)
             if run != "base" and base is not None and len(base["correct"]) == len(row["correct"]):
-                cmp = compare_paired(base["correct"], row["correct"])
-                summary["vs_base"] = _comparison(cmp)
+                summary["vs_base"] = _comparison(base["correct"], row["correct"])
             rows[run] = summary
         pairs = []
         for method, svf, lora in PAIRS:
             if svf in runs and lora in runs and len(runs[svf]["correct"]) == len(runs[lora]["correct"]):
-                cmp = compare_paired(runs[lora]["correct"], runs[svf]["correct"])  # Δ = SVF − LoRA
                 pairs.append(
                     {
                         "method": method,
                         "svf": svf,
                         "lora": lora,
-                        "svf_minus_lora": _comparison(cmp),
+                        "svf_minus_lora": _comparison(runs[lora]["correct"], runs[svf]["correct"]),
                         "parameter_ratio": runs[lora]["trainable_parameters"] / runs[svf]["trainable_parameters"],
                     }
                 )
@@ -433,16 +430,13 @@ def summarize(state: dict) -> dict:
     return out
 
 
-def _comparison(cmp) -> dict:
-    return {
-        "delta": cmp.delta,
-        "low": cmp.low,
-        "high": cmp.high,
-        "p_value": cmp.p_value,
-        "n": cmp.n,
-        "significant": cmp.significant,
-        "text": format_comparison(cmp),
-    }
+def _comparison(reference: list, other: list) -> dict:
+    """`other` minus `reference` on the same examples (`expert_eval.paired_report`: paired bootstrap CI, exact
+    McNemar p, `significant`) with its text."""
+    from peft_spectral.expert_eval import paired_report
+
+    report = paired_report(reference, other)
+    return {**report["delta"], "text": report["text"]["delta"]}
 
 
 def _load_text(row: dict) -> str:
@@ -540,40 +534,25 @@ def markdown(summary: dict, smoke: bool) -> str:
 
 
 def plot(summary: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed (the `plots` extra): no %s", path)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Test accuracy per task and run with 95% CI error bars; `None` (and a warning) without matplotlib."""
+    from peft_spectral.plots import ci_bar_chart
 
-    names = ["base", *RUNS]
     tasks = list(summary["tasks"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.8 * len(tasks)), 4.0))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        xs, ys, errs = [], [], [[], []]
-        for t, task in enumerate(tasks):
-            row = summary["tasks"][task]["runs"].get(name)
-            if row is None:
-                continue
-            ci = row["accuracy_ci"]
-            xs.append(t + (i - (len(names) - 1) / 2) * width)
-            ys.append(ci["accuracy"])
-            errs[0].append(ci["accuracy"] - ci["low"])
-            errs[1].append(ci["high"] - ci["accuracy"])
-        if xs:
-            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=LABELS[name])
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("test accuracy (95% Wilson CI)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Same wall-clock training budget")
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series = {}
+    for name in ["base", *RUNS]:
+        rows = [summary["tasks"][task]["runs"].get(name) for task in tasks]
+        series[LABELS[name]] = [row and row["accuracy_ci"] for row in rows]
+    return ci_bar_chart(
+        path,
+        tasks,
+        series,
+        ylabel="test accuracy (95% Wilson CI)",
+        title="Same wall-clock training budget",
+        ylim=(0, 1),
+        figsize=(max(6.0, 2.8 * len(tasks)), 4.0),
+        legend={"fontsize": 8, "ncol": 3, "loc": "upper center", "bbox_to_anchor": (0.5, -0.12)},
+        dpi=120,
+    )
 
 
 def write_report(state: dict, args) -> dict:

@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import platform
-import re
 import shutil
 import sys
 import time
@@ -38,6 +37,10 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for the smoke run
+
+from peft_spectral.model_card import read_expert_json  # noqa: E402
+from peft_spectral.transformer2.library import expert_name, find_experts  # noqa: E402
+
 
 logger = logging.getLogger("bench_experts")
 
@@ -167,7 +170,7 @@ def train_library(
                 raise SystemExit(f"{label}: train-svf exited with {code}")
             durations.append(time.perf_counter() - t0)
         log = json.loads((folder / "training_log.json").read_text())
-        meta = json.loads((folder / "expert.json").read_text()) if (folder / "expert.json").is_file() else {}
+        meta = read_expert_json(folder)
         done_stages[task].append(
             {
                 "name": stage["name"],
@@ -180,57 +183,51 @@ def train_library(
         )
     for task in tasks:
         install_expert(
-            task, work / task / recipes["tasks"][task][-1]["name"], library / expert_dir_name(task), done_stages[task]
+            task, work / task / recipes["tasks"][task][-1]["name"], library / expert_name(task), done_stages[task]
         )
     return done_stages
 
 
-def expert_dir_name(task: str) -> str:
-    """Library directory of a task's expert: one level below the library (`arithmetic/2_digit_addition` ->
-    `arithmetic_2_digit_addition`), as `bench_transformer2.py` and the demo look for them."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", task)
-
-
 def install_expert(task: str, stage_dir: Path, target: Path, stages: list[dict]) -> None:
-    """Copy a finished stage's adapter into the library and write its card over all stages."""
-    from peft_spectral.model_card import write_expert_files
-
+    """Copy a finished stage's adapter into the library (`target`, one level below it: `expert_name(task)`, where
+    `find_experts` looks) and write its card over all stages."""
     target.mkdir(parents=True, exist_ok=True)
     for name in LIBRARY_FILES:
         if (stage_dir / name).is_file():
             shutil.copy2(stage_dir / name, target / name)
     meta = json.loads((stage_dir / "expert.json").read_text())
-    validation = (
-        json.loads((stage_dir / "validation.json").read_text()) if (stage_dir / "validation.json").is_file() else None
-    )
-    config = json.loads((stage_dir / "adapter_config.json").read_text())
+    write_card(target, task, meta, wall_seconds=sum(s["wall_seconds"] or 0.0 for s in stages), stages=stages)
+
+
+def write_card(
+    folder: Path,
+    task: str,
+    meta: dict,
+    *,
+    wall_seconds: Optional[float],
+    stages: Optional[list],
+    test_eval: Optional[dict] = None,
+) -> None:
+    """(Re)write the model card and `expert.json` of an expert directory from an `expert.json` (`meta`) and the
+    directory's `adapter_config.json` and `validation.json`."""
+    from peft_spectral.model_card import write_expert_files
+
+    validation_path = folder / "validation.json"
     write_expert_files(
-        target,
+        folder,
         task=task,
         description=meta.get("description"),
         kind=meta.get("kind"),
-        base_model=config.get("base_model_name_or_path"),
+        base_model=json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path"),
         recipe=meta.get("recipe"),
-        wall_seconds=sum(s["wall_seconds"] or 0.0 for s in stages),
-        validation=validation,
+        wall_seconds=wall_seconds,
+        validation=json.loads(validation_path.read_text()) if validation_path.is_file() else None,
+        test_eval=test_eval,
         stages=stages,
     )
 
 
 # --------------------------------------------------------------------------------------------------------- evaluation
-
-
-def find_experts(root: Path) -> list[tuple[str, Path, dict]]:
-    """`(task, directory, expert.json)` of every adapter directory below `root` with an `expert.json`."""
-    found = []
-    for config in sorted(Path(root).rglob("adapter_config.json")):
-        folder = config.parent
-        meta_path = folder / "expert.json"
-        if not meta_path.is_file():
-            continue
-        meta = json.loads(meta_path.read_text())
-        found.append((meta.get("task") or folder.name, folder, meta))
-    return found
 
 
 def recipe_text(meta: dict) -> str:
@@ -250,7 +247,6 @@ def evaluate_library(
 
     import peft_spectral  # noqa: F401  (registers SVF)
     from peft_spectral.expert_eval import DEFAULT_MAX_NEW_TOKENS, evaluate_generated, paired_report, write_test_eval
-    from peft_spectral.model_card import write_expert_files
     from peft_spectral.tasks import load_task
 
     rows, base_cache = [], {}
@@ -301,18 +297,13 @@ def evaluate_library(
         )
         if update_cards and meta.get("recipe"):
             write_test_eval(folder, report)
-            validation_path = folder / "validation.json"
-            write_expert_files(
+            write_card(
                 folder,
-                task=task_name,
-                description=meta.get("description"),
-                kind=meta.get("kind"),
-                base_model=json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path"),
-                recipe=recipe,
+                task_name,
+                meta,
                 wall_seconds=meta.get("metrics", {}).get("train_seconds"),
-                validation=json.loads(validation_path.read_text()) if validation_path.is_file() else None,
-                test_eval=report,
                 stages=meta.get("stages"),
+                test_eval=report,
             )
     return rows
 
@@ -363,33 +354,20 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Optional[Path]:
-    """Base vs expert accuracy per task with 95% CI error bars; `None` (and a message) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'peft-spectral[plots]')", flush=True)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    """Base vs expert accuracy per task with 95% CI error bars; `None` (and a warning) without matplotlib."""
+    from peft_spectral.plots import ci_bar_chart
 
     rows = results["rows"]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 3.8))
-    for offset, key, label in ((-0.18, "base", "base model"), (0.18, "expert_accuracy", "SVF expert")):
-        acc = np.array([r[key]["accuracy"] for r in rows])
-        err = np.array(
-            [[r[key]["accuracy"] - r[key]["low"] for r in rows], [r[key]["high"] - r[key]["accuracy"] for r in rows]]
-        )
-        ax.bar(x + offset, acc, width=0.36, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, [r["task"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (95% CI)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return ci_bar_chart(
+        path,
+        [r["task"] for r in rows],
+        {"base model": [r["base"] for r in rows], "SVF expert": [r["expert_accuracy"] for r in rows]},
+        width=0.72,
+        ylabel="test accuracy (95% CI)",
+        ylim=(0, 1),
+        figsize=(max(5, 1.4 * len(rows) + 2), 3.8),
+        xticks={"rotation": 20, "ha": "right"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------- main

@@ -58,6 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from peft_spectral import stats  # noqa: E402
 from peft_spectral.option_scoring import encode_examples, score_option_ids  # noqa: E402
+from peft_spectral.plots import ci_bar_chart, pyplot, save_figure  # noqa: E402
 from peft_spectral.prompting import pad_token_id  # noqa: E402
 from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
 from peft_spectral.tasks import Example, Task, load_task  # noqa: E402
@@ -71,6 +72,8 @@ from peft_spectral.transformer2 import (  # noqa: E402
     build_classifier_examples,
     decide_categories,
     dispatch_report,
+    expert_name,
+    find_experts,
     fit_threshold,
     train_classifier_expert,
     two_pass_evaluate,
@@ -97,23 +100,6 @@ def short_description(text: str, limit: int = 90) -> str:
     text = " ".join(text.split())
     first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
     return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
-
-
-def expert_name(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", task)
-
-
-def find_experts(root: Path) -> list[tuple[str, Path, dict]]:
-    """`(task, directory, expert.json)` of every `root/*/expert.json` next to a saved adapter."""
-    found = []
-    for meta_file in sorted(root.glob("*/expert.json")):
-        meta = json.loads(meta_file.read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-            raise SystemExit(f"{meta_file} has no 'task' (the BigBench task the expert was trained on)")
-        if not (meta_file.parent / "adapter_config.json").is_file():
-            raise SystemExit(f"{meta_file.parent} has an expert.json but no adapter_config.json")
-        found.append((meta["task"], meta_file.parent, meta))
-    return found
 
 
 def train_quick_experts(model, tok, tasks: list[str], out_root: Path, steps: int, batch_size: int) -> None:
@@ -878,29 +864,24 @@ def goals(r: dict) -> dict:
 
 
 def plot(r: dict, curves: dict, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     strategies = [s for s in STRATEGIES if s != "base"]
     tasks = list(r["unseen"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / len(strategies)
-    for k, s in enumerate(strategies):
-        d = [r["unseen"][t][f"{s}_vs_base"] for t in tasks]
-        x = np.arange(len(tasks)) + (k - (len(strategies) - 1) / 2) * width
-        y = [100 * e["delta"] for e in d]
-        err = [[100 * (e["delta"] - e["low"]) for e in d], [100 * (e["high"] - e["delta"]) for e in d]]
-        ax.bar(x, y, width, yerr=err, capsize=3, label=s.replace("_", " "))
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(tasks)), tasks, fontsize=8)
-    ax.set_ylabel("Δ accuracy vs base (points)")
-    ax.set_title("Transformer² on unseen tasks: Δ vs base, paired 95% CI")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "transformer2.png", dpi=120)
-    plt.close(fig)
+    ci_bar_chart(
+        out_dir / "transformer2.png",
+        tasks,
+        {s.replace("_", " "): [r["unseen"][t][f"{s}_vs_base"] for t in tasks] for s in strategies},
+        value="delta",
+        scale=100,
+        zero_line=True,
+        ylabel="Δ accuracy vs base (points)",
+        title="Transformer² on unseen tasks: Δ vs base, paired 95% CI",
+        figsize=(7, 3.6),
+        xticks={"fontsize": 8},
+        legend={"fontsize": 8},
+        dpi=120,
+        required=True,
+    )
+    plt = pyplot("the benchmark's plots")
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, hist in curves.items():
@@ -913,9 +894,7 @@ def plot(r: dict, curves: dict, out_dir: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "cem_fitness.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_dir / "cem_fitness.png", dpi=120)
 
 
 def _acc(e: dict) -> str:

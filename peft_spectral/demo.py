@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .model_card import read_expert_json
+from .plots import pyplot, save_figure
 from .state import load_state, write_json_atomic
 
 
@@ -51,13 +53,11 @@ def find_expert_library(start: Optional[Path] = None) -> Optional[Path]:
 
 
 def library_tasks(folder: Path) -> dict[str, Path]:
-    """`task -> adapter directory` of the experts in a library (directories with an adapter and an `expert.json`)."""
-    found = {}
-    for meta in sorted(Path(folder).glob("**/expert.json")):
-        if (meta.parent / "adapter_config.json").is_file():
-            task = json.loads(meta.read_text()).get("task") or meta.parent.name
-            found[task] = meta.parent
-    return found
+    """`task -> adapter directory` of the experts in a library (`<folder>/<name>/` with an adapter and an
+    `expert.json`, see [`peft_spectral.transformer2.find_experts`])."""
+    from .transformer2.library import find_experts
+
+    return {expert.task: expert.path for expert in find_experts(folder)}
 
 
 @dataclass
@@ -360,7 +360,7 @@ def _library_experts(base, tok, tasks, library: dict[str, Path], config: DemoCon
         model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder))
         model.eval()
         scored = _evaluate(model, tok, tasks[name], config.eval_examples)
-        meta = json.loads((folder / "expert.json").read_text())
+        meta = read_expert_json(folder)
         recipe = meta.get("recipe") or {}
         stages = meta.get("stages")
         how = " → ".join(f"{s.get('method')} {s.get('steps_run')}" for s in stages) if stages else None
@@ -590,23 +590,9 @@ def write_report(report: DemoReport, path: Path, table: str) -> None:
     path.write_text("\n".join(parts))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError(
-            "the demo's plots need matplotlib: pip install 'peft-spectral[plots]' (or the 'default-model' extra)"
-        ) from err
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Path:
     """Best-so-far, generation-best and generation-mean fitness per CEM generation."""
-    plt = _pyplot()
+    plt = pyplot("the demo's plots")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     gens = list(range(1, len(history) + 1))
     for key, label in (
@@ -619,15 +605,12 @@ def plot_fitness(history: Sequence[dict], path: Path, title: str = "CEM") -> Pat
     ax.set_ylabel("accuracy on the shots")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -> Path:
     """For each matrix type, the best (lowest) first-order score over ρ, by layer."""
-    plt = _pyplot()
+    plt = pyplot("the demo's plots")
     best: dict[str, dict[int, float]] = {}
     for c in candidates:
         iv = c.intervention
@@ -644,7 +627,4 @@ def plot_c2i_scores(candidates: Sequence[Any], path: Path, title: str = "C2I") -
     ax.set_ylabel("estimated Δloss of the best ρ (lower = helps)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

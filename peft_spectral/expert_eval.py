@@ -54,6 +54,7 @@ def evaluate_generated(
     *,
     kind: str,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
     progress: bool = False,
 ):
     """Greedy generated answers of `model` on `examples`, judged by [`peft_spectral.evaluation.score_prediction`].
@@ -64,6 +65,7 @@ def evaluate_generated(
         examples (`Sequence[Example]`): The test examples.
         kind (`str`): The task's kind (`"multiple_choice"`, `"generation"`, `"code"`).
         max_new_tokens (`int`, defaults to 8): Generation budget.
+        batch_size (`int`, defaults to 8): How many examples are generated together.
         progress (`bool`, defaults to `False`): Show a progress bar.
 
     Returns:
@@ -74,7 +76,14 @@ def evaluate_generated(
     if not examples:
         raise ValueError("examples is empty: the test evaluation needs at least one example")
     return evaluate(
-        model, tokenizer, list(examples), kind=kind, mode="generate", max_new_tokens=max_new_tokens, progress=progress
+        model,
+        tokenizer,
+        list(examples),
+        kind=kind,
+        mode="generate",
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
     )
 
 

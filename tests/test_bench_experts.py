@@ -72,7 +72,12 @@ def test_smoke_run_trains_resumes_and_reports(tmp_path, capsys):
 def test_recipe_file_is_checked(tmp_path):
     bench = _bench()
     committed = bench.load_recipes(bench.RECIPES)
-    assert set(committed["tasks"]) == {"elementary_math_qa", "logical_fallacy_detection", "social_iqa", "navigate"}
+    assert set(committed["tasks"]) == {
+        "elementary_math_qa",
+        "logical_fallacy_detection",
+        "social_iqa",
+        "arithmetic/2_digit_addition",
+    }
     for stages in committed["tasks"].values():
         assert [s["args"]["method"] for s in stages] == ["sft", "rl"] and stages[1]["init_from"] == "sft"
         assert stages[1]["args"]["beta"] == 0.1

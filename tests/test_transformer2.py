@@ -116,6 +116,42 @@ def test_expert_metadata_files(tmp_path):
     assert read_expert_metadata(tmp_path) == {"name": "math", "description": "d"}
 
 
+def test_find_experts_reads_one_level_below_the_library(tmp_path, caplog):
+    from peft_spectral.transformer2 import SavedExpert, expert_name, find_experts
+
+    assert expert_name("arithmetic/2_digit addition") == "arithmetic_2_digit_addition"
+    assert find_experts(tmp_path / "missing") == []
+    for task in ("navigate", "arithmetic/2_digit_addition"):
+        folder = tmp_path / expert_name(task)
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "expert.json").write_text(json.dumps({"task": task, "description": "d"}))
+    (tmp_path / "notes").mkdir()  # an expert.json without an adapter is not an expert
+    (tmp_path / "notes" / "expert.json").write_text(json.dumps({"task": "old"}))
+    (tmp_path / "navigate" / "deeper").mkdir()  # nor is anything deeper than one level
+    (tmp_path / "navigate" / "deeper" / "adapter_config.json").write_text("{}")
+    (tmp_path / "navigate" / "deeper" / "expert.json").write_text(json.dumps({"task": "deeper"}))
+    with caplog.at_level(logging.WARNING):
+        found = find_experts(tmp_path)
+    assert found == [
+        SavedExpert(
+            "arithmetic/2_digit_addition",
+            tmp_path / "arithmetic_2_digit_addition",
+            {"task": "arithmetic/2_digit_addition", "description": "d"},
+        ),
+        SavedExpert("navigate", tmp_path / "navigate", {"task": "navigate", "description": "d"}),
+    ]
+    task, path, meta = found[1]  # unpacks as a tuple
+    assert (task, path.name, meta["description"]) == ("navigate", "navigate", "d")
+    assert "notes has an expert.json but no adapter_config.json" in caplog.text
+    (tmp_path / "navigate" / "expert.json").write_text(json.dumps({"description": "no task"}))
+    with pytest.raises(ExpertLibraryError, match="names no 'task'"):
+        find_experts(tmp_path)
+    (tmp_path / "navigate" / "expert.json").write_text("{not json")
+    with pytest.raises(ExpertLibraryError, match="is not valid JSON"):
+        find_experts(tmp_path)
+
+
 def test_library_bad_inputs(expert_dirs, tmp_path):
     tok = build_tiny_tokenizer()
     with pytest.raises(ExpertLibraryError, match="empty"):

@@ -9,6 +9,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..plots import pyplot, save_figure
+
 
 __all__ = ["plot_jaccard", "report_markdown"]
 
@@ -61,11 +63,7 @@ def plot_jaccard(
     Returns:
         `Path`: The image file.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the CPI-FT report's plots")
     n = len(names)
     fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2))
     im = ax.imshow(jaccard, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -79,9 +77,4 @@ def plot_jaccard(
         title += "\ngroups: " + "; ".join("{" + ", ".join(g) + "}" for g in groups)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

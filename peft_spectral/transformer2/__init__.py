@@ -1,6 +1,7 @@
 """Transformer² inference: compose saved SVF experts by prompt dispatch, a classifier expert or few-shot CEM.
 
-* [`ExpertLibrary`]: a base model plus K saved SVF adapters, loaded once onto one `PeftModel` (shared `U`/`σ`/`V`).
+* [`ExpertLibrary`]: a base model plus K saved SVF adapters, loaded once onto one `PeftModel` (shared `U`/`σ`/`V`);
+  [`find_experts`] lists the experts saved in a library directory (`<root>/<name>/expert.json`).
 * Pass 1 ([`PromptDispatcher`], [`FixedDispatcher`]): choose an expert (or the base model) per prompt.
 * Pass 2 ([`two_pass_generate`], [`two_pass_evaluate`]): answer, prompts grouped by chosen expert, timed.
 * [`build_classifier_examples`] / [`train_classifier_expert`]: the classification expert.
@@ -21,7 +22,16 @@ from .dispatch import (
     decide_categories,
     parse_category,
 )
-from .library import OTHERS, Expert, ExpertLibrary, ExpertLibraryError, check_compatible
+from .library import (
+    OTHERS,
+    Expert,
+    ExpertLibrary,
+    ExpertLibraryError,
+    SavedExpert,
+    check_compatible,
+    expert_name,
+    find_experts,
+)
 from .mixer import FewShotMixer, push_mixture_to_hub
 from .shots import load_shots
 from .two_pass import TwoPassResult, group_by_choice, two_pass_evaluate, two_pass_generate
@@ -38,6 +48,7 @@ __all__ = [
     "FewShotMixer",
     "FixedDispatcher",
     "PromptDispatcher",
+    "SavedExpert",
     "TwoPassResult",
     "base_model_copy",
     "build_classifier_examples",
@@ -47,6 +58,8 @@ __all__ = [
     "cross_entropy_method",
     "decide_categories",
     "dispatch_report",
+    "expert_name",
+    "find_experts",
     "fit_threshold",
     "group_by_choice",
     "labelled_prompts",

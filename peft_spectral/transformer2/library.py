@@ -17,12 +17,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
 from ..adapter_io import load_adapter, validate_adapter_dir
+from ..model_card import EXPERT_FILE
 from ..tuners.svf.config import SVFConfig
 from ..tuners.svf.layer import SVFLinear
 from ..tuners.svf.model import layer_index
@@ -85,29 +86,85 @@ def _expert_from_spec(spec: ExpertSpec, index: int) -> Expert:
     )
 
 
+def expert_name(task: str) -> str:
+    """The expert (adapter) name of a task, also its directory in a library: every character other than a letter, a
+    digit, `_` or `-` becomes `_` (`"arithmetic/2_digit_addition"` -> `"arithmetic_2_digit_addition"`)."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", task)
+
+
 def _default_name(source: str) -> str:
-    name = Path(source.rstrip("/")).name or source
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+    return expert_name(Path(source.rstrip("/")).name or source)
+
+
+class SavedExpert(NamedTuple):
+    """One expert of a library directory, as [`find_experts`] returns it (unpacks as `task, path, meta`).
+
+    Args:
+        task (`str`): The task the expert was trained on (the `task` of its `expert.json`).
+        path (`Path`): The adapter directory.
+        meta (`dict`): Its `expert.json`.
+    """
+
+    task: str
+    path: Path
+    meta: dict[str, Any]
+
+
+def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
+    """The saved SVF experts of a library directory: every `root/<name>/expert.json` next to an `adapter_config.json`.
+
+    This is the layout `peft-spectral train-svf`, `benchmarks/bench_experts.py` and the committed library
+    (`benchmarks/experts/`) use: one directory per expert, one level below `root`, holding the adapter and the
+    `expert.json` of [`peft_spectral.model_card.write_expert_files`] (its `task` names the task).
+
+    Args:
+        root (`str` or `os.PathLike`): The library directory.
+
+    Returns:
+        `list[SavedExpert]`, sorted by directory name; empty when `root` does not exist or holds no expert. A
+        directory with an `expert.json` but no `adapter_config.json` is not an expert: it is skipped with a warning.
+
+    Raises:
+        [`ExpertLibraryError`]: an `expert.json` is not a valid JSON object or names no `task`.
+    """
+    found = []
+    for meta_file in sorted(Path(root).glob(f"*/{EXPERT_FILE}")):
+        folder = meta_file.parent
+        if not (folder / "adapter_config.json").is_file():
+            logger.warning("%s has an %s but no adapter_config.json: not an expert, skipped", folder, EXPERT_FILE)
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ExpertLibraryError(f"{meta_file} is not valid JSON ({err}); re-save the expert") from err
+        if not isinstance(meta, dict) or not isinstance(meta.get("task"), str) or not meta["task"]:
+            raise ExpertLibraryError(
+                f"{meta_file} names no 'task' (the task the expert was trained on); add it, e.g. "
+                '{"task": "navigate", "description": "..."}'
+            )
+        found.append(SavedExpert(meta["task"], folder, meta))
+    return found
 
 
 def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
     """Name and description an expert directory declares, if any.
 
     Reads `transformer2_expert.json` (`{"name": ..., "description": ...}`) or, failing that, the `expert.json` written
-    by `benchmarks/bench_svf_rl.py` (`{"task": ..., "description": ...}`, the name derived from the task) of a local
-    adapter directory. Returns an empty dict when there is none (Hub ids are not fetched for this).
+    next to a trained expert ([`peft_spectral.model_card.write_expert_files`]: `{"task": ..., "description": ...}`,
+    the name derived from the task by [`expert_name`]) of a local adapter directory. Returns an empty dict when there
+    is none (Hub ids are not fetched for this).
     """
     folder = Path(source)
     path = folder / "transformer2_expert.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return {k: str(v) for k, v in data.items() if k in ("name", "description")}
-    path = folder / "expert.json"
+    path = folder / EXPERT_FILE
     if path.is_file():
         data = json.loads(path.read_text())
         out = {}
         if data.get("task"):
-            out["name"] = re.sub(r"[^A-Za-z0-9_\-]", "_", str(data["task"]))
+            out["name"] = expert_name(str(data["task"]))
         if data.get("description"):
             out["description"] = " ".join(str(data["description"]).split())
         return out
