@@ -1,7 +1,9 @@
 """Benchmark of Transformer² inference with the committed SVF experts: does adaptation help on unseen tasks, and
 does "others" keep it from hurting?
 
-Strategies, each scored on the test splits of BigBench tasks that no expert covers (option log-likelihood):
+Strategies, each scored on the test splits of BigBench tasks that no expert covers (greedy generated answers judged as
+in the experts' own evaluation, `--answer-mode generate`, the default; or the option with the highest log-likelihood,
+`--answer-mode loglik`):
 
 * **base**: the unadapted model;
 * **prompt dispatch** and **classifier dispatch**: pass 1 (the base model, or the classifier expert trained with an
@@ -57,6 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from peft_spectral import stats  # noqa: E402
+from peft_spectral.evaluation import generate_answers, score_prediction  # noqa: E402
+from peft_spectral.expert_eval import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 from peft_spectral.option_scoring import encode_examples, score_option_ids  # noqa: E402
 from peft_spectral.plots import ci_bar_chart, pyplot, save_figure  # noqa: E402
 from peft_spectral.prompting import pad_token_id  # noqa: E402
@@ -270,18 +274,32 @@ class Bench:
         missing = [i for i in sorted(set(indices)) if str(i) not in store]
         self.progress.skip(len(set(indices)) - len(missing))
         chunk = self.args.chunk
+        generate = self.args.answer_mode == "generate" or not all(ex.choices for ex in exs)
         for start in range(0, len(missing), chunk):
             idx = missing[start : start + chunk]
             group = [exs[i] for i in idx]
-            prompts, options = encode_examples(self.tok, group)
             t0 = time.perf_counter()
-            with self.library.use(adapter):
-                scores = score_option_ids(
-                    self.library.model, prompts, options, pad_id=self.pad, batch_size=self.args.batch_size
-                )
+            if generate:
+                with self.library.use(adapter):
+                    texts = generate_answers(
+                        self.library.model,
+                        self.tok,
+                        group,
+                        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+                        batch_size=self.args.batch_size,
+                    )
+                kind = self.tasks[task].kind
+                picks = [gold_pick(ex, score_prediction(kind, text, ex)) for ex, text in zip(group, texts)]
+            else:
+                prompts, options = encode_examples(self.tok, group)
+                with self.library.use(adapter):
+                    scores = score_option_ids(
+                        self.library.model, prompts, options, pad_id=self.pad, batch_size=self.args.batch_size
+                    )
+                picks = [int(pick) for pick in scores.argmax()]
             seconds = time.perf_counter() - t0
-            for i, pick in zip(idx, scores.argmax()):
-                store[str(i)] = int(pick)
+            for i, pick in zip(idx, picks):
+                store[str(i)] = pick
             acc = self.adapter_seconds["base" if adapter is None else "adapter"]
             acc[0] += seconds
             acc[1] += len(idx)
@@ -413,6 +431,12 @@ def timing_units(args, n_dispatchers: int, n_tasks: int) -> float:
 # --------------------------------------------------------------------------------------------------- statistics
 
 
+def gold_pick(example: Example, correct: bool):
+    """What `Bench.answers` stores for a generated answer: the gold label (`None` for generation tasks) when the
+    answer was judged right, else -1, so that `pick == example.label` is the verdict in both answer modes."""
+    return example.label if correct else -1
+
+
 def correct_of(picks: dict[int, int], exs: Sequence[Example], indices: Sequence[int]) -> list[bool]:
     return [picks[i] == exs[i].label for i in indices]
 
@@ -498,6 +522,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-prompts", type=int, default=6, help="prompts of the two-pass generation timing")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--answer-mode",
+        choices=("generate", "loglik"),
+        default="generate",
+        help="how test answers are scored: greedy generated answers judged as in the experts' own evaluation "
+        "(peft_spectral.expert_eval; what a user of two_pass_generate gets), or the option with the highest "
+        "log-likelihood; generation tasks are always generated",
+    )
     p.add_argument("--chunk", type=int, default=25, help="examples per saved step of pass 2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,8 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         str(tmp_path / "out"),
         "--work-dir",
         str(tmp_path / "w"),
+        "--answer-mode",  # the option-scoring path; the generated-answer path has its own test below
+        "loglik",
     ]
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
 
@@ -94,6 +96,29 @@ def test_smoke_base_accuracy_matches_plain_evaluation(smoke, tmp_path):
         reference = evaluate(model, tok, exs, kind="multiple_choice", mode="loglik")
         assert r["unseen"][name]["base"]["accuracy"] == pytest.approx(reference.accuracy)
         assert reference.accuracy not in (0.0, 1.0, 0.5)  # the labels are uneven: a constant answer is not 0.5
+
+
+def test_generated_answer_mode_matches_plain_generation(tmp_path):
+    """`--answer-mode generate` (the default) scores greedy generated answers as `evaluate(mode="generate")` does."""
+    from peft_spectral.evaluation import evaluate
+    from peft_spectral.expert_eval import DEFAULT_MAX_NEW_TOKENS
+
+    proc = _run(tmp_path, "--answer-mode", "generate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "out" / "transformer2.json").read_text())
+    model, tok, _, get_task = _bench_module().smoke_setup(tmp_path / "ref", seed=0)
+    differs = []
+    for name in ("u1", "u3"):
+        exs = get_task(name).test[:8]
+        generated = evaluate(
+            model, tok, exs, kind="multiple_choice", mode="generate", max_new_tokens=DEFAULT_MAX_NEW_TOKENS
+        )
+        loglik = evaluate(model, tok, exs, kind="multiple_choice", mode="loglik")
+        assert r["unseen"][name]["base"]["accuracy"] == pytest.approx(generated.accuracy)
+        differs.append(generated.accuracy != loglik.accuracy)
+    assert any(differs)  # the two modes score these tasks differently, so the match above is the generated path
+    assert _bench_module().gold_pick(get_task("u1").test[0], True) == get_task("u1").test[0].label
+    assert _bench_module().gold_pick(get_task("u1").test[0], False) == -1
 
 
 def test_rerun_resumes_from_the_state_file(smoke):
