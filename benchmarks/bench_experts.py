@@ -179,6 +179,7 @@ def train_library(
                 "wall_seconds": log.get("wall_s"),
                 "init_from": stage.get("init_from"),
                 "args": stage["args"],
+                "validation": _stage_validation(folder),
             }
         )
     for task in tasks:
@@ -186,6 +187,12 @@ def train_library(
             task, work / task / recipes["tasks"][task][-1]["name"], library / expert_name(task), done_stages[task]
         )
     return done_stages
+
+
+def _stage_validation(folder: Path) -> Optional[dict]:
+    """A stage's validation summary and curve (`validation.json`), for the expert's card; `None` without one."""
+    path = folder / "validation.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def install_expert(task: str, stage_dir: Path, target: Path, stages: list[dict]) -> None:
@@ -196,6 +203,9 @@ def install_expert(task: str, stage_dir: Path, target: Path, stages: list[dict])
         if (stage_dir / name).is_file():
             shutil.copy2(stage_dir / name, target / name)
     meta = json.loads((stage_dir / "expert.json").read_text())
+    recipe = meta.get("recipe") or {}
+    if recipe.get("init_adapter") and stages[-1].get("init_from"):
+        recipe["init_adapter"] = f"stage {stages[-1]['init_from']}"  # not the trainer's local path
     write_card(target, task, meta, wall_seconds=sum(s["wall_seconds"] or 0.0 for s in stages), stages=stages)
 
 

@@ -105,13 +105,14 @@ def _validation_lines(validation: Optional[Mapping[str, Any]]) -> list[str]:
             f"steps (metric: {metric}, generated answers); the best z was kept."
         ),
         "",
-        f"| step | {metric} | accuracy |",
-        "|---:|---:|---:|",
+        f"| step | {metric} | accuracy |" if metric != "accuracy" else "| step | accuracy |",
+        "|---:|---:|---:|" if metric != "accuracy" else "|---:|---:|",
     ]
     for row in validation["curve"]:
         accuracy = row.get("accuracy")
         acc_text = f"{accuracy:.3f}" if isinstance(accuracy, (int, float)) else "—"
-        lines.append(f"| {row['step']} | {row['score']:.3f} | {acc_text} |")
+        extra = f" {acc_text} |" if metric != "accuracy" else ""
+        lines.append(f"| {row['step']} | {row['score']:.3f} |{extra}")
     lines.append("")
     best = f"Best: {validation.get('best_score', float('nan')):.3f} at step {validation.get('best_step')}"
     if validation.get("stopped_early_at") is not None:
@@ -208,7 +209,8 @@ def model_card(
         test_eval (`Mapping`, *optional*): A [`peft_spectral.expert_eval.paired_report`].
         stages (`Sequence[Mapping]`, *optional*): For an expert trained in stages (e.g. SFT then RL from the SFT
             adapter): one `{"name", "method", "steps_run", "wall_seconds", "init_from"}` per stage, in order; the
-            recipe table then describes the last stage and `wall_seconds` is the total.
+            recipe table then describes the last stage and `wall_seconds` is the total. A stage's `validation` (its
+            `validation.json`), when present, is shown as that stage's validation curve.
         folder_hint (`str`): The adapter path shown in the loading snippet.
 
     Returns:
@@ -263,7 +265,13 @@ def model_card(
         lines.append(budget + ".")
     else:
         lines.append("Not recorded.")
-    lines += ["", "## Validation curve", "", *_validation_lines(validation)]
+    lines += ["", "## Validation curve", ""]
+    staged = [stage for stage in stages or () if stage.get("validation")]
+    if staged:
+        for stage in staged:
+            lines += [f"### Stage `{stage.get('name')}`", "", *_validation_lines(stage["validation"]), ""]
+    else:
+        lines += _validation_lines(validation)
     lines += ["", "## Test accuracy", "", *_test_lines(test_eval)]
     lines += ["", "## How to load it", "", *_loading_lines(base_model, folder_hint), ""]
     return "\n".join(lines)

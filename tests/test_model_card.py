@@ -103,6 +103,27 @@ def test_model_card_states_recipe_budget_curve_test_and_loading(tmp_path):
     assert "Not evaluated on the test split" in other and "No validation split" in other
 
 
+def test_staged_card_shows_each_stages_validation_curve():
+    sft_curve = {**VALIDATION, "curve": [{"step": 0, "score": 0.25, "accuracy": 0.25}, {"step": 20, "score": 0.45}]}
+    stages = [
+        {"name": "sft", "method": "sft", "steps_run": 20, "wall_seconds": 100.0, "validation": sft_curve},
+        {
+            "name": "rl",
+            "method": "rl",
+            "steps_run": 10,
+            "wall_seconds": 200.0,
+            "init_from": "sft",
+            "validation": VALIDATION,
+        },
+    ]
+    card = model_card(task="t", recipe=RECIPE, wall_seconds=300.0, validation=VALIDATION, stages=stages)
+    body = card.split("## Validation curve", 1)[1]
+    assert body.index("### Stage `sft`") < body.index("| 20 | 0.450 | — |") < body.index("### Stage `rl`")
+    assert body.index("### Stage `rl`") < body.index("| 10 | 0.610 | 0.600 |")
+    single = model_card(task="t", validation={**VALIDATION, "metric": "accuracy"})
+    assert "| step | accuracy |" in single and "| 0 | 0.500 |\n" in single
+
+
 def test_expert_files_are_written_in_the_format_the_benchmarks_read(tmp_path):
     from peft_spectral.transformer2.library import read_expert_metadata
 
