@@ -609,9 +609,9 @@ def main(argv=None) -> int:
     check_disjoint([t.name for t in expert_tasks.values()], unseen_names, others_names)
     unseen = {n: get_task(n) for n in unseen_names}
     others = {n: get_task(n) for n in others_names}
-    for n, t in {**unseen, **expert_tasks}.items():
+    for n, t in unseen.items():  # CEM's fitness scores the options of the shots; experts' tasks may be generation
         if t.kind != "multiple_choice":
-            raise SystemExit(f"task {n} is {t.kind}; this benchmark scores multiple-choice tasks")
+            raise SystemExit(f"unseen task {n} is {t.kind}; the unseen tasks must be multiple choice (CEM's fitness)")
     small = [n for n, t in unseen.items() if len(t.test) < args.n_test]
     if small:
         logger.warning("unseen task(s) %s have fewer than --n-test=%d test examples", small, args.n_test)
@@ -685,7 +685,7 @@ def main(argv=None) -> int:
     pooled: dict[str, list[bool]] = {k: [] for k in ("base", "oracle", *DISPATCHERS)}
     for name, task in expert_tasks.items():
         exs, idx = task.test, list(range(n_exp[name]))
-        labels = [exs[i].label for i in idx]
+        labels = [0 if exs[i].label is None else exs[i].label for i in idx]  # generation tasks: one class
         base = correct_of(bench.answers(None, "base", name, "test", exs, idx), exs, idx)
         oracle = correct_of(bench.answers(name, name, name, "test", exs, idx), exs, idx)
         row = {"n": len(idx), "base": acc_entry(base, labels), "oracle": acc_entry(oracle, labels)}
@@ -832,7 +832,8 @@ def timing_runs(bench: Bench, dispatchers, expert_tasks, unseen, args) -> dict:
         return store["timing"]
     library = bench.library
     k = args.timing_per_task
-    mc = [ex for t in [*expert_tasks.values(), *unseen.values()] for ex in t.test[:k]]
+    tasks = [*expert_tasks.values(), *unseen.values()]
+    mc = [ex for t in tasks if t.kind == "multiple_choice" for ex in t.test[:k]]
     gen_per = max(1, args.gen_prompts // len(unseen))
     gen = [ex for t in unseen.values() for ex in t.train[args.shots : args.shots + gen_per]]
     out: dict[str, Any] = {}
