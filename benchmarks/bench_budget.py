@@ -74,6 +74,10 @@ LABELS = {
 }
 #: SVF vs LoRA pairs compared per task: (method, SVF run, LoRA run)
 PAIRS = (("rl", "svf_rl", "lora_rl"), ("sft", "svf_sft", "lora_sft"))
+#: SVF recipes compared per task at the same budget: (reference run, other run); Δ = other − reference
+RECIPE_PAIRS = (("svf_sft", "svf_rl"), ("svf_rl", "svf_sft_rl"), ("svf_sft", "svf_sft_rl"))
+#: The hand-written reading of the committed results (the numbers above it are generated)
+READING = ROOT / "benchmarks" / "budget_reading.md"
 PRELOAD = ["torch", "transformers", "trl", "peft", "peft_spectral.training", "peft_spectral.evaluation"]
 
 
@@ -426,7 +430,16 @@ def summarize(state: dict) -> dict:
                         "parameter_ratio": runs[lora]["trainable_parameters"] / runs[svf]["trainable_parameters"],
                     }
                 )
-        out["tasks"][task] = {"runs": rows, "svf_vs_lora": pairs}
+        recipes = [
+            {
+                "reference": ref,
+                "other": other,
+                "other_minus_reference": _comparison(runs[ref]["correct"], runs[other]["correct"]),
+            }
+            for ref, other in RECIPE_PAIRS
+            if ref in runs and other in runs and len(runs[ref]["correct"]) == len(runs[other]["correct"])
+        ]
+        out["tasks"][task] = {"runs": rows, "svf_vs_lora": pairs, "svf_recipes": recipes}
     return out
 
 
@@ -448,7 +461,7 @@ def _num(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def markdown(summary: dict, smoke: bool) -> str:
+def markdown(summary: dict, smoke: bool, reading: Optional[str] = None) -> str:
     lines = [
         "# The same wall clock: SVF-RL, SVF-SFT, SVF-SFT→RL and LoRA r=16",
         "",
@@ -514,6 +527,18 @@ def markdown(summary: dict, smoke: bool) -> str:
                     f"{rows[pair['lora']]['accuracy_text']} | {pair['svf_minus_lora']['text']} | "
                     f"{pair['parameter_ratio']:.0f} |"
                 )
+        if entry.get("svf_recipes"):
+            lines += [
+                "",
+                "SVF recipes against each other, same budget:",
+                "",
+                "| comparison | Δ [95% CI] |",
+                "|---|---|",
+            ]
+            for pair in entry["svf_recipes"]:
+                lines.append(
+                    f"| {LABELS[pair['other']]} − {LABELS[pair['reference']]} | {pair['other_minus_reference']['text']} |"
+                )
         curves = [
             f"{LABELS[run]} {p['method'].upper()}: best step {p['best_step']} of {p['steps']}"
             for run, r in rows.items()
@@ -521,15 +546,7 @@ def markdown(summary: dict, smoke: bool) -> str:
         ]
         if curves:
             lines += ["", "Checkpoint selection: " + "; ".join(curves) + ".", ""]
-    lines += [
-        "## Reading",
-        "",
-        (
-            "_To be written from the numbers above: which of RL, SFT and SFT→RL is best per CPU minute, and whether SVF "
-            "matches LoRA at equal cost with far fewer parameters._"
-        ),
-        "",
-    ]
+    lines += ["## Reading", "", (reading or "_No reading given (`--reading`)._").strip(), ""]
     return "\n".join(lines)
 
 
@@ -561,7 +578,8 @@ def write_report(state: dict, args) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), summary)
-    out.with_suffix(".md").write_text(markdown(summary, args.smoke))
+    reading = Path(args.reading).read_text() if args.reading and Path(args.reading).exists() else None
+    out.with_suffix(".md").write_text(markdown(summary, args.smoke, reading))
     plot(summary, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')}, .md and .png", flush=True)
     return summary
@@ -591,6 +609,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--state", default=None, help="state JSON; left out: <out>_state.json")
     ap.add_argument("--work", default="/tmp/bench_budget", help="scratch directory of the runs")
     ap.add_argument("--report-only", action="store_true", help="write the report from the state, run nothing")
+    ap.add_argument(
+        "--reading",
+        default=str(READING),
+        help="markdown file with the reading of the results, put under '## Reading' (none with --smoke)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny random model and toy tasks, seconds")
     ap.add_argument("--verbose", action="store_true", help="print every training step")
     args = ap.parse_args(argv)
@@ -609,6 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.out = "/tmp/bench_budget_smoke/budget"
         if args.work == ap.get_default("work"):
             args.work = "/tmp/bench_budget_smoke/work"
+        if args.reading == ap.get_default("reading"):
+            args.reading = None  # the committed reading is about the committed results
     if args.threads is None:
         args.threads = 1 if args.smoke else (os.cpu_count() or 1)
     if args.state is None:

@@ -280,7 +280,8 @@ def evaluate_library(
         )
         del expert_model
         settings = {"split": "test", "seed": 0, "mode": "generate", "max_new_tokens": max_new}
-        report = paired_report(base_cache[key], adapted, task=task_name, settings=settings)
+        labels = [e.label for e in test] if task.kind == "multiple_choice" else None
+        report = paired_report(base_cache[key], adapted, task=task_name, settings=settings, labels=labels)
         delta = report["delta"]
         row = {
             "task": task_name,
@@ -293,6 +294,7 @@ def evaluate_library(
             "expert_accuracy": report["adapter"],
             "delta": delta,
             "text": report["text"],
+            "balanced": report.get("balanced"),
             "goal_met": bool(delta["delta"] >= GOAL_DELTA and delta["low"] > 0),
             "trainable_parameters": recipe.get("trainable_parameters")
             or meta.get("metrics", {}).get("trainable_parameters"),
@@ -319,6 +321,20 @@ def evaluate_library(
 
 
 # ------------------------------------------------------------------------------------------------------------ output
+
+
+def add_balanced(rows: list[dict], sources: dict[str, str]) -> None:
+    """Fill `balanced` of multiple-choice rows saved without it, from the stored verdicts and the task's labels."""
+    from peft_spectral.expert_eval import paired_report
+    from peft_spectral.tasks import load_task
+
+    for row in rows:
+        if row["kind"] != "multiple_choice" or row.get("balanced"):
+            continue
+        test = load_task(sources.get(row["task"], row["task"]), seed=0).test[: row["n"]]
+        labels = [e.label for e in test]
+        report = paired_report(row["base"]["correct"], row["expert_accuracy"]["correct"], labels=labels)
+        row["balanced"] = report["balanced"]
 
 
 def _ci(acc: dict) -> str:
@@ -357,6 +373,33 @@ def markdown(results: dict) -> str:
         "",
         f"Goal met by {met} of {len(results['rows'])} experts. `*`: the 95% interval of Δ excludes 0. Δ in points.",
         "",
+    ]
+    balanced = [r for r in results["rows"] if r.get("balanced")]
+    if balanced:
+        lines += [
+            (
+                "Multiple-choice tasks, balanced accuracy (the mean over gold labels of the accuracy on that label: a model "
+                "that gives the same answer every time scores chance, 1 / number of labels, however the labels are "
+                "distributed). An expert *tells the labels apart* when the 95% bootstrap interval of its balanced accuracy "
+                "lies above chance; a plain-accuracy gain without it is an answer format and a preferred label, not the task."
+            ),
+            "",
+            (
+                "| task | majority label share | chance | base balanced | expert balanced [95% CI] | Δ balanced [95% CI] "
+                "| tells labels apart |"
+            ),
+            "|---|---:|---:|---:|---|---|---|",
+        ]
+        for r in balanced:
+            b = r["balanced"]
+            lines.append(
+                f"| {r['task']} | {b['majority_share']:.2f} | {b['chance']:.2f} | {b['a']:.3f} | "
+                f"{b['b']:.3f} [{b['b_low']:.2f}, {b['b_high']:.2f}] | {100 * b['delta']:+.1f} "
+                f"[{100 * b['low']:+.1f}, {100 * b['high']:+.1f}]{' *' if b['significant'] else ''} | "
+                f"{'yes' if b['adapter_above_chance'] else 'no'} |"
+            )
+        lines.append("")
+    lines += [
         "![accuracy with 95% CIs](experts.png)",
         "",
     ]
@@ -416,6 +459,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="do not write test_eval.json and the card's test section into the expert directories",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite OUT.md and OUT.png from OUT.json (adds balanced accuracy)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny random model, toy task, 2+1 steps: a check in seconds")
     return p.parse_args(argv)
 
@@ -439,6 +485,10 @@ def main(argv=None) -> dict:
     else:
         recipes = load_recipes(args.recipes) if args.train else {}
     extra = ["--no-progress"] if (args.no_progress or args.smoke) else []
+    if args.report_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        add_balanced(results["rows"], sources)
+        return write_results(results, args.out)
     t0 = time.perf_counter()
     if args.train:
         tasks = args.tasks or list(recipes["tasks"])
@@ -471,8 +521,13 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - t0,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (args.out.with_suffix(s) for s in (".json", ".md", ".png"))
+    return write_results(results, args.out)
+
+
+def write_results(results: dict, out: Path) -> dict:
+    """OUT.json, OUT.md and OUT.png; returns `results`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (out.with_suffix(s) for s in (".json", ".md", ".png"))
     json_path.write_text(json.dumps(results, indent=1))
     md_path.write_text(markdown(results))
     plot(results, png_path)

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
+from .stats import accuracy_ci, compare_balanced, compare_paired, format_accuracy, format_comparison
 from .tasks import Example
 
 
@@ -93,6 +93,7 @@ def paired_report(
     *,
     task: Optional[str] = None,
     settings: Optional[Mapping[str, Any]] = None,
+    labels: Optional[Sequence[Any]] = None,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
     """The JSON-ready comparison of an adapter with its base model on the same examples.
@@ -103,13 +104,16 @@ def paired_report(
         task (`str`, *optional*): Recorded as `"task"`.
         settings (`Mapping`, *optional*): How the verdicts were obtained (mode, `max_new_tokens`, split, ...),
             recorded as `"settings"`.
+        labels (`Sequence`, *optional*): Gold labels of the examples (multiple-choice tasks). Adds `"balanced"`:
+            balanced accuracy of both and its paired difference ([`~peft_spectral.stats.compare_balanced`]), which
+            tells a model that learned the task from one that learned to give one answer every time.
         confidence (`float`, defaults to 0.95): Coverage of the intervals.
 
     Returns:
         `dict` with `n`, `base` and `adapter` (each `{"accuracy", "low", "high", "n", "confidence", "correct"}`: the
         Wilson interval and the verdicts), `delta` (`{"delta", "low", "high", "p_value", "only_a", "only_b",
         "significant", ...}`: adapter minus base, paired bootstrap interval, exact McNemar p; `only_a` = examples only
-        the base gets right), and the `text` lines of the table format.
+        the base gets right), the `text` lines of the table format, and `balanced` when `labels` are given.
     """
     base_correct = [bool(c) for c in getattr(base, "correct", base)]
     adapter_correct = [bool(c) for c in getattr(adapter, "correct", adapter)]
@@ -130,6 +134,14 @@ def paired_report(
             "delta": format_comparison(delta),
         },
     )
+    if labels is not None:
+        balanced = compare_balanced(base_correct, adapter_correct, list(labels), confidence=confidence)
+        report["balanced"] = {
+            **asdict(balanced),
+            "significant": balanced.significant,
+            "adapter_above_chance": balanced.b_above_chance,
+        }
+        report["text"]["balanced"] = str(balanced)
     return report
 
 

@@ -34,9 +34,11 @@ import numpy as np
 
 __all__ = [
     "AccuracyCI",
+    "BalancedComparison",
     "PairedComparison",
     "accuracy_ci",
     "balanced_accuracy",
+    "compare_balanced",
     "compare_paired",
     "format_accuracy",
     "format_comparison",
@@ -270,6 +272,104 @@ def balanced_accuracy(correct: Sequence[bool], labels: Sequence[Hashable]) -> fl
     for label, verdict in zip(labels, values):
         per_label.setdefault(label, []).append(bool(verdict))
     return float(np.mean([np.mean(v) for v in per_label.values()]))
+
+
+@dataclass(frozen=True)
+class BalancedComparison:
+    """Balanced accuracy of two methods on the same examples and their paired difference (B minus A)."""
+
+    a: float
+    b: float
+    delta: float
+    low: float
+    high: float
+    n: int
+    majority_share: float
+    chance: float
+    b_low: float
+    b_high: float
+    confidence: float = 0.95
+
+    @property
+    def significant(self) -> bool:
+        """Whether the interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    @property
+    def b_above_chance(self) -> bool:
+        """Whether B's balanced accuracy interval lies above chance (1 / number of labels): B tells labels apart."""
+        return self.b_low > self.chance
+
+    def __str__(self) -> str:
+        text = f"bal {self.a:.3f} → {self.b:.3f} Δ {self.delta:+.3f} [{self.low:+.2f}, {self.high:+.2f}]"
+        return text + (" *" if self.significant else "")
+
+
+def compare_balanced(
+    correct_a: Sequence[bool],
+    correct_b: Sequence[bool],
+    labels: Sequence[Hashable],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2_000,
+    seed: int = 0,
+) -> BalancedComparison:
+    """Paired comparison of balanced accuracy ([`balanced_accuracy`]): B minus A with a percentile bootstrap interval.
+
+    A model that learns to answer one label every time gets plain accuracy equal to that label's share but balanced
+    accuracy at chance (1 / number of labels); report this next to [`compare_paired`] for classification tasks, and
+    whether B's interval (`b_low`, `b_high`) lies above `chance`. Resamples that lose a label
+    average over the labels they hold.
+
+    Args:
+        correct_a, correct_b (`Sequence[bool]`): Per-example verdicts of the two methods, same examples, same order.
+        labels (`Sequence[Hashable]`): Per-example gold labels.
+        confidence (`float`, defaults to 0.95): Coverage of the interval.
+        n_resamples (`int`, defaults to 2000): Bootstrap resamples (`numpy.random.default_rng(seed)`).
+    """
+    a, b = _paired(correct_a, correct_b)
+    if len(labels) != a.size:
+        raise ValueError(f"labels has {len(labels)} entries but the verdicts have {a.size}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    _z(confidence)
+    _, ids = np.unique(np.asarray([str(x) for x in labels]), return_inverse=True)
+    k = int(ids.max()) + 1
+
+    def balanced(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        # rows of idx are resamples; per-label sums by one-hot counting
+        lab = ids[idx]
+        hits = np.zeros((idx.shape[0], k))
+        counts = np.zeros((idx.shape[0], k))
+        rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
+        np.add.at(hits, (rows, lab.ravel()), x[idx].ravel())
+        np.add.at(counts, (rows, lab.ravel()), 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nanmean(np.where(counts > 0, hits / np.maximum(counts, 1), np.nan), axis=1)
+
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    whole = np.arange(a.size)[None, :]
+    bal_a, bal_b = float(balanced(fa, whole)[0]), float(balanced(fb, whole)[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(n_resamples, a.size))
+    draws_b = balanced(fb, idx)
+    diffs = draws_b - balanced(fa, idx)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
+    b_low, b_high = np.quantile(draws_b, [alpha, 1.0 - alpha])
+    return BalancedComparison(
+        a=bal_a,
+        b=bal_b,
+        delta=bal_b - bal_a,
+        low=float(low),
+        high=float(high),
+        n=int(a.size),
+        majority_share=float(np.bincount(ids).max() / a.size),
+        chance=1.0 / k,
+        b_low=float(b_low),
+        b_high=float(b_high),
+        confidence=confidence,
+    )
 
 
 def label_balance(labels: Sequence[Hashable]) -> dict[Hashable, float]:

@@ -54,10 +54,20 @@ def test_smoke_run_reports_every_run_and_resumes(tmp_path):
         ("sft", "svf_sft", "lora_sft"),
     ]
     assert all(p["parameter_ratio"] == lora / svf and p["svf_minus_lora"]["n"] == 8 for p in pairs)
+    recipes = report["tasks"]["toy_a"]["svf_recipes"]
+    assert [(p["reference"], p["other"]) for p in recipes] == [
+        ("svf_sft", "svf_rl"),
+        ("svf_rl", "svf_sft_rl"),
+        ("svf_sft", "svf_sft_rl"),
+    ]
+    for pair in recipes:
+        ref, other = runs[pair["reference"]]["test_accuracy"], runs[pair["other"]]["test_accuracy"]
+        assert abs(pair["other_minus_reference"]["delta"] - (other - ref)) < 1e-9
     text = (tmp_path / "budget.md").read_text()
     assert (
         "| SVF-SFT→RL | 0.5 |" in text and "| load avg |" in text and "Δ SVF − LoRA" in text and "## Reading" in text
     )
+    assert "| SVF-RL − SVF-SFT |" in text and "No reading given" in text  # --smoke never takes the committed reading
     assert (tmp_path / "budget.png").stat().st_size > 1000
     state = json.loads((tmp_path / "budget_state.json").read_text())
     assert len(state["runs"]["toy_a/svf_rl"]["correct"]) == 8

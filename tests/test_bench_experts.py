@@ -22,7 +22,8 @@ def _bench():
 
 
 def test_smoke_run_trains_resumes_and_reports(tmp_path, capsys):
-    from peft_spectral.stats import accuracy_ci, compare_paired
+    from peft_spectral.stats import accuracy_ci, balanced_accuracy, compare_paired
+    from peft_spectral.tasks import load_task
 
     bench = _bench()
     threads = torch.get_num_threads()
@@ -49,11 +50,24 @@ def test_smoke_run_trains_resumes_and_reports(tmp_path, capsys):
     assert row["delta"]["delta"] == delta.delta and row["delta"]["p_value"] == delta.p_value
     assert row["goal_met"] == (delta.delta >= 0.08 and delta.low > 0)
     assert again["rows"][0]["delta"] == results["rows"][0]["delta"]  # the same expert evaluated again
+    labels = [e.label for e in load_task(str(tmp_path / "smoke_mc.jsonl"), seed=0).test[:8]]
+    assert row["balanced"]["chance"] == 0.5 and row["balanced"]["n"] == 8
+    assert row["balanced"]["b"] == balanced_accuracy(expert, labels)
+    assert row["balanced"]["a"] == balanced_accuracy(base, labels)
 
     table = (tmp_path / "experts.md").read_text()
     assert "| task | kind | recipe | n | base acc [95% CI] | expert acc [95% CI] | Δ vs base [95% CI] | p |" in table
     assert "| smoke_mc | multiple_choice | sft(2) → rl(1) | 8 |" in table
     assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| tells labels apart |" in table
+
+    # --report-only fills balanced accuracy into results saved without it, from the verdicts and the task's labels
+    stripped = json.loads((tmp_path / "experts.json").read_text())
+    stripped["rows"][0].pop("balanced")
+    (tmp_path / "experts.json").write_text(json.dumps(stripped))
+    rewritten = bench.main(["--smoke", "--work-dir", str(tmp_path), "--report-only"])
+    assert rewritten["rows"][0]["balanced"] == saved["rows"][0]["balanced"]
+    assert "| tells labels apart |" in (tmp_path / "experts.md").read_text()
 
     # the library copy: adapter, card over both stages, expert.json, the paired test evaluation
     library = tmp_path / "library" / "smoke_mc"

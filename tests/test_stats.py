@@ -11,6 +11,7 @@ from peft_spectral.evaluation import EvalResult
 from peft_spectral.stats import (
     accuracy_ci,
     balanced_accuracy,
+    compare_balanced,
     compare_paired,
     format_accuracy,
     label_balance,
@@ -84,6 +85,42 @@ def test_balanced_accuracy_and_label_balance():
     always_yes = [True] * 8 + [False] * 2
     assert sum(always_yes) / 10 == 0.8 and balanced_accuracy(always_yes, labels) == 0.5
     assert label_balance(labels) == {"yes": 0.8, "no": 0.2}
+
+
+def test_compare_balanced_sees_a_constant_answer_for_what_it_is():
+    labels = ["Valid"] * 108 + ["Invalid"] * 92
+    garbage = [False] * 200  # a base model that never produces a label
+    always_valid = [label == "Valid" for label in labels]
+    plain = compare_paired(garbage, always_valid)
+    assert plain.delta == pytest.approx(0.54) and plain.significant  # plain accuracy calls it a +54 point gain
+    bal = compare_balanced(garbage, always_valid, labels)
+    assert (bal.a, bal.b, bal.chance, bal.majority_share) == (0.0, 0.5, 0.5, 0.54)
+    # every resample keeps both labels, so the constant answer's balanced accuracy is exactly chance in all of them
+    assert bal.b_low == bal.b_high == 0.5 and not bal.b_above_chance
+
+
+def test_compare_balanced_matches_a_plain_bootstrap():
+    rng = random.Random(3)
+    labels = [rng.choice("ABC") for _ in range(60)]
+    a = [rng.random() < 0.4 for _ in labels]
+    b = [rng.random() < 0.7 for _ in labels]
+    result = compare_balanced(a, b, labels, n_resamples=500, seed=5)
+    assert result.delta == pytest.approx(balanced_accuracy(b, labels) - balanced_accuracy(a, labels))
+    assert result.low <= result.delta <= result.high and result.b_low <= result.b <= result.b_high
+    assert result.chance == pytest.approx(1 / 3)
+    # the same resamples done one by one with the plain per-label mean
+    import numpy as np
+
+    idx = np.random.default_rng(5).integers(0, 60, size=(500, 60))
+    plain = [
+        balanced_accuracy([b[i] for i in row], [labels[i] for i in row])
+        - balanced_accuracy([a[i] for i in row], [labels[i] for i in row])
+        for row in idx
+    ]
+    low, high = np.quantile(plain, [0.025, 0.975])
+    assert result.low == pytest.approx(low) and result.high == pytest.approx(high)
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        compare_balanced(a, b, labels[:3])
 
 
 def test_empty_and_mismatched_inputs_are_clear_errors():
