@@ -396,8 +396,33 @@ def _machine(args) -> str:
 # ------------------------------------------------------------------------------------------------------ the report
 
 
+def _test_labels(base: Optional[dict]) -> Optional[list]:
+    """Gold labels of the base run's test examples (multiple choice only), loaded as the worker loaded them."""
+    if base is None or base.get("kind") != "multiple_choice":
+        return None
+    spec = base["settings"]
+    if spec["smoke"]:
+        task = _toy_task(spec["task"])
+    else:
+        from peft_spectral.tasks import load_task
+
+        task = load_task(spec["task"], seed=spec["seed"])
+    labels = [e.label for e in task.test[: spec["n_test"]]]
+    return labels if len(labels) == len(base["correct"]) else None
+
+
+def _balanced(reference: list, other: list, labels: list) -> dict:
+    from dataclasses import asdict
+
+    from peft_spectral.stats import compare_balanced
+
+    result = compare_balanced(reference, other, labels)
+    return {**asdict(result), "significant": result.significant, "above_chance": result.b_above_chance}
+
+
 def summarize(state: dict) -> dict:
-    """Per task: every run's numbers with its accuracy CI, Δ vs base, and SVF vs LoRA for the same method."""
+    """Per task: every run's numbers with its accuracy CI, Δ vs base (and balanced accuracy for multiple choice), SVF
+    vs LoRA for the same method, and the SVF recipes against each other."""
     tasks: dict[str, dict] = {}
     for key, row in state["runs"].items():
         task, run = key.rsplit("/", 1)
@@ -406,6 +431,7 @@ def summarize(state: dict) -> dict:
     for task, entry in sorted(tasks.items()):
         runs = entry["runs"]
         base = runs.get("base")
+        labels = _test_labels(base)
         rows: dict[str, dict] = {}
         for run in ["base", *RUNS]:
             row = runs.get(run)
@@ -417,6 +443,8 @@ def summarize(state: dict) -> dict:
             summary["accuracy_text"] = format_accuracy(ci)
             if run != "base" and base is not None and len(base["correct"]) == len(row["correct"]):
                 summary["vs_base"] = _comparison(base["correct"], row["correct"])
+                if labels is not None:
+                    summary["balanced_vs_base"] = _balanced(base["correct"], row["correct"], labels)
             rows[run] = summary
         pairs = []
         for method, svf, lora in PAIRS:
@@ -513,6 +541,24 @@ def markdown(summary: dict, smoke: bool, reading: Optional[str] = None) -> str:
                 f"{r['peak_rss_mb']:.0f} ({r['peak_over_loaded_mb']:+.0f}) | {_load_text(r)} | {r['accuracy_text']} | "
                 f"{r.get('vs_base', {}).get('text', '—')} |"
             )
+        balanced = {run: r["balanced_vs_base"] for run, r in rows.items() if r.get("balanced_vs_base")}
+        if balanced:
+            any_row = next(iter(balanced.values()))
+            lines += [
+                "",
+                (
+                    f"Balanced accuracy (mean over gold labels; chance {any_row['chance']:.2f}, majority label "
+                    f"{any_row['majority_share']:.0%} of the test examples; a run that always gives one answer scores "
+                    "chance): base "
+                    f"{any_row['a']:.3f}; "
+                    + "; ".join(
+                        f"{LABELS[run]} {b['b']:.3f} [{b['b_low']:.2f}, {b['b_high']:.2f}]"
+                        + ("" if b["above_chance"] else " (not above chance)")
+                        for run, b in balanced.items()
+                    )
+                    + "."
+                ),
+            ]
         if entry["svf_vs_lora"]:
             lines += [
                 "",

