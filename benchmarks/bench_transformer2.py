@@ -56,6 +56,8 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
+#: The hand-written reading of the committed results (the tables are generated)
+READING = REPO / "benchmarks" / "transformer2_reading.md"
 sys.path.insert(0, str(REPO))
 
 from peft_spectral import stats  # noqa: E402
@@ -537,6 +539,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default="/tmp/bench_transformer2", help="state.json and the classifier live here")
     p.add_argument("--fresh", action="store_true", help="ignore an existing state file (start over)")
     p.add_argument("--smoke", action="store_true", help="tiny random model and synthetic tasks (checks the script)")
+    p.add_argument("--report-only", action="store_true", help="rewrite transformer2.md from transformer2.json")
+    p.add_argument(
+        "--reading",
+        default=str(READING),
+        help="markdown file with the reading of the committed results, put under '## Reading' (not with --smoke)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         for name, value in {
@@ -563,6 +571,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def reading_section(args) -> str:
+    """The hand-written reading (`--reading`) under a heading; empty with `--smoke` or without the file."""
+    path = Path(args.reading) if args.reading and not args.smoke else None
+    if path is None or not path.is_file():
+        return ""
+    return "\n## Reading\n\n" + path.read_text().strip() + "\n"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -575,6 +591,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        text = markdown(json.loads((out_dir / "transformer2.json").read_text())) + reading_section(args)
+        (out_dir / "transformer2.md").write_text(text)
+        print(text)
+        return 0
 
     t0 = time.perf_counter()
     if args.smoke:
@@ -791,7 +812,7 @@ def main(argv=None) -> int:
     }
     write_json_atomic(out_dir / "transformer2.json", results)
     plot(results, curves, out_dir)
-    text = markdown(results)
+    text = markdown(results) + reading_section(args)
     (out_dir / "transformer2.md").write_text(text)
     print(text)
     return 0

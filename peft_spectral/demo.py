@@ -426,9 +426,13 @@ def _svf_experts(base, tok, tasks, expert_tasks, library, config: DemoConfig, wo
 def _transformer2(base, tok, tasks, svf: dict, config: DemoConfig, work: Path, base_acc: float) -> dict:
     from .evaluation import evaluate
     from .transformer2 import CEMConfig, ExpertLibrary, FewShotMixer, PromptDispatcher, two_pass_evaluate
+    from .transformer2.library import expert_name
 
     task = tasks[config.unseen_task]
-    specs = [{"name": n, "source": e["path"], "description": tasks[n].description} for n, e in svf["experts"].items()]
+    specs = [  # adapter names allow letters, digits, "_" and "-": "arithmetic/2_digit_addition" needs a new name
+        {"name": expert_name(n), "source": e["path"], "description": tasks[n].description}
+        for n, e in svf["experts"].items()
+    ]
     library = ExpertLibrary.load(copy.deepcopy(base), tok, specs)
     test = task.test[: config.eval_examples]  # the base model's accuracy on it is `base_acc` (step "base")
     mixer = FewShotMixer(library, task.train[: config.cem_shots], kind=task.kind)

@@ -133,7 +133,11 @@ def test_demo_end_to_end_on_a_tiny_model_with_real_tasks(tmp_path):
     tok = build_tiny_tokenizer()
     build_tiny_llama(tok).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    config = DemoConfig.quick(model=str(tmp_path / "model"), output_dir=str(tmp_path / "run"))  # a model: trains
+    config = DemoConfig.quick(  # a model: trains; a task name with "/" becomes a valid adapter name
+        model=str(tmp_path / "model"),
+        output_dir=str(tmp_path / "run"),
+        expert_tasks=("sports_understanding", "strategyqa", "arithmetic/1_digit_addition"),
+    )
     report = run_demo(config, printer=lambda *_: None)
     methods = [r.method for r in report.rows]
     assert methods.count("SVF (GRPO)") == 3 and methods.count("CPI-FT (CoreIsolation)") == 3

@@ -172,3 +172,24 @@ def test_hooks_by_batch_size(tmp_path):
             first = model(input_ids=ids[:1], attention_mask=mask[:1]).logits
     torch.testing.assert_close(both, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first, expected[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_base_rows_skip_the_correction(tmp_path, monkeypatch):
+    from peft_spectral.tuners.svf import mixed_batch
+
+    model, tok = _two_expert_model(build_tiny_llama, ["gate_proj", "down_proj"], tmp_path, None)
+    ids, mask = _batch(tok, TEXTS)
+    seen = []
+    real = mixed_batch.scaled_matmul
+
+    def counting(projected, delta, q_t):
+        seen.append(projected.shape[0])
+        return real(projected, delta, q_t)
+
+    monkeypatch.setattr(mixed_batch, "scaled_matmul", counting)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
+        assert seen and set(seen) == {4}  # 4 adapted rows of 5, in every adapted layer
+        seen.clear()
+        model(input_ids=ids, attention_mask=mask, adapter_names=["__base__"] * 5)
+    assert seen == []  # an all-base batch never computes a correction

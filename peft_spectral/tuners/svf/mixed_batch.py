@@ -3,8 +3,8 @@
 As with PEFT's LoRA (`model(..., adapter_names=[...])` / `model.generate(..., adapter_names=[...])`, `"__base__"` for
 the unadapted model), each row of the batch is answered by its own SVF adapter in a single forward pass. SVF makes
 this cheap: the adapters of a layer share `Q`, so the correction `((x Q_k) ⊙ (s_row - 1)) Q_kᵀ` is computed for the
-whole batch at once with one scale vector per row (rows of the base model get a zero correction, i.e. exactly the
-base layer's output).
+whole batch at once with one scale vector per row, for the rows that use an adapter only (rows of the base model go
+through the base layer alone: exactly its output, at its cost).
 
 * [`mixed_batch_forward`]: the layer computation, called by `SVFLinear.forward` when it receives `adapter_names`.
 * [`mixed_batch_hooks`]: the context that hands `adapter_names` to every SVF layer (used by
@@ -71,18 +71,25 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, *args: Any, adapter_n
         )
     if layer.merged:
         raise ValueError("cannot use adapter_names (mixed-adapter batches) while adapters are merged; unmerge first")
-    delta = per_row_delta(layer, adapter_names)
-    if delta is None:
+    adapted = [i for i, name in enumerate(adapter_names) if name != BASE_ADAPTER and name in layer.svf_z]
+    if not adapted:
         return layer.base_layer(x, *args, **kwargs)
+    delta = per_row_delta(layer, [adapter_names[i] for i in adapted])
     q = layer.svf_Q[:, : delta.shape[1]]  # in the factor dtype; `delta` stays float32 (see `scaled_matmul`)
     delta = delta.reshape(delta.shape[0], *([1] * (x.ndim - 2)), delta.shape[1])
+    # Only the adapted rows pay for the correction: the base model's rows go through the plain layer.
+    rows = None if len(adapted) == x.shape[0] else torch.tensor(adapted, device=x.device)
     base = layer.get_base_layer()
     if layer.svf_side == "right":
-        x = x + scaled_matmul(x.to(q.dtype) @ q, delta, q.T).to(x.dtype)
+        part = x if rows is None else x.index_select(0, rows)
+        correction = scaled_matmul(part.to(q.dtype) @ q, delta, q.T).to(x.dtype)
+        x = x + correction if rows is None else x.index_add(0, rows, correction)
         return layer.base_layer(x, *args, **kwargs)
     y = layer.base_layer(x, *args, **kwargs)
     lin = y if base.bias is None else y - base.bias
-    return y + scaled_matmul(lin.to(q.dtype) @ q, delta, q.T).to(y.dtype)
+    part = lin if rows is None else lin.index_select(0, rows)
+    correction = scaled_matmul(part.to(q.dtype) @ q, delta, q.T).to(y.dtype)
+    return y + correction if rows is None else y.index_add(0, rows, correction)
 
 
 def _names_for(adapter_names: AdapterNames, rows: int) -> Sequence[str]:
