@@ -577,7 +577,17 @@ def format_table(rows: Sequence[Row]) -> str:
             f"| {r.method} | {r.task} | {base} | {adapted} | {delta} | {r.trainable_params:,} | {r.wall_time_s:.0f} "
             f"| {r.note} |"
         )
+    lines += ["", SCORING_NOTE]
     return "\n".join(lines)
+
+
+#: How the demo scores, printed under its table.
+SCORING_NOTE = (
+    "Scoring: multiple-choice answers by the highest log-likelihood option, generation tasks by the greedy answer, "
+    "on the first test examples of each task. The experts' model cards and docs/results/experts.md judge greedy "
+    "generated answers on up to 400 test examples instead, where learning the answer format counts; the two can "
+    "differ (the logical_fallacy_detection expert gains there and not here: it learned the format, not the task)."
+)
 
 
 def write_report(report: DemoReport, path: Path, table: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from peft_spectral.cli import build_parser, main
 from peft_spectral.demo import (
+    SCORING_NOTE,
     DemoConfig,
     DemoReport,
     Row,
@@ -64,6 +65,7 @@ def test_table_report_and_plots(tmp_path):
     assert "| SVF (GRPO) | navigate | 0.500 | 0.625 | — | 51,840 | 12 | 6 RL steps |" in table
     assert "| SVF expert | snarks | 0.400 [0.17, 0.69] (n=10) | 0.800 [0.49, 0.94] (n=10) | +0.400 [" in table
     assert "+0.400 [+0.10, +0.70] p=0.12 * |" in table and "Δ vs base [95% CI]" in table
+    assert table.endswith(SCORING_NOTE) and "log-likelihood" in SCORING_NOTE  # the reader is told how it scored
     report = DemoReport(rows=rows, plots={"cem_fitness": str(fit), "c2i_scores": str(c2i)})
     write_report(report, tmp_path / "report.md", table)
     text = (tmp_path / "report.md").read_text()
