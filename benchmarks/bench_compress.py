@@ -38,6 +38,7 @@ re-running the same command skips both (`--fresh` starts over; `--from-partials`
 finished tasks). Timings are wall-clock on whatever machine runs it (all in the same run, so ratios are comparable).
 
     python benchmarks/bench_compress.py --threads 2   # the documented default setting (~40–80 min on 2 cores)
+    python benchmarks/bench_compress.py --estimate-only   # the time estimate alone (loads the tasks' data only)
     python benchmarks/bench_compress.py --smoke       # tiny random model, planted task + a task nothing can improve
     python benchmarks/bench_compress.py --from-partials   # report from the finished tasks of an unfinished run
     python benchmarks/bench_compress.py --profile --smoke   # phase times of the gradient pass (tiny model)
@@ -458,8 +459,9 @@ def run_task(name, model, tok, task, args, state_dir, progress, settings):
     )
     runs = [(f"c2i-standard ({rule})", rule, 1) for rule in args.scores]
     runs.append(("c2i-clustered (first_order)", "first_order", args.clusters))
-    results = [laser]
+    results, rules = [laser], {"laser": None}
     for method, rule, clusters in runs:
+        rules[method] = rule
         res = C.c2i_search(
             model,
             calibration,
@@ -485,6 +487,7 @@ def run_task(name, model, tok, task, args, state_dir, progress, settings):
         t = time.perf_counter()
         ev, memory, n_evaluated = _test_eval(model, tok, task, test, res, bs, cache)
         entry = res.to_dict()
+        entry["score_rule"] = rules[res.method]
         entry["test"] = test_entry(base_test, ev, labels)
         entry["test_acc"] = entry["test"]["accuracy"]
         entry["memory"] = {k: v for k, v in memory.items() if k != "modules"}
@@ -1070,6 +1073,11 @@ def main(argv=None):
         help="apply the paired-bootstrap guard to LASER's choice too (default: LASER as published)",
     )
     p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the time estimate (tasks' data loaded, no model) and stop",
+    )
+    p.add_argument(
         "--from-partials",
         action="store_true",
         help="only rebuild compress.json/md/png from the finished tasks (--state-dir) of an unfinished run",
@@ -1109,6 +1117,8 @@ def main(argv=None):
 
         tasks = {name: load_task(name, seed=0) for name in args.tasks}
     planned, estimate = print_estimate(tasks, args, state_dir, settings)
+    if args.estimate_only:
+        return {"planned_examples": planned, "estimate": estimate}
     if not args.smoke:
         from peft_spectral.assets import load_default_model
 

@@ -594,6 +594,8 @@ def test_bench_compress_smoke_reports_intervals_paired_deltas_both_rules_and_res
         assert set(row["scoring_rules"]) == {"c2i-standard (first_order)", "c2i-standard (raw)"}
         first, raw = (row["methods"][f"c2i-standard ({r})"]["candidates"] for r in ("first_order", "raw"))
         assert sorted((c["module"], c["rho"]) for c in first) == sorted((c["module"], c["rho"]) for c in raw)
+        assert [c["score"] for c in first] != [c["score"] for c in raw]  # −Σ σ_i g_i vs −Σ g_i
+        assert [row["methods"][m]["score_rule"] for m in methods] == [None, "first_order", "raw", "first_order"]
         assert row["methods"]["c2i-standard (raw)"]["timings"]["scoring_shared"]
         base = row["test_base"]
         _check_accuracy_block(base)
