@@ -513,7 +513,7 @@ def test_svds_from_the_on_disk_cache_give_the_same_gradients(tiny_llama, tmp_pat
         torch.testing.assert_close(cold[name][1], warm[name][1])
 
 
-def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
+def _bench_compress():
     import importlib.util
     from pathlib import Path
 
@@ -521,6 +521,11 @@ def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_compress", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
+    bench = _bench_compress()
     argv = ["--profile", "--smoke", "--n-grad", "16", "--batch-size", "8", "--profile-repeats", "1"]
     threads = torch.get_num_threads()
     try:
@@ -535,6 +540,117 @@ def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
     )
     assert json.loads((tmp_path / "compress_profile_smoke.json").read_text())["modules"] == 4
     assert "forward+backward / forward" in capsys.readouterr().out
+
+
+def _check_accuracy_block(block):
+    correct = block["correct"]
+    assert block["n"] == len(correct) > 0
+    assert block["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    assert block["low"] <= block["accuracy"] <= block["high"] and 0.0 <= block["low"] and block["high"] <= 1.0
+
+
+def test_bench_compress_smoke_reports_intervals_paired_deltas_both_rules_and_resumes(tmp_path, capsys, monkeypatch):
+    from peft_spectral.stats import balanced_accuracy
+
+    bench = _bench_compress()
+    threads = torch.get_num_threads()
+    argv = ["--smoke", "--threads", str(threads), "--out", str(tmp_path)]
+    state = tmp_path / "compress_smoke_state"
+    real_scores, calls = compress.c2i_scores, []
+
+    def killed_on_the_second_task(*args, **kwargs):  # a kill after the second task's LASER grid
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_scores(*args, **kwargs)
+
+    monkeypatch.setattr(compress, "c2i_scores", killed_on_the_second_task)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(argv)
+        assert (state / "compress_planted.partial.json").is_file()
+        assert not (state / "compress_agreeing.partial.json").exists()
+        assert len(json.loads((state / "laser_agreeing.json").read_text())["results"]) == 4
+        partial = bench.main(argv + ["--from-partials"])  # the report of the finished task alone
+        assert [r["task"] for r in partial] == ["planted"]
+        assert "partial: 1 of 2 tasks" in (tmp_path / "compress_smoke.md").read_text()
+        capsys.readouterr()
+        result = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "Estimated run time:" in out and "ETA ~" in out
+    assert "planted: finished in an earlier run (reused)" in out  # not run again
+    assert "agreeing: LASER resumes from" in out and "4 of 4 candidates already evaluated" in out
+    assert len(calls) == 3  # the resumed run computed the scores of the unfinished task only
+    assert not list(state.glob("*.partial.json"))  # removed once the report is written
+
+    saved = json.loads((tmp_path / "compress_smoke.json").read_text())
+    assert saved["tasks"] == json.loads(json.dumps(result["tasks"]))
+    methods = ["laser", "c2i-standard (first_order)", "c2i-standard (raw)", "c2i-clustered (first_order)"]
+    changed = kept_nothing = 0
+    for row in saved["tasks"]:
+        assert list(row["methods"]) == methods  # both scoring rules, from the same candidates
+        assert set(row["scoring_rules"]) == {"c2i-standard (first_order)", "c2i-standard (raw)"}
+        first, raw = (row["methods"][f"c2i-standard ({r})"]["candidates"] for r in ("first_order", "raw"))
+        assert sorted((c["module"], c["rho"]) for c in first) == sorted((c["module"], c["rho"]) for c in raw)
+        assert [c["score"] for c in first] != [c["score"] for c in raw]  # −Σ σ_i g_i vs −Σ g_i
+        assert [row["methods"][m]["score_rule"] for m in methods] == [None, "first_order", "raw", "first_order"]
+        assert row["methods"]["c2i-standard (raw)"]["timings"]["scoring_shared"]
+        base = row["test_base"]
+        _check_accuracy_block(base)
+        assert base["n"] == row["n_test"] == 20 and len(row["test_labels"]) == 20
+        for name, e in row["methods"].items():
+            t = e["test"]
+            _check_accuracy_block(t)
+            assert e["test_acc"] == t["accuracy"] and t["n"] == base["n"]
+            d = t["delta"]
+            assert d["delta"] == pytest.approx(t["accuracy"] - base["accuracy"])
+            assert d["low"] <= d["delta"] <= d["high"]
+            only_base = sum(b and not m for b, m in zip(base["correct"], t["correct"]))
+            assert (d["only_a"], d["only_b"]) == (only_base, only_base + round(d["delta"] * d["n"]))
+            bal = t["balanced"]
+            assert bal["a"] == pytest.approx(balanced_accuracy(base["correct"], row["test_labels"]))
+            assert bal["delta"] == pytest.approx(balanced_accuracy(t["correct"], row["test_labels"]) - bal["a"])
+            assert t["kept_nothing"] == (not e["chosen"])
+            if t["kept_nothing"]:  # no intervention: the base model's verdicts, Δ exactly 0
+                kept_nothing += 1
+                assert t["correct"] == base["correct"]
+                assert (d["delta"], d["low"], d["high"], d["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+            changed += d["delta"] != 0
+        laser = row["methods"]["laser"]["test"]
+        for name, c in row["goals"]["c2i_vs_laser"].items():
+            assert c["delta"] == pytest.approx(row["methods"][name]["test"]["accuracy"] - laser["accuracy"])
+            assert c["at_least_laser"] == (c["delta"] >= 0)
+        below = [m for m, e in row["methods"].items() if e["test"]["delta"]["high"] < 0]
+        assert row["goals"]["below_base"] == below
+    planted, agreeing = saved["tasks"]
+    # the planted truncation helps on test; on the task the model already answers perfectly C2I keeps nothing
+    assert (
+        planted["methods"]["laser"]["test"]["delta"]["delta"] > 0.3
+        and planted["methods"]["laser"]["test"]["delta"]["significant"]
+    )
+    assert all(not agreeing["methods"][m]["chosen"] for m in methods[1:])
+    assert changed >= 1 and kept_nothing >= 3
+    assert saved["meta"]["goals"]["c2i_never_significantly_below_base"]["met"] is True
+
+    md = (tmp_path / "compress_smoke.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| task | method |"))
+    for column in ("test acc [95% CI] (n)", "Δ vs base [95% CI] p", "balanced Δ [95% CI]"):
+        assert column in header
+    laser_line = next(line for line in md.splitlines() if line.startswith("| planted | laser |"))
+    assert "1.000 [0.84, 1.00] (n=20)" in laser_line and "p<0.001 *" in laser_line
+    assert "| agreeing | c2i-standard (raw) |" in md and "## Goals" in md and "**met**" in md
+    assert "- **planted**: no method significantly below base; c2i-standard (first_order) − LASER" in md
+    assert "## Scoring rules: first_order vs raw" in md
+
+
+def test_bench_compress_rank_correlation():
+    bench = _bench_compress()
+    assert list(bench.average_ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert bench.spearman([1, 2, 3], [5, 5, 5]) is None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
