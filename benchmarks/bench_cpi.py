@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -358,7 +359,7 @@ def setting_tasks(tasks: list[Task], fraction: float) -> list[Task]:
     out = []
     for t in tasks:
         n = max(1, round(fraction * len(t.train)))
-        out.append(Task(name=t.name, kind=t.kind, train=list(t.train[:n]), validation=[], test=list(t.test)))
+        out.append(dataclasses.replace(t, train=list(t.train[:n]), test=list(t.test)))
     return out
 
 
@@ -1046,10 +1047,11 @@ def plot(results: dict, path: Path) -> None:
             series[LABELS[m]] = [r["final"][n] for n in names] + [r["pooled"]]
         ci_bars(ax, groups, series)
         ax.set_xticks(range(len(groups)), groups)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.25)  # room for the legend above the bars
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.set_ylabel("test accuracy (95% CI)")
         ax.set_title(f"{scen_name}, train fraction {fk}: same SFT budget S = {results['setup']['budget_steps']}")
-        ax.legend(fontsize=7, ncol=3)
+        ax.legend(fontsize=7, ncol=5, loc="upper center")
     save_figure(fig, path)
 
 
