@@ -32,8 +32,7 @@ def test_bench_svf_smoke_measures_default_and_exact(tmp_path):
     assert "default SVF step / LoRA r=16 step (all linear)" in markdown and "svf_all_exact" in markdown
     arithmetic = results["arithmetic"]["mlp"]
     macs = arithmetic["macs_per_token"]
-    assert (
-        macs["base"] < macs["lora"] < macs["svf"] < macs["svf_exact"]
-    )  # the tiny model's MLP matrices are not square
+    # the tiny model's MLP matrices are not square
+    assert macs["base"] < macs["lora"] < macs["svf"] < macs["svf_exact"]
     assert arithmetic["svf_over_lora"] == macs["svf"] / macs["lora"]
     assert "| MLP |" in markdown and "predicted SVF / LoRA" in markdown
