@@ -49,9 +49,12 @@ def method_configs() -> dict:
     return {
         "svf_mlp": lambda: SVFConfig(target_modules=MLP),  # the default: fast factored form
         "svf_mlp_exact": lambda: SVFConfig(target_modules=MLP, fast_factored=False),
+        # the top 16 singular values only: the per-token cost of LoRA r=16 (not the paper's full-spectrum SVF)
+        "svf_mlp_rank16": lambda: SVFConfig(target_modules=MLP, rank=16),
         "lora16_mlp": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=MLP),
         "svf_all": lambda: SVFConfig(target_modules=ALL),
         "svf_all_exact": lambda: SVFConfig(target_modules=ALL, fast_factored=False),
+        "svf_all_rank16": lambda: SVFConfig(target_modules=ALL, rank=16),
         "lora16_all": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL),
         "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     }
@@ -257,6 +260,8 @@ def main() -> None:
         "svf_step_vs_lora_all": m["svf_all"]["step_s_median"] / m["lora16_all"]["step_s_median"],
         "svf_exact_step_vs_lora_mlp": m["svf_mlp_exact"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
         "svf_exact_step_vs_lora_all": m["svf_all_exact"]["step_s_median"] / m["lora16_all"]["step_s_median"],
+        "svf_rank16_step_vs_lora_mlp": m["svf_mlp_rank16"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
+        "svf_rank16_step_vs_lora_all": m["svf_all_rank16"]["step_s_median"] / m["lora16_all"]["step_s_median"],
         "merged_inference_vs_base": results["inference"]["merged_over_base"],
         "warm_cache_speedup": results["svd_cache"]["speedup"],
     }
@@ -265,6 +270,8 @@ def main() -> None:
         goals["svf_peak_mem_vs_lora_all"] = m["svf_all"]["peak_mb"] / m["lora16_all"]["peak_mb"]
         goals["svf_exact_peak_mem_vs_lora_mlp"] = m["svf_mlp_exact"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
         goals["svf_exact_peak_mem_vs_lora_all"] = m["svf_all_exact"]["peak_mb"] / m["lora16_all"]["peak_mb"]
+        goals["svf_rank16_peak_mem_vs_lora_mlp"] = m["svf_mlp_rank16"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
+        goals["svf_rank16_peak_mem_vs_lora_all"] = m["svf_all_rank16"]["peak_mb"] / m["lora16_all"]["peak_mb"]
     results["ratios"] = goals
     results["arithmetic"] = arithmetic(base)
     (out_dir / "svf_cost.json").write_text(json.dumps(results, indent=2))
@@ -311,6 +318,13 @@ def write_markdown(results: dict, path: Path) -> None:
         f"| default SVF step / LoRA r=16 step (all linear) | {r['svf_step_vs_lora_all']:.2f}× | ≤ 1.05× |",
         f"| exact SVF (`fast_factored=False`) step / LoRA r=16 step (MLP targets) | {r['svf_exact_step_vs_lora_mlp']:.2f}× | — |",
         f"| exact SVF (`fast_factored=False`) step / LoRA r=16 step (all linear) | {r['svf_exact_step_vs_lora_all']:.2f}× | — |",
+    ]
+    if "svf_rank16_step_vs_lora_mlp" in r:  # results of runs before the rank-16 rows lack them
+        lines += [
+            f"| SVF `rank=16` (top 16 singular values) step / LoRA r=16 step (MLP) | {r['svf_rank16_step_vs_lora_mlp']:.2f}× | — |",
+            f"| SVF `rank=16` (top 16 singular values) step / LoRA r=16 step (all linear) | {r['svf_rank16_step_vs_lora_all']:.2f}× | — |",
+        ]
+    lines += [
         f"| merged SVF forward / base forward | {inf['merged_over_base']:.2f}× | 1.00× |",
         f"| unmerged SVF forward / base forward (no grad) | {inf['unmerged_over_base']:.2f}× | — |",
         f"| adapter switch | {inf['adapter_switch_s'] * 1e3:.2f} ms | — |",
@@ -323,6 +337,13 @@ def write_markdown(results: dict, path: Path) -> None:
         )
         lines.append(f"| exact SVF peak memory / LoRA (MLP) | {r['svf_exact_peak_mem_vs_lora_mlp']:.2f}× | — |")
         lines.append(f"| exact SVF peak memory / LoRA (all linear) | {r['svf_exact_peak_mem_vs_lora_all']:.2f}× | — |")
+        if "svf_rank16_peak_mem_vs_lora_mlp" in r:
+            lines.append(
+                f"| SVF `rank=16` peak memory / LoRA (MLP) | {r['svf_rank16_peak_mem_vs_lora_mlp']:.2f}× | — |"
+            )
+            lines.append(
+                f"| SVF `rank=16` peak memory / LoRA (all linear) | {r['svf_rank16_peak_mem_vs_lora_all']:.2f}× | — |"
+            )
     a = results.get("arithmetic")
     if a:
         lines += [

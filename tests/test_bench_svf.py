@@ -25,11 +25,16 @@ def test_bench_svf_smoke_measures_default_and_exact(tmp_path):
     methods = results["methods"]
     assert {"svf_mlp", "svf_mlp_exact", "lora16_mlp", "svf_all", "svf_all_exact", "lora16_all"} <= set(methods)
     assert methods["svf_mlp"]["trainable_params"] == methods["svf_mlp_exact"]["trainable_params"] > 0
+    # rank=16 adapts 16 singular values of each of the 2 layers x 3 MLP matrices (hidden 64: every m > 16)
+    assert methods["svf_mlp_rank16"]["trainable_params"] == 2 * 3 * 16 < methods["svf_mlp"]["trainable_params"]
+    expected = methods["svf_all_rank16"]["step_s_median"] / methods["lora16_all"]["step_s_median"]
+    assert abs(results["ratios"]["svf_rank16_step_vs_lora_all"] - expected) < 1e-12
     ratios = results["ratios"]
     expected = methods["svf_mlp"]["step_s_median"] / methods["lora16_mlp"]["step_s_median"]
     assert abs(ratios["svf_step_vs_lora_mlp"] - expected) < 1e-12
     markdown = (tmp_path / "svf_cost.md").read_text()
     assert "default SVF step / LoRA r=16 step (all linear)" in markdown and "svf_all_exact" in markdown
+    assert "SVF `rank=16` (top 16 singular values) step / LoRA r=16 step (MLP)" in markdown
     arithmetic = results["arithmetic"]["mlp"]
     macs = arithmetic["macs_per_token"]
     # the tiny model's MLP matrices are not square
