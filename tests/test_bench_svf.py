@@ -41,3 +41,7 @@ def test_bench_svf_smoke_measures_default_and_exact(tmp_path):
     assert macs["base"] < macs["lora"] < macs["svf"] < macs["svf_exact"]
     assert arithmetic["svf_over_lora"] == macs["svf"] / macs["lora"]
     assert "| MLP |" in markdown and "predicted SVF / LoRA" in markdown
+    paired = results["paired_step_ratios"]["svf_step_vs_lora_mlp"]
+    rounds = [a / b for a, b in zip(methods["svf_mlp"]["step_s_all"], methods["lora16_mlp"]["step_s_all"])]
+    assert paired["rounds"] == rounds and paired["min"] <= paired["median"] <= paired["max"]
+    assert "| svf_step_vs_lora_mlp |" in markdown
