@@ -51,7 +51,8 @@ def linear_features(base: nn.Module, method: str, module_name: str = "") -> tupl
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, False
     if is_conv1d(base):
-        in_features, out_features = base.weight.shape
+        # under DeepSpeed ZeRO-3 the local weight is an empty shard; `ds_shape` is the full one
+        in_features, out_features = getattr(base.weight, "ds_shape", base.weight.shape)
         return in_features, out_features, True
     where = f" for module {module_name!r}" if module_name else ""
     raise TypeError(

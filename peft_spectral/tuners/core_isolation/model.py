@@ -54,7 +54,8 @@ class CoreIsolationModel(SpectralTunerMixin, BaseTuner):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
         if isinstance(target, CoreIsolationLayer):
-            target.update_layer(adapter_name, config=config, inference_mode=config.inference_mode)
+            with gather_params_ctx(target.get_base_layer().weight):  # ZeRO-3: the delta takes the full weight's shape
+                target.update_layer(adapter_name, config=config, inference_mode=config.inference_mode)
             return
         new_module = self._create_new_module(config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:

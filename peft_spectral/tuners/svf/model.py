@@ -124,8 +124,9 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
                 check_finite_weight(target, "SVF", current_key)
                 cache = SVDCache(peft_config.svd_cache_dir, enabled=peft_config.use_svd_cache)
                 factors = cache.get(weight_matrix(target), name=current_key)
-        with gather_params_ctx(target.weight):
-            new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
+        # not inside `gather_params_ctx`: the layer gathers the weight itself where it needs it (`W Q`), and
+        # DeepSpeed refuses nested gathers of one parameter
+        new_module = SVFLinear(target, adapter_name, peft_config, factors, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -1,0 +1,185 @@
+"""SVF under a real DeepSpeed ZeRO-3 engine, 2 CPU processes (gloo).
+
+The model is created under ZeRO-3 (`HfDeepSpeedConfig` + `from_config`, so `deepspeed.zero.Init` partitions every
+weight across the ranks; each rank holds an empty `weight`). Checked against an unpartitioned replica with the same
+weights:
+
+* the SVF factors (`S`, `Q`, `P = W Q`) are those of the full weight: `get_peft_model` reads the weights inside
+  PEFT's `gather_params_ctx`; without it the SVD would see an empty tensor;
+* the ZeRO-3 engine's loss at initialisation equals the replica's;
+* after SGD steps on half of the global batch per rank, the gathered `z` equals the replica's trained on the whole
+  batch in one process;
+* SpectralCompress (truncation factors) and CoreIsolation (a delta and a mask shaped like the weight, also for a
+  second adapter added later) build the same adapter tensors as on the replica.
+
+Skipped when DeepSpeed is not installed (`pip install --no-build-isolation deepspeed`; see docs/distributed.md).
+This file is also the worker script (`python -m accelerate.commands.launch ... test_deepspeed_zero3.py OUT`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+HERE = Path(__file__).resolve().parent
+STEPS = 3
+GLOBAL_BATCH = 4
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _worker(out_dir: str) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    sys.path.insert(0, str(HERE))
+    import deepspeed
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from peft_spectral import SVFConfig
+    from peft_spectral.tuners.svf.layer import weight_matrix
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batch = torch.randint(3, 60, (GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(0))
+    local = batch.chunk(world)[rank]
+    svf_config = SVFConfig(target_modules=TARGETS, use_svd_cache=False)
+
+    tok = build_tiny_tokenizer()
+    plain = build_tiny_llama(tok)  # built directly (not by from_config): not partitioned
+    reference = {n: p.detach().clone() for n, p in plain.named_parameters()}
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+    }
+    keep_alive = HfDeepSpeedConfig(ds_config)  # while it lives, from_config builds under deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_config(plain.config)
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if rank == 0:
+            for name, p in params.items():
+                p.data.copy_(reference[name])
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert up.numel() == 0 and up.ds_numel == 64 * 32, "the weights are not partitioned: the test would be vacuous"
+
+    model = get_peft_model(model, svf_config)
+    replica = get_peft_model(plain, svf_config)
+    layers = dict(replica.base_model.svf_layers())
+    checked = 0
+    for name, layer in model.base_model.svf_layers():
+        w = weight_matrix(layers[name].get_base_layer()).float()  # the replica's full weight
+        s, q = layer.svf_S, layer.svf_Q.float()
+        torch.testing.assert_close(s, torch.linalg.svdvals(w), atol=1e-5, rtol=1e-4, msg=name)
+        # Q holds the singular vectors of the full weight: W Q (or Qᵀ W) has orthogonal columns (rows) of norm σ
+        p = w @ q if layer.svf_side == "right" else (q.T @ w).T
+        torch.testing.assert_close(p.T @ p, torch.diag(s**2), atol=1e-4, rtol=1e-4, msg=name)
+        if layer.svf_P is not None:
+            expected = w @ q if layer.svf_side == "right" else q.T @ w
+            torch.testing.assert_close(layer.svf_P.float(), expected, atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked == 2 * len(TARGETS)
+
+    _check_other_tuners(plain.config, reference, rank)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=2.0), config=ds_config)
+    losses = []
+    for _ in range(STEPS):
+        loss = engine(input_ids=local, labels=local).loss
+        losses.append(float(loss))
+        engine.backward(loss)
+        engine.step()
+    z_params = {n: p for n, p in engine.module.named_parameters() if ".svf_z." in n}
+    with deepspeed.zero.GatheredParameters(list(z_params.values())):
+        z = {n: p.detach().clone() for n, p in z_params.items()}
+    first_loss = torch.tensor([losses[0]])
+    dist.all_reduce(first_loss)  # the mean over ranks of the local losses = the loss of the global batch
+    del keep_alive
+
+    if rank == 0:
+        with torch.no_grad():
+            replica_first = float(replica(input_ids=batch, labels=batch).loss)
+        opt = torch.optim.SGD([p for p in replica.parameters() if p.requires_grad], lr=2.0)
+        for _ in range(STEPS):
+            replica(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        ref_z = {n: p.detach().clone() for n, p in replica.named_parameters() if ".svf_z." in n}
+        save_file({f"zero3/{k}": v.contiguous() for k, v in z.items()}, os.path.join(out_dir, "zero3.safetensors"))
+        save_file({f"ref/{k}": v.contiguous() for k, v in ref_z.items()}, os.path.join(out_dir, "ref.safetensors"))
+        losses = torch.tensor([float(first_loss) / world, replica_first])
+        save_file({"losses": losses}, os.path.join(out_dir, "losses.safetensors"))
+    dist.barrier()
+
+
+def _check_other_tuners(config, reference: dict, rank: int) -> None:
+    """SpectralCompress and CoreIsolation on a fresh ZeRO-3 model: the adapter tensors equal the replica's."""
+    import deepspeed
+    from peft import get_peft_model
+    from testing_utils import build_tiny_llama, build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from peft_spectral import CoreIsolationConfig, SpectralCompressConfig
+
+    configs = [
+        lambda: SpectralCompressConfig(
+            modules={"model.layers.0.mlp.up_proj": {"rho": 0.5, "clusters": 3}, "model.layers.1.mlp.down_proj": {}}
+        ),
+        lambda: CoreIsolationConfig(target_modules=TARGETS, init_weights=False),
+    ]
+    for make in configs:
+        model = AutoModelForCausalLM.from_config(config)
+        params = dict(model.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if rank == 0:
+                for name, p in params.items():
+                    p.data.copy_(reference[name])
+        torch.manual_seed(1)
+        model = get_peft_model(model, make())
+        torch.manual_seed(1)
+        replica = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), make())
+        if isinstance(replica.peft_config["default"], CoreIsolationConfig):
+            model.add_adapter("second", make())
+            replica.add_adapter("second", make())
+        tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if "base_layer" not in n}
+        expected = {n: t for n, t in [*replica.named_parameters(), *replica.named_buffers()] if "base_layer" not in n}
+        adapter = {n for n in expected if "spectral_compress_" in n or "core_isolation_" in n}
+        assert len(adapter) >= 4 and adapter <= set(tensors), sorted(adapter - set(tensors))
+        for name in adapter:
+            if ".core_isolation_delta." in name:  # a random init: compare its shape, not its draw
+                assert tensors[name].shape == expected[name].shape, name
+                continue
+            torch.testing.assert_close(tensors[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_svf_under_deepspeed_zero3_matches_unpartitioned(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
+    from distributed_utils import accelerate_launch
+    from safetensors.torch import load_file
+
+    accelerate_launch(Path(__file__), [str(tmp_path)], 2, timeout=600)
+    losses = load_file(str(tmp_path / "losses.safetensors"))["losses"]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    strip = lambda k: k.removeprefix("zero3/").removeprefix("ref/")  # noqa: E731
+    zero3 = {strip(k): v for k, v in load_file(str(tmp_path / "zero3.safetensors")).items()}
+    ref = {strip(k): v for k, v in load_file(str(tmp_path / "ref.safetensors")).items()}
+    assert len(ref) == 2 * len(TARGETS) and set(zero3) == set(ref), (sorted(zero3), sorted(ref))
+    moved = max(float((v - 1).abs().max()) for v in ref.values())
+    assert moved > 1e-3, "z did not move: the comparison would be vacuous"
+    for name in ref:
+        torch.testing.assert_close(zero3[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
