@@ -539,6 +539,9 @@ def test_bench_compress_profile_runs_on_the_tiny_model(tmp_path, capsys):
         (once["forward_s"] + once["backward_s"]) / report["forward_only_s"]
     )
     assert json.loads((tmp_path / "compress_profile_smoke.json").read_text())["modules"] == 4
+    markdown = (tmp_path / "compress_profile_smoke.md").read_text()
+    assert f"| forward + backward / forward | {report['fb_over_forward']:.2f}× |" in markdown
+    assert (tmp_path / "compress_profile_smoke.png").stat().st_size > 0
     assert "forward+backward / forward" in capsys.readouterr().out
 
 
