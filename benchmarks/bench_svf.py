@@ -255,28 +255,17 @@ def main() -> None:
             print(name, results["methods"][name])
 
     m = results["methods"]
-    goals = {
-        "svf_step_vs_lora_mlp": m["svf_mlp"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
-        "svf_step_vs_lora_all": m["svf_all"]["step_s_median"] / m["lora16_all"]["step_s_median"],
-        "svf_exact_step_vs_lora_mlp": m["svf_mlp_exact"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
-        "svf_exact_step_vs_lora_all": m["svf_all_exact"]["step_s_median"] / m["lora16_all"]["step_s_median"],
-        "svf_rank16_step_vs_lora_mlp": m["svf_mlp_rank16"]["step_s_median"] / m["lora16_mlp"]["step_s_median"],
-        "svf_rank16_step_vs_lora_all": m["svf_all_rank16"]["step_s_median"] / m["lora16_all"]["step_s_median"],
-        "merged_inference_vs_base": results["inference"]["merged_over_base"],
-        "warm_cache_speedup": results["svd_cache"]["speedup"],
-    }
+    goals = {key: m[num]["step_s_median"] / m[den]["step_s_median"] for key, (num, den) in RATIO_PAIRS.items()}
+    goals["merged_inference_vs_base"] = results["inference"]["merged_over_base"]
+    goals["warm_cache_speedup"] = results["svd_cache"]["speedup"]
     if "peak_over_loaded_mb" in m["svf_mlp"]:
-        goals["svf_peak_mem_vs_lora_mlp"] = m["svf_mlp"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
-        goals["svf_peak_mem_vs_lora_all"] = m["svf_all"]["peak_mb"] / m["lora16_all"]["peak_mb"]
-        goals["svf_exact_peak_mem_vs_lora_mlp"] = m["svf_mlp_exact"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
-        goals["svf_exact_peak_mem_vs_lora_all"] = m["svf_all_exact"]["peak_mb"] / m["lora16_all"]["peak_mb"]
-        goals["svf_rank16_peak_mem_vs_lora_mlp"] = m["svf_mlp_rank16"]["peak_mb"] / m["lora16_mlp"]["peak_mb"]
-        goals["svf_rank16_peak_mem_vs_lora_all"] = m["svf_all_rank16"]["peak_mb"] / m["lora16_all"]["peak_mb"]
+        for key, (num, den) in RATIO_PAIRS.items():
+            goals[key.replace("_step_", "_peak_mem_")] = m[num]["peak_mb"] / m[den]["peak_mb"]
     results["ratios"] = goals
     # the same ratios round by round (both methods ran within seconds of each other): their spread shows how far the
     # machine's load moves a ratio between runs, which the medians alone hide
     results["paired_step_ratios"] = {
-        key: paired_ratios(times[num], times[den]) for key, (num, den) in PAIRED_STEP_RATIOS.items()
+        key: paired_ratios(times[num], times[den]) for key, (num, den) in RATIO_PAIRS.items()
     }
     results["arithmetic"] = arithmetic(base)
     (out_dir / "svf_cost.json").write_text(json.dumps(results, indent=2))
@@ -284,7 +273,7 @@ def main() -> None:
     print(json.dumps(goals, indent=2))
 
 
-PAIRED_STEP_RATIOS = {
+RATIO_PAIRS = {
     "svf_step_vs_lora_mlp": ("svf_mlp", "lora16_mlp"),
     "svf_step_vs_lora_all": ("svf_all", "lora16_all"),
     "svf_exact_step_vs_lora_mlp": ("svf_mlp_exact", "lora16_mlp"),

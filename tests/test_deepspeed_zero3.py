@@ -32,6 +32,20 @@ GLOBAL_BATCH = 4
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
+def _zero3_model(config, reference: dict, rank: int):
+    """A model built under `deepspeed.zero.Init` (an `HfDeepSpeedConfig` must be alive) holding `reference`'s weights."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+        if rank == 0:
+            for name, p in params.items():
+                p.data.copy_(reference[name])
+    return model
+
+
 def _worker(out_dir: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     sys.path.insert(0, str(HERE))
@@ -40,11 +54,10 @@ def _worker(out_dir: str) -> None:
     from peft import get_peft_model
     from safetensors.torch import save_file
     from testing_utils import build_tiny_llama, build_tiny_tokenizer
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from peft_spectral import SVFConfig
-    from peft_spectral.tuners.svf.layer import weight_matrix
+    from peft_spectral.tuners._linear import weight_matrix
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -64,12 +77,7 @@ def _worker(out_dir: str) -> None:
         "zero_allow_untested_optimizer": True,
     }
     keep_alive = HfDeepSpeedConfig(ds_config)  # while it lives, from_config builds under deepspeed.zero.Init
-    model = AutoModelForCausalLM.from_config(plain.config)
-    params = dict(model.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-        if rank == 0:
-            for name, p in params.items():
-                p.data.copy_(reference[name])
+    model = _zero3_model(plain.config, reference, rank)
     up = model.model.layers[0].mlp.up_proj.weight
     assert up.numel() == 0 and up.ds_numel == 64 * 32, "the weights are not partitioned: the test would be vacuous"
 
@@ -125,10 +133,8 @@ def _worker(out_dir: str) -> None:
 
 def _check_other_tuners(config, reference: dict, rank: int) -> None:
     """SpectralCompress and CoreIsolation on a fresh ZeRO-3 model: the adapter tensors equal the replica's."""
-    import deepspeed
     from peft import get_peft_model
     from testing_utils import build_tiny_llama, build_tiny_tokenizer
-    from transformers import AutoModelForCausalLM
 
     from peft_spectral import CoreIsolationConfig, SpectralCompressConfig
 
@@ -139,14 +145,8 @@ def _check_other_tuners(config, reference: dict, rank: int) -> None:
         lambda: CoreIsolationConfig(target_modules=TARGETS, init_weights=False),
     ]
     for make in configs:
-        model = AutoModelForCausalLM.from_config(config)
-        params = dict(model.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if rank == 0:
-                for name, p in params.items():
-                    p.data.copy_(reference[name])
         torch.manual_seed(1)
-        model = get_peft_model(model, make())
+        model = get_peft_model(_zero3_model(config, reference, rank), make())
         torch.manual_seed(1)
         replica = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), make())
         if isinstance(replica.peft_config["default"], CoreIsolationConfig):
