@@ -73,3 +73,16 @@ def accelerate_launch(
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def end_worker() -> None:
+    """Ends a worker launched by [`accelerate_launch`]: waits for every rank, then destroys the process group.
+
+    A worker that exits with the gloo process group alive can abort in its teardown ("terminate called without an
+    active exception", SIGABRT) after its work is done, which fails the launch at random.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -81,4 +81,7 @@ def test_two_cpu_processes_match_one(tmp_path):
 
 
 if __name__ == "__main__":
+    from distributed_utils import end_worker  # the script's folder is on sys.path
+
     _worker(sys.argv[1], int(sys.argv[2]))
+    end_worker()

@@ -194,7 +194,10 @@ def test_accelerate_fsdp_matches_one_process(tmp_path):
 
 
 if __name__ == "__main__":
+    from distributed_utils import end_worker  # the script's folder is on sys.path
+
     if sys.argv[1] == "cpu":
         _cpu_worker(sys.argv[2], sys.argv[3])
     else:
         _trainer_worker(sys.argv[2], int(sys.argv[3]))
+        end_worker()

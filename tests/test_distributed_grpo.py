@@ -87,4 +87,7 @@ def test_grpo_two_cpu_processes_keep_replicas_equal(tmp_path):
 
 
 if __name__ == "__main__":
+    from distributed_utils import end_worker  # the script's folder is on sys.path
+
     _worker(sys.argv[1])
+    end_worker()

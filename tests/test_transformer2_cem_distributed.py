@@ -137,4 +137,7 @@ def test_two_processes_choose_the_same_alpha_as_one(tmp_path):
 
 
 if __name__ == "__main__":
+    from distributed_utils import end_worker  # the script's folder is on sys.path
+
     _worker(sys.argv[1], sys.argv[2])
+    end_worker()
