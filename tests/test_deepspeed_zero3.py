@@ -113,6 +113,7 @@ def _worker(out_dir: str) -> None:
         z = {n: p.detach().clone() for n, p in z_params.items()}
     first_loss = torch.tensor([losses[0]])
     dist.all_reduce(first_loss)  # the mean over ranks of the local losses = the loss of the global batch
+    merged = _merge_under_engine(engine, local)
     del keep_alive
 
     if rank == 0:
@@ -124,10 +125,65 @@ def _worker(out_dir: str) -> None:
             opt.step()
             opt.zero_grad()
         ref_z = {n: p.detach().clone() for n, p in replica.named_parameters() if ".svf_z." in n}
+        replica.merge_adapter()
+        ref_merged = {
+            n: weight_matrix(m.get_base_layer()).detach().clone() for n, m in replica.base_model.svf_layers()
+        }
+        save_file(
+            {f"merged/{k}": v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged.safetensors")
+        )
+        save_file(
+            {f"ref/{k}": v.contiguous() for k, v in ref_merged.items()},
+            os.path.join(out_dir, "ref_merged.safetensors"),
+        )
         save_file({f"zero3/{k}": v.contiguous() for k, v in z.items()}, os.path.join(out_dir, "zero3.safetensors"))
         save_file({f"ref/{k}": v.contiguous() for k, v in ref_z.items()}, os.path.join(out_dir, "ref.safetensors"))
         losses = torch.tensor([float(first_loss) / world, replica_first])
         save_file({"losses": losses}, os.path.join(out_dir, "losses.safetensors"))
+
+
+def _gathered_weights(model) -> dict:
+    """The full `(out, in)` base weight of every SVF layer (gathered from the ZeRO-3 shards)."""
+    import deepspeed
+
+    from peft_spectral.tuners._linear import weight_matrix
+
+    layers = dict(model.base_model.svf_layers())
+    weights = [m.get_base_layer().weight for m in layers.values()]
+    with deepspeed.zero.GatheredParameters(weights):
+        return {n: weight_matrix(m.get_base_layer()).detach().clone() for n, m in layers.items()}
+
+
+def _merge_under_engine(engine, local: torch.Tensor) -> dict:
+    """Merge, unmerge and merge again the trained SVF adapter of a ZeRO-3 engine; returns the merged weights.
+
+    Checked here: the merged engine's loss equals the unmerged adapter's (the merge wrote `U diag(σ ⊙ s) Vᵀ` into
+    the shards, and the forward no longer applies the adapter), and `unmerge` gives back the original weights bit for
+    bit. The caller compares the merged weights with the replica's.
+    """
+    model = engine.module
+    original = _gathered_weights(model)
+    engine.eval()
+    with torch.no_grad():
+        adapted = float(engine(input_ids=local, labels=local).loss)
+        model.merge_adapter()
+        layers = dict(model.base_model.svf_layers())
+        assert all(m.merged for m in layers.values())
+        backup = next(iter(layers.values())).svf_weight_backup
+        shard = next(iter(layers.values())).get_base_layer().weight.ds_tensor
+        assert backup.shape == shard.shape, "the backup under ZeRO-3 should be this rank's shard, not the full weight"
+        merged = _gathered_weights(model)
+        merged_loss = float(engine(input_ids=local, labels=local).loss)
+        assert abs(merged_loss - adapted) < 1e-4 * max(1.0, abs(adapted)), (merged_loss, adapted)
+        moved = max(float((merged[n] - original[n]).abs().max()) for n in merged)
+        assert moved > 1e-4, "the merge did not change the weights"
+        model.unmerge_adapter()
+        restored = _gathered_weights(model)
+        for name, w in original.items():
+            assert torch.equal(restored[name], w), f"unmerge under ZeRO-3 did not restore {name} exactly"
+        assert all(m.svf_weight_backup is None for m in layers.values())
+        assert abs(float(engine(input_ids=local, labels=local).loss) - adapted) < 1e-6
+    return merged
 
 
 def _check_other_tuners(config, reference: dict, rank: int) -> None:
@@ -160,6 +216,40 @@ def _check_other_tuners(config, reference: dict, rank: int) -> None:
                 assert tensors[name].shape == expected[name].shape, name
                 continue
             torch.testing.assert_close(tensors[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+        _check_merge(model, replica)
+
+
+def _check_merge(model, replica) -> None:
+    """Merging the active adapter into ZeRO-3 shards writes the replica's merged weights; unmerging restores them."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from peft_spectral.tuners._merge import is_zero3_partitioned
+
+    wrapped = {n: m for n, m in model.named_modules() if hasattr(m, "merged_adapters") and hasattr(m, "base_layer")}
+    replicas = dict(replica.named_modules())
+    weights = [m.get_base_layer().weight for m in wrapped.values()]
+    assert wrapped and all(is_zero3_partitioned(w) and w.numel() == 0 for w in weights)
+    with deepspeed.zero.GatheredParameters(weights):
+        original = {n: m.get_base_layer().weight.detach().clone() for n, m in wrapped.items()}
+    replica_params = dict(replica.named_parameters())
+    with torch.no_grad():  # a random delta differs between ranks and replica: rank 0's everywhere (as an engine syncs)
+        for name, p in model.named_parameters():
+            if ".core_isolation_delta." in name:
+                dist.broadcast(p.data, src=0)
+                replica_params[name].copy_(p)
+    model.merge_adapter()
+    replica.merge_adapter()
+    with deepspeed.zero.GatheredParameters(weights):
+        for name, module in wrapped.items():
+            expected = replicas[name].get_base_layer().weight
+            torch.testing.assert_close(module.get_base_layer().weight, expected, atol=1e-5, rtol=1e-4, msg=name)
+        moved = max(float((m.get_base_layer().weight - original[n]).abs().max()) for n, m in wrapped.items())
+    assert moved > 1e-4, "the merge did not change the weights"
+    model.unmerge_adapter()
+    with deepspeed.zero.GatheredParameters(weights):
+        for name, module in wrapped.items():
+            assert torch.equal(module.get_base_layer().weight, original[name]), name
 
 
 def test_svf_under_deepspeed_zero3_matches_unpartitioned(tmp_path):
@@ -178,6 +268,11 @@ def test_svf_under_deepspeed_zero3_matches_unpartitioned(tmp_path):
     assert moved > 1e-3, "z did not move: the comparison would be vacuous"
     for name in ref:
         torch.testing.assert_close(zero3[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    merged = {k.removeprefix("merged/"): v for k, v in load_file(str(tmp_path / "merged.safetensors")).items()}
+    ref_merged = {k.removeprefix("ref/"): v for k, v in load_file(str(tmp_path / "ref_merged.safetensors")).items()}
+    assert len(merged) == 2 * len(TARGETS) and set(merged) == set(ref_merged)
+    for name in merged:  # the weights merged into the ZeRO-3 shards = the replica's merged weights
+        torch.testing.assert_close(merged[name], ref_merged[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 if __name__ == "__main__":

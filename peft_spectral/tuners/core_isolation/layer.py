@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .._linear import linear_features
+from .._merge import restore_weight, write_merged_weight
 from .config import CoreIsolationConfig
 
 
@@ -113,13 +114,16 @@ class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
         for name in adapter_names:
             if name not in self.core_isolation_delta:
                 continue
-            original = base.weight.data
-            merged = original + self.get_delta_weight(name).to(original.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            if self.core_isolation_weight_backup is None:
-                self.core_isolation_weight_backup = original.clone()
-            base.weight.data = merged
+
+            def merged(weight: torch.Tensor, name: str = name) -> torch.Tensor:
+                new = weight + self.get_delta_weight(name).to(weight.dtype)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                return new
+
+            self.core_isolation_weight_backup = write_merged_weight(
+                base, merged, self.core_isolation_weight_backup, params=[self.core_isolation_delta[name]]
+            )
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -127,8 +131,7 @@ class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
-        base.weight.data = self.core_isolation_weight_backup
+        restore_weight(self.get_base_layer(), self.core_isolation_weight_backup)
         self.core_isolation_weight_backup = None
         self.merged_adapters.clear()
 

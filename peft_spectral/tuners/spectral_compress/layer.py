@@ -26,6 +26,7 @@ from torch import nn
 
 from ...subspace import multi_subspace_factors
 from .._linear import linear_features, weight_matrix
+from .._merge import restore_weight, write_merged_weight
 
 
 class SpectralCompressLayer(BaseTunerLayer):
@@ -308,15 +309,19 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
                 " a truncation replaces the weight, so only one SpectralCompress adapter can be merged."
             )
         adapter = adapter_names[0]
-        base = self.get_base_layer()
-        with torch.no_grad():
-            new = self.get_truncated_weight(adapter).to(base.weight.dtype)
+
+        def truncated(weight: torch.Tensor) -> torch.Tensor:
+            new = self.get_truncated_weight(adapter).to(weight.dtype)
             if self.fan_in_fan_out:
                 new = new.T.contiguous()
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            self.spectral_compress_original[adapter] = base.weight.data
-            base.weight.data = new
+            return new
+
+        params = [self.spectral_compress_us[adapter], self.spectral_compress_v[adapter]]
+        self.spectral_compress_original[adapter] = write_merged_weight(
+            self.get_base_layer(), truncated, None, params=params
+        )
         self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -325,7 +330,7 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         adapter = self.merged_adapters.pop()
-        self.get_base_layer().weight.data = self.spectral_compress_original[adapter]
+        restore_weight(self.get_base_layer(), self.spectral_compress_original[adapter])
         del self.spectral_compress_original[adapter]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -44,6 +44,7 @@ from torch import nn
 from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
+from .._merge import restore_weight, write_merged_weight
 from .config import SVFConfig
 from .factor_dtype import resolve_factor_dtype, scaled_matmul
 from .mixed_batch import mixed_batch_forward
@@ -216,9 +217,14 @@ class SVFLayer(BaseTunerLayer):
         scale = self._combined_scale(adapter_names)
         return None if scale is None else scale - 1
 
-    def delta_weight(self, delta: torch.Tensor) -> torch.Tensor:
-        """`W' - W` in `(out, in)` orientation for the correction `delta = s - 1`."""
-        w = weight_matrix(self.get_base_layer()).to(self.svf_compute_dtype)
+    def delta_weight(self, delta: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`W' - W` in `(out, in)` orientation for the correction `delta = s - 1`.
+
+        Args:
+            delta (`torch.Tensor`): `s - 1`, length `k`.
+            weight (`torch.Tensor`, *optional*): `W` in `(out, in)` orientation; the base layer's by default.
+        """
+        w = (weight_matrix(self.get_base_layer()) if weight is None else weight).to(self.svf_compute_dtype)
         q = self._q()[:, : delta.shape[0]]
         if self.svf_side == "right":
             return (w @ q) @ (q * delta).T
@@ -241,14 +247,18 @@ class SVFLayer(BaseTunerLayer):
             if name not in self.svf_z:
                 continue
             with torch.no_grad():
-                delta = self._combined_delta([name])
-                w = weight_matrix(base)
-                new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(delta)).to(w.dtype)
-                if safe_merge and not torch.isfinite(new_w).all():
-                    raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
-                if self.svf_weight_backup is None:
-                    self.svf_weight_backup = base.weight.data.clone()
-                base.weight.data = new_w.T.contiguous() if self.fan_in_fan_out else new_w
+
+                def merged(weight: torch.Tensor, name: str = name) -> torch.Tensor:
+                    delta = self._combined_delta([name])
+                    w = weight.T if self.fan_in_fan_out else weight
+                    new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(delta, w)).to(w.dtype)
+                    if safe_merge and not torch.isfinite(new_w).all():
+                        raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
+                    return new_w.T.contiguous() if self.fan_in_fan_out else new_w
+
+                self.svf_weight_backup = write_merged_weight(
+                    base, merged, self.svf_weight_backup, params=[self.svf_z[name]]
+                )
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -256,8 +266,7 @@ class SVFLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        base = self.get_base_layer()
-        base.weight.data = self.svf_weight_backup
+        restore_weight(self.get_base_layer(), self.svf_weight_backup)
         self.svf_weight_backup = None
         self.merged_adapters.clear()
 
