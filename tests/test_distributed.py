@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -55,18 +56,27 @@ def _worker(out_dir: str, per_device_batch: int) -> None:
     if state.is_main_process:
         z = {k: v.contiguous() for k, v in svf_parameters(result.model).items()}
         z["__world_size__"] = torch.tensor([state.num_processes])
+        plugin = state.deepspeed_plugin if result.trainer.is_deepspeed_enabled else None
+        z["__zero_stage__"] = torch.tensor([plugin.zero_stage if plugin is not None else 0])
+        weight = result.model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+        z["__zero3_param__"] = torch.tensor([int(hasattr(weight, "ds_id"))])
         save_file(z, os.path.join(out_dir, "z.safetensors"))
 
 
-def _launch(tmp_path: Path, num_processes: int) -> dict[str, torch.Tensor]:
+def _launch(tmp_path: Path, num_processes: int, zero_stage: int = 0) -> dict[str, torch.Tensor]:
     from distributed_utils import accelerate_launch
     from safetensors.torch import load_file
 
-    out = tmp_path / f"np{num_processes}"
+    out = tmp_path / f"np{num_processes}-zero{zero_stage}"
     out.mkdir()
-    accelerate_launch(Path(__file__), [str(out), str(GLOBAL_BATCH // num_processes)], num_processes)
+    launch = ["--use_deepspeed", "--zero_stage", str(zero_stage), "--zero3_init_flag", "false"] if zero_stage else []
+    accelerate_launch(Path(__file__), [str(out), str(GLOBAL_BATCH // num_processes)], num_processes, launch)
     z = load_file(str(out / "z.safetensors"))
     assert int(z.pop("__world_size__")) == num_processes
+    assert int(z.pop("__zero_stage__")) == zero_stage, "the Trainer did not run under the requested DeepSpeed stage"
+    # the (frozen) base weights became ZeRO-3 parameters (this tiny model's stay gathered: they are below DeepSpeed's
+    # persistence threshold; the merge test in test_deepspeed_zero3.py covers empty shards)
+    assert int(z.pop("__zero3_param__")) == int(zero_stage == 3)
     return z
 
 
@@ -78,6 +88,17 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert moved > 1e-3, "z did not move: the comparison would be vacuous"
     for name in single:
         torch.testing.assert_close(double[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_accelerate_deepspeed_zero3_trainer_matches_one_process(tmp_path):
+    """`accelerate launch --use_deepspeed --zero_stage 3` + `train_svf` (TRL's SFTTrainer) on 2 CPU processes."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
+    single = _launch(tmp_path, 1)
+    zero3 = _launch(tmp_path, 2, zero_stage=3)
+    assert set(single) == set(zero3) and len(single) == 6
+    assert max(float((v - 1).abs().max()) for v in single.values()) > 1e-3, "z did not move"
+    for name in single:
+        torch.testing.assert_close(zero3[name], single[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 if __name__ == "__main__":
