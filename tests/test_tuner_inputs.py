@@ -8,6 +8,7 @@ r"""Bad inputs to the tuners fail early with an error that names what is wrong (
 | NaN/inf base weight at injection (NaN factors, no error) | `test_non_finite_base_weight_is_refused_at_injection` |
 | adapter name with `.`, `/`, `\`, `..` or empty (raised late and broke the model) | `test_get_peft_model_refuses_bad_adapter_name`, `test_add_adapter_...`, `test_load_adapter_...`, `test_other_tuners_...` |
 | adapter name `"/tmp/x"` (save_pretrained wrote outside the save dir) | `test_adapter_name_with_path_cannot_escape_the_save_dir` |
+| `merge(safe_merge=True)` with a corrupt factor or delta (untested; SVF and CoreIsolation checked it apart) | `test_safe_merge_refuses_a_non_finite_merge_and_keeps_the_weight` |
 
 Training-side bad inputs (a user reward returning NaN/None, an RL run with 0 optimizer steps) are in
 `tests/test_training.py`; cache and state-file inputs in `tests/test_svd_cache.py` and `tests/test_state.py`.
@@ -208,3 +209,32 @@ def test_adapter_name_with_path_cannot_escape_the_save_dir(tmp_path):
     model.save_pretrained(tmp_path / "save")
     assert not outside.exists()
     assert (tmp_path / "save" / "adapter_model.safetensors").is_file()
+
+
+def _poison(model: PeftModel, method: str) -> None:
+    """Make `lin0`'s adapter give a non-finite merged weight (a corrupt factor or delta; `z` stays finite)."""
+    layer = model.base_model.model.lin0
+    with torch.no_grad():
+        if method == "svf":
+            layer.svf_Q[0, 0] = math.inf
+        elif method == "core_isolation":
+            layer.core_isolation_delta["default"][0, 0] = math.inf
+        else:
+            layer.spectral_compress_us["default"].view(-1)[0] = math.inf
+
+
+@pytest.mark.parametrize("method", ["svf", "core_isolation", "spectral_compress"])
+def test_safe_merge_refuses_a_non_finite_merge_and_keeps_the_weight(method):
+    model = get_peft_model(TwoLayer(), config_for(method))
+    _poison(model, method)
+    lin0 = model.base_model.model.lin0
+    before = lin0.get_base_layer().weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=r"NaNs detected in the merged weights\. The adapter 'default' seems to be broken"
+    ):
+        model.merge_adapter(safe_merge=True)
+    assert not lin0.merged and torch.equal(lin0.get_base_layer().weight, before)
+    model.merge_adapter()  # without the check the poisoned merge goes through: the test above is not vacuous
+    assert lin0.merged and not torch.isfinite(lin0.get_base_layer().weight).all()
+    model.unmerge_adapter()
+    assert torch.equal(lin0.get_base_layer().weight, before)

@@ -31,6 +31,8 @@ def write_merged_weight(
     new_weight: Callable[[torch.Tensor], torch.Tensor],
     backup: Optional[torch.Tensor],
     params: Sequence[torch.Tensor] = (),
+    safe_merge: bool = False,
+    adapter_name: str = "",
 ) -> torch.Tensor:
     """Replaces `base.weight` by `new_weight(full weight)` and returns the backup to keep for [`restore_weight`].
 
@@ -42,21 +44,33 @@ def write_merged_weight(
             unchanged, so that `unmerge` restores the weight from before the *first* merge.
         params (`Sequence[torch.Tensor]`, *optional*): The adapter's parameters that `new_weight` reads; under
             ZeRO-3 they are partitioned too (by `deepspeed.initialize`) and are gathered with the weight.
+        safe_merge (`bool`, defaults to `False`): Check the new weight for NaN/inf before writing it.
+        adapter_name (`str`, *optional*): The adapter being merged, for the error message.
+
+    Raises:
+        `ValueError`: with `safe_merge`, when the new weight holds NaN or inf (nothing is written).
 
     Returns:
         `torch.Tensor`: The original weight (this rank's shard of it under ZeRO-3).
     """
+
+    def checked(weight: torch.Tensor) -> torch.Tensor:
+        new = new_weight(weight)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter '{adapter_name}' seems to be broken")
+        return new
+
     weight = base.weight
     with torch.no_grad():
         if not is_zero3_partitioned(weight):
-            new = new_weight(weight.data)
+            new = checked(weight.data)
             backup = weight.data if backup is None else backup
             weight.data = new
             return backup
         if backup is None:
             backup = weight.ds_tensor.detach().clone()
         with _gathered([weight, *(p for p in params if is_zero3_partitioned(p))]):
-            weight.data.copy_(new_weight(weight.data))
+            weight.data.copy_(checked(weight.data))
         return backup
 
 

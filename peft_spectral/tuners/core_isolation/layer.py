@@ -116,13 +116,11 @@ class CoreIsolationLinear(nn.Module, CoreIsolationLayer):
                 continue
 
             def merged(weight: torch.Tensor, name: str = name) -> torch.Tensor:
-                new = weight + self.get_delta_weight(name).to(weight.dtype)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                return new
+                return weight + self.get_delta_weight(name).to(weight.dtype)
 
+            params = [self.core_isolation_delta[name]]
             self.core_isolation_weight_backup = write_merged_weight(
-                base, merged, self.core_isolation_weight_backup, params=[self.core_isolation_delta[name]]
+                base, merged, self.core_isolation_weight_backup, params, safe_merge=safe_merge, adapter_name=name
             )
             self.merged_adapters.append(name)
 

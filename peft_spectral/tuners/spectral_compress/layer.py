@@ -312,15 +312,11 @@ class SpectralCompressLinear(nn.Module, SpectralCompressLayer):
 
         def truncated(weight: torch.Tensor) -> torch.Tensor:
             new = self.get_truncated_weight(adapter).to(weight.dtype)
-            if self.fan_in_fan_out:
-                new = new.T.contiguous()
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            return new
+            return new.T.contiguous() if self.fan_in_fan_out else new
 
         params = [self.spectral_compress_us[adapter], self.spectral_compress_v[adapter]]
         self.spectral_compress_original[adapter] = write_merged_weight(
-            self.get_base_layer(), truncated, None, params=params
+            self.get_base_layer(), truncated, None, params, safe_merge=safe_merge, adapter_name=adapter
         )
         self.merged_adapters.append(adapter)
 

@@ -246,19 +246,16 @@ class SVFLayer(BaseTunerLayer):
         for name in adapter_names:
             if name not in self.svf_z:
                 continue
-            with torch.no_grad():
 
-                def merged(weight: torch.Tensor, name: str = name) -> torch.Tensor:
-                    delta = self._combined_delta([name])
-                    w = weight.T if self.fan_in_fan_out else weight
-                    new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(delta, w)).to(w.dtype)
-                    if safe_merge and not torch.isfinite(new_w).all():
-                        raise ValueError(f"merging SVF adapter '{name}' gives non-finite weights")
-                    return new_w.T.contiguous() if self.fan_in_fan_out else new_w
+            def merged(weight: torch.Tensor, name: str = name) -> torch.Tensor:
+                w = weight.T if self.fan_in_fan_out else weight
+                new_w = (w.to(self.svf_compute_dtype) + self.delta_weight(self._combined_delta([name]), w)).to(w.dtype)
+                return new_w.T.contiguous() if self.fan_in_fan_out else new_w
 
-                self.svf_weight_backup = write_merged_weight(
-                    base, merged, self.svf_weight_backup, params=[self.svf_z[name]]
-                )
+            params = [self.svf_z[name]]
+            self.svf_weight_backup = write_merged_weight(
+                base, merged, self.svf_weight_backup, params, safe_merge=safe_merge, adapter_name=name
+            )
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
