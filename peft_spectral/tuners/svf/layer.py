@@ -25,8 +25,9 @@ dtype when it is bfloat16/float16, else float32), and the matmuls with them run 
 do; the scales `s` (from a float32 `z`) are applied in float32 before the product is rounded to it, so that a small
 change of `z` is not lost to a 16-bit `s`. Merging and recomposing compute `W'` in float32 (or wider).
 
-Neither a per-step merged weight nor a dense delta form beats the fast factored one when `s` needs a gradient: the
-gradient of `s` needs the projections `x Q` and `g P` of the input and of the output gradient in any form.
+When `s` needs a gradient, a dense delta form never beats the fast factored one; a weight recomposed once per step
+(gradient of `s` from `diag(Pᵀ (gᵀ x) Q)`) does only on near-square matrices with more than about `3m` tokens per
+step, and is not implemented (the arithmetic is in docs/svf.md).
 """
 
 from __future__ import annotations
