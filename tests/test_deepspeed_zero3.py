@@ -12,7 +12,8 @@ weights:
 * merging the trained adapter writes the replica's merged weights into the shards (the merged engine gives the
   adapter's loss), and unmerging restores the original weights bit for bit;
 * SpectralCompress (truncation factors) and CoreIsolation (a delta and a mask shaped like the weight, also for a
-  second adapter added later) build the same adapter tensors as on the replica, and merge/unmerge as SVF does.
+  second adapter added later) build the same adapter tensors as on the replica, and merge/unmerge as SVF does;
+* the three tuners do the same on GPT-2's `Conv1D` layers (weight stored `(in, out)`; its shape read from `ds_shape`).
 
 Run in fp32 and in bf16 (DeepSpeed's `bf16` mode, a bf16 base and replica), the latter with bf16 tolerances.
 
@@ -110,7 +111,7 @@ def _worker(out_dir: str, dtype_name: str) -> None:
     assert checked == 2 * len(TARGETS)
 
     if dtype == torch.float32:  # their tensors do not depend on the dtype beyond rounding
-        _check_other_tuners(plain.config, reference, rank)
+        _check_other_tuners(rank)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=2.0), config=ds_config)
@@ -200,33 +201,54 @@ def _merge_under_engine(engine, local: torch.Tensor, rtol: float) -> dict:
     return merged
 
 
-def _check_other_tuners(config, reference: dict, rank: int) -> None:
-    """SpectralCompress and CoreIsolation on a fresh ZeRO-3 model: the adapter tensors equal the replica's."""
-    from peft import get_peft_model
-    from testing_utils import build_tiny_llama, build_tiny_tokenizer
+def _check_other_tuners(rank: int) -> None:
+    """SpectralCompress and CoreIsolation on the Llama, all three tuners on GPT-2's Conv1D layers (weight `(in, out)`)."""
+    from testing_utils import build_tiny_gpt2, build_tiny_llama
 
-    from peft_spectral import CoreIsolationConfig, SpectralCompressConfig
+    from peft_spectral import CoreIsolationConfig, SpectralCompressConfig, SVFConfig
 
-    configs = [
+    llama = [
         lambda: SpectralCompressConfig(
             modules={"model.layers.0.mlp.up_proj": {"rho": 0.5, "clusters": 3}, "model.layers.1.mlp.down_proj": {}}
         ),
         lambda: CoreIsolationConfig(target_modules=TARGETS, init_weights=False),
     ]
+    _check_tuners(build_tiny_llama, llama, rank)
+    conv1d = ["c_attn", "c_fc", "mlp.c_proj"]
+    gpt2 = [
+        lambda: SVFConfig(target_modules=conv1d, use_svd_cache=False, init_weights=False),
+        lambda: SpectralCompressConfig(modules={"transformer.h.0.mlp.c_fc": {"rho": 0.5, "clusters": 2}}),
+        lambda: CoreIsolationConfig(target_modules=conv1d, init_weights=False),
+    ]
+    _check_tuners(build_tiny_gpt2, gpt2, rank)
+
+
+#: Adapter tensors drawn at random (`init_weights=False`): compared by shape, then synchronised before merging.
+RANDOM_INIT = (".core_isolation_delta.", ".svf_z.")
+
+
+def _check_tuners(build, configs: list, rank: int) -> None:
+    """Each config on a fresh ZeRO-3 copy of `build(tokenizer)`: the adapter tensors equal those on an unpartitioned
+    replica, and merging/unmerging works on the shards (`_check_merge`)."""
+    from peft import get_peft_model
+    from testing_utils import build_tiny_tokenizer
+
+    from peft_spectral import CoreIsolationConfig
+
+    plain = build(build_tiny_tokenizer())
+    reference = {n: p.detach().clone() for n, p in plain.named_parameters()}
     for make in configs:
-        torch.manual_seed(1)
-        model = get_peft_model(_zero3_model(config, reference, rank), make())
-        torch.manual_seed(1)
-        replica = get_peft_model(build_tiny_llama(build_tiny_tokenizer()), make())
+        model = get_peft_model(_zero3_model(plain.config, reference, rank), make())
+        replica = get_peft_model(build(build_tiny_tokenizer()), make())
         if isinstance(replica.peft_config["default"], CoreIsolationConfig):
             model.add_adapter("second", make())
             replica.add_adapter("second", make())
         tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if "base_layer" not in n}
         expected = {n: t for n, t in [*replica.named_parameters(), *replica.named_buffers()] if "base_layer" not in n}
-        adapter = {n for n in expected if "spectral_compress_" in n or "core_isolation_" in n}
+        adapter = {n for n in expected if any(k in n for k in ("spectral_compress_", "core_isolation_", ".svf_"))}
         assert len(adapter) >= 4 and adapter <= set(tensors), sorted(adapter - set(tensors))
         for name in adapter:
-            if ".core_isolation_delta." in name:  # a random init: compare its shape, not its draw
+            if any(k in name for k in RANDOM_INIT):  # a random init: compare its shape, not its draw
                 assert tensors[name].shape == expected[name].shape, name
                 continue
             torch.testing.assert_close(tensors[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -247,9 +269,9 @@ def _check_merge(model, replica) -> None:
     with deepspeed.zero.GatheredParameters(weights):
         original = {n: m.get_base_layer().weight.detach().clone() for n, m in wrapped.items()}
     replica_params = dict(replica.named_parameters())
-    with torch.no_grad():  # a random delta differs between ranks and replica: rank 0's everywhere (as an engine syncs)
+    with torch.no_grad():  # a random init differs between ranks and replica: rank 0's everywhere (as an engine syncs)
         for name, p in model.named_parameters():
-            if ".core_isolation_delta." in name:
+            if any(k in name for k in RANDOM_INIT):
                 dist.broadcast(p.data, src=0)
                 replica_params[name].copy_(p)
     model.merge_adapter()
