@@ -13,7 +13,7 @@ GPUs Accelerate runs them as MULTI_CPU over gloo). Every worker times, between b
 The parent checks that the choices (C2I ranking, LASER choice and table, CEM α) are those of 1 process. Models:
 the tiny random Llama of `examples/tiny_model.py` (default; the CEM mixes random non-identity SVF experts built into a
 temporary directory) or the embedded model (`--model default`; the CEM mixes the saved experts of `--experts-dir`,
-default `benchmarks/experts`, on shots from the first expert's task, or `--cem-task`). Writes `distributed.json` and
+default `benchmarks/experts`, on shots from the first expert's multiple-choice task, or `--cem-task`). Writes `distributed.json` and
 `.md` to --out.
 
     python benchmarks/bench_distributed.py                    # tiny model, random experts (< 1 minute)
@@ -113,7 +113,7 @@ def library_experts(root: Path, k: int) -> list:
 
 def _shots(args, experts) -> tuple[str, list]:
     """`(task name, shots)`: random two-option examples (labels alternating) for the tiny model, else the first
-    `--shots` train examples of `--cem-task` or of the first expert's task."""
+    `--shots` train examples of `--cem-task` or of the first expert's multiple-choice task."""
     from peft_spectral.tasks import Example, load_task
 
     if args.model == "tiny" and not args.cem_task:
@@ -122,11 +122,19 @@ def _shots(args, experts) -> tuple[str, list]:
         pool = random_choice_examples(args.shots, seed=args.seed)
         shots = [Example(ex.prompt, ex.choices[i % 2], ex.choices, i % 2) for i, ex in enumerate(pool)]
         return "random two-option examples", shots
-    name = args.cem_task or experts[0].task
-    task = load_task(name, seed=0)
-    if task.kind != "multiple_choice":
-        raise SystemExit(f"--cem-task: {name} is {task.kind}; the CEM phase scores multiple-choice shots")
-    return name, task.train[: args.shots]
+    if args.cem_task:
+        task = load_task(args.cem_task, seed=0)
+        if task.kind != "multiple_choice":
+            raise SystemExit(f"--cem-task: {args.cem_task} is {task.kind}; the CEM phase scores multiple-choice shots")
+        return args.cem_task, task.train[: args.shots]
+    for expert in experts:  # the first expert whose task is multiple-choice
+        task = load_task(expert.task, seed=0)
+        if task.kind == "multiple_choice":
+            return expert.task, task.train[: args.shots]
+    raise SystemExit(
+        f"none of the experts' tasks ({', '.join(e.task for e in experts)}) is multiple-choice; the CEM phase scores "
+        "multiple-choice shots: pass --cem-task"
+    )
 
 
 def _timed(fn, state):
@@ -362,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cem-task",
         default=None,
-        help="CEM: task of the shots; left out: random (tiny), else the first expert's task",
+        help="CEM: task of the shots; left out: random (tiny), else the first expert's multiple-choice task",
     )
     p.add_argument("--shots", type=int, default=24, help="CEM: labelled shots (split into fit and hold-out parts)")
     p.add_argument("--population", type=int, default=8, help="CEM: candidates per generation")

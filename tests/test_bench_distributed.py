@@ -124,3 +124,17 @@ def test_shots_of_the_first_experts_task_with_the_default_model(bench, fake_bigb
     args = bench._parser().parse_args(["--model", "default", "--cem-task", "gen_task"])
     with pytest.raises(SystemExit, match="--cem-task: gen_task is generation"):
         bench._shots(args, experts)
+
+
+def test_shots_come_from_the_first_multiple_choice_expert_task(bench, fake_bigbench):
+    """With the embedded model and no --cem-task, a generation expert first in the library is passed over."""
+    from types import SimpleNamespace
+
+    experts = [SimpleNamespace(task="gen_task"), SimpleNamespace(task="mc_task")]
+    args = bench._parser().parse_args(["--model", "default", "--shots", "4"])
+    name, shots = bench._shots(args, experts)
+    assert name == "mc_task" and len(shots) == 4 and all(len(ex.choices) == 3 for ex in shots)
+    with pytest.raises(SystemExit, match="none of the experts' tasks"):
+        bench._shots(args, experts[:1])
+    with pytest.raises(SystemExit, match="gen_task is generation"):
+        bench._shots(bench._parser().parse_args(["--model", "default", "--cem-task", "gen_task"]), experts)
