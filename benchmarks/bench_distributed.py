@@ -13,8 +13,8 @@ GPUs Accelerate runs them as MULTI_CPU over gloo). Every worker times, between b
 The parent checks that the choices (C2I ranking, LASER choice and table, CEM α) are those of 1 process. Models:
 the tiny random Llama of `examples/tiny_model.py` (default; the CEM mixes random non-identity SVF experts built into a
 temporary directory) or the embedded model (`--model default`; the CEM mixes the saved experts of `--experts-dir`,
-default `benchmarks/experts`, on shots from the first expert's multiple-choice task, or `--cem-task`). Writes `distributed.json` and
-`.md` to --out.
+default `benchmarks/experts`, on shots from the first expert's multiple-choice task, or `--cem-task`). Writes
+`distributed.json` and `.md` to --out.
 
     python benchmarks/bench_distributed.py                    # tiny model, random experts (< 1 minute)
     python benchmarks/bench_distributed.py --model default --experts-dir benchmarks/experts

@@ -3,10 +3,10 @@
 The three tuners merge the same way: compute the new weight from the full base weight, keep the original for an
 exact `unmerge`, write the new one. Without DeepSpeed the original tensor itself is the backup (the layer's
 `weight.data` is replaced, not written in place). Under ZeRO-3 every rank holds an empty `weight` and a shard of it
-(`weight.ds_tensor`): the merge gathers the full weight on every rank (`deepspeed.zero.GatheredParameters`, rank 0's result
-is re-partitioned), and the backup is this rank's shard of the original, so that an adapter's merge costs each rank
-`1/world` of the weight, as the weight itself does. `unmerge` gathers the original's shards back into the full
-weight.
+(`weight.ds_tensor`): the merge gathers the full weight on every rank (`deepspeed.zero.GatheredParameters`; rank 0's
+result is re-partitioned), and the backup is this rank's shard of the original, so that an adapter's merge costs
+each rank `1/world` of the weight, as the weight itself does. `unmerge` gathers the original's shards back into the
+full weight. Both are collective under ZeRO-3: every rank must call them together.
 """
 
 from __future__ import annotations
