@@ -40,6 +40,7 @@ HumanEval check (164 canonical solutions) is `test_humaneval_canonical_solutions
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import socket
@@ -489,6 +490,48 @@ def test_forged_verdict(name):
     assert reward == [-1.0]
 
 
+# Each test consumes the candidate's answers through Python's iteration protocol; a candidate exception that the
+# checker re-raised as itself (StopIteration above all) could end the iteration early, and an empty iteration passes.
+DOUBLE_TESTS = {
+    "map": "def check(candidate):\n    assert all(map(lambda x: candidate(x) == 2 * x, [1, 2, 3]))\n",
+    "generator_expression": (
+        "def check(candidate):\n    assert all(r == 2 * x for r, x in zip(map(candidate, [1, 2, 3]), [1, 2, 3]))\n"
+        "    assert all(candidate(x) == 2 * x for x in [1, 2, 3])\n"
+    ),
+    "list_comprehension": (
+        "def check(candidate):\n    results = [r for r in map(candidate, [1, 2, 3])]\n"
+        "    assert all(r == 2 * x for r, x in zip(results, [1, 2, 3]))\n"
+    ),
+}
+BUILTIN_EXCEPTIONS = sorted(
+    name for name, cls in vars(builtins).items() if isinstance(cls, type) and issubclass(cls, BaseException)
+)
+
+
+def test_iteration_tests_pass_right_solution():
+    for form, test in DOUBLE_TESTS.items():
+        result = sandbox_module.run_tests("def double(x):\n    return 2 * x\n", test=test, entry_point="double")
+        assert result.passed, (form, result.error)
+
+
+@pytest.mark.parametrize("exception", BUILTIN_EXCEPTIONS)
+def test_candidate_exception_cannot_steer_the_checker(exception):
+    """No exception the candidate raises (any built-in class) changes the checker's control flow (issue #27 §1)."""
+    code = textwrap.dedent(f"""
+        import builtins
+        def double(x):
+            cls = builtins.{exception}
+            if issubclass(cls, BaseExceptionGroup):
+                raise cls("group", [StopIteration() if issubclass(cls, Exception) else KeyboardInterrupt()])
+            raise cls.__new__(cls)  # __new__ alone: some classes (UnicodeDecodeError) need constructor arguments
+    """)
+    raised = getattr(builtins, exception).__name__  # IOError and EnvironmentError are OSError
+    for form, test in DOUBLE_TESTS.items():
+        result = sandbox_module.run_tests(code, test=test, entry_point="double", timeout=3.0)
+        assert not result.passed, f"raise {exception} forged a pass of the {form} test"
+        assert f"CandidateError: the candidate raised {raised}" in result.error, result.error
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Right answers pass, wrong ones fail, timeouts
 # --------------------------------------------------------------------------------------------------------------------
@@ -502,8 +545,8 @@ RICH_TEST = textwrap.dedent("""
         assert candidate([]) == ()
         try:
             candidate(None)
-        except TypeError:
-            pass
+        except CandidateError as err:  # whatever the candidate raised; its class name is in type_name
+            assert err.type_name == 'TypeError'
         else:
             raise AssertionError('no TypeError')
         assert candidate([float('nan')])[4] != candidate([float('nan')])[4]

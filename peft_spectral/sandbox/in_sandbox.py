@@ -15,7 +15,8 @@ Roles:
 - `checker`: run the trusted `prelude` (the problem's stub with its helpers) and `test` code, then `check(proxy)`,
   where `proxy(*args)` sends the call to the candidate and rebuilds the answer from JSON with [`decode`], which builds
   only `None`, `bool`, `int`, `float`, `complex`, `str`, `bytes`, `list`, `tuple`, `dict`, `set` and `frozenset`
-  values. The checker never runs candidate code. Its verdict goes to a pipe only it holds.
+  values; every failure of a call (whatever the candidate raised) is a [`CandidateError`]. The checker never runs
+  candidate code. Its verdict goes to a pipe only it holds.
 """
 
 import json
@@ -35,7 +36,23 @@ class WireError(ValueError):
 
 
 class CandidateError(Exception):
-    """The candidate raised something that is not a built-in `Exception`, crashed, or answered garbage."""
+    """Every failure of a call of the candidate, as seen by the checker: the candidate raised, crashed, or answered
+    garbage.
+
+    It is the only exception a call of the candidate raises in the checker, whatever the candidate raised
+    (`StopIteration`, `GeneratorExit`, `SystemExit`, ... included), so nothing the candidate does can steer the test's
+    control flow: a `StopIteration` re-raised as itself inside `map(lambda x: candidate(x) == y, xs)` would end the
+    iteration early and let `all(...)` pass. A test that expects the candidate to raise checks
+    `except CandidateError as err: assert err.type_name == "ValueError"` (the name is in the test's namespace).
+
+    Args:
+        message (`str`): What happened.
+        type_name (`str`, defaults to `""`): The class name of the exception the candidate raised, if it raised one.
+    """
+
+    def __init__(self, message, type_name=""):
+        super().__init__(message)
+        self.type_name = type_name
 
 
 def encode(value, depth=0):
@@ -166,13 +183,14 @@ def _serve_candidate(job, request_fd, response_fd):
         os.write(response_fd, _dumps(reply))
 
 
-def _raise_from_candidate(name, message):
-    import builtins
-
-    cls = getattr(builtins, name, None) if type(name) is str else None
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        raise cls(f"(raised by the candidate) {message}")
-    raise CandidateError(f"the candidate raised {name}: {message}")
+def _candidate_answer(reply):
+    """The value of the candidate's decoded JSON `reply`; every other outcome is a [`CandidateError`]."""
+    if type(reply) is dict and set(reply) == {"ok"}:
+        return decode(reply["ok"])
+    if type(reply) is dict and set(reply) == {"err"} and type(reply["err"]) is list and len(reply["err"]) == 2:
+        name, message = (str(part) for part in reply["err"])
+        raise CandidateError(f"the candidate raised {name[:100]}: {message[:2000]}", type_name=name[:100])
+    raise CandidateError("malformed answer from the candidate")
 
 
 def _run_checker(job, request_fd, response_fd, verdict_fd):
@@ -181,26 +199,21 @@ def _run_checker(job, request_fd, response_fd, verdict_fd):
 
     def candidate(*args, **kwargs):
         calls[0] += 1
-        os.write(request_fd, _dumps({"a": encode(list(args)), "k": encode(dict(kwargs))}))
-        line = _read_line(responses)
-        if not line:
-            raise CandidateError("the candidate's process ended before answering (it crashed or exited)")
+        request = _dumps({"a": encode(list(args)), "k": encode(dict(kwargs))})  # the test's values: its own errors
         try:
-            reply = json.loads(line)
-        except (ValueError, RecursionError) as err:
-            raise CandidateError(f"unreadable answer from the candidate: {err}") from None
-        if type(reply) is dict and set(reply) == {"ok"}:
-            try:
-                return decode(reply["ok"])
-            except (WireError, ValueError, TypeError, RecursionError, OverflowError) as err:
-                raise CandidateError(f"unreadable answer from the candidate: {err}") from None
-        if type(reply) is dict and set(reply) == {"err"} and type(reply["err"]) is list and len(reply["err"]) == 2:
-            _raise_from_candidate(*reply["err"])
-        raise CandidateError("malformed answer from the candidate")
+            os.write(request_fd, request)
+            line = _read_line(responses)
+            if not line:
+                raise CandidateError("the candidate's process ended before answering (it crashed or exited)")
+            return _candidate_answer(json.loads(line))
+        except CandidateError:
+            raise
+        except Exception as err:  # a broken pipe, an unreadable or oversized answer: the candidate's doing
+            raise CandidateError(f"unreadable answer from the candidate: {type(err).__name__}: {err}") from None
 
     entry_point = job["entry_point"]
     candidate.__name__ = candidate.__qualname__ = entry_point
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__, "CandidateError": CandidateError}
     try:
         exec(compile(job["prelude"], "<prompt>", "exec"), namespace)
     except Exception as err:  # a prompt that is not code alone: the tests run without its helpers

@@ -222,8 +222,12 @@ def run_tests(
     `code` (the stub plus the model's completion) runs in the candidate sandbox and only answers calls of
     `entry_point`; `prelude` (the trusted stub, with its imports and helpers such as HumanEval's `poly`) and `test` run
     in the checker sandbox. Arguments and answers cross as JSON of built-in values (`None`, `bool`, `int`, `float`,
-    `complex`, `str`, `bytes`, `list`, `tuple`, `dict`, `set`, `frozenset`); an exception raised by the candidate is
-    re-raised in the checker as the built-in exception of the same name. A call cannot mutate the checker's arguments.
+    `complex`, `str`, `bytes`, `list`, `tuple`, `dict`, `set`, `frozenset`). A call cannot mutate the checker's
+    arguments. Whatever the candidate raises (any class, `StopIteration` and `SystemExit` included), or a crash or a
+    garbled answer, reaches the test as one `CandidateError` (an `Exception`, defined in the test's namespace, with the
+    raised class's name in `type_name`), so the candidate cannot steer the test's control flow (a `StopIteration` would
+    end a `map()` early). A test that expects a raise writes
+    `except CandidateError as err: assert err.type_name == "ValueError"`.
 
     Args:
         code (`str`): The candidate program (untrusted).
