@@ -69,6 +69,7 @@ __all__ = [
     "factors_digest",
     "side_for_shape",
     "svd_from_factors",
+    "tensor_bytes",
     "weight_hash",
 ]
 
@@ -104,7 +105,7 @@ def side_for_shape(out_features: int, in_features: int) -> Side:
     return "right" if in_features <= out_features else "left"
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (copied to the CPU if needed), for hashing; works for dtypes numpy lacks."""
     t = tensor.detach().contiguous().cpu()
     if t.dim() == 0:
@@ -120,7 +121,7 @@ def weight_hash(weight: torch.Tensor) -> str:
     """
     h = xxhash.xxh3_128()
     h.update(f"{tuple(weight.shape)}|{weight.dtype}|v{_WEIGHT_KEY_VERSION}".encode())
-    h.update(_tensor_bytes(weight))
+    h.update(tensor_bytes(weight))
     return h.hexdigest()
 
 
@@ -134,8 +135,8 @@ def factors_digest(S: torch.Tensor, Q: torch.Tensor, side: str) -> str:
     """
     h = xxhash.xxh3_128()
     h.update(f"S{tuple(S.shape)}{S.dtype}|Q{tuple(Q.shape)}{Q.dtype}|{side}|v{CACHE_FORMAT_VERSION}".encode())
-    h.update(_tensor_bytes(S))
-    h.update(_tensor_bytes(Q))
+    h.update(tensor_bytes(S))
+    h.update(tensor_bytes(Q))
     return h.hexdigest()
 
 

@@ -22,7 +22,7 @@ from peft_spectral.cpi import (
     build_sft_dataset,
     fuse_deltas,
 )
-from peft_spectral.state import StateFileError
+from peft_spectral.state import StateFileError, write_json_atomic
 from peft_spectral.tasks import Example, Task
 from peft_spectral.tuners.core_isolation import CoreIsolationConfig
 
@@ -192,7 +192,7 @@ def test_pipeline_resumes_inside_probe(tmp_path):
     pipe.run(until="probe")
     state = json.loads((out / "state.json").read_text())  # simulate a crash after the first probe
     state["completed"], state["probes_done"] = [], ["inc"]
-    (out / "state.json").write_text(json.dumps(state))
+    write_json_atomic(out / "state.json", state, digest=True)  # as the pipeline writes it (a hand edit is refused)
     pipe2 = CPIPipeline(build_tiny_llama(tok), tok, TASKS[:2], _config(), out, progress=False)
     pipe2.run(until="cores")
     assert pipe2.trainer_runs == ["probe:rev"]

@@ -75,7 +75,7 @@ class _StateFile:
     def save(self) -> None:
         self.data["elapsed_s"] = self._before + time.perf_counter() - self._start
         if self.path is not None and self.writer:
-            write_json_atomic(self.path, self.data)
+            write_json_atomic(self.path, self.data, digest=True)
 
 
 def _choose(candidates, base, validation, guard) -> tuple[list[ScoredCandidate], list[Intervention], EvalSummary]:

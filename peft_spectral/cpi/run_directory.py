@@ -23,15 +23,14 @@ STATE_VERSION = 2
 ADAPTER_TENSORS = ("core_isolation_", "lora_")
 
 
-def base_model_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 64) -> str:
+def base_model_fingerprint(model: torch.nn.Module) -> str:
     """[`~peft_spectral.state.model_fingerprint`] of the base model: adapter tensors are left out, so a model wrapped
     with a CoreIsolation (or LoRA) adapter that is not merged hashes like its base.
 
     Args:
         model (`torch.nn.Module`): The model (or a `PeftModel`).
-        samples_per_tensor (`int`): Evenly spaced values of each tensor that enter the hash.
     """
-    return model_fingerprint(model, samples_per_tensor=samples_per_tensor, skip=ADAPTER_TENSORS)
+    return model_fingerprint(model, skip=ADAPTER_TENSORS)
 
 
 def tasks_fingerprint(tasks: Sequence[Task], max_train_examples: Optional[int] = None) -> str:
@@ -107,7 +106,7 @@ class RunDirectory:
         return state
 
     def write_state(self, state: dict) -> None:
-        write_json_atomic(self.state_path, state)
+        write_json_atomic(self.state_path, state, digest=True)
 
     # ------------------------------------------------------------------------------------------------ tensors
     def save_tensors(self, tensors: dict[str, torch.Tensor], path: Path, meta: Optional[dict] = None) -> None:
