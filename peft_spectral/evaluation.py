@@ -1,4 +1,4 @@
-"""Scoring a causal LM on [`~peft_spectral.tasks.Example`]s: prompt formatting, log-likelihoods, greedy generation.
+"""Scoring a causal LM on [`~peft_spectral.data.Example`]s: prompt formatting, log-likelihoods, greedy generation.
 
 Every pipeline (SVF training, Transformer² dispatch, SpectralCompress search, CoreIsolation) calls these functions,
 so their signatures are a contract:
@@ -8,7 +8,9 @@ so their signatures are a contract:
   are the tokenizer's encoding of the answer text alone (no special tokens), appended to the encoded prompt, so the
   prompt/answer boundary is always a token boundary.
 - [`generate_answers`] decodes greedily with left padding.
-- [`evaluate`] runs a whole split and returns an [`EvalResult`]; [`score_prediction`] judges one prediction.
+- [`evaluate`] runs a whole split and returns an [`EvalResult`]; [`score_prediction`] judges one prediction with the
+  example's own scorer ([`peft_spectral.data.scoring.scorer_for`]), strictly or leniently
+  ([`peft_spectral.data.answers`]).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data.answers import Extraction, check_extraction
+from .data.scoring import is_correct
+from .data.types import Example, check_kind
 from .option_scoring import multiple_choice_metrics, score_examples
 from .prompting import (
     encode_answer,
@@ -29,8 +34,6 @@ from .prompting import (
     pad_token_id,
     progress_bar,
 )
-from .rewards import score_code, score_generation, score_multiple_choice
-from .tasks import Example
 
 
 __all__ = [
@@ -41,12 +44,12 @@ __all__ = [
     "format_prompt",
     "generate_answers",
     "option_logliks",
+    "rescore",
     "score_prediction",
 ]
 
 logger = logging.getLogger(__name__)
 
-_KINDS = ("multiple_choice", "generation", "code")
 _MODES = ("auto", "loglik", "generate")
 
 
@@ -258,12 +261,17 @@ class EvalResult:
             tie-breaker for searches).
         n (`int`): Number of examples.
         correct (`list[bool]`): Per-example verdicts, in input order.
+        predictions (`list[str]`, *optional*): The generated answers (generation mode), kept so that another
+            extraction mode can score them again ([`rescore`]).
+        extraction (`str`, *optional*): The extraction mode the verdicts used (generation mode).
     """
 
     accuracy: float
     mean_loglik: float
     n: int
     correct: list[bool] = field(default_factory=list)
+    predictions: list[str] | None = None
+    extraction: str | None = None
 
     def ci(self, confidence: float = 0.95):
         """The accuracy with its Wilson interval ([`peft_spectral.stats.accuracy_ci`]); `str()` gives
@@ -288,40 +296,38 @@ class EvalResult:
         return self.correct
 
 
-def score_prediction(kind: str, prediction: str, example: Example) -> bool:
-    """Whether `prediction` (a generated answer) is correct for `example`.
+def score_prediction(kind: str, prediction: str, example: Example, extraction: Extraction = "lenient") -> bool:
+    """Whether `prediction` (a generated answer) is correct for `example`, judged by the example's scorer (the
+    default scorer of `kind` when it carries none, see [`peft_spectral.data.scoring.scorer_for`]).
 
-    - `"multiple_choice"`: the letter (`"B"`, `"(B)"`, `"Answer: B"`) or the option text must pick `example.label`.
-    - `"generation"`: normalised exact match against `example.target` (and any `example.meta["targets"]`), or, for
-      numeric targets, the same number (GSM8K-style extraction: `####`, else the last number).
-    - `"code"`: HumanEval style — `meta["code_prompt"]` (the stub, else the prompt) + completion + `meta["test"]` + `check(meta["entry_point"])` run in the
-      sandbox (see [`peft_spectral.sandbox.run_code`]).
+    Args:
+        kind (`str`): The task kind: `"multiple_choice"`, `"generation"` or `"code"`.
+        prediction (`str`): The model's text.
+        example ([`Example`]): The example.
+        extraction (`str`, defaults to `"lenient"`): `"strict"` (the bare answer) or `"lenient"` (the answer inside a
+            sentence), see [`peft_spectral.data.answers`].
     """
-    if kind == "multiple_choice":
-        return score_multiple_choice(prediction, example.choices, example.label)
-    if kind == "generation":
-        return score_generation(prediction, _targets(example))
-    if kind == "code":
-        return score_code(
-            prediction,
-            test=example.meta.get("test", ""),
-            entry_point=example.meta.get("entry_point", ""),
-            prompt=example.meta.get("code_prompt", example.prompt),
-        )
-    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    return is_correct(prediction, example, kind=check_kind(kind), extraction=extraction)
 
 
-def _targets(example: Example) -> list[str]:
-    targets = [example.target]
-    for extra in example.meta.get("targets", ()) or ():
-        if extra not in targets:
-            targets.append(extra)
-    return targets
+def rescore(result: EvalResult, examples: Sequence[Example], *, kind: str, extraction: Extraction) -> EvalResult:
+    """`result` (from generated answers) scored again under another extraction mode, from its kept predictions: no
+    generation is repeated."""
+    if result.predictions is None or len(result.predictions) != len(examples):
+        raise ValueError("rescore needs an EvalResult of generated answers (predictions) for the same examples")
+    correct = [score_prediction(kind, p, ex, extraction) for p, ex in zip(result.predictions, examples)]
+    return EvalResult(
+        accuracy=sum(correct) / len(correct) if correct else 0.0,
+        mean_loglik=result.mean_loglik,
+        n=len(correct),
+        correct=correct,
+        predictions=list(result.predictions),
+        extraction=extraction,
+    )
 
 
 def _resolve_mode(kind: str, mode: str) -> str:
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    check_kind(kind)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if mode == "auto":
@@ -342,6 +348,7 @@ def evaluate(
     max_new_tokens: int = 32,
     progress: bool = False,
     shared_prompt_scoring: bool = True,
+    extraction: Extraction = "lenient",
 ) -> EvalResult:
     """Accuracy and mean gold-answer log-likelihood of `model` on `examples`.
 
@@ -357,11 +364,15 @@ def evaluate(
             options from the KV cache ([`peft_spectral.option_scoring`]); about twice as fast for two options and
             equal to scoring `prompt + option` sequences up to float rounding. Models whose forward does not take
             `position_ids`, a KV cache and `logits_to_keep` fall back to the per-sequence path (with a warning).
+        extraction (`str`, defaults to `"lenient"`): In `"generate"` mode, how the answer is read from the text:
+            `"lenient"` finds it inside a sentence, `"strict"` takes the text as the answer (see
+            [`peft_spectral.data.answers`]); the other mode's accuracy is one [`rescore`] away.
 
     Returns:
         [`EvalResult`]
     """
     mode = _resolve_mode(kind, mode)
+    check_extraction(extraction)
     examples = list(examples)
     if not examples:
         return EvalResult(accuracy=0.0, mean_loglik=0.0, n=0, correct=[])
@@ -381,8 +392,16 @@ def evaluate(
         predictions = generate_answers(
             model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
         )
-        correct = [score_prediction(kind, p, ex) for p, ex in zip(predictions, examples)]
+        correct = [score_prediction(kind, p, ex, extraction) for p, ex in zip(predictions, examples)]
         mean_loglik = float(answer_logliks(model, tokenizer, examples, batch_size=batch_size).mean())
+        return EvalResult(
+            accuracy=sum(correct) / len(correct),
+            mean_loglik=mean_loglik,
+            n=len(examples),
+            correct=correct,
+            predictions=predictions,
+            extraction=extraction,
+        )
     return EvalResult(accuracy=sum(correct) / len(correct), mean_loglik=mean_loglik, n=len(examples), correct=correct)
 
 

@@ -26,8 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .data import Example
 from .stats import accuracy_ci, compare_balanced, compare_paired, format_accuracy, format_comparison
-from .tasks import Example
 
 
 __all__ = [

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .data import Example
 from .prompting import encode_answer, encode_prompt, eval_mode, model_device, pad_token_id
-from .tasks import Example
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .tasks import Example
+from .data import Example
 
 
 __all__ = [

@@ -1,9 +1,14 @@
-"""Answer extraction, scoring and TRL reward functions.
+"""TRL reward functions: answers scored by the task's own scorer, turned into rewards.
 
 The reward functions follow TRL's reward-function signature: `fn(completions, **kwargs) -> list[float]`, where
 `completions` are strings (standard datasets) or lists of chat messages (conversational datasets), and the dataset's
-other columns (`target`, `choices`, `label`, `test`, `entry_point`, `prompt`, ...) arrive as lists in `kwargs`.
-Transformer² rewards a correct answer with +1 and a wrong one with -1; [`make_reward`] builds 0/1 variants.
+other columns arrive as lists in `kwargs`. Transformer² rewards a correct answer with +1 and a wrong one with -1.
+
+* [`task_reward`] scores each completion with its example's [`~peft_spectral.data.scoring.Scorer`] (the dataset's
+  `example_index` column, see [`peft_spectral.training.examples_to_dataset`]): any task of any source, partial credit
+  where the scorer gives it.
+* [`make_reward`] builds a reward for a task kind from plain columns (`target`, `choices` + `label`, `test` +
+  `entry_point`), for datasets built without this package.
 
 ```python
 from peft_spectral.rewards import make_reward
@@ -15,15 +20,32 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .sandbox import run_tests
+from .data.answers import (
+    Extraction,
+    check_extraction,
+    extract_choice,
+    extract_code,
+    extract_number,
+    normalize_answer,
+    to_number,
+)
+from .data.scoring import (
+    build_candidate,
+    build_program,
+    score_code,
+    score_example,
+    score_generation,
+    score_multiple_choice,
+)
+from .data.types import Example
 
 
 __all__ = [
+    "build_candidate",
+    "build_program",
     "checked_reward",
     "code_reward",
     "completion_text",
@@ -38,16 +60,10 @@ __all__ = [
     "score_code",
     "score_generation",
     "score_multiple_choice",
+    "task_reward",
 ]
 
 RewardFunc = Callable[..., list[float]]
-
-# --------------------------------------------------------------------------------------------------------------------
-# Extraction helpers
-# --------------------------------------------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"[-−]?\$?\d[\d,]*(?:\.\d+)?|[-−]?\.\d+")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def completion_text(completion: Any) -> str:
@@ -64,207 +80,13 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = str(text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _to_number(token: str) -> float | None:
-    token = token.replace("−", "-").replace("$", "").replace(",", "").strip()
-    try:
-        value = float(token)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def extract_number(text: str) -> float | None:
-    """GSM8K-style final number: the number after the last `####` if any, else the last number in the text.
-
-    Thousands separators (`1,234`) and a leading `$` are accepted. Returns `None` when there is no number.
-    """
-    text = str(text)
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1]
-        match = _NUMBER.search(tail)
-        if match:
-            return _to_number(match.group())
-    matches = _NUMBER.findall(text)
-    for token in reversed(matches):
-        value = _to_number(token)
-        if value is not None:
-            return value
-    return None
-
-
-def _target_number(text: str) -> float | None:
-    value = _to_number(text)
+def _target_number(text: str):
+    value = to_number(text)
     return value if value is not None else extract_number(text)
 
 
 def _numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-
-
-_STRICT_LETTER_PATTERNS = (
-    re.compile(r"^\s*\(?([A-Za-z])\)?\s*[.:)]?\s*$"),  # the whole answer is a letter: "B", "(b)", "C."
-    re.compile(r"^\s*\(([A-Za-z])\)"),  # "(b) blue"
-    re.compile(r"^\s*([A-Za-z])[.)]\s"),  # "B. blue", "b) blue"
-    re.compile(r"(?i)\banswer\s*(?:is|:)?\s*\(?([A-Z])\)?(?:[.:)\s]|$)"),  # "the answer is (B)", "Answer: B"
-    re.compile(r"(?i)\boption\s*\(?([A-Z])\)?(?:[.:)\s]|$)"),  # "option B"
-)
-_LOOSE_LETTER_PATTERN = re.compile(r"^\s*([A-Z])(?:[:\]]|\s|$)")  # "B is right" (capital letter only)
-
-
-def _letter(pattern: re.Pattern, text: str, n: int) -> int | None:
-    match = pattern.search(text)
-    if match:
-        idx = ord(match.group(1).upper()) - ord("A")
-        if 0 <= idx < n:
-            return idx
-    return None
-
-
-def extract_choice(text: str, choices: Sequence[str]) -> int | None:
-    """Index of the option that `text` picks, by letter (`B`, `(b)`, `B. ...`, `Answer: C`) or by option text.
-
-    Returns `None` when nothing matches unambiguously.
-    """
-    text = str(text).strip()
-    n = len(choices)
-    if not text or n == 0:
-        return None
-    for pattern in _STRICT_LETTER_PATTERNS:
-        idx = _letter(pattern, text, n)
-        if idx is not None:
-            return idx
-    options = [normalize_answer(c) for c in choices]
-    for candidate in (normalize_answer(text), normalize_answer(text.splitlines()[0])):
-        exact = [i for i, opt in enumerate(options) if opt and opt == candidate]
-        if len(exact) == 1:
-            return exact[0]
-    idx = _letter(_LOOSE_LETTER_PATTERN, text, n)
-    if idx is not None:
-        return idx
-    # An option mentioned at the start of the answer (longest first so "non-entailment" beats "entailment").
-    norm = normalize_answer(text)
-    starts = [i for i, opt in enumerate(options) if opt and norm.startswith(opt)]
-    if starts:
-        return max(starts, key=lambda i: len(options[i]))
-    return None
-
-
-def extract_code(text: str, entry_point: str = "") -> str:
-    """The code in a completion: the first fenced block (```python ...```) that defines `entry_point` if any, else the
-    first fenced block, else the text itself."""
-    blocks = re.findall(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", str(text), flags=re.DOTALL)
-    if not blocks:
-        return str(text)
-    if entry_point:
-        for block in blocks:
-            if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", block):
-                return block
-    return blocks[0]
-
-
-def _stub(prompt: str, entry_point: str) -> str:
-    """The function stub held by `prompt` (the code of its ```python block when it is an instruction)."""
-    if "```" in prompt:  # an instruction with the stub in a code block (e.g. Example.prompt of HumanEval)
-        prompt = extract_code(prompt, entry_point)
-    if prompt and not prompt.endswith("\n"):
-        prompt += "\n"
-    return prompt
-
-
-def build_candidate(completion: str, *, entry_point: str, prompt: str = "") -> str:
-    """The candidate program: stub + completion, without any test.
-
-    `prompt` is the function stub, or a text holding it in a ```python block (its content is used). A completion
-    that redefines `entry_point` follows the stub (keeping its imports and helpers) and overrides it; any other
-    completion continues the stub's body. A fenced completion is unwrapped first.
-    """
-    code = extract_code(completion, entry_point)
-    prompt = _stub(prompt, entry_point)
-    defines = bool(entry_point) and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, flags=re.MULTILINE)
-    # A full definition follows the stub (keeping its imports and helpers) and overrides it; a body continues it.
-    return prompt + "\n" + code if defines else prompt + code
-
-
-def build_program(completion: str, *, test: str, entry_point: str, prompt: str = "") -> str:
-    """The single HumanEval program: [`build_candidate`], then the tests and `check(entry_point)`.
-
-    Not how [`score_code`] judges code (a program holding its own tests can fake passing them); kept for reading
-    and for running trusted solutions with [`peft_spectral.sandbox.run_code`].
-    """
-    body = build_candidate(completion, entry_point=entry_point, prompt=prompt)
-    check = f"\ncheck({entry_point})\n" if entry_point else "\n"
-    return f"{body}\n\n{test}\n{check}"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Scorers (shared with peft_spectral.evaluation)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def score_multiple_choice(prediction: str, choices: Sequence[str], label: int | None) -> bool:
-    """Whether `prediction` picks option `label` (by letter or option text)."""
-    if label is None:
-        return False
-    return extract_choice(prediction, choices) == int(label)
-
-
-def score_generation(prediction: str, targets: str | Sequence[str]) -> bool:
-    """Normalised exact match against any target (also on the first line alone), or equal numbers for numeric
-    targets."""
-    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
-    prediction = str(prediction)
-    candidates = {normalize_answer(prediction)}
-    if prediction.strip():
-        candidates.add(normalize_answer(prediction.strip().splitlines()[0]))
-    for target in targets:
-        if normalize_answer(target) in candidates and normalize_answer(target) != "":
-            return True
-        value = _to_number(target)
-        if value is not None:
-            predicted = extract_number(prediction)
-            if predicted is not None and _numbers_equal(predicted, value):
-                return True
-    return False
-
-
-def score_code(
-    completion: str, *, test: str, entry_point: str, prompt: str = "", timeout: float = 5.0, memory_mb: int = 512
-) -> bool:
-    """Whether the completion passes the HumanEval tests, judged by [`peft_spectral.sandbox.run_tests`].
-
-    The stub + completion run in one sandbox and only answer calls of `entry_point`; `test` and the stub (for helpers
-    such as HumanEval's `poly`) run in another, which alone decides the verdict (see `docs/security.md`).
-
-    Args:
-        completion (`str`): The model's completion (a body continuing the stub, or a whole function, fenced or not).
-        test (`str`): The example's test code defining `check(candidate)`.
-        entry_point (`str`): The name of the function under test.
-        prompt (`str`, defaults to `""`): The function stub, or an instruction holding it in a ```python block.
-        timeout (`float`, defaults to 5.0): Wall-clock seconds for the whole check.
-        memory_mb (`int`, defaults to 512): Address-space limit of each sandboxed process in MiB.
-    """
-    if not test:
-        raise ValueError("score_code needs the example's `test` code (meta['test'] for HumanEval)")
-    if not entry_point:
-        raise ValueError("score_code needs the example's `entry_point` (meta['entry_point'] for HumanEval)")
-    candidate = build_candidate(completion, entry_point=entry_point, prompt=prompt)
-    result = run_tests(
-        candidate,
-        test=test,
-        entry_point=entry_point,
-        prelude=_stub(prompt, entry_point),
-        timeout=timeout,
-        memory_mb=memory_mb,
-    )
-    return result.passed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,6 +180,54 @@ def code_reward(
         )
         out.append(_reward(ok, positive, negative))
     return out
+
+
+def task_reward(
+    examples: Sequence[Example],
+    *,
+    kind: str | None = None,
+    extraction: Extraction = "strict",
+    partial_credit: bool = False,
+    positive: float = 1.0,
+    negative: float = -1.0,
+    name: str = "task_reward",
+) -> RewardFunc:
+    """A TRL reward scoring each completion with the scorer of its example
+    ([`~peft_spectral.data.scoring.scorer_for`]).
+
+    The dataset must carry an `example_index` column: the position of each row's example in `examples` (what
+    [`peft_spectral.training.examples_to_dataset`] writes for the same list).
+
+    Args:
+        examples (`Sequence[Example]`): The examples the dataset was built from, in the same order.
+        kind (`str`, *optional*): The task kind, for examples that carry no scorer.
+        extraction (`str`, defaults to `"strict"`): How the answer is read ([`peft_spectral.data.answers`]): strict
+            rewards the bare answer only, so RL also teaches the answer format.
+        partial_credit (`bool`, defaults to `False`): Reward `negative + (positive - negative) * score` with the
+            scorer's score in [0, 1] (partial credit of verifiers that give it), instead of `positive` only for a
+            correct answer.
+        positive, negative (`float`, defaults to 1.0 and -1.0): Rewards of a correct and a wrong answer.
+        name (`str`): The name TRL logs the reward under.
+    """
+    examples = list(examples)
+    check_extraction(extraction)
+    if not examples:
+        raise ValueError("task_reward needs the examples the dataset was built from")
+
+    def reward(completions, **kwargs):
+        indices = _column(kwargs, "example_index", len(completions), name)
+        out = []
+        for completion, index in zip(completions, indices):
+            if not isinstance(index, int) or not 0 <= index < len(examples):
+                raise ValueError(f"{name}: example_index {index!r} is not a position in the {len(examples)} examples")
+            score = score_example(completion_text(completion), examples[index], kind=kind, extraction=extraction)
+            if not partial_credit:
+                score = 1.0 if score >= 1.0 - 1e-9 else 0.0
+            out.append(float(negative + (positive - negative) * score))
+        return out
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
 
 
 _BY_KIND: dict[str, RewardFunc] = {

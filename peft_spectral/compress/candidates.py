@@ -12,8 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from ..data import Example
 from ..subspace import check_rho
-from ..tasks import Example
 
 
 logger = logging.getLogger(__name__)

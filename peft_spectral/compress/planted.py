@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data import Example
 from ..linalg import thin_svd
-from ..tasks import Example
 from .weights import weight_matrix
 
 

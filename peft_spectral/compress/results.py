@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..tasks import Example
+from ..data import Example
 from .candidates import Intervention
 
 

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..data import Example
 from ..subspace import rank_for
-from ..tasks import Example
 from .candidates import LASER_RHOS, Intervention
 from .distributed import launched_state, sum_across_processes
 from .results import LossFn, ScoredCandidate

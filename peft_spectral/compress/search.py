@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..tasks import Example, Task
+from ..data import Example, Task
 from .candidates import LASER_RHOS, Intervention, take_examples
 from .distributed import launched_state, map_across_processes
 from .results import EvalFn, EvalSummary, LossFn, SearchResult, default_eval_fn, timed_eval

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..tasks import Example
+from ..data import Example
 
 
 __all__ = [

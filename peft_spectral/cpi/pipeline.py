@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data import Example, Task
 from ..state import fingerprint, write_json_atomic
-from ..tasks import Example, Task
 from .config import CPIConfig
 from .freezing import FreezeMaskCallback, TrackedParameters
 from .fusion import fuse_deltas

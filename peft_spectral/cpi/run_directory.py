@@ -11,8 +11,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..data import Task
 from ..state import StateFileError, fingerprint, load_state, model_fingerprint, write_json_atomic
-from ..tasks import Task
 from .config import CPIConfig
 from .masks import unpack_mask
 

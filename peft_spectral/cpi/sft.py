@@ -11,8 +11,8 @@ from typing import Optional, Union
 import torch
 from transformers.trainer_callback import PrinterCallback
 
+from ..data import Example
 from ..prompting import encode_prompt
-from ..tasks import Example
 from ..training import sft_preset
 from .config import CPIConfig
 

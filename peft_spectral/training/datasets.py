@@ -6,9 +6,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
+from ..data import TASK_KINDS, Example, Task
+from ..data.answers import Extraction
 from ..prompting import format_prompt, uses_chat_template
-from ..rewards import checked_reward, make_reward
-from ..tasks import Example, Task
+from ..rewards import checked_reward, make_reward, task_reward
 
 
 __all__ = ["examples_to_dataset", "reward_for_task", "sft_answer", "task_dataset", "with_lettered_options"]
@@ -40,12 +41,18 @@ def with_lettered_options(
     )
 
 
-def sft_answer(example: Example, kind: str) -> str:
+def sft_answer(example: Example, kind: str, target: str = "answer") -> str:
     """The supervised target text of `example`.
 
     Multiple choice: `"B. <option>"` when the prompt lists lettered options (`A. ...`, `(A) ...`), else the option
-    text; both are what [`peft_spectral.rewards.extract_choice`] reads back. Generation and code: `example.target`.
+    text; both are what [`peft_spectral.rewards.extract_choice`] reads back. Generation and code: `example.target`;
+    with `target="solution"`, the worked solution a generator provides (`meta["solution"]`, e.g. reasoning-gym's
+    `gsm_symbolic`) where there is one.
     """
+    if target not in ("answer", "solution"):
+        raise ValueError(f"target must be 'answer' or 'solution', got {target!r}")
+    if target == "solution" and example.meta.get("solution"):
+        return str(example.meta["solution"])
     if kind == "multiple_choice":
         if example.label is None or not example.choices:
             raise ValueError(
@@ -65,6 +72,7 @@ def examples_to_dataset(
     tokenizer=None,
     conversational: Optional[bool] = None,
     with_completion: bool = False,
+    sft_target: str = "answer",
 ):
     """A `datasets.Dataset` in TRL's prompt(-completion) format, keeping the columns the rewards read.
 
@@ -76,26 +84,30 @@ def examples_to_dataset(
             template, exactly as [`peft_spectral.prompting.format_prompt`] does); `False`: plain strings, the prompt
             ending with a newline.
         with_completion (`bool`): Add a `completion` column (the [`sft_answer`]) for SFT.
+        sft_target (`str`, defaults to `"answer"`): `"answer"` or `"solution"` (see [`sft_answer`]).
 
     Returns:
-        `datasets.Dataset` with `prompt` [, `completion`] and, by kind, `choices`/`label`/`target` (multiple choice),
-        `target` (generation), `test`/`entry_point`/`code_prompt`/`target` (code).
+        `datasets.Dataset` with `prompt` [, `completion`], `example_index` (the row's position in `examples`, read by
+        [`peft_spectral.rewards.task_reward`]) and, by kind, `choices`/`label`/`target` (multiple choice), `target`
+        (generation), `test`/`entry_point`/`code_prompt`/`target` (code), for the column rewards of
+        [`peft_spectral.rewards.make_reward`].
     """
     from datasets import Dataset
 
-    if kind not in ("multiple_choice", "generation", "code"):
-        raise ValueError(f"kind must be 'multiple_choice', 'generation' or 'code', got {kind!r}")
+    if kind not in TASK_KINDS:
+        raise ValueError(f"kind must be one of {TASK_KINDS}, got {kind!r}")
     examples = list(examples)
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     if conversational is None:
         conversational = tokenizer is not None and uses_chat_template(tokenizer)
     rows = []
-    for ex in examples:
+    for index, ex in enumerate(examples):
         prompt_text = ex.prompt if conversational else format_prompt(tokenizer, ex, chat=False)
         row: dict[str, Any] = {
             "prompt": [{"role": "user", "content": ex.prompt}] if conversational else prompt_text,
             "target": ex.target,
+            "example_index": index,
         }
         if kind == "multiple_choice":
             if not ex.choices or ex.label is None:
@@ -107,7 +119,7 @@ def examples_to_dataset(
             row["entry_point"] = ex.meta.get("entry_point", "")
             row["code_prompt"] = ex.prompt
         if with_completion:
-            answer = sft_answer(ex, kind)
+            answer = sft_answer(ex, kind, sft_target)
             row["completion"] = [{"role": "assistant", "content": answer}] if conversational else answer
         rows.append(row)
     return Dataset.from_list(rows)
@@ -136,13 +148,36 @@ def task_dataset(
 
 
 def reward_for_task(
-    task_or_kind: Union[Task, str], *, positive: float = 1.0, negative: float = -1.0, **options
+    task_or_kind: Union[Task, Sequence[Example], str],
+    *,
+    kind: Optional[str] = None,
+    positive: float = 1.0,
+    negative: float = -1.0,
+    extraction: Extraction = "strict",
+    partial_credit: bool = False,
+    **options,
 ) -> Callable:
     """The paper's reward for a task: +1 for a right answer, -1 (or `negative`) for a wrong one.
 
-    Multiple choice → letter/option match, generation → normalised exact match (numbers compared as numbers), code →
-    tests run in the sandbox. The function is wrapped by [`~peft_spectral.rewards.checked_reward`], so a NaN or `None`
-    reward stops training with an error naming it.
+    With a [`Task`] (its train split) or a list of examples, each completion is judged by its example's own scorer
+    ([`peft_spectral.rewards.task_reward`]; the dataset must come from [`examples_to_dataset`] of the same examples,
+    which writes the `example_index` column), with `extraction` and optional partial credit. With a kind string, the
+    column reward of that kind ([`peft_spectral.rewards.make_reward`]). Either way the function is wrapped by
+    [`~peft_spectral.rewards.checked_reward`], so a NaN or `None` reward stops training with an error naming it.
     """
-    kind = task_or_kind.kind if isinstance(task_or_kind, Task) else task_or_kind
-    return checked_reward(make_reward(kind, positive=positive, negative=negative, **options))
+    if isinstance(task_or_kind, str):
+        return checked_reward(make_reward(task_or_kind, positive=positive, negative=negative, **options))
+    examples = task_or_kind.train if isinstance(task_or_kind, Task) else list(task_or_kind)
+    kind = task_or_kind.kind if isinstance(task_or_kind, Task) else kind
+    if options:
+        raise ValueError(f"unknown option(s) {sorted(options)} for a task reward")
+    return checked_reward(
+        task_reward(
+            examples,
+            kind=kind,
+            extraction=extraction,
+            partial_credit=partial_credit,
+            positive=positive,
+            negative=negative,
+        )
+    )

@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from transformers import TrainerCallback, TrainingArguments
 
-from ..tasks import Example, Task
+from ..data import Example, Task
 from .callbacks import MetricsLogger, NonFiniteGuard, TimeBudget, ValidationCallback
 from .datasets import examples_to_dataset, reward_for_task
 from .presets import PAPER_BETA, Algorithm, Method, paper_rl_preset, sft_preset
@@ -287,7 +287,7 @@ def train_svf(
         max_new_tokens=eval_max_new_tokens,
     )
     if method == "rl" and reward_funcs is None:
-        reward_funcs = [reward_for_task(kind)]
+        reward_funcs = [reward_for_task(examples, kind=kind)]
     checkpoint = _checkpoint_to_resume(args.output_dir, resume, resume_from_checkpoint)
     if checkpoint is not None and validation is not None:
         validation.load_state(checkpoint)

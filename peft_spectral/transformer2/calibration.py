@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
-from ..tasks import Example
+from ..data import Example
 from .dispatch import PromptDispatcher, category_confidence, decide_categories
 from .library import OTHERS, ExpertLibrary
 

@@ -20,8 +20,8 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from ..data import Example
 from ..prompting import encode_answer, encode_prompt
-from ..tasks import Example
 from ..training import train_svf
 from ..tuners.svf.config import SVFConfig
 from .dispatch import DispatchPrompt

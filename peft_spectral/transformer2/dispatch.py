@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional, Protocol, Union
 
+from ..data import Example
 from ..evaluation import generate_answers
 from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
 from ..prompting import encode_answer, encode_prompt, pad_token_id
-from ..tasks import Example
 from .library import OTHERS, ExpertLibrary
 
 
