@@ -20,8 +20,9 @@ refused with a `ValueError` naming it.
 The cache holds one safetensors file per weight, named by an xxh3-128 hash of the weight's bytes, shape and dtype.
 Each file's metadata holds that weight hash and a digest of its own tensors (xxh3-128 over the shapes, dtypes and
 bytes of `S` and `Q`). An entry is used only when the format, the weight hash, the digest, the shapes and dtypes all
-match, its values are finite and a probe holds (`‖W Q r‖ = ‖S ⊙ r‖` and `‖Q r‖ = ‖r‖` for a fixed Gaussian `r`);
-otherwise it is ignored with an [`SVDCacheWarning`] naming the file, recomputed and rewritten. Writes are atomic
+match, its values are finite and a probe holds (for 16 fresh Gaussian probes `R`, `(Q R)ᵀ(Q R) = RᵀR` and
+`(W Q R)ᵀ(W Q R) = Rᵀ diag(S²) R` to 1e-6, which catches two swapped columns of `Q` whenever their `σ²` differ by more
+than 1e-6 of `Σσ²`); otherwise it is ignored with an [`SVDCacheWarning`] naming the file, recomputed and rewritten. Writes are atomic
 (temporary file + `os.replace`). A cache directory that cannot be written degrades to computing in memory, with one
 warning per directory and process. The digests detect corruption and edits; they are not signatures: whoever can
 write to the cache directory can also write entries that pass them, so the cache directory must be the user's own
@@ -56,7 +57,10 @@ CACHE_FORMAT_VERSION = "2"
 # Version mixed into the weight hash, i.e. the file names; kept stable so that entries of an older format are found
 # and overwritten instead of left behind.
 _WEIGHT_KEY_VERSION = "1"
-_PROBE_RTOL = 1e-3
+#: Gaussian probe vectors drawn for each cache read ([`SVDCache._probe_ok`]).
+PROBE_VECTORS = 16
+#: Largest relative Frobenius error of the probe's Gram matrices for an entry to be used.
+PROBE_TOLERANCE = 1e-6
 
 Side = Literal["right", "left"]
 
@@ -369,7 +373,9 @@ class SVDCache:
         s, q = tensors["S"].to(weight.device), tensors["Q"].to(weight.device)
         side = side_for_shape(*weight.shape)
         if not self._probe_ok(weight, s, q, side):
-            self._reject(path, "does not match its weight (‖W Q r‖ ≠ ‖S ⊙ r‖ or Q not orthogonal)")
+            self._reject(
+                path, "does not match its weight (the probe finds (W Q)ᵀ(W Q) ≠ diag(S²) or Q not orthogonal)"
+            )
             return None
         return SpectralFactors(S=s, Q=q, side=side, weight_hash=digest)
 
@@ -396,19 +402,36 @@ class SVDCache:
 
     @staticmethod
     def _probe_ok(weight: torch.Tensor, s: torch.Tensor, q: torch.Tensor, side: Side) -> bool:
-        """Consistency of the factors with the weight, at the cost of one matrix-vector product with `W`.
+        """Whether `(S, Q)` is an SVD of the weight, tested with [`PROBE_VECTORS`] fresh Gaussian probes.
 
-        For a fixed Gaussian `r`, `x = Q r`: `‖x‖ = ‖r‖` (orthogonal `Q`) and `‖W x‖` (or `‖Wᵀ x‖`) `= ‖S ⊙ r‖`.
-        NaN or inf anywhere in `S` or `Q` makes it fail.
+        For a probe block `R` (`m × k`), `X = Q R` and `Y = W X` (or `Wᵀ X`) must satisfy `XᵀX = RᵀR` (orthonormal
+        `Q`) and `YᵀY = Rᵀ diag(S²) R` (`(W Q)ᵀ(W Q) = diag(S²)`), each to a relative Frobenius error of
+        [`PROBE_TOLERANCE`], computed in float64. An honest entry is off by about 1e-8 (float32 factors). Two swapped
+        columns `i, j` of `Q` give an error of about `|σ_i² - σ_j²| / Σσ²` times 1.6 or more, so the swap is caught
+        whenever `|σ_i² - σ_j²| > 1e-6 · Σσ²`. The probes come from the operating system's randomness on every read
+        (never torch's global generator), so an edit cannot be fitted to them. NaN or inf anywhere fails.
         """
+        device = _compute_device(weight)
+        m = len(s)
+        seed = int.from_bytes(os.urandom(8), "little") & (2**63 - 1)
+        r = torch.randn(m, PROBE_VECTORS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        r = r.to(device)
+        s = s.to(device=device, dtype=torch.float64)
+        x = q.to(device=device, dtype=torch.float64) @ r
         w = weight.detach()
-        if w.dtype != torch.float32:
-            w = w.float()
-        r = torch.randn(len(s), generator=torch.Generator().manual_seed(0)).to(w.device)
-        x = q @ r
-        y = w @ x if side == "right" else w.T @ x
-        checks = ((x.norm(), r.norm()), (y.norm(), (s * r).norm()))
-        return all(bool(torch.isclose(a, b, rtol=_PROBE_RTOL, atol=1e-6)) for a, b in checks)
+        # float64 in row blocks: a float64 copy of a large weight would cost 8 bytes per entry at once
+        rows = max(1, (1 << 22) // max(1, w.shape[1]))
+        if side == "right":
+            y = torch.cat([w[i : i + rows].to(device, torch.float64) @ x for i in range(0, w.shape[0], rows)])
+        else:
+            y = sum(w[i : i + rows].to(device, torch.float64).T @ x[i : i + rows] for i in range(0, w.shape[0], rows))
+        checks = ((x.T @ x, r.T @ r), (y.T @ y, r.T @ (s[:, None] ** 2 * r)))
+        for got, want in checks:
+            scale = float(torch.linalg.matrix_norm(want))
+            error = float(torch.linalg.matrix_norm(got - want))
+            if not error <= PROBE_TOLERANCE * scale + 1e-30:  # `not <=`: NaN fails
+                return False
+        return True
 
     def _store(self, factors: SpectralFactors) -> None:
         s = factors.S.detach().to("cpu", torch.float32).contiguous()

@@ -4,6 +4,7 @@
 |---|---|
 | cache entry with a replaced Q column, a changed sigma or a NaN (used as is) | `test_edited_entry_is_rejected_with_a_warning_recomputed_and_rewritten` |
 | forged entry with a recomputed digest | `test_self_consistent_but_wrong_entry_is_caught_by_the_probe` |
+| Q with two columns swapped, digest recomputed (passed the one-vector probe in 78 of 496 swaps) | `test_every_column_swap_of_q_is_caught_by_the_probe` |
 | `svd_cache_dir` in a downloaded `adapter_config.json` (honoured on load) | `test_cache_dir_is_never_saved_and_a_saved_one_is_ignored_on_load` |
 | read-only / unwritable `PEFT_SPECTRAL_CACHE` (`OSError` from `get_peft_model`) | `test_unwritable_cache_degrades_to_memory_with_one_warning`, `test_read_only_directory_degrades_to_memory` |
 | `use_svd_cache=False` still touching the disk | `test_disabled_cache_never_touches_the_disk` |
@@ -126,6 +127,43 @@ def test_self_consistent_but_wrong_entry_is_caught_by_the_probe(tmp_path, forger
     with pytest.warns(SVDCacheWarning, match="does not match its weight"):
         again = cache.get(w)
     assert torch.equal(again.S, f.S) and cache.stale == 1
+
+
+def test_every_column_swap_of_q_is_caught_by_the_probe(tmp_path, tiny_llama):
+    """Issue #27 §2/§3: Q with two columns swapped and a recomputed digest passed the one-vector probe in 78 of the 496
+    swaps of a tiny model's weight (logits moved by 4.43). The probe now catches a swap whenever the two σ² differ by
+    more than 1e-6 of Σσ², which holds for every pair here."""
+    import itertools
+
+    model, _ = tiny_llama
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    cache = SVDCache(tmp_path)
+    f = cache.get(w)
+    assert SVDCache._probe_ok(w, f.S, f.Q, f.side)
+    accepted = []
+    for i, j in itertools.combinations(range(len(f.S)), 2):
+        q = f.Q.clone()
+        q[:, [i, j]] = q[:, [j, i]]
+        if SVDCache._probe_ok(w, f.S, q, f.side):
+            accepted.append((i, j))
+    assert len(f.S) == 32 and accepted == []
+    # end to end: the swapped entry is rejected, recomputed and rewritten
+    path, tensors, meta = _entry(cache, f)
+    q = tensors["Q"].clone()
+    q[:, [3, 20]] = q[:, [20, 3]]
+    _rewrite(path, {"S": tensors["S"], "Q": q}, {**meta, "digest": factors_digest(tensors["S"], q, f.side)})
+    with pytest.warns(SVDCacheWarning, match="does not match its weight"):
+        again = cache.get(w)
+    assert torch.equal(again.Q, f.Q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_probe_accepts_honest_entries(dtype):
+    """No false alarm: honest factors of full-rank, rank-deficient and zero weights, in every dtype, pass."""
+    low_rank = _weight(40, 5, seed=1) @ _weight(5, 30, seed=2)
+    for w in (_weight(64, 48, dtype=dtype), low_rank.to(dtype), torch.zeros(6, 9, dtype=dtype)):
+        f = svd_cache.compute_factors(w)
+        assert SVDCache._probe_ok(w, f.S, f.Q, f.side), (tuple(w.shape), dtype)
 
 
 def test_entry_of_older_format_is_recomputed_quietly(tmp_path):
