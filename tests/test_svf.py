@@ -698,7 +698,8 @@ def test_float32_base_with_bfloat16_factors(tok):
     with torch.no_grad():
         ref = base(x).logits
         own = rel_err(copy.deepcopy(base).to(torch.bfloat16)(x).logits, ref)  # a bf16 model's own rounding
-        model = get_peft_model(base, SVFConfig(target_modules=MLP, factor_dtype="bfloat16"))
+        # the factored form (a composed W' at init would be the base weight itself)
+        model = get_peft_model(base, SVFConfig(target_modules=MLP, factor_dtype="bfloat16", compose_inference=False))
         layer = model.base_model.svf_layers()[0][1]
         assert layer.svf_Q.dtype == layer.svf_P.dtype == torch.bfloat16 and layer.svf_S.dtype == torch.float32
         out = model(x).logits

@@ -48,7 +48,7 @@ def fix_reference_adapter(model: torch.nn.Module, source: str = "default", refer
     for module in model.modules():
         if isinstance(module, SVFLinear) and reference in module.svf_z and source in module.svf_z:
             with torch.no_grad():
-                module.svf_z[reference].data.copy_(module.svf_z[source].data)
+                module.svf_z[reference].copy_(module.svf_z[source])  # not `.data`: the composed-weight cache sees it
             module.svf_z[reference].requires_grad_(False)
             fixed += 1
     return fixed

@@ -139,7 +139,7 @@ class FewShotMixer:
             for param, stack, idx, identity in self._stacks:
                 col = alpha[:, 0] if alpha.shape[1] == 1 else alpha[:, idx if idx is not None else 0]
                 z = identity + col @ (stack - identity) if self.around_base else col @ stack
-                param.data.copy_(z.to(param.dtype))
+                param.copy_(z.to(param.dtype))  # not through `.data`: the composed-weight cache sees the change
 
     def split(self, seed: int = 0, holdout_fraction: float = 0.4) -> tuple[list[int], list[int]]:
         """Seeded split of the shot indices into a fit part and a hold-out part (see [`split_sizes`]).

@@ -88,6 +88,12 @@ class SVFConfig(PeftConfig):
             base trained under autocast). The SVD itself is always computed and cached in float32; the singular
             values `S`, `z` (float32 under PEFT's `autocast_adapter_dtype`) and the scales stay in float32. The
             factors are shared by all adapters of a layer: the first adapter's setting decides.
+        compose_inference (`bool`): `True` (default): a forward that needs no gradient (sampling completions,
+            evaluation) uses the adapted weight `W'` composed once per change of `z` and cached, at the merged
+            model's cost per token instead of the factored form's; the loss and backward keep the factored form,
+            and the base weight is never written. Costs one dense weight per targeted layer while cached (freed by
+            the next forward that needs a gradient). `False`: always the factored forms. See
+            `peft_spectral.tuners.svf.composed` (`composed_inference`, `clear_composed_weights`).
         svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
             `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
             setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
@@ -151,6 +157,14 @@ class SVFConfig(PeftConfig):
             "dtype if bf16/fp16, else float32), 'float32', 'bfloat16' or 'float16'. The SVD is always float32."
         },
     )
+    compose_inference: bool = field(
+        default=True,
+        metadata={
+            "help": "True (default): forwards without gradient (sampling, evaluation) use W' = U diag(sigma*f(z)) V^T "
+            "composed once per change of z and cached (merged-model speed, one dense weight per target while "
+            "cached); training keeps the factored form. False: always the factored form."
+        },
+    )
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Directory of the SVD cache (runtime only, never saved); the user cache dir when None."},
@@ -177,6 +191,8 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.rank must be a positive integer or None, got {self.rank!r}")
         if self.max_mult <= 0:
             raise ValueError(f"SVFConfig.max_mult must be positive, got {self.max_mult!r}")
+        if not isinstance(self.compose_inference, bool):
+            raise ValueError(f"SVFConfig.compose_inference must be a bool, got {self.compose_inference!r}")
         if not isinstance(self.fast_factored, bool):
             raise ValueError(f"SVFConfig.fast_factored must be a bool, got {self.fast_factored!r}")
         if self.factor_dtype not in SVF_FACTOR_DTYPES:

@@ -18,7 +18,12 @@ output, per call and per matrix the cheapest that applies:
 * exact factored (`fast_factored=False`, or `2k <= m`): transform the input (`x + ((x Q_k) ⊙ (s-1)) Q_kᵀ`) or the
   output, then the base matmul: `2·tokens·m·k` extra multiply-adds, and exactly the base model when `s = 1` (bit
   for bit: the correction is `0`), needing only the smaller side's factors.
-* recomposed: build `W'` once, `2·out·in·k` extra; chosen only when no gradient is needed and it is cheaper.
+* composed (the default when no gradient is needed, `SVFConfig.compose_inference=True`): `W'` built once per change
+  of `z` (`out·in·m` multiply-adds with `P`, `2·out·in·k` without), cached, and each forward runs the base layer's
+  one matmul with it: sampling and evaluation at the merged model's cost, the base weight untouched (see
+  [`peft_spectral.tuners.svf.composed`] for when it is rebuilt, where it is not used, and its memory).
+* recomposed per call: build `W'` for this call only, `2·out·in·k` extra; chosen, where the composed form does not
+  apply, only when no gradient is needed and it is cheaper than the factored forms.
 
 Dtypes: `Q` and `P` are kept in the layer's factor dtype (`SVFConfig.factor_dtype`; by default the base weight's
 dtype when it is bfloat16/float16, else float32), and the matmuls with them run in that dtype, as the base layer's
@@ -46,6 +51,7 @@ from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
 from .._merge import restore_weight, write_merged_weight
+from .composed import ComposedWeightCache, is_sharded
 from .config import SVFConfig
 from .factor_dtype import resolve_factor_dtype, scaled_matmul
 from .mixed_batch import mixed_batch_forward
@@ -63,6 +69,10 @@ class SVFLayer(BaseTunerLayer):
         svf_S, svf_Q (buffers): Singular values (float32) and smaller-side singular vectors (in the factor dtype),
             shared by all adapters of the layer and never saved.
         svf_P (buffer or `None`): `W Q` or `Qᵀ W` (in the factor dtype) where the fast factored form is used.
+        svf_composed ([`ComposedWeightCache`]): The composed weight `W'` of the last adapter set used without
+            gradient (see [`peft_spectral.tuners.svf.composed`]).
+        svf_compose_override (`bool` or `None`): Set by `composed_inference(model, enabled)`; `None` follows the
+            adapters' `SVFConfig.compose_inference`.
     """
 
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
@@ -83,6 +93,8 @@ class SVFLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._svf_checked: dict[str, tuple[int, int]] = {}  # adapter -> (data_ptr, _version) of the last finite z
+        self.svf_composed = ComposedWeightCache()
+        self.svf_compose_override: Optional[bool] = None
 
         base = self.get_base_layer()
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base, "SVF", module_name)
@@ -140,7 +152,13 @@ class SVFLayer(BaseTunerLayer):
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.svf_z[adapter_name] = nn.Parameter(z.to(device=self.svf_S.device, dtype=dtype))
         self._svf_checked.pop(adapter_name, None)
-        self.svf_settings[adapter_name] = {"mode": config.mode, "max_mult": float(config.max_mult), "rank": k}
+        self.svf_settings[adapter_name] = {
+            "mode": config.mode,
+            "max_mult": float(config.max_mult),
+            "rank": k,
+            "compose": bool(getattr(config, "compose_inference", True)),
+        }
+        self.svf_composed.clear()
         wanted = resolve_factor_dtype(getattr(config, "factor_dtype", "auto"), weight.dtype)
         if wanted != self.svf_factor_dtype:
             warnings.warn(
@@ -243,6 +261,7 @@ class SVFLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        self.svf_composed.clear()  # a merged layer runs the base layer; the memory is not needed
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.svf_z:
@@ -258,6 +277,91 @@ class SVFLayer(BaseTunerLayer):
                 base, merged, self.svf_weight_backup, params, safe_merge=safe_merge, adapter_name=name
             )
             self.merged_adapters.append(name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter (PEFT's `BaseTunerLayer.delete_adapter`) and the composed weight cached for it."""
+        self.svf_composed.clear()
+        self._svf_checked.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ composed weight
+
+    def composed_weight(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
+        """`W'` of the given (default: the active) adapters, `(out, in)`, in the base weight's dtype.
+
+        The cached one when it was composed for these adapters from the current `z`, base weight and bias (see
+        [`peft_spectral.tuners.svf.composed`]); otherwise composed now (in float32 or wider, rounded once, as a merge
+        is) and cached in place of the previous one. With every scale at 1 it is the base weight bit for bit.
+
+        Args:
+            adapter_names (`list[str]`, *optional*): Adapters of this layer whose scales multiply.
+        """
+        names = tuple(a for a in (self.active_adapters if adapter_names is None else adapter_names) if a in self.svf_z)
+        tensors = self._composition_inputs(names)
+        weight = self.svf_composed.lookup(names, tensors)
+        if weight is None:
+            weight = self._compose(names)
+            self.svf_composed.store(names, tensors, weight)
+        return weight
+
+    def _composition_inputs(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        base = self.get_base_layer()
+        tensors = [self.svf_z[a] for a in names] + [base.weight]
+        if base.bias is not None:
+            tensors.append(base.bias)
+        return tensors
+
+    def _compose(self, names: tuple[str, ...]) -> torch.Tensor:
+        base = self.get_base_layer()
+        w = weight_matrix(base)
+        scale = self._combined_scale(list(names))
+        # a normal tensor even inside `torch.inference_mode()`, so that later forwards outside it may use it; and
+        # composed at full precision even under autocast, since later forwards without autocast reuse it
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+            if scale is None or self._svf_zero_weight:
+                return w.detach().clone().contiguous()
+            delta = scale - 1
+            compute = self.svf_compute_dtype
+            if self._fast_form(delta.shape[0]):
+                # W + P diag(s - 1) Qᵀ: one matmul with the kept P (the fast form's own factors), and W exactly at s = 1
+                m = self.svf_rank
+                if delta.shape[0] < m:
+                    delta = torch.cat([delta, delta.new_zeros(m - delta.shape[0])])
+                p, q = self.svf_P.to(compute), self._q()
+                correction = (p * delta) @ q.T if self.svf_side == "right" else (q * delta) @ p
+            else:
+                correction = self.delta_weight(delta)
+            return (w.to(compute) + correction).to(w.dtype).contiguous()
+
+    def _compose_enabled(self, names: list[str]) -> bool:
+        if self.svf_compose_override is not None:
+            return self.svf_compose_override
+        return all(self.svf_settings[a].get("compose", True) for a in names)
+
+    def composed_output(self, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
+        """The layer's output for `x` through the (cached) composed weight of `adapter_names`, or `None` where that
+        form does not apply: it is turned off, the output needs a gradient (then the cached weight is freed), the
+        weights are partitioned (ZeRO-3, FSDP), the base weight is not floating point, or under `torch.compile`.
+
+        Args:
+            x (`torch.Tensor`): The input, `(..., in_features)`.
+            adapter_names (`list[str]`): Adapters of this layer whose scales multiply (all present in `svf_z`).
+        """
+        if not adapter_names or not self._compose_enabled(adapter_names):
+            return None
+        base = self.get_base_layer()
+        tensors = self._composition_inputs(tuple(adapter_names))
+        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+            self.svf_composed.clear()  # z is being trained and will change; free the memory before the backward
+            return None
+        if not base.weight.is_floating_point() or torch.compiler.is_compiling() or any(is_sharded(t) for t in tensors):
+            return None
+        weight = self.composed_weight(adapter_names)
+        bias = base.bias
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight, bias)
 
     def unmerge(self) -> None:
         """Restore the base weight exactly as it was before the first merge."""
@@ -314,9 +418,13 @@ class SVFLinear(nn.Module, SVFLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        scale = self._combined_scale(self.active_adapters)
-        if scale is None:
+        active = [a for a in self.active_adapters if a in self.svf_z]
+        if not active:
             return self.base_layer(x, *args, **kwargs)
+        y = self.composed_output(x, active)
+        if y is not None:
+            return y
+        scale = self._combined_scale(active)
 
         base = self.get_base_layer()
         if self._fast_form(scale.shape[0]) and not self._use_recomposed(x, scale):

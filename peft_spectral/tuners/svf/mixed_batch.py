@@ -57,7 +57,8 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, *args: Any, adapter_n
     """Forward of an SVF layer where row `i` of `x` is answered by adapter `adapter_names[i]`.
 
     Equals running each group of rows through the layer with its adapter active (up to float rounding: the
-    factored form is always used here), and the base layer exactly for `"__base__"` rows.
+    factored form is used here, or, when every row names the same adapter and no gradient is needed, that adapter's
+    composed weight as in `SVFLinear.forward`), and the base layer exactly for `"__base__"` rows.
 
     Args:
         layer (`SVFLinear`): The layer.
@@ -74,6 +75,11 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, *args: Any, adapter_n
     adapted = [i for i, name in enumerate(adapter_names) if name != BASE_ADAPTER and name in layer.svf_z]
     if not adapted:
         return layer.base_layer(x, *args, **kwargs)
+    if len(adapted) == x.shape[0] and len(set(adapter_names)) == 1:
+        # every row uses the same adapter: its composed weight where no gradient is needed (cached across batches)
+        y = layer.composed_output(x, [adapter_names[0]])
+        if y is not None:
+            return y
     delta = per_row_delta(layer, [adapter_names[i] for i in adapted])
     q = layer.svf_Q[:, : delta.shape[1]]  # in the factor dtype; `delta` stays float32 (see `scaled_matmul`)
     delta = delta.reshape(delta.shape[0], *([1] * (x.ndim - 2)), delta.shape[1])

@@ -1,0 +1,161 @@
+"""Composed weights: an SVF layer's adapted weight `W'` built once per change of `z` and reused by every forward that
+needs no gradient (sampling rollouts, evaluation, the experts of Transformer²'s pass 2, CEM's shots).
+
+The factored forms of [`SVFLinear`] apply a targeted weight as two matmuls (`x Q`, then `· (s ⊙ ·) Pᵀ`): on a square
+matrix twice the base layer's multiply-adds per token. Without a gradient nothing needs the factors, so the layer
+composes `W' = W + P diag(s - 1) Qᵀ` (the exact form: `W + W Q_k diag(s - 1) Q_kᵀ`) once, in float32, rounds it to
+the base weight's dtype (as a merge would), keeps it, and runs each such forward as the base layer does, one matmul
+with `W'`. The loss and backward keep the factored form: a forward whose output needs a gradient never uses `W'`,
+and it frees the cached one, so that a training step's peak memory holds no dense copy.
+
+**When `W'` is rebuilt.** A cached `W'` belongs to one set of active adapters and to the exact tensors it was built
+from: each `z`, the base weight and its bias, by identity, storage and in-place version (`_version`, which
+`optimizer.step()` of torch's foreach/for-loop optimizers, `load_state_dict` and any in-place op under
+`torch.no_grad()` bump). Some writes do not bump it: fused optimizers (`AdamW(fused=True)`, DeepSpeed's), and writes
+through `.data` (`param.data.copy_(...)`). For the first, every `optimizer.step()` of any torch optimizer in the
+process (a global post-step hook, registered when this module is imported) invalidates every cached `W'`. For the
+second, call [`clear_composed_weights`] after such a write (or write under `torch.no_grad()` without `.data`).
+Switching adapters (`set_adapter`), adding or deleting one, merging, and disabling adapters are all seen: the layer
+then composes for the new set at its next forward, or does not use `W'` at all (merged, disabled).
+
+**Where it is not used.** Weights partitioned by DeepSpeed ZeRO-3 or flattened by FSDP (a cached dense `W'` would
+undo the partitioning on every rank), inside `torch.compile` tracing, and integer (quantized) base weights: there the
+layer keeps its per-call choice between the factored forms and recomposing.
+
+**Memory.** One dense weight per adapted layer (in the base weight's dtype) while cached: as much as the targeted
+weights themselves. It is freed by the next forward that needs a gradient, by `merge`, by [`clear_composed_weights`]
+and by leaving `composed_inference(model, enabled=False)`; `SVFConfig(compose_inference=False)` never builds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .._merge import is_zero3_partitioned
+
+
+__all__ = [
+    "ComposedWeightCache",
+    "clear_composed_weights",
+    "composed_inference",
+    "composed_weight_bytes",
+    "is_sharded",
+]
+
+# Bumped by every optimizer step in the process; part of every cache key (see the module docstring).
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many `optimizer.step()` calls (of any torch optimizer) this process has made since the import."""
+    return _optimizer_steps
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether `param` is partitioned across processes (DeepSpeed ZeRO-3, FSDP's flat parameters, a DTensor)."""
+    return (
+        is_zero3_partitioned(param)
+        or bool(getattr(param, "_fsdp_flattened", False))
+        or type(param).__name__ == "DTensor"
+    )
+
+
+class ComposedWeightCache:
+    """One cached composed weight and the key it was built for.
+
+    The key holds weak references to the tensors (so that a freed tensor whose memory and `id` are reused never
+    matches) with their storage address and in-place version, the adapter names and the optimizer-step count.
+    Copies (`copy.deepcopy`) and pickles of a layer get an empty cache.
+    """
+
+    __slots__ = ("_key", "weight")
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self.weight: Optional[torch.Tensor] = None
+
+    def __reduce__(self):
+        return (ComposedWeightCache, ())
+
+    def lookup(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The cached weight if it was composed for `names` from exactly `tensors` as they are now, else `None`."""
+        key = self._key
+        if key is None or key[0] != _optimizer_steps or key[1] != names or len(key[2]) != len(tensors):
+            return None
+        for (ref, ptr, version), t in zip(key[2], tensors):
+            if ref() is not t or ptr != t.data_ptr() or version != t._version:
+                return None
+        return self.weight
+
+    def store(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
+        """Keep `weight` as the composition of `names` from `tensors` (their current versions)."""
+        self._key = (_optimizer_steps, names, tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors))
+        self.weight = weight
+
+    def clear(self) -> int:
+        """Drop the cached weight; returns the bytes it held."""
+        freed = 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+        self._key, self.weight = None, None
+        return freed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached weight (0 when none)."""
+        return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+
+
+def _svf_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "svf_composed", None), ComposedWeightCache)]
+
+
+def clear_composed_weights(model: nn.Module) -> int:
+    """Free the composed weights cached by the SVF layers of `model`; returns the bytes freed.
+
+    Call it after writing an adapter's `z` (or a base weight) through `.data`, which the cache cannot see, or to give
+    the memory back; the next forward without gradient composes again.
+    """
+    return sum(layer.svf_composed.clear() for layer in _svf_layers(model))
+
+
+def composed_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the composed weights cached in the SVF layers of `model`."""
+    return sum(layer.svf_composed.nbytes for layer in _svf_layers(model))
+
+
+@contextlib.contextmanager
+def composed_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Context in which the SVF layers of `model` use (`enabled=True`) or never use (`False`) a composed weight in
+    forwards that need no gradient, whatever their adapters' `SVFConfig.compose_inference` says.
+
+    On exit each layer is back to its config's choice; with `enabled=False` the cached weights are freed on entry.
+
+    Args:
+        model (`nn.Module`): The model holding the SVF layers (a `PeftModel`, its base model or a layer).
+        enabled (`bool`, defaults to `True`): Use the composed weight or the factored forms.
+    """
+    layers = _svf_layers(model)
+    previous = [layer.svf_compose_override for layer in layers]
+    try:
+        for layer in layers:
+            layer.svf_compose_override = bool(enabled)
+            if not enabled:
+                layer.svf_composed.clear()
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.svf_compose_override = value
