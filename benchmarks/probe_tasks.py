@@ -1,262 +1,272 @@
-"""Probe the embedded base model on candidate BigBench tasks: where is there headroom for an SVF expert?
+"""Probe the embedded model on reasoning-gym generators at two difficulty levels: where can an SVF expert learn?
 
-For every task: the base model's accuracy on the first `--n` validation examples (with a 95% Wilson interval), the
-chance level, the label balance, the split sizes. Multiple choice is scored twice: by option log-likelihood (what
-Transformer²'s few-shot search scores) and by the greedy generated answer (what RL rewards score: the letter or the
-option text). Generation tasks are scored by their greedy answer. Writes `<out>.json` and `<out>.md` after every
-task, so an interrupted run keeps what it measured, and ends with a recommendation.
+For every setting (generator × level), on the first `--n` test questions: greedy pass@1 scored with strict and
+lenient answer extraction (one generation, two readings, `peft_spectral.data.answers`), and sampled pass@1 / pass@8
+(8 samples at temperature 1 on the first `--n-sampled` questions, lenient; pass@8 > 0 means RL can see a reward).
+With `--sft`, each candidate setting also gets a short SVF-SFT run (`--sft-steps` steps from the task's train split)
+and its lenient accuracy on the same test questions, paired with the base model's.
 
-    python benchmarks/probe_tasks.py                         # the default candidates, 100 validation examples each
-    python benchmarks/probe_tasks.py --tasks navigate,snarks --n 50 --out /tmp/probe
-    python benchmarks/probe_tasks.py --smoke                 # tiny random model, seconds
+    python benchmarks/probe_tasks.py                 # base model on every setting -> docs/results/probe.{json,md}
+    python benchmarks/probe_tasks.py --sft           # then the short SFT runs of the candidates
+    python benchmarks/probe_tasks.py --smoke         # tiny random model, a few settings, seconds
+
+Resumable: every finished setting is kept in the state file and skipped when the command runs again.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
-from collections import Counter
-from pathlib import Path
-from typing import Any
+import copy
 
-import torch
+from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
+from peft_spectral.data import load_task
+from peft_spectral.evaluation import evaluate, pass_at_k, rescore, sample_answers, score_prediction
+from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
 
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for the smoke runs
-
-from peft_spectral.evaluation import evaluate  # noqa: E402
-from peft_spectral.stats import accuracy_ci, balanced_accuracy, label_balance  # noqa: E402
-from peft_spectral.tasks import Example, Task, load_task  # noqa: E402
-
-
-CANDIDATES = [
-    # generation
-    "arithmetic/1_digit_addition",
-    "arithmetic/2_digit_addition",
-    "elementary_math_qa",
-    "object_counting",
-    # multiple choice, 2-4 options, >= 1000 examples
-    "navigate",
-    "sports_understanding",
-    "epistemic_reasoning",
-    "strategyqa",
-    "winowhy",
-    "logical_fallacy_detection",
-    "timedial",
-    "social_iqa",
-    "temporal_sequences",
+_ARITH = "operators=+,-&allow_parentheses=false&allow_negation=false"
+#: (family, generator, {level: parameters}); level 1 is the easy setting, level 2 a harder one.
+SETTINGS: list[tuple[str, str, dict[int, str]]] = [
+    (
+        "arithmetic",
+        "basic_arithmetic",
+        {1: f"min_terms=2&max_terms=2&max_digits=1&{_ARITH}", 2: f"min_terms=2&max_terms=2&max_digits=2&{_ARITH}"},
+    ),
+    (
+        "arithmetic",
+        "chain_sum",
+        {1: "min_terms=3&max_terms=3&max_digits=1", 2: "min_terms=3&max_terms=3&max_digits=2"},
+    ),
+    ("arithmetic", "products", {1: "max_digits=1", 2: "max_digits=2"}),
+    (
+        "arithmetic",
+        "decimal_arithmetic",
+        {
+            1: "min_num_decimal_places=1&max_num_decimal_places=1&min_terms=2&max_terms=2",
+            2: "min_num_decimal_places=2&max_num_decimal_places=2&min_terms=3&max_terms=3",
+        },
+    ),
+    (
+        "arithmetic",
+        "simple_equations",
+        {
+            1: "min_terms=2&max_terms=2&max_value=10&operators=+,-&operators_weights=0.5,0.5",
+            2: "min_terms=2&max_terms=3&max_value=50",
+        },
+    ),
+    ("number theory", "gcd", {1: "max_value=20", 2: "max_value=100"}),
+    ("number theory", "lcm", {1: "max_value=10", 2: "max_value=30"}),
+    ("number theory", "prime_factorization", {1: "max_value=100", 2: "max_value=500"}),
+    ("number theory", "base_conversion", {1: "max_base=10&max_value=15", 2: "max_value=255"}),
+    (
+        "number theory",
+        "fraction_simplification",
+        {1: "max_value=20&max_factor=5&styles=plain", 2: "max_value=100&max_factor=12&styles=plain"},
+    ),
+    (
+        "counting",
+        "leg_counting",
+        {1: "min_animals=1&max_animals=2&max_instances=3", 2: "min_animals=2&max_animals=4&max_instances=6"},
+    ),
+    ("counting", "letter_counting", {1: "min_words=1&max_words=3", 2: "min_words=5&max_words=8"}),
+    ("counting", "count_bits", {1: "max_n=255", 2: "max_n=4095"}),
+    (
+        "counting",
+        "number_format",
+        {1: "max_num_candidates=2&max_n=1000&min_n=10", 2: "min_num_candidates=3&max_num_candidates=4"},
+    ),
+    ("strings", "spell_backward", {1: "min_word_len=3&max_word_len=4", 2: "min_word_len=5&max_word_len=7"}),
+    ("strings", "word_sequence_reversal", {1: "min_words=2&max_words=3", 2: "min_words=4&max_words=6"}),
+    (
+        "strings",
+        "letter_jumble",
+        {
+            1: "min_words=1&max_words=2&max_word_len=5&max_corruption_level=0.3",
+            2: "min_words=3&max_words=5&max_word_len=8",
+        },
+    ),
+    ("strings", "caesar_cipher", {1: "min_words=1&max_words=1", 2: "min_words=2&max_words=3"}),
+    ("strings", "word_sorting", {1: "min_words=3&max_words=3&max_word_length=6", 2: "min_words=5&max_words=6"}),
+    (
+        "strings",
+        "number_sorting",
+        {
+            1: "min_numbers=3&max_numbers=3&max_decimals=0&min_value=0&max_value=50",
+            2: "min_numbers=5&max_numbers=6&max_decimals=1",
+        },
+    ),
+    ("logic", "syllogism", {1: "inversion_probability=0", 2: "inversion_probability=0.5"}),
+    (
+        "logic",
+        "isomorphic_strings",
+        {1: "max_string_length=4", 2: "min_string_length=6&max_string_length=10"},
+    ),
+    ("logic", "family_relationships", {1: "max_family_size=4", 2: "min_family_size=6&max_family_size=8"}),
+    ("logic", "coin_flip", {1: "max_trials=6", 2: "min_trials=7&max_trials=12"}),
 ]
-MIN_TEST = 200  # test examples a task needs for an expert to show a difference (20% of >= 1000 examples)
+SMOKE_SETTINGS = [("arithmetic", "gcd", {1: "max_value=10"}), ("strings", "spell_backward", {1: "max_word_len=4"})]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default=",".join(CANDIDATES), help="comma-separated task names")
-    p.add_argument("--n", type=int, default=100, help="validation examples per task (default 100)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="generation budget of generation tasks (default 10)")
-    p.add_argument(
-        "--mc-new-tokens", type=int, default=4, help="generation budget of multiple choice (the letter; default 4)"
-    )
-    p.add_argument(
-        "--mc-generate-n",
-        type=int,
-        default=None,
-        help="score only the first N multiple-choice validation examples by generation (default: all --n)",
-    )
-    p.add_argument("--resume", action="store_true", help="keep the tasks already in <out>.json")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "probe"), help="output path without suffix")
-    p.add_argument("--smoke", action="store_true", help="tiny random model and toy tasks (checks the script)")
-    return p.parse_args(argv)
-
-
-def _toy_task(name: str) -> Task:
-    from peft_spectral.tasks import multiple_choice_prompt
-
-    if name.endswith("gen"):
-        ex = [Example(prompt=f"{i} + 1 =", target=str(i + 1)) for i in range(30)]
-        return Task(name=name, kind="generation", train=ex[:10], validation=ex[10:20], test=ex[20:])
-    ex = [
-        Example(
-            multiple_choice_prompt(f"is {i} even?", ("yes", "no")), "yes" if i % 2 == 0 else "no", ("yes", "no"), i % 2
-        )
-        for i in range(30)
-    ]
-    return Task(name=name, kind="multiple_choice", train=ex[:10], validation=ex[10:20], test=ex[20:])
-
-
-def _label_key(ex: Example) -> str:
-    return ex.target.strip().lower()
-
-
-def probe_task(model, tokenizer, task: Task, args) -> dict[str, Any]:
-    val = task.validation[: args.n]
-    if not val:
-        raise SystemExit(f"task {task.name!r} has no validation examples")
-    labels = [_label_key(ex) for ex in val]
-    balance = label_balance(labels)
-    row: dict[str, Any] = {
-        "kind": task.kind,
-        "n": len(val),
-        "n_train": len(task.train),
-        "n_validation": len(task.validation),
-        "n_test": len(task.test),
-        "n_total": len(task.train) + len(task.validation) + len(task.test),
-        "majority_label_fraction": next(iter(balance.values())),
-        "distinct_targets": len(balance),
-    }
-    if task.kind == "multiple_choice":
-        row["options"] = dict(Counter(len(ex.choices) for ex in val))
-        row["chance"] = sum(1 / len(ex.choices) for ex in val) / len(val)
-        row["gold_position_balance"] = {
-            chr(65 + k): v for k, v in sorted(label_balance([ex.label for ex in val]).items())
-        }
-        if len(balance) <= 6:
-            row["label_balance"] = balance
-        start = time.perf_counter()
-        ll = evaluate(model, tokenizer, val, kind=task.kind, mode="loglik", batch_size=args.batch_size)
-        row["loglik"] = _scores(ll.correct, labels, time.perf_counter() - start)
-    else:
-        row["chance"] = 0.0
-    start = time.perf_counter()
-    budget = args.mc_new_tokens if task.kind == "multiple_choice" else args.max_new_tokens
-    row["max_new_tokens"] = budget
-    n_gen = args.mc_generate_n if task.kind == "multiple_choice" and args.mc_generate_n else len(val)
-    gen = evaluate(
-        model,
-        tokenizer,
-        val[:n_gen],
-        kind=task.kind,
-        mode="generate",
-        batch_size=args.batch_size,
-        max_new_tokens=budget,
-    )
-    row["generate"] = _scores(gen.correct, labels[:n_gen], time.perf_counter() - start)
-    return row
-
-
-def _scores(correct: list[bool], labels: list[str], seconds: float) -> dict[str, Any]:
-    ci = accuracy_ci(correct)
+def setting_specs(settings) -> dict[str, tuple[str, str, int]]:
+    """`spec -> (family, generator, level)` of every setting."""
     return {
-        "accuracy": ci.accuracy,
-        "ci95": [ci.low, ci.high],
-        "text": str(ci),
-        "balanced_accuracy": balanced_accuracy(correct, labels),
-        "seconds": seconds,
+        f"rg:{gen}?{params}": (family, gen, level)
+        for family, gen, levels in settings
+        for level, params in levels.items()
     }
 
 
-def recommend(rows: dict[str, dict]) -> dict[str, Any]:
-    """Tasks with headroom for an RL-trained expert (the greedy generated accuracy is what RL rewards judge).
+def probe_base(model, tokenizer, task, n: int, n_sampled: int, max_new_tokens: int, seed: int) -> dict:
+    test = task.test[:n]
+    lenient = evaluate(model, tokenizer, test, kind=task.kind, max_new_tokens=max_new_tokens, batch_size=16)
+    strict = rescore(lenient, test, kind=task.kind, extraction="strict")
+    samples = sample_answers(
+        model, tokenizer, test[:n_sampled], num_samples=8, max_new_tokens=max_new_tokens, batch_size=4, seed=seed
+    )
+    correct = [sum(score_prediction(task.kind, s, ex) for s in group) for group, ex in zip(samples, test)]
+    return {
+        "n": len(test),
+        "strict": strict.correct,
+        "lenient": lenient.correct,
+        "predictions": lenient.predictions[:5],
+        "sampled_n": len(samples),
+        "sampled_pass1": sum(pass_at_k(8, c, 1) for c in correct) / max(1, len(correct)),
+        "sampled_pass8": sum(pass_at_k(8, c, 8) for c in correct) / max(1, len(correct)),
+        "test_sizes": len(task.test),
+    }
 
-    Both kinds need a test split of >= 200 examples. Multiple choice also needs a generated accuracy not far above
-    chance (<= chance + 0.2) and below the ceiling (upper Wilson bound < 0.9); generation needs an accuracy in
-    [0.1, 0.85] (below 0.1 nearly every RL reward is −1 and the policy gradient vanishes).
-    """
-    qualifying = []
-    for name, r in rows.items():
-        acc, high = r["generate"]["accuracy"], r["generate"]["ci95"][1]
-        if r["n_test"] < MIN_TEST:
+
+def probe_sft(model, tokenizer, task, n: int, steps: int, max_new_tokens: int, seed: int, work: str) -> dict:
+    from peft_spectral.training import train_svf
+
+    result = train_svf(
+        copy.deepcopy(model),
+        tokenizer,
+        task,
+        method="sft",
+        max_steps=steps,
+        output_dir=work,
+        seed=seed,
+        per_device_train_batch_size=8,
+        disable_tqdm=True,
+    )
+    scored = evaluate(
+        result.model, tokenizer, task.test[:n], kind=task.kind, max_new_tokens=max_new_tokens, batch_size=16
+    )
+    strict = rescore(scored, task.test[:n], kind=task.kind, extraction="strict")
+    return {
+        "lenient": scored.correct,
+        "strict": strict.correct,
+        "seconds": result.train_runtime,
+        "predictions": scored.predictions[:5],
+    }
+
+
+def report(specs: dict, results: dict) -> tuple[dict, str]:
+    rows, table = [], []
+    for spec, (family, gen, level) in specs.items():
+        base = results.get(f"base:{spec}")
+        if base is None:
             continue
-        if r["kind"] == "multiple_choice":
-            ok = high < 0.9 and acc <= r["chance"] + 0.2
-        else:
-            ok = 0.1 <= acc <= 0.85
-        if ok:
-            qualifying.append(name)
-    return {"qualifying": qualifying}
-
-
-def write(rows: dict[str, dict], meta: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rec = recommend(rows) if rows else {"qualifying": []}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "tasks": rows, "recommendation": rec}, indent=1))
-    lines = [
-        "# Base-model probe of candidate tasks",
-        "",
-        (
-            f"Model: {meta['model']}. First {meta['n']} validation examples of `load_task(name, seed=0)` per task; "
-            "95% Wilson intervals; greedy generation (new tokens per task in the JSON: the letter for multiple choice, "
-            f"{meta['max_new_tokens']} for generation); {meta['threads']} torch threads. Written by "
-            "`benchmarks/probe_tasks.py`."
-        ),
-        "",
-        (
-            "| task | kind | examples (train/val/test) | chance | majority label | loglik acc | generated acc | "
-            "balanced (gen) |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        ll = r.get("loglik", {}).get("text", "—")
-        lines.append(
-            f"| `{name}` | {r['kind']} | {r['n_train']}/{r['n_validation']}/{r['n_test']} | {r['chance']:.2f} | "
-            f"{r['majority_label_fraction']:.2f} | {ll} | {r['generate']['text']} | "
-            f"{r['generate']['balanced_accuracy']:.3f} |"
+        sft = results.get(f"sft:{spec}")
+        row = {
+            "family": family,
+            "generator": gen,
+            "level": level,
+            "spec": spec,
+            "n": base["n"],
+            "strict": sum(base["strict"]) / base["n"],
+            "lenient": sum(base["lenient"]) / base["n"],
+            "sampled_pass8": base["sampled_pass8"],
+            "sampled_pass1": base["sampled_pass1"],
+        }
+        sft_cell = "—"
+        if sft is not None:
+            row["sft_lenient"] = sum(sft["lenient"]) / base["n"]
+            row["sft_strict"] = sum(sft["strict"]) / base["n"]
+            sft_cell = f"{format_accuracy(accuracy_ci(sft['lenient']))}, Δ {format_comparison(compare_paired(base['lenient'], sft['lenient'])).removeprefix('Δ ')}"
+        rows.append(row)
+        table.append(
+            [
+                family,
+                f"`{gen}` L{level}",
+                format_accuracy(accuracy_ci(base["strict"])),
+                format_accuracy(accuracy_ci(base["lenient"])),
+                f"{base['sampled_pass1']:.2f} / {base['sampled_pass8']:.2f} (n={base['sampled_n']})",
+                sft_cell,
+            ]
         )
-    lines += [
-        "",
-        "Tasks with headroom by the rule of `recommend()` (test split >= 200; multiple choice: generated accuracy "
-        "<= chance + 0.2 and upper bound < 0.9; generation: accuracy in [0.1, 0.85]): "
-        + (", ".join(f"`{t}`" for t in rec["qualifying"]) or "none")
-        + ".",
-    ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    markdown = markdown_table(
+        [
+            "family",
+            "generator, level",
+            "greedy strict [95% CI]",
+            "greedy lenient [95% CI]",
+            "sampled pass@1 / pass@8",
+            "after short SVF-SFT (lenient), Δ vs base [95% CI]",
+        ],
+        table,
+        "llrrrr",
+    )
+    legend = "\n\nSettings (`rg:` task specs):\n\n" + "\n".join(
+        f"- {gen} L{level}: `{spec}`" for spec, (_, gen, level) in specs.items()
+    )
+    return {"rows": rows}, markdown + legend
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_arguments(parser, name="probe")
+    parser.add_argument("--n", type=int, default=32, help="greedy test questions per setting")
+    parser.add_argument("--n-sampled", type=int, default=12, help="questions sampled 8 times each (pass@8)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="generation budget")
+    parser.add_argument(
+        "--sft",
+        nargs="*",
+        default=None,
+        metavar="SPEC",
+        help="short SFT runs: these specs (none given: every level-1 setting)",
+    )
+    parser.add_argument("--sft-steps", type=int, default=40, help="SFT steps per candidate (batch 8, lr 2e-3)")
+    args = parser.parse_args(argv)
+    settings = SMOKE_SETTINGS if args.smoke else SETTINGS
     if args.smoke:
-        from tiny_model import tiny_model as build_tiny_llama
-        from tiny_model import tiny_tokenizer as build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer()
-        model, model_name = build_tiny_llama(tokenizer).eval(), "tiny random Llama (smoke test)"
-        names = ["toy_mc", "toy_gen"]
-    else:
-        from peft_spectral.assets import DEFAULT_MODEL_ID, load_default_model
-
-        model = tokenizer = None  # loaded when a task is still to be probed
-        model_name = DEFAULT_MODEL_ID
-    meta = {
-        "model": model_name,
+        args.n, args.n_sampled, args.max_new_tokens, args.sft_steps = 4, 2, 4, 2
+    specs = setting_specs(settings)
+    config = {
+        "specs": list(specs),
         "n": args.n,
+        "n_sampled": args.n_sampled,
         "max_new_tokens": args.max_new_tokens,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "platform": platform.platform(),
+        "sft_steps": args.sft_steps,
     }
-    rows: dict[str, dict] = {}
-    out = Path(args.out)
-    if args.resume and out.with_suffix(".json").is_file():
-        rows = json.loads(out.with_suffix(".json").read_text())["tasks"]
-    for name in names:
-        if name in rows:
-            continue
-        if model is None:
-            model, tokenizer = load_default_model()
-        start = time.perf_counter()
-        task = _toy_task(name) if args.smoke else load_task(name, seed=0)
-        rows[name] = probe_task(model, tokenizer, task, args)
-        gen = rows[name]["generate"]["text"]
-        ll = rows[name].get("loglik", {}).get("text", "-")
-        print(
-            f"{name}: generated {gen}, loglik {ll}, chance {rows[name]['chance']:.2f} "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
+    run = BenchmarkRun.from_args(args, config)
+    model, tokenizer = run.load_model()
+    tasks = {}
+
+    def task_of(spec):
+        if spec not in tasks:
+            tasks[spec] = load_task(spec, seed=args.seed, max_examples=1000)
+        return tasks[spec]
+
+    for key in run.jobs([f"base:{s}" for s in specs], desc="base model"):
+        spec = key.removeprefix("base:")
+        run.record(
+            key, probe_base(model, tokenizer, task_of(spec), args.n, args.n_sampled, args.max_new_tokens, args.seed)
         )
-        write(rows, meta, out)
-    write(rows, meta, out)
-    print(json.dumps(recommend(rows)))
+    if args.sft is not None:
+        candidates = args.sft or [s for s, (_, _, level) in specs.items() if level == 1]
+        for key in run.jobs([f"sft:{s}" for s in candidates], desc="short SFT"):
+            spec = key.removeprefix("sft:")
+            work = str(run.output_dir / "probe_sft_checkpoints")
+            run.record(
+                key,
+                probe_sft(
+                    model, tokenizer, task_of(spec), args.n, args.sft_steps, args.max_new_tokens, args.seed, work
+                ),
+            )
+    data, markdown = report(specs, run.results())
+    run.write(data, markdown, title="Probe: the embedded model on reasoning-gym settings")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -44,7 +45,9 @@ __all__ = [
     "format_prompt",
     "generate_answers",
     "option_logliks",
+    "pass_at_k",
     "rescore",
+    "sample_answers",
     "score_prediction",
 ]
 
@@ -190,6 +193,54 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _generate(
+    model, tokenizer, examples: Sequence[Example], gen_config, batch_size: int, progress: bool
+) -> list[list[str]]:
+    """`gen_config.num_return_sequences` completions of each example's formatted prompt (left-padded batches of similar length)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    samples = gen_config.num_return_sequences or 1
+    pad_id = gen_config.pad_token_id
+    eos = list(gen_config.eos_token_id or [])
+    encoded = [encode_prompt(tokenizer, ex) for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    device = model_device(model)
+    answers: list[list[str]] = [[] for _ in examples]
+    with eval_mode(model), torch.no_grad():
+        for batch in progress_bar(batches, len(batches), progress, "generating"):
+            width = max(len(encoded[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, idx in enumerate(batch):
+                ids = encoded[idx]
+                input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                attention_mask[row, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
+            )
+            for row, idx in enumerate(batch):
+                for k in range(samples):
+                    new_tokens = output[row * samples + k, width:].tolist()
+                    cut = next((j for j, t in enumerate(new_tokens) if t in eos), len(new_tokens))
+                    answers[idx].append(tokenizer.decode(new_tokens[:cut], skip_special_tokens=True).strip())
+    return answers
+
+
+def _generation_config(model, tokenizer, max_new_tokens: int, **sampling):
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        pad_token_id=pad_token_id(tokenizer, model),
+        eos_token_id=_eos_ids(model, tokenizer) or None,
+        **sampling,
+    )
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -207,43 +258,62 @@ def generate_answers(
     Returns:
         `list[str]`: One answer per example, in input order.
     """
-    from transformers import GenerationConfig
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, do_sample=False)
+    return [a[0] for a in _generate(model, tokenizer, examples, gen_config, batch_size, progress)]
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    pad_id = pad_token_id(tokenizer, model)
-    eos = _eos_ids(model, tokenizer)
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos or None,
+
+def sample_answers(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    num_samples: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 32,
+    batch_size: int = 4,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+) -> list[list[str]]:
+    """`num_samples` sampled completions of each example (for pass@k), `temperature` / `top_p` sampling.
+
+    Args:
+        seed (`int`, *optional*): Seeds torch's generator first, so that a run repeats; `None` leaves it alone.
+
+    Returns:
+        `list[list[str]]`: The samples of each example, in input order.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    gen_config = _generation_config(
+        model,
+        tokenizer,
+        max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        num_return_sequences=num_samples,
     )
-    encoded = [encode_prompt(tokenizer, ex) for ex in examples]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    device = model_device(model)
-    answers: list[str] = [""] * len(examples)
-    with eval_mode(model), torch.no_grad():
-        for batch in progress_bar(batches, len(batches), progress, "generating"):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, idx in enumerate(batch):
-                ids = encoded[idx]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
-            )
-            for row, idx in enumerate(batch):
-                new_tokens = output[row, width:].tolist()
-                cut = next((k for k, t in enumerate(new_tokens) if t in eos), len(new_tokens))
-                answers[idx] = tokenizer.decode(new_tokens[:cut], skip_special_tokens=True).strip()
-    return answers
+    return _generate(model, tokenizer, examples, gen_config, batch_size, progress)
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """The unbiased pass@k estimate of Chen et al. (2021): `1 - C(n-c, k) / C(n, k)` for `c` correct of `n`."""
+    if not 0 <= num_correct <= num_samples or not 1 <= k <= num_samples:
+        raise ValueError(
+            f"need 0 <= num_correct <= num_samples and 1 <= k <= num_samples, got {num_correct}, {num_samples}, {k}"
+        )
+    if num_samples - num_correct < k:
+        return 1.0
+    value = 1.0
+    for i in range(num_samples - num_correct + 1, num_samples + 1):
+        value *= 1.0 - k / i
+    return 1.0 - value
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ _RECIPE_LABELS = (
     ("svf_mode", "SVF mode"),
     ("trainable_parameters", "trainable parameters"),
     ("train_examples", "train examples"),
+    ("task_spec", "task spec"),
     ("init_adapter", "initialised from"),
     ("seed", "seed"),
 )
@@ -163,7 +164,39 @@ def _test_lines(test_eval: Optional[Mapping[str, Any]]) -> list[str]:
         f"Δ vs base: {100 * delta['delta']:+.1f} points [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}], "
         f"p = {delta['p_value']:.3g}" + (" (significant)" if delta.get("significant") else " (not significant)") + ".",
         *balanced_lines,
+        *_strict_lines(test_eval.get("strict")),
     ]
+
+
+def _strict_lines(strict: Optional[Mapping[str, Any]]) -> list[str]:
+    """The same comparison under strict answer extraction (the bare answer only), when recorded."""
+    if not strict:
+        return []
+    base, adapter, delta = strict["base"], strict["adapter"], strict["delta"]
+    return [
+        "",
+        (
+            f"Strict extraction (the answer alone, no sentence around it): base {base['accuracy']:.3f} "
+            f"[{base['low']:.3f}, {base['high']:.3f}], this expert {adapter['accuracy']:.3f} "
+            f"[{adapter['low']:.3f}, {adapter['high']:.3f}], Δ {100 * delta['delta']:+.1f} points "
+            f"[{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]. The table above reads answers leniently (also "
+            "inside a sentence), so that learning the answer format alone does not count as a gain."
+        ),
+    ]
+
+
+def _task_lines(task: str, kind: Optional[str], description: Optional[str], task_info) -> list[str]:
+    lines = [f"`{task}`{f' ({kind})' if kind else ''}: {_description(description, task)}"]
+    if task_info:
+        spec = task_info.get("spec") or task
+        lines += ["", f"Task spec: `{spec}` (load it with `peft_spectral.data.load_task(spec, seed=...)`)."]
+        params = task_info.get("params") or {}
+        if params and "mixture" not in params:
+            lines += ["", "Data parameters: " + ", ".join(f"`{k}={v}`" for k, v in params.items()) + "."]
+        sizes = task_info.get("sizes")
+        if sizes:
+            lines += ["", "Splits: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "."]
+    return lines
 
 
 def _loading_lines(base_model: str, folder_hint: str) -> list[str]:
@@ -209,6 +242,7 @@ def model_card(
     test_eval: Optional[Mapping[str, Any]] = None,
     stages: Optional[Sequence[Mapping[str, Any]]] = None,
     folder_hint: str = "path/to/this/adapter",
+    task_info: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """The text of an SVF expert's `README.md`.
 
@@ -230,6 +264,8 @@ def model_card(
             recipe table then describes the last stage and `wall_seconds` is the total. A stage's `validation` (its
             `validation.json`), when present, is shown as that stage's validation curve.
         folder_hint (`str`): The adapter path shown in the loading snippet.
+        task_info (`Mapping`, *optional*): [`peft_spectral.data.Task.info`]: the task spec, its data parameters
+            (e.g. a generator's difficulty settings) and split sizes.
 
     Returns:
         `str`: Markdown with YAML front matter.
@@ -256,7 +292,7 @@ def model_card(
         "",
         "## Task",
         "",
-        f"`{task}`{f' ({kind})' if kind else ''}: {_description(description, task)}",
+        *_task_lines(task, kind, description, task_info),
         "",
         "## Recipe",
         "",
@@ -305,10 +341,14 @@ def expert_json(
     validation: Optional[Mapping[str, Any]] = None,
     test_eval: Optional[Mapping[str, Any]] = None,
     stages: Optional[Sequence[Mapping[str, Any]]] = None,
+    task_info: Optional[Mapping[str, Any]] = None,
+    config: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """The `expert.json` dict: `task`, `description`, `kind`, `steps`, `test_accuracy` (the keys older readers use)
-    plus `recipe`, `stages` (when given) and `metrics` (`train_seconds`, `validation_best_score`/`_step`, `test`: accuracies with intervals
-    and Δ vs base, without the per-example verdicts, which stay in `test_eval.json`)."""
+    plus `task_spec` and `task_params` (from `task_info`), `recipe`, `stages` and `config` (the
+    [`~peft_spectral.training.SVFTrainingConfig`], when given) and `metrics` (`train_seconds`,
+    `validation_best_score`/`_step`, `test`: accuracies with intervals and Δ vs base, lenient and, under
+    `test_strict`, strict; without the per-example verdicts, which stay in `test_eval.json`)."""
     recipe = dict(recipe or {})
     metrics: dict[str, Any] = {}
     if wall_seconds is not None:
@@ -333,7 +373,19 @@ def expert_json(
             "expert": {k: v for k, v in test_eval["adapter"].items() if k != "correct"},
             "delta": dict(test_eval["delta"]),
         }
+        strict = test_eval.get("strict")
+        if strict:
+            metrics["test_strict"] = {
+                "base": {k: v for k, v in strict["base"].items() if k != "correct"},
+                "expert": {k: v for k, v in strict["adapter"].items() if k != "correct"},
+                "delta": dict(strict["delta"]),
+            }
+    if task_info:
+        data["task_spec"] = task_info.get("spec") or task
+        data["task_params"] = dict(task_info.get("params") or {})
     data["recipe"] = recipe
+    if config:
+        data["config"] = dict(config)
     if stages:
         data["stages"] = [dict(stage) for stage in stages]
     data["metrics"] = metrics
@@ -353,6 +405,8 @@ def write_expert_files(
     test_eval: Optional[Mapping[str, Any]] = None,
     stages: Optional[Sequence[Mapping[str, Any]]] = None,
     folder_hint: Optional[str] = None,
+    task_info: Optional[Mapping[str, Any]] = None,
+    config: Optional[Mapping[str, Any]] = None,
 ) -> tuple[Path, Path]:
     """Write `README.md` ([`model_card`]) and `expert.json` ([`expert_json`]) into an adapter directory.
 
@@ -375,9 +429,11 @@ def write_expert_files(
         "stages": stages,
     }
     card = folder / CARD_FILE
-    card.write_text(model_card(base_model=base_model, folder_hint=folder_hint or folder.as_posix(), **common))
+    card.write_text(
+        model_card(base_model=base_model, folder_hint=folder_hint or folder.as_posix(), task_info=task_info, **common)
+    )
     meta = folder / EXPERT_FILE
-    write_json_atomic(meta, expert_json(**common))
+    write_json_atomic(meta, expert_json(task_info=task_info, config=config, **common))
     return card, meta
 
 

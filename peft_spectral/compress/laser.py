@@ -12,8 +12,8 @@ from typing import Optional, Union
 
 from torch import nn
 
+from ..data import Example
 from ..state import fingerprint, load_state, model_fingerprint, write_json_atomic
-from ..tasks import Example
 from .candidates import Intervention, take_examples
 from .distributed import launched_state, map_across_processes
 from .results import EvalFn, EvalSummary, ScoredCandidate, SearchResult, default_eval_fn, timed_eval

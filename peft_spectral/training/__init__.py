@@ -24,7 +24,9 @@ What TRL does with a PEFT model and how SVF copes (checked by `tests/test_traini
   `load_adapter(..., is_trainable=True)` and restores optimizer, scheduler and RNG states.
 
 Modules: `datasets` (TRL datasets, SFT targets, rewards), `presets` (TRL configs), `callbacks` (divergence guard,
-metrics, validation/early stopping, time budget), `trainer` (trainer construction and fixes), `svf` ([`train_svf`]).
+metrics, validation/early stopping, time budget), `trainer` (trainer construction and fixes), `svf` ([`train_svf`]:
+one training run), `expert_job` ([`SVFTrainingConfig`] and [`train_expert`]: the staged SFT → RL expert job that the
+CLI, the demo and the benchmarks run).
 """
 
 from ..assets import as_plain_fp32
@@ -37,6 +39,7 @@ from .callbacks import (
     trainable_state,
 )
 from .datasets import examples_to_dataset, reward_for_task, sft_answer, task_dataset, with_lettered_options
+from .expert_job import ExpertResult, SVFTrainingConfig, train_expert
 from .presets import (
     PAPER_BATCH_SIZE,
     PAPER_BETA,
@@ -60,9 +63,11 @@ __all__ = [
     "PAPER_STEPS",
     "VALIDATION_FILE",
     "Algorithm",
+    "ExpertResult",
     "Method",
     "MetricsLogger",
     "NonFiniteGuard",
+    "SVFTrainingConfig",
     "SVFTrainingResult",
     "TimeBudget",
     "ValidationCallback",
@@ -79,6 +84,7 @@ __all__ = [
     "sft_preset",
     "svf_parameters",
     "task_dataset",
+    "train_expert",
     "train_svf",
     "trainable_state",
     "with_lettered_options",

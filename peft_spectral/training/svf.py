@@ -205,6 +205,7 @@ def train_svf(
     eval_max_new_tokens: int = 16,
     max_train_seconds: Optional[float] = None,
     save_dir: Optional[Union[str, os.PathLike]] = None,
+    sft_target: str = "answer",
     **preset_kwargs: Any,
 ) -> SVFTrainingResult:
     """Train an SVF expert on a task with TRL: RL (GRPO or RLOO, ±1 rewards, KL weight `beta`) or SFT.
@@ -253,6 +254,8 @@ def train_svf(
         save_dir (`str` or `os.PathLike`, *optional*): Save the trained expert there: the adapter, its
             `validation.json`, a model card `README.md` and `expert.json` (see [`SVFTrainingResult.save`]); left
             out: nothing is saved besides the checkpoints in `output_dir`.
+        sft_target (`str`, defaults to `"answer"`): SFT trains on the gold answer, or with `"solution"` on a
+            generator's worked solution where it has one ([`~peft_spectral.training.sft_answer`]).
         preset_kwargs: Forwarded to [`paper_rl_preset`] or [`sft_preset`].
 
     Returns:
@@ -264,7 +267,12 @@ def train_svf(
     if method not in ("rl", "sft"):
         raise ValueError(f"method must be 'rl' or 'sft', got {method!r}")
     dataset = examples_to_dataset(
-        examples, kind, tokenizer=tokenizer, conversational=conversational, with_completion=method == "sft"
+        examples,
+        kind,
+        tokenizer=tokenizer,
+        conversational=conversational,
+        with_completion=method == "sft",
+        sft_target=sft_target,
     )
     if args is None:
         if resume and preset_kwargs.get("save_steps") is None:
