@@ -38,6 +38,7 @@ __all__ = [
     "PairedComparison",
     "accuracy_ci",
     "balanced_accuracy",
+    "bootstrap_mean_ci",
     "compare_balanced",
     "compare_paired",
     "format_accuracy",
@@ -146,6 +147,41 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def bootstrap_mean_ci(
+    values: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-example values.
+
+    The paired form for quantities that are not one verdict per method, e.g. a per-example difference of two
+    differences (forgetting of method A minus forgetting of method B, each "right after training" minus "final"):
+    pass the per-example values, computed on the same examples. Resampled with `numpy.random.default_rng(seed)`.
+
+    Returns:
+        `tuple[float, float]`: `(low, high)`.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-d sequence, got shape {values.shape}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    _z(confidence)  # validates confidence
+    rng = np.random.default_rng(seed)
+    n = values.size
+    means = np.empty(n_resamples)
+    chunk = max(1, 2_000_000 // n)  # bounded memory for large n
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = values[idx].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def paired_bootstrap_ci(
     correct_a: Sequence[bool],
     correct_b: Sequence[bool],
@@ -157,27 +193,15 @@ def paired_bootstrap_ci(
     """Percentile bootstrap interval of `accuracy(b) - accuracy(a)` over the same examples.
 
     Examples are resampled with replacement (both verdicts of an example travel together), with
-    `numpy.random.default_rng(seed)`, so the interval is reproducible.
+    `numpy.random.default_rng(seed)`, so the interval is reproducible ([`bootstrap_mean_ci`] of the per-example
+    differences).
 
     Returns:
         `tuple[float, float]`: `(low, high)`.
     """
     a, b = _paired(correct_a, correct_b)
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    _z(confidence)  # validates confidence
     diff = b.astype(np.float64) - a.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    n = diff.size
-    means = np.empty(n_resamples)
-    chunk = max(1, 2_000_000 // n)  # bounded memory for large n
-    for start in range(0, n_resamples, chunk):
-        stop = min(n_resamples, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = diff[idx].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return bootstrap_mean_ci(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
 
 
 def _paired(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from peft_spectral.evaluation import EvalResult
 from peft_spectral.stats import (
     accuracy_ci,
     balanced_accuracy,
+    bootstrap_mean_ci,
     compare_balanced,
     compare_paired,
     format_accuracy,
@@ -78,6 +79,21 @@ def test_bootstrap_interval_shrinks_with_n():
         assert low <= delta <= high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(16) = 1/4
+
+
+def test_bootstrap_mean_ci_is_the_paired_bootstrap_of_real_values():
+    rng = random.Random(1)
+    a = [rng.random() < 0.5 for _ in range(120)]
+    b = [rng.random() < 0.6 for _ in range(120)]
+    diff = [float(y) - float(x) for x, y in zip(a, b)]
+    assert bootstrap_mean_ci(diff, n_resamples=3000, seed=4) == paired_bootstrap_ci(a, b, n_resamples=3000, seed=4)
+    # a difference of differences (values in -2..2), as the CPI-FT benchmark's forgetting goal uses it
+    values = [rng.choice([-2, -1, 0, 0, 1, 2]) for _ in range(200)]
+    low, high = bootstrap_mean_ci(values, n_resamples=2000)
+    assert low <= sum(values) / len(values) <= high and high - low < 0.5
+    assert bootstrap_mean_ci([0.5] * 10) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_mean_ci([])
 
 
 def test_balanced_accuracy_and_label_balance():
