@@ -46,6 +46,7 @@ __all__ = [
     "label_balance",
     "mcnemar_exact",
     "paired_bootstrap_ci",
+    "spearman",
     "wilson_interval",
 ]
 
@@ -402,6 +403,24 @@ def label_balance(labels: Sequence[Hashable]) -> dict[Hashable, float]:
         raise ValueError("labels is empty (n=0)")
     counts = Counter(labels)
     return {label: count / len(labels) for label, count in counts.most_common()}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation of two paired samples (ties share their average rank); `None` when either side is
+    constant (the correlation is undefined)."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs paired samples: x has {len(x)} values, y {len(y)}")
+
+    def ranks(values) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+        upper = np.cumsum(counts)  # rank of the last member of each group of ties
+        return (upper - (counts - 1) / 2.0)[inverse]
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.size < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def _p_text(p: float) -> str:

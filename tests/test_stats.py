@@ -18,6 +18,7 @@ from peft_spectral.stats import (
     label_balance,
     mcnemar_exact,
     paired_bootstrap_ci,
+    spearman,
     wilson_interval,
 )
 from peft_spectral.tasks import (
@@ -94,6 +95,20 @@ def test_bootstrap_mean_ci_is_the_paired_bootstrap_of_real_values():
     assert bootstrap_mean_ci([0.5] * 10) == (0.5, 0.5)
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_mean_ci([])
+
+
+def test_spearman_with_ties_and_constant_sides():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    # ties share their average rank: ranks of [3, 1, 3, 2] are [3.5, 1, 3.5, 2]
+    rx, ry = [3.5, 1.0, 3.5, 2.0], [1.0, 2.0, 3.0, 4.0]
+    mx, my = sum(rx) / 4, sum(ry) / 4
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    expected = cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    assert spearman([3.0, 1.0, 3.0, 2.0], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="paired"):
+        spearman([1, 2], [1])
 
 
 def test_balanced_accuracy_and_label_balance():
