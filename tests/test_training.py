@@ -618,6 +618,7 @@ def test_time_budget_stops_training_and_leaves_out_validation(tmp_path, monkeypa
         "exhausted": True,
     }
     assert [row["step"] for row in result.validation["curve"]] == [0, 3, 4]
+    assert [row["train_seconds"] for row in result.validation["curve"]] == [0.0, 3.0, 4.0]  # validation left out
     # without a budget the same run goes to max_steps
     unbounded = _budget_run(tmp_path / "free", clock, None, max_steps=5)
     assert unbounded.trainer.state.global_step == 5 and unbounded.time_budget is None
@@ -638,5 +639,6 @@ def test_time_budget_continues_on_resume(tmp_path, monkeypatch):
     assert second.resumed_from.endswith("checkpoint-3")
     assert second.trainer.state.global_step == 5 and len(second.step_times) == 2
     assert second.time_budget["train_seconds"] == 5.0 and second.time_budget["stopped_at"] == 5
+    assert [row["train_seconds"] for row in second.validation["curve"]] == [0.0, 3.0, 5.0]
     third = _budget_run(tmp_path, clock, 4.5, resume=True, save_steps=1)
     assert third.step_times == [] and third.time_budget["exhausted"] and third.time_budget["steps"] == 0

@@ -108,7 +108,8 @@ class TimeBudget(TrainerCallback, ExportableState):
 
     Args:
         max_seconds (`float`): The budget in seconds (> 0).
-        validation ([`ValidationCallback`], *optional*): Whose evaluation time is not counted.
+        validation ([`ValidationCallback`], *optional*): Whose evaluation time is not counted; each of its curve
+            points then records `train_seconds`, the training seconds spent before it (`spent_before` included).
         spent_before (`float`, defaults to 0.0): Training seconds already spent (by the run this one resumes).
         clock (`Callable[[], float]`, *optional*): The clock; defaults to `time.perf_counter`, the clock of the
             validation's `seconds`.
@@ -128,6 +129,8 @@ class TimeBudget(TrainerCallback, ExportableState):
             raise ValueError(f"spent_before must be >= 0, got {spent_before!r}")
         self.max_seconds = float(max_seconds)
         self.validation = validation
+        if validation is not None:  # each validation point records the training seconds spent before it
+            validation.train_clock = lambda: self.spent
         self.spent_before = float(spent_before)
         self.clock = clock if clock is not None else time.perf_counter
         self.stopped_at: Optional[int] = None
@@ -202,8 +205,10 @@ class ValidationCallback(TrainerCallback):
     `transformers.Trainer`s). It scores with [`peft_spectral.evaluation.evaluate`] (greedy answers by default, what RL
     rewards judge), not with `Trainer.evaluate`, which for GRPO/RLOO would sample and report rewards. The model before
     the first step is scored too (step 0 of a fresh run), so a run that never improves restores the initial z.
-    A tie keeps the earlier step. Its state (the curve, the best step and its parameters) is written into every
-    checkpoint (`validation_state.json`, `validation_best.safetensors`) and read back by [`load_state`] on resume.
+    A tie keeps the earlier step. Each curve point holds `step`, the score(s), `seconds` (the evaluation's own) and,
+    when a [`TimeBudget`] is given this callback, `train_seconds` (training time before it, validation excluded).
+    Its state (the curve, the best step and its parameters) is written into every checkpoint
+    (`validation_state.json`, `validation_best.safetensors`) and read back by [`load_state`] on resume.
 
     Args:
         examples (`Sequence[Example]`, *optional*): Validation examples (required unless `score_fn` is given).
@@ -269,6 +274,8 @@ class ValidationCallback(TrainerCallback):
         self.evals_without_improvement = 0
         self.stopped_at: Optional[int] = None
         self.restored = False
+        #: Training seconds so far (validation excluded); set by a [`TimeBudget`] given this callback.
+        self.train_clock: Optional[Callable[[], float]] = None
 
     # scoring ----------------------------------------------------------------------------------------------------
 
@@ -293,8 +300,11 @@ class ValidationCallback(TrainerCallback):
         return {"score": score, "accuracy": result.accuracy, "balanced_accuracy": balanced, "n": result.n}
 
     def _validate(self, model, step: int) -> None:
+        trained = self.train_clock() if self.train_clock is not None else None
         start = time.perf_counter()
         row = {"step": step, **self._score(model), "seconds": time.perf_counter() - start}
+        if trained is not None:
+            row["train_seconds"] = trained
         self.curve.append(row)
         if self.best_score is None or row["score"] > self.best_score + self.min_delta:
             self.best_score, self.best_step = row["score"], step
