@@ -152,14 +152,34 @@ def sft_preset(
     learning_rate: float = PAPER_LEARNING_RATE,
     max_grad_norm: float = 1.0,
     max_length: Optional[int] = 512,
+    padding_free: bool = True,
     seed: int = 0,
     save_steps: Optional[int] = None,
     logging_steps: int = 1,
     **overrides: Any,
 ):
     """[`trl.SFTConfig`] for SVF: AdamW at the paper's lr 2e-3 (SVF's z needs a larger lr than LoRA), constant
-    schedule, loss on the completion only (prompt-completion datasets), no packing."""
+    schedule, loss on the completion only (prompt-completion datasets), padding-free batches, no packing.
+
+    Padding-free batches (TRL's `padding_free=True`) put a batch's examples one after the other in one row, with no
+    padding: the same examples per step and the same loss as padded batches (to float rounding; tested), fewer tokens
+    through the model (see [`peft_spectral.training.packing`]). Packing (`packing=True`) is left off: it regroups
+    examples into other batches, so a run would not be the padded run. TRL does not truncate padding-free batches
+    (it refuses `max_length` there), so the returned config has `max_length=None` and keeps `max_length` in its
+    `svf_max_length` attribute, which [`build_trainer`] applies to the tokenized datasets; a plain `SFTTrainer` given
+    this config does not truncate (pass examples already cut, or `padding_free=False`). [`build_trainer`] also
+    turns padding-free batches off, with a warning, for a model that does not keep packed examples apart
+    ([`~peft_spectral.training.packing.supports_padding_free`]).
+
+    Args:
+        max_length (`int`, *optional*, defaults to 512): Tokens kept per example (the start); `None` keeps all.
+        padding_free (`bool`, defaults to `True`): Padding-free batches; `False` pads every batch to its longest
+            example (TRL truncates at `max_length` itself).
+        overrides: Any other field of `trl.SFTConfig` (they win over the preset).
+    """
     from trl import SFTConfig
+
+    from .packing import MAX_LENGTH_ATTRIBUTE
 
     kwargs = _common_args(output_dir, max_steps, seed, save_steps, logging_steps)
     kwargs.update(
@@ -167,10 +187,14 @@ def sft_preset(
         max_grad_norm=max_grad_norm,
         per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        max_length=max_length,
+        max_length=None if padding_free else max_length,
+        padding_free=padding_free,
         packing=False,
         completion_only_loss=True,
         remove_unused_columns=True,
     )
     kwargs.update(overrides)
-    return SFTConfig(**kwargs)
+    config = SFTConfig(**kwargs)
+    if config.padding_free and not config.packing and config.max_length is None:
+        setattr(config, MAX_LENGTH_ATTRIBUTE, max_length)
+    return config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, Optional, Union
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback, TrainingArguments
 from ..assets import as_plain_fp32
 from ..rewards import checked_reward
 from ..tuners.svf import SVFConfig, SVFLinear
+from .packing import MAX_LENGTH_ATTRIBUTE, supports_padding_free, truncate_tokenized
 from .presets import Algorithm, Method
 
 
@@ -148,6 +150,18 @@ def build_trainer(
 
         if not isinstance(args, SFTConfig):
             raise TypeError(f"method='sft' needs an SFTConfig (see sft_preset), got {type(args).__name__}")
+        max_length = getattr(args, MAX_LENGTH_ATTRIBUTE, None)
+        if args.padding_free and not args.packing and not supports_padding_free(model):
+            warnings.warn(
+                f"{type(model).__name__} lets examples packed into one row attend to each other (its attention "
+                "ignores position_ids); training with padded batches instead of padding-free ones",
+                UserWarning,
+                stacklevel=2,
+            )
+            args = copy.copy(args)
+            args.padding_free = False
+            args.max_length = max_length if max_length is not None else args.max_length
+            max_length = None
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -157,6 +171,12 @@ def build_trainer(
             peft_config=peft_config,
             callbacks=callbacks,
         )
+        if max_length is not None and args.padding_free and args.max_length is None:
+            trainer.train_dataset = truncate_tokenized(trainer.train_dataset, max_length)
+            if isinstance(trainer.eval_dataset, dict):
+                trainer.eval_dataset = {k: truncate_tokenized(v, max_length) for k, v in trainer.eval_dataset.items()}
+            elif trainer.eval_dataset is not None:
+                trainer.eval_dataset = truncate_tokenized(trainer.eval_dataset, max_length)
     else:
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
