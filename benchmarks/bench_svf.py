@@ -1,45 +1,43 @@
-"""SVF cost benchmark on the embedded SmolLM2-135M-Instruct (issue: foundation / SVF tuner).
+"""SVF cost on the embedded SmolLM2-135M-Instruct: train step, peak memory, merged inference, adapter switch, SVD cache.
 
 Measured in one run, on the same batch (4 × 256 tokens), so that ratios are comparable on a noisy machine:
 
 * trainable parameters, train-step time (forward + backward + AdamW) and peak memory of SVF (MLP targets and
   all-linear) against LoRA r=16 on the same targets and IA3;
-* merged-SVF inference time against the base model;
-* adapter switch time (`set_adapter` between two SVF adapters);
+* merged-SVF inference time against the base model; adapter switch time (`set_adapter` between two SVF adapters);
 * SVD cache: warm load of all factors against recomputing them.
 
 Step times are taken round-robin over the methods (each round runs every method once) and the median is reported,
 so that load from other processes hits all methods alike. Peak memory is measured in a fresh subprocess per method
-(`ru_maxrss` after one step, minus the RSS after loading the model).
+(VmHWM after two steps, minus the RSS after loading the model). The default SVF config (fast factored form) is the
+one compared with LoRA; the exact form (`fast_factored=False`) and `rank=16` are measured alongside.
 
-The default SVF config (fast factored form) is the one the goals compare with LoRA; the exact form
-(`fast_factored=False`, the base model bit for bit at initialisation) is measured alongside.
+    python benchmarks/bench_svf.py --rounds 9        # docs/results/svf_cost.{json,md}
+    python benchmarks/bench_svf.py --smoke           # tiny random Llama, one round, memory of one pair (seconds)
 
-Usage: `python benchmarks/bench_svf.py [--rounds 5] [--out docs/results]`; `--smoke` runs every part once on a tiny
-random Llama (seconds; results go to a temporary directory unless `--out` is given) to check the script itself.
+Resumable: every round, every memory run and each other part is kept in the state file as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 
 from peft_spectral import SVFConfig
-from peft_spectral.assets import load_default_model
+from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table, tiny_model
 from peft_spectral.svd_cache import SVDCache
-from peft_spectral.tuners.svf.layer import weight_matrix
+from peft_spectral.tuners import weight_matrix
+from peft_spectral.tuners.svf.compute import linear_macs_per_token
 
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -109,6 +107,7 @@ def memory_key(step_key: str) -> str:
 
 
 def method_configs() -> dict:
+    """The compared adapters, by name (each a factory, so that every method gets a fresh config)."""
     return {
         "svf_mlp": lambda: SVFConfig(target_modules=MLP),  # the default: fast factored form
         "svf_mlp_exact": lambda: SVFConfig(target_modules=MLP, fast_factored=False),
@@ -123,156 +122,94 @@ def method_configs() -> dict:
     }
 
 
-def tiny_model() -> torch.nn.Module:
-    """A small random Llama with the module names of the real one (for `--smoke`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def load_base(model_name: str):
+    """The base model of `--model` in a fresh process (the memory runs): the tiny model or `assets.load_model`."""
+    if model_name == "tiny":
+        return tiny_model()[0]
+    from peft_spectral.assets import load_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return load_model(None if model_name == "default" else model_name)[0]
 
 
-def make_batch(vocab: int, batch: int = 4, length: int = 256) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (batch, length), generator=g)
+def make_batch(vocab: int, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
 def train_step(model, opt, batch) -> float:
     t0 = time.perf_counter()
-    out = model(input_ids=batch, labels=batch)
-    out.loss.backward()
+    model(input_ids=batch, labels=batch).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
 
-def hwm_mb() -> float:
-    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+def trainable_model(base, name: str):
+    """`(peft model, AdamW)` of method `name` on a copy of `base`, after one warm-up step is left to the caller."""
+    model = get_peft_model(copy.deepcopy(base), method_configs()[name]())
+    model.train()
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def proc_mb(field: str) -> float:
+    """A `/proc/self/status` memory field in MB (`VmHWM`: peak resident memory, not inherited across exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _memory_worker(name: str, queue) -> None:
+def _memory_worker(model_name: str, name: str, shape: tuple[int, int], queue) -> None:
     torch.manual_seed(0)
-    model, _ = load_default_model()
-    batch = make_batch(model.config.vocab_size)
-    base_rss = rss_mb()
-    before_peak = hwm_mb()
-    model = get_peft_model(model, method_configs()[name]())
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model = load_base(model_name)
+    batch = make_batch(model.config.vocab_size, *shape)
+    with open("/proc/self/statm") as f:
+        base_rss = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    before_peak = proc_mb("VmHWM")
+    model, opt = trainable_model(model, name)
     train_step(model, opt, batch)
     train_step(model, opt, batch)
-    peak = hwm_mb()
+    peak = proc_mb("VmHWM")
     queue.put({"peak_mb": peak, "peak_over_loaded_mb": peak - max(base_rss, before_peak)})
 
 
-def measure_memory(name: str) -> dict:
+def measure_memory(model_name: str, name: str, shape: tuple[int, int]) -> dict:
+    """Peak memory of two train steps of method `name`, in a fresh (spawned) process."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(name, queue))
+    proc = ctx.Process(target=_memory_worker, args=(model_name, name, shape, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="tiny random model, one round, no memory runs")
-    parser.add_argument(
-        "--report-only", action="store_true", help="add the arithmetic to OUT/svf_cost.json, rewrite .md"
-    )
-    args = parser.parse_args()
-    if args.report_only:
-        return report_only(Path(args.out))
-    if args.smoke:
-        args.rounds, args.skip_memory = 1, True
-        if args.out == parser.get_default("out"):
-            args.out = tempfile.mkdtemp(prefix="bench_svf_smoke_")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    base = tiny_model() if args.smoke else load_default_model()[0]
-    load_s = time.perf_counter() - t0
-    base.eval()
-    batch = make_batch(base.config.vocab_size, *((2, 16) if args.smoke else (4, 256)))
-    results: dict = {
-        "model": "tiny random Llama (smoke)" if args.smoke else "SmolLM2-135M-Instruct (embedded GGUF, fp32)",
-        "batch": f"{batch.shape[0]} x {batch.shape[1]} tokens",
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "load_s": load_s,
-        "methods": {},
-    }
-
-    # --- SVD cache: recompute vs warm load -------------------------------------------------------------------
+def measure_svd_cache(base) -> dict:
+    """Seconds to compute the SVD factors of every linear layer (LM head excluded) against a warm cache load."""
+    weights = [
+        (n, weight_matrix(m)) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        weights = [
-            (n, weight_matrix(m))
-            for n, m in base.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n
-        ]
-        cold = SVDCache(tmp)
         t = time.perf_counter()
-        cold.get_many(weights, progress=False)
+        SVDCache(tmp).get_many(weights, progress=False)
         recompute_s = time.perf_counter() - t
         warm = SVDCache(tmp)
         t = time.perf_counter()
         warm.get_many(weights, progress=False)
         warm_s = time.perf_counter() - t
-        assert warm.hits == len(weights) and warm.misses == 0
-    results["svd_cache"] = {
+        if warm.hits != len(weights) or warm.misses:
+            raise RuntimeError(f"warm SVD cache: {warm.hits} hits, {warm.misses} misses for {len(weights)} matrices")
+    return {
         "matrices": len(weights),
         "recompute_s": recompute_s,
         "warm_load_s": warm_s,
         "speedup": recompute_s / warm_s,
     }
-    print(
-        f"SVD cache: {len(weights)} matrices, recompute {recompute_s:.2f}s, warm {warm_s:.3f}s, "
-        f"{recompute_s / warm_s:.1f}x"
-    )
 
-    # --- train steps, round-robin ----------------------------------------------------------------------------
-    models, opts, times = {}, {}, {}
-    for name, make in method_configs().items():
-        m = get_peft_model(copy.deepcopy(base), make())
-        m.train()
-        models[name] = m
-        opts[name] = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        results["methods"][name] = {"trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad)}
-        train_step(m, opts[name], batch)  # warm-up
-        times[name] = []
-    for r in range(args.rounds):
-        for name in models:
-            times[name].append(train_step(models[name], opts[name], batch))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in models))
-    for name in models:
-        results["methods"][name]["step_s_median"] = statistics.median(times[name])
-        results["methods"][name]["step_s_all"] = times[name]
 
-    # --- merged inference vs base, adapter switch -----------------------------------------------------------
-    svf = models["svf_mlp"]
+def measure_inference(base, batch, rounds: int) -> dict:
+    """Merged and unmerged SVF forwards (no grad) against the base model's, and the adapter switch time."""
+    svf = get_peft_model(copy.deepcopy(base), SVFConfig(target_modules=MLP))
     svf.add_adapter("other", SVFConfig(target_modules=MLP))
     with torch.no_grad():
         for p in svf.parameters():
@@ -285,55 +222,29 @@ def main() -> None:
         svf.set_adapter("default")
         switch.append((time.perf_counter() - t) / 2)
     svf.eval()
-    svf.merge_adapter()
     base.eval()
-    fwd_base, fwd_merged, fwd_unmerged = [], [], []
+    times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": []}
     with torch.no_grad():
-        for _ in range(args.rounds):
-            t = time.perf_counter()
-            base(input_ids=batch)
-            fwd_base.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            svf(input_ids=batch)
-            fwd_merged.append(time.perf_counter() - t)
+        svf.merge_adapter()
+        for _ in range(rounds):
+            for key, model in (("base", base), ("merged", svf)):
+                t = time.perf_counter()
+                model(input_ids=batch)
+                times[key].append(time.perf_counter() - t)
         svf.unmerge_adapter()
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             t = time.perf_counter()
             svf(input_ids=batch)
-            fwd_unmerged.append(time.perf_counter() - t)
-    results["inference"] = {
-        "base_forward_s": statistics.median(fwd_base),
-        "svf_merged_forward_s": statistics.median(fwd_merged),
-        "svf_unmerged_forward_s": statistics.median(fwd_unmerged),
-        "merged_over_base": statistics.median(fwd_merged) / statistics.median(fwd_base),
-        "unmerged_over_base": statistics.median(fwd_unmerged) / statistics.median(fwd_base),
+            times["unmerged"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "base_forward_s": med["base"],
+        "svf_merged_forward_s": med["merged"],
+        "svf_unmerged_forward_s": med["unmerged"],
+        "merged_over_base": med["merged"] / med["base"],
+        "unmerged_over_base": med["unmerged"] / med["base"],
         "adapter_switch_s": statistics.median(switch),
     }
-    del models, opts
-
-    # --- peak memory, one subprocess per method --------------------------------------------------------------
-    if not args.skip_memory:
-        for name in method_configs():
-            results["methods"][name].update(measure_memory(name))
-            print(name, results["methods"][name])
-
-    m = results["methods"]
-    goals = {k: m[v.method]["step_s_median"] / m[v.baseline]["step_s_median"] for k, v in RATIO_PAIRS.items()}
-    goals["merged_inference_vs_base"] = results["inference"]["merged_over_base"]
-    goals["warm_cache_speedup"] = results["svd_cache"]["speedup"]
-    if "peak_over_loaded_mb" in m["svf_mlp"]:
-        for k, v in RATIO_PAIRS.items():
-            goals[memory_key(k)] = m[v.method]["peak_mb"] / m[v.baseline]["peak_mb"]
-    results["ratios"] = goals
-    # the same ratios round by round (both methods ran within seconds of each other): their spread shows how far the
-    # machine's load moves a ratio between runs, which the medians alone hide
-    results["paired_step_ratios"] = {
-        k: paired_ratios(times[v.method], times[v.baseline]) for k, v in RATIO_PAIRS.items()
-    }
-    results["arithmetic"] = arithmetic(base)
-    (out_dir / "svf_cost.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, out_dir / "svf_cost.md")
-    print(json.dumps(goals, indent=2))
 
 
 def paired_ratios(numerator: list[float], denominator: list[float]) -> dict:
@@ -345,8 +256,6 @@ def paired_ratios(numerator: list[float], denominator: list[float]) -> dict:
 def arithmetic(model) -> dict:
     """Multiply-adds per token of the linear layers (`peft_spectral.tuners.svf.compute`) and the predicted step-time
     ratios SVF / LoRA r=16 they imply, for the MLP and all-linear targets."""
-    from peft_spectral.tuners.svf.compute import linear_macs_per_token
-
     out = {}
     for label, targets in (("mlp", MLP), ("all", ALL)):
         macs = {m: linear_macs_per_token(model, targets, m) for m in ("base", "lora", "svf", "svf_exact")}
@@ -358,91 +267,165 @@ def arithmetic(model) -> dict:
     return out
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def collect(run: BenchmarkRun, rounds: int, base, batch: torch.Tensor) -> dict:
+    """The results of the recorded jobs, with the ratios."""
+    recorded = run.results()
+    params = recorded["trainable_params"]
+    times = {name: [recorded[f"round:{r}"][name] for r in range(rounds)] for name in params}
+    methods = {
+        name: {
+            "trainable_params": params[name],
+            "step_s_median": statistics.median(times[name]),
+            "step_s_all": times[name],
+            **recorded.get(f"memory:{name}", {}),
+        }
+        for name in params
+    }
+    ratios = {
+        k: methods[v.method]["step_s_median"] / methods[v.baseline]["step_s_median"] for k, v in RATIO_PAIRS.items()
+    }
+    ratios["merged_inference_vs_base"] = recorded["inference"]["merged_over_base"]
+    ratios["warm_cache_speedup"] = recorded["svd_cache"]["speedup"]
+    for k, v in RATIO_PAIRS.items():
+        if "peak_mb" in methods[v.method] and "peak_mb" in methods[v.baseline]:
+            ratios[memory_key(k)] = methods[v.method]["peak_mb"] / methods[v.baseline]["peak_mb"]
+    return {
+        "batch": f"{batch.shape[0]} x {batch.shape[1]} tokens",
+        "load_s": recorded["load_s"],
+        "svd_cache": recorded["svd_cache"],
+        "methods": methods,
+        "inference": recorded["inference"],
+        "ratios": ratios,
+        # the same ratios round by round (both methods ran within seconds of each other): their spread shows how far
+        # the machine's load moves a ratio between runs, which the medians alone hide
+        "paired_step_ratios": {k: paired_ratios(times[v.method], times[v.baseline]) for k, v in RATIO_PAIRS.items()},
+        "arithmetic": arithmetic(base),
+    }
+
+
+def markdown(results: dict, command: str) -> str:
     m, r = results["methods"], results["ratios"]
-    lines = [
-        "# SVF cost on SmolLM2-135M-Instruct (2 CPU cores, fp32, batch 4×256)",
-        "",
-        "Generated by `python benchmarks/bench_svf.py`. Step time: median of round-robin rounds in one process.",
-        "",
-        "| method | trainable params | step (s) | peak RSS (MB) |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, v in m.items():
-        lines.append(
-            f"| {name} | {v['trainable_params']:,} | {v['step_s_median']:.2f} | {v.get('peak_mb', float('nan')):.0f} |"
-        )
     inf, cache = results["inference"], results["svd_cache"]
-    lines += [
-        "",
-        "| measure | value | goal |",
-        "|---|---:|---|",
+    parts = [
+        (
+            f"Command: `{command}`; batch {results['batch']}, fp32. Step time: median of round-robin rounds in one "
+            "process; peak RSS: one fresh process per method."
+        ),
+        markdown_table(
+            ["method", "trainable params", "step (s)", "peak RSS (MB)"],
+            [
+                [
+                    name,
+                    f"{v['trainable_params']:,}",
+                    f"{v['step_s_median']:.2f}",
+                    f"{v.get('peak_mb', float('nan')):.0f}",
+                ]
+                for name, v in m.items()
+            ],
+        ),
     ]
-    # runs older than a row's method lack its ratio: those rows are left out
-    lines += [f"| {v.step_label} | {r[k]:.2f}× | {v.step_goal} |" for k, v in RATIO_PAIRS.items() if k in r]
-    lines += [
-        f"| merged SVF forward / base forward | {inf['merged_over_base']:.2f}× | 1.00× |",
-        f"| unmerged SVF forward / base forward (no grad) | {inf['unmerged_over_base']:.2f}× | — |",
-        f"| adapter switch | {inf['adapter_switch_s'] * 1e3:.2f} ms | — |",
-        f"| SVD of {cache['matrices']} matrices: recompute / warm cache | {cache['recompute_s']:.2f} s / {cache['warm_load_s']:.3f} s = {cache['speedup']:.0f}× | ≥ 20× |",
+    rows = [[v.step_label, f"{r[k]:.2f}×", v.step_goal] for k, v in RATIO_PAIRS.items()]
+    rows += [
+        ["merged SVF forward / base forward", f"{inf['merged_over_base']:.2f}×", "1.00×"],
+        ["unmerged SVF forward / base forward (no grad)", f"{inf['unmerged_over_base']:.2f}×", "—"],
+        ["adapter switch", f"{inf['adapter_switch_s'] * 1e3:.2f} ms", "—"],
+        [
+            f"SVD of {cache['matrices']} matrices: recompute / warm cache",
+            f"{cache['recompute_s']:.2f} s / {cache['warm_load_s']:.3f} s = {cache['speedup']:.0f}×",
+            "≥ 20×",
+        ],
     ]
-    for key, v in RATIO_PAIRS.items():
-        if memory_key(key) in r:
-            lines.append(f"| {v.memory_label} | {r[memory_key(key)]:.2f}× | {v.memory_goal} |")
-    paired = results.get("paired_step_ratios")
-    if paired:
-        lines += [
-            "",
-            (
-                "Step-time ratios round by round (each round runs every method once, so a ratio compares two steps "
-                "taken seconds apart):"
-            ),
-            "",
-            "| ratio | median | min | max | rounds |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for key, v in paired.items():
-            lines.append(f"| {key} | {v['median']:.2f}× | {v['min']:.2f}× | {v['max']:.2f}× | {len(v['rounds'])} |")
-    a = results.get("arithmetic")
-    if a:
-        lines += [
-            "",
-            (
-                "Arithmetic (`peft_spectral/tuners/svf/compute.py`): multiply-adds per token of the linear layers, LM head "
-                "included, attention scores not; the ratio is the step time they predict."
-            ),
-            "",
-            "| targets | base | LoRA r=16 | SVF (default, fast) | SVF exact | predicted SVF / LoRA | measured |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for label, key in (("MLP", "mlp"), ("all linear", "all")):
-            macs = a[key]["macs_per_token"]
-            lines.append(
-                f"| {label} | {macs['base'] / 1e6:.1f} M | {macs['lora'] / 1e6:.1f} M | {macs['svf'] / 1e6:.1f} M | "
-                f"{macs['svf_exact'] / 1e6:.1f} M | {a[key]['svf_over_lora']:.2f}× | "
-                f"{r[f'svf_step_vs_lora_{key}']:.2f}× |"
-            )
-        lines += [
-            "",
-            (
-                "The fast form applies every targeted weight as its two factors (`m · (out + in)` multiply-adds instead of "
-                "`out · in`: 1.375× for a 576 × 1536 matrix, 2× for a square one), while LoRA r=16 adds 16 · (out + in). "
-                "The prediction counts only these multiply-adds; the rest of a step (attention scores, norms, "
-                "activations, the optimizer, memory traffic) costs both methods alike and dilutes the difference, so a "
-                "measured ratio below the predicted one is expected. Adapting fewer singular values "
-                "(`SVFConfig(rank=...)`) brings the extra cost down to LoRA's."
-            ),
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    rows += [
+        [v.memory_label, f"{r[memory_key(k)]:.2f}×", v.memory_goal]
+        for k, v in RATIO_PAIRS.items()
+        if memory_key(k) in r
+    ]
+    parts.append(markdown_table(["measure", "value", "goal"], rows, "lrl"))
+    paired = results["paired_step_ratios"]
+    parts.append(
+        "Step-time ratios round by round (each round runs every method once, so a ratio compares two steps taken "
+        "seconds apart):\n\n"
+        + markdown_table(
+            ["ratio", "median", "min", "max", "rounds"],
+            [
+                [k, f"{v['median']:.2f}×", f"{v['min']:.2f}×", f"{v['max']:.2f}×", len(v["rounds"])]
+                for k, v in paired.items()
+            ],
+        )
+    )
+    a = results["arithmetic"]
+    arith_rows = []
+    for label, key in (("MLP", "mlp"), ("all linear", "all")):
+        macs = a[key]["macs_per_token"]
+        arith_rows.append(
+            [label, *(f"{macs[m] / 1e6:.1f} M" for m in ("base", "lora", "svf", "svf_exact"))]
+            + [f"{a[key]['svf_over_lora']:.2f}×", f"{r[f'svf_step_vs_lora_{key}']:.2f}×"]
+        )
+    parts.append(
+        "Arithmetic (`peft_spectral/tuners/svf/compute.py`): multiply-adds per token of the linear layers, LM head "
+        "included, attention scores not; the ratio is the step time they predict.\n\n"
+        + markdown_table(
+            ["targets", "base", "LoRA r=16", "SVF (default, fast)", "SVF exact", "predicted SVF / LoRA", "measured"],
+            arith_rows,
+        )
+    )
+    parts.append(
+        "The fast form applies every targeted weight as its two factors (`m · (out + in)` multiply-adds instead of "
+        "`out · in`: 1.375× for a 576 × 1536 matrix, 2× for a square one), while LoRA r=16 adds 16 · (out + in). The "
+        "prediction counts only these multiply-adds; the rest of a step (attention scores, norms, activations, the "
+        "optimizer, memory traffic) costs both methods alike and dilutes the difference, so a measured ratio below the "
+        "predicted one is expected. Adapting fewer singular values (`SVFConfig(rank=...)`) brings the extra cost down "
+        "to LoRA's."
+    )
+    return "\n\n".join(parts)
 
 
-def report_only(out_dir: Path) -> None:
-    """Add the arithmetic to an existing `svf_cost.json` (loads the model's shapes only) and rewrite the markdown."""
-    results = json.loads((out_dir / "svf_cost.json").read_text())
-    results["arithmetic"] = arithmetic(load_default_model()[0])
-    (out_dir / "svf_cost.json").write_text(json.dumps(results, indent=2))
-    write_markdown(results, out_dir / "svf_cost.md")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_arguments(parser, name="svf_cost")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds of train steps (and forwards)")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    names = list(method_configs())
+    # --smoke measures the memory of one pair only (a fresh process each)
+    memory_names = [] if args.skip_memory else ["svf_mlp", "lora16_mlp"] if args.smoke else names
+    if args.smoke:
+        args.rounds = 1
+    shape = (2, 16) if args.smoke else (4, 256)
+    config = {"rounds": args.rounds, "batch": list(shape), "memory": memory_names}
+    run = BenchmarkRun.from_args(args, config)
+    t0 = time.perf_counter()
+    base, _ = run.load_model()
+    run.cached("load_s", lambda: time.perf_counter() - t0)
+    base.eval()
+    batch = make_batch(base.config.vocab_size, *shape)
+    run.cached("svd_cache", lambda: measure_svd_cache(base))
+    models: dict = {}
+
+    def warm_models() -> dict:
+        if not models:  # built on the first round still to run; one warm-up step each
+            for name in names:
+                models[name] = trainable_model(base, name)
+                train_step(*models[name], batch)
+        return models
+
+    run.cached(
+        "trainable_params",
+        lambda: {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, (m, _) in warm_models().items()},
+    )
+    for key in run.jobs([f"round:{r}" for r in range(args.rounds)], desc="train steps"):
+        run.record(key, {name: train_step(*warm_models()[name], batch) for name in names})
+    models.clear()
+    run.cached("inference", lambda: measure_inference(base, batch, args.rounds))
+    for key in run.jobs([f"memory:{name}" for name in memory_names], desc="peak memory"):
+        run.record(key, measure_memory(run.model_name, key.removeprefix("memory:"), shape))
+    results = collect(run, args.rounds, base, batch)
+    command = " ".join(["python benchmarks/bench_svf.py", *(sys.argv[1:] if argv is None else argv)])
+    run.write(results, markdown(results, command), title="SVF cost: SVF vs LoRA r=16 and IA3")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
