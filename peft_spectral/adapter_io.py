@@ -9,13 +9,18 @@ tensors are finite. They never fall back to pickled `adapter_model.bin` files.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
+
+
+logger = logging.getLogger(__name__)
 
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -103,6 +108,11 @@ def load_adapter(
 ) -> PeftModel:
     """Validate a saved adapter, then load it onto `model` (a base model or a `PeftModel`).
 
+    Stricter than `PeftModel.from_pretrained`: an adapter file that lacks tensors of modules its config targets in
+    `model` (PEFT warns "Found missing adapter keys" and leaves those layers at their initial values, the identity for
+    SVF) is refused, and every error of the load is an [`AdapterLoadError`] naming the directory. On an error the
+    adapter is removed again (from a `PeftModel`) or the base model is unwrapped.
+
     Args:
         model (`torch.nn.Module`): The base model, or a `PeftModel` to add the adapter to.
         path_or_id (`str` or `PathLike`): Local directory or Hub repo id.
@@ -112,11 +122,61 @@ def load_adapter(
 
     Returns:
         `PeftModel`: the model with the adapter loaded (and active when `model` was a base model).
+
+    Raises:
+        [`AdapterLoadError`]: the directory does not validate (see [`validate_adapter_dir`]), the file lacks tensors,
+            or PEFT or the tuner refuses it (shapes, values out of range, ...).
     """
     folder, _ = validate_adapter_dir(path_or_id, expected_type, **hub_kwargs)
-    if isinstance(model, PeftModel):
-        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable, use_safetensors=True)
-        return model
-    return PeftModel.from_pretrained(
-        model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, use_safetensors=True
-    )
+    with safe_open(str(folder / SAFETENSORS_NAME), framework="pt") as f:
+        saved = set(f.keys())
+    added = isinstance(model, PeftModel)
+    if added and adapter_name in model.peft_config:
+        raise AdapterLoadError(f"the model holds an adapter named {adapter_name!r} already; pick another adapter_name")
+    peft_model = model if added else None
+    try:
+        with warnings.catch_warnings():
+            # reported below as an error, with the modules named
+            warnings.filterwarnings("ignore", message="Found missing adapter keys", category=UserWarning)
+            if added:
+                model.load_adapter(
+                    str(folder), adapter_name=adapter_name, is_trainable=is_trainable, use_safetensors=True
+                )
+            else:
+                peft_model = PeftModel.from_pretrained(
+                    model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, use_safetensors=True
+                )
+        expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        missing = sorted(set(expected) - saved)
+        if missing:
+            modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in missing})
+            raise AdapterLoadError(
+                f"{folder / SAFETENSORS_NAME} lacks {len(missing)} tensor(s) of the modules its config targets in this "
+                f"model, e.g. {modules[:3]}: those layers would stay at their initial values; re-save the adapter"
+            )
+    except (AdapterLoadError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        _undo_load(model, peft_model, adapter_name, added)
+        if isinstance(err, AdapterLoadError):
+            raise
+        raise AdapterLoadError(f"adapter {folder} cannot be loaded onto this model: {err}") from err
+    return peft_model
+
+
+def _undo_load(model, peft_model, adapter_name: str, added: bool) -> None:
+    """Best effort: take a half-loaded adapter out again (PEFT injects the layers before it loads the tensors)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        if added:
+            if adapter_name in model.peft_config:
+                model.delete_adapter(adapter_name)
+        elif peft_model is not None:
+            peft_model.unload()
+        else:  # `PeftModel.from_pretrained` failed after wrapping the base model's layers in place
+            for name, module in list(model.named_modules()):
+                if isinstance(module, BaseTunerLayer) and name:
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            model.__dict__.pop("peft_config", None)
+    except Exception as err:  # the original error matters more
+        logger.debug("could not undo the failed load of adapter %r: %s", adapter_name, err)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..adapter_io import load_adapter, validate_adapter_dir
 from ..model_card import EXPERT_FILE
 from ..tuners.svf.config import SVFConfig
 from ..tuners.svf.layer import SVFLinear
-from ..tuners.svf.model import layer_index
+from ..tuners.svf.model import SVFBaseWeightsWarning, layer_index
 
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ logger = logging.getLogger(__name__)
 OTHERS = "others"
 #: File name of a saved library manifest ([`ExpertLibrary.save_manifest`]).
 LIBRARY_MANIFEST = "transformer2_library.json"
-#: Names that cannot be given to an expert.
-RESERVED_NAMES = frozenset({OTHERS, "base", "none", "default"})
+#: Names that cannot be given to an expert (`"__base__"` is the base model in mixed-adapter batches).
+RESERVED_NAMES = frozenset({OTHERS, "base", "none", "default", "__base__"})
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
@@ -133,11 +134,8 @@ def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
         if not (folder / "adapter_config.json").is_file():
             logger.warning("%s has an %s but no adapter_config.json: not an expert, skipped", folder, EXPERT_FILE)
             continue
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ExpertLibraryError(f"{meta_file} is not valid JSON ({err}); re-save the expert") from err
-        if not isinstance(meta, dict) or not isinstance(meta.get("task"), str) or not meta["task"]:
+        meta = _read_json_object(meta_file, 'e.g. {"task": "navigate", "description": "..."}')
+        if not isinstance(meta.get("task"), str) or not meta["task"]:
             raise ExpertLibraryError(
                 f"{meta_file} names no 'task' (the task the expert was trained on); add it, e.g. "
                 '{"task": "navigate", "description": "..."}'
@@ -157,11 +155,11 @@ def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
     folder = Path(source)
     path = folder / "transformer2_expert.json"
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = _read_json_object(path, 'e.g. {"name": "math", "description": "..."}')
         return {k: str(v) for k, v in data.items() if k in ("name", "description")}
     path = folder / EXPERT_FILE
     if path.is_file():
-        data = json.loads(path.read_text())
+        data = _read_json_object(path, 'e.g. {"task": "navigate", "description": "..."}')
         out = {}
         if data.get("task"):
             out["name"] = expert_name(str(data["task"]))
@@ -169,6 +167,17 @@ def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
             out["description"] = " ".join(str(data["description"]).split())
         return out
     return {}
+
+
+def _read_json_object(path: Path, example: str) -> dict[str, Any]:
+    """The JSON object in `path`; [`ExpertLibraryError`] naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExpertLibraryError(f"{path} is not valid JSON ({err}); fix or delete it") from err
+    if not isinstance(data, dict):
+        raise ExpertLibraryError(f"{path} holds a {type(data).__name__}, not a JSON object ({example})")
+    return data
 
 
 def _normalise_targets(targets: Any) -> Any:
@@ -242,9 +251,11 @@ class ExpertLibrary:
             **hub_kwargs: Passed to `huggingface_hub.snapshot_download` for Hub ids (e.g. `revision`, `token`).
 
         Raises:
-            [`ExpertLibraryError`]: no experts; bad or duplicate names; experts of different base models, target
-                modules, SVF mode or rank (the experts concerned are named).
-            [`~peft_spectral.adapter_io.AdapterLoadError`]: an expert directory is missing, not SVF or corrupt.
+            [`ExpertLibraryError`]: no experts; bad, reserved or duplicate names; experts of different base models,
+                target modules, SVF mode or rank (the experts concerned are named); an expert saved from other base
+                weights than `base_model`'s (see `SVFConfig.base_weights_sketch`; PEFT alone only warns).
+            [`~peft_spectral.adapter_io.AdapterLoadError`]: an expert directory is missing, not SVF, corrupt, lacks
+                tensors of the modules it targets, or holds out-of-range `z`.
         """
         if experts is None or len(experts) == 0:
             raise ExpertLibraryError("`experts` is empty: give at least one saved SVF adapter (directory or Hub id)")
@@ -275,9 +286,9 @@ class ExpertLibrary:
         check_compatible(specs, check_base_model=check_base_model)
         _warn_base_mismatch(base_model, specs[0])
 
-        model = load_adapter(base_model, folders[0], adapter_name=specs[0].name, expected_type="SVF")
+        model = _load_checked(base_model, folders[0], specs[0].name, specs[0].source)
         for spec, folder in zip(specs[1:], folders[1:]):
-            load_adapter(model, folder, adapter_name=spec.name, expected_type="SVF")
+            _load_checked(model, folder, spec.name, spec.source)
         model.set_adapter(specs[0].name)
         model.eval()
         return cls(model, tokenizer, specs)
@@ -331,7 +342,7 @@ class ExpertLibrary:
                 f"adapter {str(source)!r} was trained on base model {base_a!r}, the experts on {base_b!r}"
             )
         active = self.model.active_adapter
-        load_adapter(self.model, folder, adapter_name=name, expected_type="SVF")
+        _load_checked(self.model, folder, name, str(source))
         self.model.set_adapter(active)
         self.register_adapter(name, role)
         self.extra_sources[name] = str(source)
@@ -384,15 +395,24 @@ class ExpertLibrary:
             path = path / LIBRARY_MANIFEST
         if not path.is_file():
             raise ExpertLibraryError(f"library manifest {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-            experts = data["experts"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ExpertLibraryError(f"library manifest {str(path)!r} is not valid ({err})") from err
+        data = _read_json_object(path, '{"experts": [{"name": ..., "source": ...}], ...}')
+        experts, extras = data.get("experts"), data.get("extra_adapters", [])
+        thresholds = data.get("dispatch_thresholds", {})
+        problem = None
+        if not isinstance(experts, list) or not experts or not all(isinstance(e, dict) for e in experts):
+            problem = "'experts' must be a non-empty list of objects with 'name' and 'source'"
+        elif not isinstance(extras, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("source"), str) and isinstance(e.get("name"), str) for e in extras
+        ):
+            problem = "'extra_adapters' must be a list of objects with 'name', 'source' and 'role'"
+        elif not isinstance(thresholds, dict):
+            problem = "'dispatch_thresholds' must be an object"
+        if problem:
+            raise ExpertLibraryError(f"library manifest {str(path)!r} is not valid: {problem}")
         library = cls.load(base_model, tokenizer, experts, **load_kwargs)
-        for extra in data.get("extra_adapters", []):
-            library.load_extra_adapter(extra["source"], extra["name"], extra.get("role", "classifier"))
-        library.dispatch_thresholds = dict(data.get("dispatch_thresholds", {}))
+        for extra in extras:
+            library.load_extra_adapter(extra["source"], extra["name"], str(extra.get("role", "classifier")))
+        library.dispatch_thresholds = dict(thresholds)
         return library
 
     # ------------------------------------------------------------------ switching
@@ -497,6 +517,21 @@ def check_compatible(experts: Sequence[Expert], *, check_base_model: bool = True
                     f"experts have different {what}: {ref.name!r} ({ref.source}) has {va!r}, "
                     f"{other.name!r} ({other.source}) has {vb!r}; their z vectors cannot be switched or mixed"
                 )
+
+
+def _load_checked(model: nn.Module, folder: Path, name: str, source: str) -> nn.Module:
+    """[`load_adapter`] that refuses an adapter saved from other base weights (PEFT itself only warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SVFBaseWeightsWarning)  # raised below instead
+        peft_model = load_adapter(model, folder, adapter_name=name, expected_type="SVF")
+    mismatch = peft_model.base_model.base_weights_mismatch(name)
+    if mismatch:
+        if len(peft_model.peft_config) > 1:
+            peft_model.delete_adapter(name)
+        else:  # the first expert: give the base model back unwrapped
+            peft_model.unload()
+        raise ExpertLibraryError(f"expert {name!r} ({source}): {mismatch}")
+    return peft_model
 
 
 def _warn_base_mismatch(model: nn.Module, expert: Expert) -> None:

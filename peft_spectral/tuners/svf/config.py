@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .._checks import check_sketch
+
 
 #: Default targets per architecture: the MLP projections, as in the Transformer² reference code.
 SVF_DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
@@ -94,6 +96,12 @@ class SVFConfig(PeftConfig):
             and the base weight is never written. Costs one dense weight per targeted layer while cached (freed by
             the next forward that needs a gradient). `False`: always the factored forms. See
             `peft_spectral.tuners.svf.composed` (`composed_inference`, `clear_composed_weights`).
+        base_weights_sketch (`dict`, *optional*): Filled in when the adapter is injected, and saved with it: a sketch of
+            the targeted base weights ([`~peft_spectral.tuners._checks.weights_sketch`]: their number, joint norm and
+            16 seeded Gaussian bilinear probes). Loading the adapter onto weights that differ from it by more than 1%
+            (another checkpoint of the same shapes) warns with [`SVFBaseWeightsWarning`]; `ExpertLibrary` and `mix`
+            refuse it. Casts to bfloat16/float16 (about 0.1%) pass. `None` in adapters saved before it existed: not
+            checked.
         svd_cache_dir (`str`, *optional*): Directory of the SVD cache for this process; defaults to
             `$PEFT_SPECTRAL_SVD_CACHE`, else `$PEFT_SPECTRAL_CACHE/svd`, else the user cache directory. A runtime
             setting: never saved in `adapter_config.json`, and ignored (with a warning) when a config is read from a
@@ -165,6 +173,13 @@ class SVFConfig(PeftConfig):
             "cached); training keeps the factored form. False: always the factored form."
         },
     )
+    base_weights_sketch: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "Sketch of the targeted base weights (number, norm, 16 Gaussian bilinear probes), recorded when the "
+            "adapter is injected; loading onto weights that differ by more than 1% warns. None: not checked."
+        },
+    )
     svd_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Directory of the SVD cache (runtime only, never saved); the user cache dir when None."},
@@ -205,6 +220,8 @@ class SVFConfig(PeftConfig):
             raise ValueError(f"SVFConfig.init_noise_std must be >= 0, got {self.init_noise_std!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("SVFConfig: `layers_to_transform` cannot be used when `target_modules` is a regex str.")
+        if self.base_weights_sketch is not None:
+            check_sketch(self.base_weights_sketch, "SVFConfig.base_weights_sketch")
         if self.init_value is None:
             self.init_value = 1.0 if self.mode == "linear" else 0.1
 

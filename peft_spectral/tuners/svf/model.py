@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -19,7 +21,7 @@ from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from ...svd_cache import SVDCache
-from .._checks import check_finite_weight
+from .._checks import SKETCH_TOLERANCE, check_finite_weight, sketch_difference, weights_sketch
 from .._linear import is_conv1d, weight_matrix
 from .._tuner import SpectralTunerMixin
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
@@ -27,7 +29,55 @@ from .layer import SVFLayer, SVFLinear
 from .mixed_batch import mixed_batch_hooks
 
 
+logger = logging.getLogger(__name__)
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+#: Largest factor by which a `"linear"`-mode SVF adapter may scale a weight's spectral norm: `|z_i| σ_i <= 100 σ_1`
+#: for every singular value (checked when an adapter is loaded or combined). `"sigmoid"` mode is bounded by
+#: construction (`σ_i f(z_i) <= Σσ`).
+SVF_MAX_GAIN = 100.0
+
+
+class SVFBaseWeightsWarning(UserWarning):
+    """An SVF adapter is loaded onto base weights that differ from those it was saved with (see
+    `SVFConfig.base_weights_sketch`)."""
+
+
+def check_z(z: torch.Tensor, sigma: torch.Tensor, mode: str, adapter_name: str, module_name: str) -> None:
+    """Refuse a `z` that no trained adapter has: NaN/inf, or (`"linear"` mode) a scaled spectrum beyond
+    [`SVF_MAX_GAIN`] times the base weight's spectral norm (`z = 1e30` is finite, survives a safe merge, and turns
+    every logit into NaN).
+
+    Args:
+        z (`torch.Tensor`): The adapter's `z` for one layer (length `k <= m`).
+        sigma (`torch.Tensor`): The layer's singular values (length `m`, descending).
+        mode (`str`): `"linear"` or `"sigmoid"`.
+        adapter_name (`str`): For the message.
+        module_name (`str`): For the message.
+
+    Raises:
+        `ValueError`: naming the adapter, the module and the offending value.
+    """
+    z64 = z.detach().to(torch.float64)
+    where = f"SVF adapter {adapter_name!r} of module {module_name!r}"
+    finite = torch.isfinite(z64)
+    if not bool(finite.all()):
+        raise ValueError(
+            f"{where} has {int((~finite).sum())} non-finite (NaN or inf) value(s) in z; the adapter is broken "
+            "(diverged training or a bad file)"
+        )
+    if mode != "linear" or not len(z64) or not len(sigma) or float(sigma[0]) <= 0:
+        return
+    scaled = z64.abs().cpu() * sigma[: len(z64)].detach().to(device="cpu", dtype=torch.float64)
+    i = int(scaled.argmax())
+    gain = float(scaled[i]) / float(sigma[0])
+    if gain > SVF_MAX_GAIN:
+        raise ValueError(
+            f"{where}: z[{i}] = {float(z64[i]):.3g} scales its weight to {gain:.3g}x the base weight's spectral norm "
+            f"(at most {SVF_MAX_GAIN:g}x is accepted: |z_i| sigma_i <= {SVF_MAX_GAIN:g} sigma_1); the adapter would "
+            "overflow the model's activations (a bad file or a diverged training)"
+        )
 
 
 def linear_module_names(model: nn.Module, limit: Optional[int] = None) -> list[str]:
@@ -143,14 +193,85 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         model_state = model.state_dict()
         for key, value in remapped.items():
-            if key in model_state and model_state[key].shape != value.shape and ".svf_z." in key + ".":
-                module = key.split(".svf_z")[0].removeprefix("base_model.model.")
+            if ".svf_z." not in key + ".":
+                continue
+            path = key.split(".svf_z")[0]
+            module = path.removeprefix("base_model.model.")
+            if key in model_state and model_state[key].shape != value.shape:
                 raise ValueError(
                     f"SVF adapter does not fit this model: module '{module}' has {model_state[key].numel()} adapted "
                     f"singular values here but the adapter holds {value.numel()} (it was trained on a model with "
                     f"other weight shapes, or with another `rank`)."
                 )
+            layer = _submodule(model, path)
+            if isinstance(layer, SVFLayer):
+                check_z(value, layer.svf_S, config.mode, adapter_name, module)
         return remapped
+
+    # ------------------------------------------------------------------ the base weights an adapter belongs to
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Inject as PEFT does, then record (new adapter) or check (saved adapter) the sketch of its base weights.
+
+        See `SVFConfig.base_weights_sketch`; a mismatch warns with [`SVFBaseWeightsWarning`] and is kept for
+        [`SVFModel.base_weights_mismatch`].
+        """
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._check_base_weights(adapter_name)
+
+    def base_weights_mismatch(self, adapter_name: str) -> Optional[str]:
+        """Why adapter `adapter_name` does not belong to this model's base weights, or `None` when it does (or when
+        it recorded no sketch of them)."""
+        return getattr(self, "_base_mismatch", {}).get(adapter_name)
+
+    def _check_base_weights(self, adapter_name: str) -> None:
+        mismatches = self.__dict__.setdefault("_base_mismatch", {})
+        mismatches.pop(adapter_name, None)
+        config = self.peft_config.get(adapter_name)
+        layers = [(n, m) for n, m in self.svf_layers() if adapter_name in m.svf_z]
+        if not isinstance(config, SVFConfig) or not layers:
+            return
+        if any(m.merged for _, m in layers):
+            logger.info(
+                "SVF adapter %r: a layer it targets is merged; its base weights are not sketched", adapter_name
+            )
+            return
+
+        def base_weights():
+            for name, layer in layers:  # one weight gathered at a time under DeepSpeed ZeRO-3
+                with gather_params_ctx(layer.get_base_layer().weight):
+                    yield name, weight_matrix(layer.get_base_layer())
+
+        current = weights_sketch(base_weights())
+        recorded = config.base_weights_sketch
+        if recorded is None:
+            logger.debug(
+                "SVF adapter %r has no base-weight sketch (a new adapter, or one saved before sketches existed): "
+                "nothing to check; recording this model's",
+                adapter_name,
+            )
+            config = copy.copy(config)  # not the caller's object: a config reused on another model must not carry it
+            config.base_weights_sketch = current
+            self.peft_config[adapter_name] = config
+            return
+        difference = sketch_difference(recorded, current)
+        if difference <= SKETCH_TOLERANCE:
+            return
+        if recorded["modules"] != current["modules"]:
+            detail = f"it was saved for {recorded['modules']} targeted modules, this model has {current['modules']}"
+        else:
+            detail = (
+                f"the {current['modules']} targeted weights differ from those it was saved with by about "
+                f"{difference:.0%} (relative, Frobenius; casts to bfloat16/float16 move them by about 0.1%)"
+            )
+        trained_on = getattr(config, "base_model_name_or_path", None)
+        message = (
+            f"SVF adapter {adapter_name!r} does not belong to this base model: {detail}. Its z scale the singular "
+            "directions of other matrices, so its outputs are not the trained adapter's; load it onto the model it "
+            f"was trained on{f' ({trained_on})' if trained_on else ''}."
+        )
+        mismatches[adapter_name] = message
+        warnings.warn(message, SVFBaseWeightsWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ adapters
 
@@ -198,6 +319,16 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
                 f"{combination_type!r}"
             )
         combine_svf_adapters(self, adapters, weights, adapter_name)
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """`model.get_submodule(path)`, also when the state-dict prefix `base_model.model.` does not apply; else `None`."""
+    for candidate in (path, path.removeprefix("base_model.model.")):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
 
 
 def _describe(targets: Any) -> str:
@@ -276,6 +407,15 @@ def combine_svf_adapters(
     except Exception:
         del tuner.peft_config[adapter_name]
         raise
+    try:
+        _write_combination(tuner, adapters, alpha, adapter_name, base_config.mode)
+    except Exception:  # leave no half-built adapter behind
+        tuner.delete_adapter(adapter_name)
+        raise
+    return adapter_name
+
+
+def _write_combination(tuner: SVFModel, adapters: Sequence[str], alpha: torch.Tensor, adapter_name: str, mode: str):
     for name, layer in tuner.svf_layers():
         if adapter_name not in layer.svf_z:
             continue
@@ -297,8 +437,8 @@ def combine_svf_adapters(
             col = alpha[:, idx]
         with torch.no_grad():
             z = sum(float(c) * layer.svf_z[a].detach().float() for c, a in zip(col, adapters))
+            check_z(z, layer.svf_S, mode, adapter_name, name)
             layer.svf_z[adapter_name].data.copy_(z)
-    return adapter_name
 
 
 def _mixing_matrix(adapters: Sequence[str], weights: Any) -> torch.Tensor:
