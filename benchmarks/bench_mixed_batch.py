@@ -1,25 +1,25 @@
-"""Benchmark: Transformer² pass 2 as one mixed-adapter batch vs one batch per expert (grouped).
+"""Transformer² pass 2 as one mixed-adapter batch vs one batch per expert (grouped).
 
-A batch of prompts is answered by an expert library (every expert of `--experts-dir`, default the committed
-`benchmarks/experts/`, on the embedded model; `--smoke`: random SVF experts of a tiny random model). For each share of
-rows sent to the base model (`__base__`, the "others" answer of dispatch; the remaining rows are spread round-robin
-over the experts), the same forward pass (logits of the whole batch) is timed both ways, in alternating order, and
-the outputs compared:
+A batch of prompts (the first `--batch-size` test questions of `--prompt-task`, a reasoning-gym task) is answered by
+an expert library: every expert of `--experts-dir` (default: the package's library `peft_spectral/library/`) on the
+model of `--model`; `--smoke`: 3 random SVF experts of the tiny model, built on the fly. For each share of rows sent to
+the base model (`__base__`, the "others" answer of dispatch; the remaining rows are spread round-robin over the
+experts), the same forward pass (logits of the whole batch) is timed both ways, in alternating order, and the outputs
+compared:
 
 * mixed: one forward with `adapter_names=[...]` (one name per row; `tuners/svf/mixed_batch.py`);
 * grouped: one forward per expert on its rows (`ExpertLibrary.use`), the base model's rows with the adapters disabled.
 
-Writes `mixed_batch.json` and `mixed_batch.md` to `--out`.
+    python benchmarks/bench_mixed_batch.py                  # embedded model, the package's library (about 2 minutes)
+    python benchmarks/bench_mixed_batch.py --experts-dir DIR
+    python benchmarks/bench_mixed_batch.py --smoke          # tiny random model, random experts (seconds)
 
-    python benchmarks/bench_mixed_batch.py                  # embedded model, committed experts (about 2 minutes)
-    python benchmarks/bench_mixed_batch.py --smoke          # tiny random model (seconds)
+Exits with status 2 when the library holds no expert. Resumable: each base share is kept in the state file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,45 +28,19 @@ from pathlib import Path
 
 import torch
 
+from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
+from peft_spectral.benchmarking.experts import default_library_dir, random_svf_experts, require_experts
+from peft_spectral.data import load_task
+from peft_spectral.transformer2 import ExpertLibrary, expert_name
+from peft_spectral.tuners.svf.mixed_batch import BASE_ADAPTER
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _library(args, work: Path):
-    from peft_spectral.transformer2 import ExpertLibrary, find_experts
-    from peft_spectral.transformer2.library import expert_name
-
-    if args.smoke:
-        from bench_distributed import _base_model, save_random_experts
-
-        root = save_random_experts(work / "experts", 3)
-        base, tok = _base_model("tiny")
-        prompts = [f"Question {i}: what comes after {i}?" for i in range(args.batch_size)]
-    else:
-        from peft_spectral.assets import load_default_model
-        from peft_spectral.tasks import load_task
-
-        root = Path(args.experts_dir)
-        base, tok = load_default_model()
-        prompts = [e.prompt for e in load_task(args.prompt_task, seed=0).test[: args.batch_size]]
-    found = find_experts(root)
-    if not found:
-        raise SystemExit(f"--experts-dir {root}: no experts (*/expert.json next to adapter_config.json)")
-    specs = [{"name": expert_name(e.task), "source": str(e.path)} for e in found]
-    library = ExpertLibrary.load(base, tok, specs)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    batch = tok(prompts, return_tensors="pt", padding=True)
-    return library, batch
+#: The prompts' task: family relationships (reasoning-gym, level 1 of `benchmarks/probe_tasks.py`), ~45 tokens each.
+PROMPT_TASK = "rg:family_relationships?max_family_size=4"
 
 
 def assign(n_rows: int, experts: list[str], base_share: float) -> list[str]:
     """Row names: the first `round(base_share * n_rows)` rows `__base__`, the rest round-robin over `experts`."""
-    from peft_spectral.tuners.svf.mixed_batch import BASE_ADAPTER
-
     n_base = round(base_share * n_rows)
     return [BASE_ADAPTER] * n_base + [experts[i % len(experts)] for i in range(n_rows - n_base)]
 
@@ -78,8 +52,6 @@ def mixed_forward(library, batch, names: list[str]) -> torch.Tensor:
 
 
 def grouped_forward(library, batch, names: list[str]) -> torch.Tensor:
-    from peft_spectral.tuners.svf.mixed_batch import BASE_ADAPTER
-
     out = None
     for name in dict.fromkeys(names):
         rows = [i for i, n in enumerate(names) if n == name]
@@ -97,8 +69,7 @@ def measure(library, batch, names: list[str], rounds: int) -> dict:
     mixed, grouped = mixed_forward(library, batch, names), grouped_forward(library, batch, names)
     times: dict[str, list[float]] = {"mixed": [], "grouped": []}
     for r in range(rounds):
-        order = ("mixed", "grouped") if r % 2 == 0 else ("grouped", "mixed")
-        for path in order:
+        for path in ("mixed", "grouped") if r % 2 == 0 else ("grouped", "mixed"):
             fn = mixed_forward if path == "mixed" else grouped_forward
             start = time.perf_counter()
             fn(library, batch, names)
@@ -114,74 +85,110 @@ def measure(library, batch, names: list[str], rounds: int) -> dict:
     }
 
 
-def markdown(report: dict) -> str:
-    lines = [
-        "# Mixed-adapter batches vs grouped by expert (Transformer² pass 2)",
-        "",
-        (
-            f"Generated by `benchmarks/bench_mixed_batch.py`{' --smoke' if report['smoke'] else ''} on "
-            f"{report['machine']}. Model: {report['model']}; {len(report['experts'])} experts "
-            f"({', '.join(report['experts'])}); one forward of a batch of {report['batch_size']} prompts "
-            f"({report['tokens']} tokens each after left padding); median of {report['rounds']} alternating runs."
-        ),
-        "",
-        "| rows to the base model | groups | mixed batch (s) | grouped (s) | mixed / grouped | max abs logit diff |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in report["rows"]:
-        lines.append(
-            f"| {row['base_share']:.0%} | {row['groups']} | {row['mixed_s']:.3f} | {row['grouped_s']:.3f} | "
-            f"{row['mixed_over_grouped']:.2f} | {row['max_abs_diff']:.1e} |"
-        )
-    lines.append("")
-    return "\n".join(lines)
+def load_library(run: BenchmarkRun, experts_dir: Path):
+    """The expert library on the run's model; exits 2 when `experts_dir` holds no expert."""
+    found = require_experts(experts_dir)
+    base, tokenizer = run.load_model()
+    specs = [{"name": expert_name(e.task), "source": str(e.path)} for e in found]
+    return ExpertLibrary.load(base, tokenizer, specs)
+
+
+def prompt_batch(tokenizer, spec: str, n: int, seed: int) -> dict:
+    """The first `n` test prompts of `spec`, tokenized with left padding."""
+    task = load_task(spec, seed=seed, max_examples=max(100, 5 * n + 5))
+    prompts = [ex.prompt for ex in task.test[:n]]
+    if len(prompts) < n:
+        raise SystemExit(f"--prompt-task {spec}: {len(prompts)} test prompts, fewer than --batch-size {n}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+def markdown(data: dict, command: str) -> str:
+    intro = (
+        f"Command: `{command}`. {len(data['experts'])} experts ({', '.join(data['experts'])}); one forward of a batch "
+        f"of {data['batch_size']} prompts of `{data['prompt_task']}` ({data['tokens']} tokens each after left "
+        f"padding); median of {data['rounds']} alternating runs, {data['torch_threads']} torch threads."
+    )
+    table = markdown_table(
+        [
+            "rows to the base model",
+            "groups",
+            "mixed batch (s)",
+            "grouped (s)",
+            "mixed / grouped",
+            "max abs logit diff",
+        ],
+        [
+            [
+                f"{row['base_share']:.0%}",
+                row["groups"],
+                f"{row['mixed_s']:.3f}",
+                f"{row['grouped_s']:.3f}",
+                f"{row['mixed_over_grouped']:.2f}",
+                f"{row['max_abs_diff']:.1e}",
+            ]
+            for row in data["rows"]
+        ],
+        "rrrrrr",
+    )
+    return f"{intro}\n\n{table}"
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts-dir", default=str(ROOT / "benchmarks" / "experts"))
-    p.add_argument("--prompt-task", default="sports_understanding", help="prompts: the first test examples of it")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_arguments(p, name="mixed_batch")
+    p.add_argument(
+        "--experts-dir",
+        type=Path,
+        default=None,
+        help=f"expert library (*/expert.json); left out: {default_library_dir()} (--smoke: random experts)",
+    )
+    p.add_argument("--prompt-task", default=PROMPT_TASK, help="task spec of the prompts (the first test questions)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--base-shares", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
-    p.add_argument("--smoke", action="store_true", help="tiny random model and random experts (seconds)")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch_size, args.rounds = min(args.batch_size, 8), min(args.rounds, 2)
-        if args.out == p.get_default("out"):
-            args.out = str(Path(tempfile.gettempdir()) / "bench_mixed_batch_smoke")
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = {
+        "experts_dir": str(args.experts_dir) if args.experts_dir else ("random" if args.smoke else "library"),
+        "prompt_task": args.prompt_task,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+    }
+    run = BenchmarkRun.from_args(args, config)
     with tempfile.TemporaryDirectory() as tmp:
-        library, batch = _library(args, Path(tmp))
-        rows = []
-        for share in args.base_shares:
-            names = assign(args.batch_size, library.names, share)
-            row = {"base_share": share, **measure(library, batch, names, args.rounds)}
-            rows.append(row)
+        experts_dir = args.experts_dir or (
+            random_svf_experts(Path(tmp) / "experts", 3) if args.smoke else default_library_dir()
+        )
+        library = load_library(run, experts_dir)
+        batch = prompt_batch(library.tokenizer, args.prompt_task, args.batch_size, args.seed)
+        keys = {f"share:{share}": share for share in args.base_shares}
+        for key in run.jobs(list(keys), desc="base shares"):
+            names = assign(args.batch_size, library.names, keys[key])
+            row = run.record(key, {"base_share": keys[key], **measure(library, batch, names, args.rounds)})
             print(
-                f"base share {share:.0%}: mixed {row['mixed_s']:.3f} s, grouped {row['grouped_s']:.3f} s "
+                f"base share {row['base_share']:.0%}: mixed {row['mixed_s']:.3f} s, grouped {row['grouped_s']:.3f} s "
                 f"({row['mixed_over_grouped']:.2f}x), max abs diff {row['max_abs_diff']:.1e}",
                 flush=True,
             )
-    report = {
-        "smoke": args.smoke,
-        "model": "tiny random Llama" if args.smoke else "SmolLM2-135M-Instruct (embedded, fp32)",
+    data = {
         "experts": library.names,
+        "prompt_task": args.prompt_task,
         "batch_size": args.batch_size,
         "tokens": int(batch["input_ids"].shape[1]),
         "rounds": args.rounds,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+        "rows": [run.result(key) for key in keys],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_batch.json").write_text(json.dumps(report, indent=1))
-    (out / "mixed_batch.md").write_text(markdown(report))
-    print(f"wrote {out / 'mixed_batch.json'} and .md", flush=True)
-    return report
+    command = " ".join(["python benchmarks/bench_mixed_batch.py", *(sys.argv[1:] if argv is None else argv)])
+    run.write(data, markdown(data, command), title="Mixed-adapter batches vs grouped by expert (Transformer² pass 2)")
+    return data
 
 
 if __name__ == "__main__":

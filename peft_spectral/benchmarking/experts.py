@@ -1,0 +1,94 @@
+"""Expert libraries for the benchmarks: where the library is, the check that it holds enough experts, and random SVF
+experts of the tiny model that a smoke run builds on the fly.
+
+```python
+from peft_spectral.benchmarking.experts import default_library_dir, random_svf_experts, require_experts
+
+experts = require_experts(args.experts_dir or default_library_dir(), minimum=2)   # exits 2 with one line if short
+root = random_svf_experts(tmp / "experts", 3)                                     # smoke runs: tiny-model experts
+```
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Union
+
+import torch
+
+
+__all__ = ["MLP_TARGETS", "default_library_dir", "random_svf_experts", "require_experts"]
+
+#: The projections the random experts adapt.
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def default_library_dir() -> Path:
+    """The expert library shipped with the package, `peft_spectral/library/` (one directory per expert with its
+    adapter and `expert.json`); it may not exist yet."""
+    return Path(__file__).resolve().parents[1] / "library"
+
+
+def require_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: str = "--experts-dir") -> list:
+    """The experts of the library `root` ([`~peft_spectral.transformer2.find_experts`]), or exit.
+
+    Args:
+        root (`str` or `os.PathLike`): The library directory.
+        minimum (`int`, defaults to 1): Experts the benchmark needs.
+        option (`str`, defaults to `"--experts-dir"`): The option that names `root`, quoted in the message.
+
+    Returns:
+        `list[SavedExpert]`: every expert found, sorted by directory name.
+
+    Raises:
+        `SystemExit`: with status 2, after one line on stderr, when `root` holds fewer than `minimum` experts.
+    """
+    from ..transformer2 import find_experts
+
+    found = find_experts(root)
+    if len(found) < minimum:
+        print(
+            f"{option} {root}: {len(found)} expert(s) (*/expert.json next to adapter_config.json), this benchmark "
+            f"needs at least {minimum}; train them first or pass {option}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2)
+    return found
+
+
+def random_svf_experts(root: Union[str, os.PathLike], n: int, *, seed: int = 0, scale: float = 0.5) -> Path:
+    """Save `n` SVF experts of [`tiny_model`]`(seed)` on the MLP projections, with random non-identity
+    `z = 1 + scale · N(0, 1)` (generator seeds 1..n), each in `root/random_<k>/` with an `expert.json` (task
+    `random_<k>`), the layout [`~peft_spectral.transformer2.find_experts`] reads.
+
+    Args:
+        root (`str` or `os.PathLike`): Where the experts go.
+        n (`int`): How many.
+        seed (`int`, defaults to 0): Seed of the tiny base model (use the same for the model they are loaded on).
+        scale (`float`, defaults to 0.5): Spread of `z` around 1.
+
+    Returns:
+        `Path`: `root`.
+    """
+    from peft import get_peft_model
+
+    from .. import SVFConfig
+    from ..model_card import write_expert_files
+    from .tiny import tiny_model
+
+    root = Path(root)
+    for k in range(n):
+        base, _ = tiny_model(seed=seed)
+        model = get_peft_model(base, SVFConfig(target_modules=list(MLP_TARGETS), use_svd_cache=False))
+        generator = torch.Generator().manual_seed(k + 1)
+        with torch.no_grad():
+            for _, layer in model.base_model.svf_layers():
+                z = layer.svf_z["default"]
+                z.copy_(1 + scale * torch.randn(z.shape, generator=generator))
+        folder = root / f"random_{k}"
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+        write_expert_files(folder, task=f"random_{k}", description=f"random SVF expert {k} (benchmark smoke run)")
+    return root
