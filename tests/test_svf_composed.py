@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -142,6 +144,34 @@ def test_compose_inference_false_never_composes_and_is_saved(tmp_path):
     assert reloaded.peft_config["default"].compose_inference is False
     with pytest.raises(ValueError, match="compose_inference must be a bool"):
         SVFConfig(compose_inference="yes")
+
+
+def test_automatic_composition_waits_for_its_break_even():
+    """Default config: compose once the tokens run at this z have cost the extra of the factored form what the
+    composition costs (ski rental), or at once for a decoding step; a new z starts the count again."""
+    model, tok = svf_model()
+    ids = tok(["0123456789"], return_tensors="pt")  # 10 tokens, one row
+    expected = factored(model, ids)
+    needed = {}
+    for layer in layers(model):
+        k = layer.svf_z["default"].shape[0]
+        m, out, inn = layer.svf_rank, layer.out_features, layer.in_features
+        assert layer.compose_break_even_tokens(k) == out * inn * m / (m * (out + inn) - out * inn)
+        needed[layer.module_name] = math.ceil(layer.compose_break_even_tokens(k) / 10)
+    assert sorted(set(needed.values())) == [4, 7]  # square/k-v matrices: 32 tokens; MLP: 64 tokens
+    for call in range(1, 8):
+        with torch.no_grad():
+            torch.testing.assert_close(model(**ids).logits, expected, atol=LOGITS_ATOL, rtol=0)
+        for layer in layers(model):
+            assert (layer.svf_composed.weight is not None) == (call >= needed[layer.module_name]), (call, layer)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.svf_z["default"].mul_(1.01)
+        model(**ids)
+    assert composed_weight_bytes(model) == 0  # a new z: counting starts again
+    with torch.no_grad():
+        model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert all(layer.svf_composed.weight is not None for layer in layers(model))  # a decoding step composes
 
 
 # ---------------------------------------------------------------------------------------------- invalidation
@@ -284,7 +314,7 @@ def test_training_keeps_the_factored_form_and_frees_the_cache():
 def test_composed_under_autocast_is_the_full_precision_weight():
     model, tok = svf_model()
     ids = prompt_ids(tok)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), composed_inference(model):
         model(**ids)
     under_autocast = [layer.svf_composed.weight for layer in layers(model)]
     assert all(w.dtype == torch.float32 for w in under_autocast)
@@ -296,11 +326,11 @@ def test_composed_under_autocast_is_the_full_precision_weight():
 def test_inference_mode_and_no_grad_share_the_cache():
     model, tok = svf_model()
     ids = prompt_ids(tok)
-    with torch.inference_mode():
+    with torch.inference_mode(), composed_inference(model):
         first = model(**ids).logits.clone()
     cached = [layer.svf_composed.weight for layer in layers(model)]
     assert all(not w.is_inference() for w in cached)
-    with torch.no_grad():
+    with torch.no_grad(), composed_inference(model):
         torch.testing.assert_close(model(**ids).logits, first, atol=0, rtol=0)
     assert all(layer.svf_composed.weight is w for layer, w in zip(layers(model), cached))
 
@@ -316,7 +346,7 @@ def test_single_adapter_mixed_batch_uses_the_composed_weight():
         expected[name] = factored(model, ids)
     model.set_adapter("default")
     clear_composed_weights(model)
-    with torch.no_grad():
+    with torch.no_grad(), composed_inference(model):
         same = model(**ids, adapter_names=["other", "other"]).logits
         assert composed_weight_bytes(model) > 0
         assert all(layer.svf_composed._key[1] == ("other",) for layer in layers(model))

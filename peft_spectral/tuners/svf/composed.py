@@ -8,6 +8,17 @@ the base weight's dtype (as a merge would), keeps it, and runs each such forward
 with `W'`. The loss and backward keep the factored form: a forward whose output needs a gradient never uses `W'`,
 and it frees the cached one, so that a training step's peak memory holds no dense copy.
 
+**When it composes** (`SVFConfig.compose_inference=True`, the default). Composing costs `out·in·m` multiply-adds,
+as much as `out·in·m / (m·(out + in) - out·in)` tokens of the factored form's extra cost (1,540 tokens for
+SmolLM2-135M's 576×1536 MLP matrices, 576 for its square ones; `SVFLinear.compose_break_even_tokens`). So a layer
+composes at a decoding step (one new token per row: generation runs many more at the same `z`, and a decoding
+step's small matmuls are bound by reading the weights, where one dense `W'` beats two factors), or once the tokens
+it has run without gradient at the current `z` reach that break-even (a ski-rental rule: never more than twice the
+cheaper choice in hindsight). A sampling round of GRPO/RLOO therefore composes once and decodes every token with
+`W'`; a validation evaluation or Transformer²'s pass 2 likewise; CEM's few shots per candidate stay factored unless
+they are many. `composed_inference(model, True)` composes at the first forward without gradient, whatever the
+count.
+
 **When `W'` is rebuilt.** A cached `W'` belongs to one set of active adapters and to the exact tensors it was built
 from: each `z`, the base weight and its bias, by identity, storage and in-place version (`_version`, which
 `optimizer.step()` of torch's foreach/for-loop optimizers, `load_state_dict` and any in-place op under
@@ -76,41 +87,57 @@ def is_sharded(param: torch.Tensor) -> bool:
 
 
 class ComposedWeightCache:
-    """One cached composed weight and the key it was built for.
+    """One cached composed weight, the key it was built for, and the tokens run without it at the current key.
 
     The key holds weak references to the tensors (so that a freed tensor whose memory and `id` are reused never
     matches) with their storage address and in-place version, the adapter names and the optimizer-step count.
     Copies (`copy.deepcopy`) and pickles of a layer get an empty cache.
     """
 
-    __slots__ = ("_key", "weight")
+    __slots__ = ("_key", "pending_tokens", "weight")
 
     def __init__(self) -> None:
         self._key: Optional[tuple] = None
         self.weight: Optional[torch.Tensor] = None
+        self.pending_tokens = 0
 
     def __reduce__(self):
         return (ComposedWeightCache, ())
 
-    def lookup(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The cached weight if it was composed for `names` from exactly `tensors` as they are now, else `None`."""
+    def matches(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether the key is that of `names` and exactly `tensors` as they are now."""
         key = self._key
         if key is None or key[0] != _optimizer_steps or key[1] != names or len(key[2]) != len(tensors):
-            return None
-        for (ref, ptr, version), t in zip(key[2], tensors):
-            if ref() is not t or ptr != t.data_ptr() or version != t._version:
-                return None
-        return self.weight
+            return False
+        return all(
+            ref() is t and ptr == t.data_ptr() and version == t._version
+            for (ref, ptr, version), t in zip(key[2], tensors)
+        )
+
+    def lookup(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The cached weight if it was composed for `names` from exactly `tensors` as they are now, else `None`."""
+        return self.weight if self.weight is not None and self.matches(names, tensors) else None
+
+    def add_tokens(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor], tokens: int) -> int:
+        """Count `tokens` run without a composed weight at the current key (restarting at a new key); the total."""
+        if not self.matches(names, tensors):
+            self._set_key(names, tensors)
+            self.weight, self.pending_tokens = None, 0
+        self.pending_tokens += tokens
+        return self.pending_tokens
 
     def store(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor], weight: torch.Tensor) -> None:
         """Keep `weight` as the composition of `names` from `tensors` (their current versions)."""
+        self._set_key(names, tensors)
+        self.weight, self.pending_tokens = weight, 0
+
+    def _set_key(self, names: tuple[str, ...], tensors: Sequence[torch.Tensor]) -> None:
         self._key = (_optimizer_steps, names, tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors))
-        self.weight = weight
 
     def clear(self) -> int:
-        """Drop the cached weight; returns the bytes it held."""
-        freed = 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
-        self._key, self.weight = None, None
+        """Drop the cached weight and the token count; returns the bytes it held."""
+        freed = self.nbytes
+        self._key, self.weight, self.pending_tokens = None, None, 0
         return freed
 
     @property
@@ -139,8 +166,9 @@ def composed_weight_bytes(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def composed_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Context in which the SVF layers of `model` use (`enabled=True`) or never use (`False`) a composed weight in
-    forwards that need no gradient, whatever their adapters' `SVFConfig.compose_inference` says.
+    """Context in which the SVF layers of `model` compose at their first forward without gradient (`enabled=True`)
+    or never (`False`), whatever their adapters' `SVFConfig.compose_inference` says (whose `True` composes when it
+    pays, see the module docstring).
 
     On exit each layer is back to its config's choice; with `enabled=False` the cached weights are freed on entry.
 

@@ -90,11 +90,13 @@ class SVFConfig(PeftConfig):
             base trained under autocast). The SVD itself is always computed and cached in float32; the singular
             values `S`, `z` (float32 under PEFT's `autocast_adapter_dtype`) and the scales stay in float32. The
             factors are shared by all adapters of a layer: the first adapter's setting decides.
-        compose_inference (`bool`): `True` (default): a forward that needs no gradient (sampling completions,
-            evaluation) uses the adapted weight `W'` composed once per change of `z` and cached, at the merged
-            model's cost per token instead of the factored form's; the loss and backward keep the factored form,
-            and the base weight is never written. Costs one dense weight per targeted layer while cached (freed by
-            the next forward that needs a gradient). `False`: always the factored forms. See
+        compose_inference (`bool`): `True` (default): forwards that need no gradient (sampling completions,
+            evaluation) use the adapted weight `W'` composed once per change of `z` and cached, at the merged
+            model's cost per token instead of the factored form's, wherever that pays: from the first decoding
+            step of a generation, or once the tokens run at one `z` have cost what composing costs. The loss and
+            backward keep the factored form, and the base weight is never written. Costs one dense weight per
+            targeted layer while cached (freed by the next forward that needs a gradient). `False`: always the
+            factored forms. See
             `peft_spectral.tuners.svf.composed` (`composed_inference`, `clear_composed_weights`).
         base_weights_sketch (`dict`, *optional*): Filled in when the adapter is injected, and saved with it: a sketch of
             the targeted base weights ([`~peft_spectral.tuners._checks.weights_sketch`]: their number, joint norm and
@@ -169,8 +171,9 @@ class SVFConfig(PeftConfig):
         default=True,
         metadata={
             "help": "True (default): forwards without gradient (sampling, evaluation) use W' = U diag(sigma*f(z)) V^T "
-            "composed once per change of z and cached (merged-model speed, one dense weight per target while "
-            "cached); training keeps the factored form. False: always the factored form."
+            "composed once per change of z and cached, where that pays (decoding, or enough tokens at one z): "
+            "merged-model speed, one dense weight per target while cached; training keeps the factored form. "
+            "False: always the factored form."
         },
     )
     base_weights_sketch: Optional[dict] = field(

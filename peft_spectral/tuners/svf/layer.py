@@ -18,10 +18,11 @@ output, per call and per matrix the cheapest that applies:
 * exact factored (`fast_factored=False`, or `2k <= m`): transform the input (`x + ((x Q_k) ⊙ (s-1)) Q_kᵀ`) or the
   output, then the base matmul: `2·tokens·m·k` extra multiply-adds, and exactly the base model when `s = 1` (bit
   for bit: the correction is `0`), needing only the smaller side's factors.
-* composed (the default when no gradient is needed, `SVFConfig.compose_inference=True`): `W'` built once per change
-  of `z` (`out·in·m` multiply-adds with `P`, `2·out·in·k` without), cached, and each forward runs the base layer's
-  one matmul with it: sampling and evaluation at the merged model's cost, the base weight untouched (see
-  [`peft_spectral.tuners.svf.composed`] for when it is rebuilt, where it is not used, and its memory).
+* composed (when no gradient is needed, `SVFConfig.compose_inference=True`): `W'` built once per change of `z`
+  (`out·in·m` multiply-adds with `P`, `2·out·in·k` without), cached, and each forward runs the base layer's one
+  matmul with it: sampling and evaluation at the merged model's cost, the base weight untouched. Composed at a
+  decoding step, or once the tokens run at this `z` reach the break-even (see [`peft_spectral.tuners.svf.composed`]
+  for that rule, when `W'` is rebuilt, where it is not used, and its memory).
 * recomposed per call: build `W'` for this call only, `2·out·in·k` extra; chosen, where the composed form does not
   apply, only when no gradient is needed and it is cheaper than the factored forms.
 
@@ -333,30 +334,66 @@ class SVFLayer(BaseTunerLayer):
                 correction = self.delta_weight(delta)
             return (w.to(compute) + correction).to(w.dtype).contiguous()
 
-    def _compose_enabled(self, names: list[str]) -> bool:
+    def _compose_mode(self, names: list[str]) -> str:
+        """`"always"` (forced by `composed_inference(model, True)`), `"auto"` (the adapters' config) or `"never"`."""
         if self.svf_compose_override is not None:
-            return self.svf_compose_override
-        return all(self.svf_settings[a].get("compose", True) for a in names)
+            return "always" if self.svf_compose_override else "never"
+        return "auto" if all(self.svf_settings[a].get("compose", True) for a in names) else "never"
+
+    def compose_break_even_tokens(self, k: int) -> float:
+        """Tokens after which composing `W'` for `k` adapted values has cost what it saves.
+
+        Composing costs `out·in·m` multiply-adds with the kept `P` (`2·out·in·k` without); each token then costs
+        `out·in` instead of the factored form's `m·(out + in)` (`out·in + 2·m·k` for the exact form). On
+        SmolLM2-135M: 1,540 tokens for the 576×1536 MLP matrices, 576 for the square ones.
+        """
+        out, inn, m = self.out_features, self.in_features, self.svf_rank
+        if self._fast_form(k):
+            compose, per_token = out * inn * m, m * (out + inn)
+        else:
+            compose, per_token = 2 * out * inn * k, out * inn + 2 * m * k
+        saved = per_token - out * inn
+        return compose / saved if saved > 0 else float("inf")
+
+    def _composition_pays(self, x: torch.Tensor, names: tuple[str, ...], tensors: list[torch.Tensor]) -> bool:
+        """`"auto"`: compose for a decoding step (one new token per row: a generation runs many more at this `z`),
+        or once the tokens run without gradient at this `z` reach the break-even (a ski-rental rule: never more than
+        twice the cheaper choice in hindsight), e.g. CEM's few shots per candidate stay factored."""
+        if x.ndim >= 3 and x.shape[-2] == 1:
+            return True
+        tokens = x.numel() // max(x.shape[-1], 1)
+        k = max(self.svf_z[a].shape[0] for a in names)
+        return self.svf_composed.add_tokens(names, tensors, tokens) >= self.compose_break_even_tokens(k)
 
     def composed_output(self, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
         """The layer's output for `x` through the (cached) composed weight of `adapter_names`, or `None` where that
-        form does not apply: it is turned off, the output needs a gradient (then the cached weight is freed), the
-        weights are partitioned (ZeRO-3, FSDP), the base weight is not floating point, or under `torch.compile`.
+        form is not used: it is turned off, the output needs a gradient (then the cached weight is freed), the
+        weights are partitioned (ZeRO-3, FSDP), the base weight is not floating point, under `torch.compile`, or
+        (`SVFConfig.compose_inference=True`, automatic) composing does not pay yet (see `_composition_pays`).
 
         Args:
             x (`torch.Tensor`): The input, `(..., in_features)`.
             adapter_names (`list[str]`): Adapters of this layer whose scales multiply (all present in `svf_z`).
         """
-        if not adapter_names or not self._compose_enabled(adapter_names):
+        if not adapter_names:
+            return None
+        mode = self._compose_mode(adapter_names)
+        if mode == "never":
             return None
         base = self.get_base_layer()
-        tensors = self._composition_inputs(tuple(adapter_names))
+        names = tuple(adapter_names)
+        tensors = self._composition_inputs(names)
         if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
             self.svf_composed.clear()  # z is being trained and will change; free the memory before the backward
             return None
         if not base.weight.is_floating_point() or torch.compiler.is_compiling() or any(is_sharded(t) for t in tensors):
             return None
-        weight = self.composed_weight(adapter_names)
+        weight = self.svf_composed.lookup(names, tensors)
+        if weight is None:
+            if mode == "auto" and not self._composition_pays(x, names, tensors):
+                return None
+            weight = self._compose(names)
+            self.svf_composed.store(names, tensors, weight)
         bias = base.bias
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             weight = weight.to(x.dtype)
