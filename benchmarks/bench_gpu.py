@@ -3,7 +3,8 @@
 One command, a few minutes on one GPU:
 
     python benchmarks/bench_gpu.py                                   # HuggingFaceTB/SmolLM2-1.7B-Instruct from the Hub
-    python benchmarks/bench_gpu.py --model-dir /models/SmolLM2-1.7B-Instruct --steps 20
+    python benchmarks/bench_gpu.py --model /models/SmolLM2-1.7B-Instruct --steps 20
+    python benchmarks/bench_gpu.py --smoke                           # tiny random Llama, CUDA when present (seconds)
 
 For each of SVF (MLP targets), LoRA r=16 (MLP), SVF (all linear) and LoRA r=16 (all linear), on a fresh copy of the
 base model and the same random batch: adapter set-up time (SVF computes the SVD factors here), trainable parameters,
@@ -12,26 +13,24 @@ memory (`torch.cuda.max_memory_allocated`, and the part above the model weights)
 training steps: merged vs unmerged logits (max abs diff on one batch) and whether `unmerge_adapter` restores every base
 weight bit-exactly.
 
-Writes `OUT/gpu.json` and `OUT/gpu.md` (OUT defaults to `docs/results`). Exits with status 2 and a message when the
-device is CUDA and no CUDA device is present. `--tiny --device cpu` runs the same code on a random 2-layer Llama (no
-download), which is how the test suite keeps this script working.
+Writes `docs/results/gpu.{json,md}` (`--output` to change; a smoke run writes to a temporary directory). Exits with
+status 2 and one line when the device is CUDA and no CUDA device is present. Resumable: each method is kept in the
+state file.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from peft_spectral import SVFConfig
+from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
 
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -48,35 +47,6 @@ def method_configs() -> dict:
         "svf_all": lambda: SVFConfig(target_modules=ALL, use_svd_cache=False),
         "lora16_all": lambda: LoraConfig(r=16, lora_alpha=32, target_modules=ALL),
     }
-
-
-def build_tiny_model():
-    """A random 2-layer Llama (hidden 64), for `--tiny`: no download."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config)
-
-
-def load_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
-    """The base model in `dtype` on `device`: tiny random, a local directory, or a Hub id."""
-    if args.tiny:
-        model = build_tiny_model()
-    else:
-        from transformers import AutoModelForCausalLM
-
-        source = args.model_dir or args.model
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def synchronize(device: torch.device) -> None:
@@ -153,96 +123,79 @@ def run_method(name: str, factory, base, batch: torch.Tensor, steps: int, device
     return result
 
 
-def write_markdown(results: dict, path: Path) -> None:
-    env = results["environment"]
+def markdown(results: dict) -> str:
     logit_max = max(r["logit_abs_max"] for r in results["methods"].values())
-    lines = [
-        "# SVF vs LoRA r=16 on GPU",
-        "",
-        (
-            f"Model `{results['model']}`, {results['dtype']}, batch {results['batch']} × {results['seq_len']} "
-            f"tokens, {results['steps']} timed steps (median) after one warm-up step. Device: {env['device_name']}; "
-            f"torch {env['torch']}. Command: `{results['command']}`."
-        ),
-        "",
-        (
-            "| method | trainable params | set-up (s) | step (ms) | peak mem (GiB) | above weights (GiB) "
-            "| merged vs unmerged max abs logit diff | unmerge bit-exact |"
-        ),
-        "|---|---:|---:|---:|---:|---:|---:|:---:|",
+    intro = (
+        f"Model `{results['model']}`, {results['dtype']}, batch {results['batch']} × {results['seq_len']} tokens, "
+        f"{results['steps']} timed steps (median) after one warm-up step. Device: {results['device_name']}; torch "
+        f"{torch.__version__}. Command: `{results['command']}`."
+    )
+    headers = ["method", "trainable params", "set-up (s)", "step (ms)", "peak mem (GiB)", "above weights (GiB)"]
+    headers += ["merged vs unmerged max abs logit diff", "unmerge bit-exact"]
+    rows = [
+        [
+            name,
+            f"{r['trainable_params']:,}",
+            f"{r['setup_s']:.2f}",
+            f"{r['step_s_median'] * 1e3:.1f}",
+            f"{r['peak_mem_gb']:.2f}",
+            f"{r['peak_mem_above_weights_gb']:.2f}",
+            f"{r['merged_vs_unmerged_max_abs_logit_diff']:.3g}",
+            r["unmerge_restores_weights_bit_exact"],
+        ]
+        for name, r in results["methods"].items()
     ]
-    for name, r in results["methods"].items():
-        lines.append(
-            f"| {name} | {r['trainable_params']:,} | {r['setup_s']:.2f} | {r['step_s_median'] * 1e3:.1f} "
-            f"| {r['peak_mem_gb']:.2f} | {r['peak_mem_above_weights_gb']:.2f} "
-            f"| {r['merged_vs_unmerged_max_abs_logit_diff']:.3g} | {r['unmerge_restores_weights_bit_exact']} |"
-        )
-    lines += [
-        "",
-        (
-            "SVF set-up time includes computing the SVD of every targeted weight (SVD cache off). The merge "
-            f"difference is the rounding of writing the adapted weight in {results['dtype']} (largest |logit|: "
-            f"{logit_max:.3g}). SVF keeps the original weight on merge, so its unmerge is exact; LoRA subtracts its "
-            "delta again, which is exact only up to that rounding."
-        ),
-        "",
-    ]
-    path.write_text("\n".join(lines))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id of the base model.")
-    parser.add_argument("--model-dir", default=None, help="A local copy of the model (overrides --model).")
-    parser.add_argument("--tiny", action="store_true", help="A random 2-layer Llama instead (tests, no download).")
-    parser.add_argument("--device", default="cuda", help="Device (default cuda).")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--steps", type=int, default=10, help="Timed train steps per method.")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--methods", nargs="+", default=list(method_configs()), choices=list(method_configs()))
-    parser.add_argument("--out", default="docs/results", help="Directory for gpu.json and gpu.md.")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    return args
+    note = (
+        "SVF set-up time includes computing the SVD of every targeted weight (SVD cache off). The merge difference is "
+        f"the rounding of writing the adapted weight in {results['dtype']} (largest |logit|: {logit_max:.3g}). SVF "
+        "keeps the original weight on merge, so its unmerge is exact; LoRA subtracts its delta again, which is exact "
+        "only up to that rounding."
+    )
+    return f"{intro}\n\n{markdown_table(headers, rows, 'lrrrrrrc')}\n\n{note}"
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_arguments(parser, name="gpu", model_default=DEFAULT_MODEL)
+    parser.add_argument("--device", default=None, help="device (default cuda; --smoke: cuda when present, else cpu)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per method")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--methods", nargs="+", default=list(method_configs()), choices=list(method_configs()))
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.smoke:
+        args.steps, args.batch, args.seq_len = 2, 2, 16
+    device = torch.device(args.device or ("cpu" if args.smoke and not torch.cuda.is_available() else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print(
-            "bench_gpu.py: no CUDA device is present (torch.cuda.is_available() is False). Run it on a GPU machine, "
-            "or pass `--tiny --device cpu` to check the script itself.",
+            "bench_gpu.py: no CUDA device is present (torch.cuda.is_available() is False); run it on a GPU machine, "
+            "or pass --smoke to check the script itself.",
             file=sys.stderr,
         )
         return 2
+    config = {k: getattr(args, k) for k in ("dtype", "steps", "batch", "seq_len", "methods")}
+    run = BenchmarkRun.from_args(args, {**config, "device": str(device)})
     dtype = DTYPES[args.dtype]
-    base = load_model(args, dtype, device)
-    g = torch.Generator().manual_seed(0)
+    base, _ = run.load_model(dtype=str(dtype).removeprefix("torch."))
+    base = base.to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
     methods = method_configs()
+    for key in run.jobs([f"method:{name}" for name in args.methods], desc="methods"):
+        name = key.removeprefix("method:")
+        run.record(key, run_method(name, methods[name], base, batch, args.steps, device))
     results = {
-        "model": "tiny-random-llama" if args.tiny else (args.model_dir or args.model),
-        "dtype": args.dtype,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "command": " ".join(["bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
-        "environment": {
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
-        "methods": {name: run_method(name, methods[name], base, batch, args.steps, device) for name in args.methods},
+        "model": run.model_name,
+        **config,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "command": " ".join(["python benchmarks/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)]),
+        "methods": {name: run.result(f"method:{name}") for name in args.methods},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "gpu.md")
-    print(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'}")
+    run.write(results, markdown(results), title="SVF vs LoRA r=16 on GPU")
     return 0
 
 
