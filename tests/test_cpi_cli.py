@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from testing_utils import build_tiny_llama, build_tiny_tokenizer
@@ -62,14 +63,14 @@ def test_cli_runs_and_resumes(patched, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--p", "1.5"), ("--p", "0"), ("--tau", "-0.5")])
-def test_cli_bad_hyper_parameters(patched, tmp_path, flag, value):
-    with pytest.raises(SystemExit, match=r"core_fraction|similarity_threshold"):
-        main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), flag, value])
+def test_cli_bad_hyper_parameters(patched, tmp_path, flag, value, capsys):
+    assert main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), flag, value]) == 2
+    assert re.search(r"^peft-spectral cpi: error: .*(core_fraction|similarity_threshold)", capsys.readouterr().err)
 
 
-def test_cli_needs_tasks(patched, tmp_path):
-    with pytest.raises(SystemExit, match="at least one task"):
-        main(["cpi", "--output", str(tmp_path / "x")])
+def test_cli_needs_tasks(patched, tmp_path, capsys):
+    assert main(["cpi", "--output", str(tmp_path / "x")]) == 2
+    assert "at least one task" in capsys.readouterr().err
 
 
 def test_cli_stage_order_and_fusion_options(patched, tmp_path, capsys):
@@ -91,6 +92,6 @@ def test_cli_stage_order_and_fusion_options(patched, tmp_path, capsys):
         (["--stage-dependencies", "a:b"], "only used with stage_order='dependency'"),
     ],
 )
-def test_cli_bad_stage_dependencies(patched, tmp_path, extra, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), *extra])
+def test_cli_bad_stage_dependencies(patched, tmp_path, extra, message, capsys):
+    assert main(["cpi", "--tasks", "a", "b", "--output", str(tmp_path / "x"), *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -7,7 +7,10 @@ The conventions (stated for users at the top of `docs/cli.md`):
 * `--output DIR` is always a directory; results JSON is written inside it;
 * one option name, one meaning; every option has help text and `--help` shows its default;
 * `--model`, `--device`, `--dtype` wherever a model is loaded, `--device-map` where it is loaded for inference only;
-* `--no-progress` wherever progress bars are shown, `--push-to-hub REPO` wherever an adapter is produced.
+* `--no-progress` wherever progress bars are shown, `--push-to-hub REPO` wherever an adapter is produced;
+* every option is checked before the model loads and before any long work (ranges, finiteness, a writable
+  `--output`); a bad input ends the command with one line, `peft-spectral COMMAND: error: ...` naming it, and exit
+  status 2 ([`CommandError`], handled in `peft_spectral.cli.main`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +29,14 @@ logger = logging.getLogger(__name__)
 
 #: Values of `--dtype`; `auto` keeps the checkpoint's dtype (float32 for the embedded GGUF model).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class CommandError(ValueError):
+    """A bad input to a command (an option, a file it names, a state or adapter it points at).
+
+    `peft_spectral.cli.main` prints it as one line, `peft-spectral COMMAND: error: MESSAGE`, and returns exit status 2;
+    the message names the option or file.
+    """
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,6 +145,14 @@ def number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
 
 
+def finite_number(text: str) -> float:
+    """A finite float (not `nan` or `inf`)."""
+    value = number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     try:
@@ -143,11 +164,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
-    """A float >= 0."""
+    """A finite float >= 0."""
     value = number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
 
 
@@ -157,6 +189,80 @@ def positive_float(text: str) -> float:
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def number_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argument type: a float in the interval from `low` to `high` (`nan` is never in it).
+
+    Args:
+        low (`float`): Lower bound.
+        high (`float`): Upper bound.
+        low_open (`bool`): Exclude `low`.
+        high_open (`bool`): Exclude `high`.
+    """
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        value = number(text)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+#: A rank fraction rho: a number in (0, 1].
+rank_fraction = number_in(0, 1, low_open=True)
+
+
+# ---------------------------------------------------------------------------------------------------- paths
+
+
+def output_directory(path: str, option: str = "--output") -> Path:
+    """Check, before any work, that the command will be able to create `path` (a directory) and write in it.
+
+    Nothing is created: a missing directory needs its nearest existing ancestor to be a writable directory.
+
+    Args:
+        path (`str`): The directory.
+        option (`str`): The option that named it, for the message.
+
+    Raises:
+        [`CommandError`]: `path` (or an ancestor) is a file, or the place is not writable.
+    """
+    folder = Path(path).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is inside {existing}, which is a file"
+        raise CommandError(f"{option} {path}: {where}, not a directory (the command writes several files into it)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{option} {path}: {existing} is not writable")
+    return folder
+
+
+def state_file(path: str, option: str = "--state", what: str = "state") -> Path:
+    """Check a JSON state file before any work: not a directory, its directory writable, and, when it exists, a
+    readable state (see [`peft_spectral.state.load_state`]; whether it belongs to this job is checked later).
+
+    Raises:
+        [`CommandError`] or [`~peft_spectral.state.StateFileError`]: naming the file.
+    """
+    from ..state import load_state
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise CommandError(f"{option} {path}: is a directory; give a file name such as {file / 'state.json'}")
+    output_directory(str(file.parent), option=f"{option} (its directory)")
+    if file.exists():
+        if not os.access(file, os.R_OK | os.W_OK):
+            raise CommandError(f"{option} {path}: cannot read and rewrite it")
+        load_state(file, what=f"{option} {what}")
+    return file
 
 
 def device_name(text: str) -> str:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ._common import (
+    CommandError,
     UnionAction,
     add_command,
     add_model_options,
@@ -16,9 +17,11 @@ from ._common import (
     add_push_option,
     add_seed_option,
     load_model_or_exit,
-    number,
+    output_directory,
     positive_int,
     push_adapter_if_requested,
+    rank_fraction,
+    state_file,
 )
 
 
@@ -67,7 +70,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_output_option(p, "the SpectralCompress adapter and search.json")
     p.add_argument("--method", choices=("c2i", "laser"), default="c2i", help="search: Compress to Impress or LASER")
     p.add_argument("--clustered", action="store_true", help="C2I clustered mode (CL-nG-nE): multi-subspace truncation")
-    p.add_argument("--clusters", type=positive_int, default=2, help="row clusters in clustered mode")
+    p.add_argument(
+        "--clusters", type=positive_int, default=2, help="row clusters in clustered mode (at most the matrices' rows)"
+    )
     p.add_argument("--n-grad", type=positive_int, default=100, help="calibration examples for the gradient")
     p.add_argument("--n-eval", type=positive_int, default=100, help="evaluation examples in clustered mode")
     p.add_argument(
@@ -91,7 +96,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="layers: 'all', ranges '24-29' or '0-29:3' (with a step), or indices '3 7 11'; left out: all",
     )
     p.add_argument(
-        "--rhos", nargs="+", type=number, default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01], help="rank fractions rho"
+        "--rhos",
+        nargs="+",
+        type=rank_fraction,
+        default=[0.9, 0.8, 0.6, 0.2, 0.1, 0.05, 0.01],
+        help="rank fractions rho, each in (0, 1]",
     )
     p.add_argument("--top-k", type=positive_int, default=5, help="C2I: candidates evaluated")
     p.add_argument(
@@ -133,16 +142,58 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """What can be checked before the task and the model load: option combinations, `--output`, `--state`.
+
+    Raises:
+        [`CommandError`] or [`~peft_spectral.state.StateFileError`]: naming the option.
+    """
+    if len(set(args.rhos)) != len(args.rhos):
+        raise CommandError(f"--rhos {' '.join(map(str, args.rhos))}: a value is repeated (each rho is one candidate)")
+    if args.method == "c2i" and args.state:
+        raise CommandError("--state resumes a LASER search (--method laser); C2I would ignore it")
+    if args.method == "laser" and args.clustered:
+        raise CommandError("--clustered is a C2I mode (--method c2i); LASER evaluates plain truncations")
+    output_directory(args.output)
+    if args.state:
+        state_file(args.state, what="LASER search state")
+
+
+def _check_clusters(model, modules, clusters: int) -> None:
+    from ..tuners._linear import weight_matrix
+
+    rows = {name: weight_matrix(model.get_submodule(name)).shape[0] for name in modules}
+    name = min(rows, key=rows.get)
+    if clusters > rows[name]:
+        raise CommandError(
+            f"--clusters {clusters}: more than the {rows[name]} rows of {name}; use at most {rows[name]}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import compress as C
     from ..compress.distributed import launched_state
     from ..evaluation import evaluate
     from ..tasks import load_task
 
+    check_arguments(args)
     task = load_task(args.task, seed=args.seed)
     model, tok = load_model_or_exit(args)
-    modules = C.find_target_modules(model, args.matrices, args.layers)
-    validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
+    try:
+        modules = C.find_target_modules(model, args.matrices, args.layers)
+        if args.clustered:
+            _check_clusters(model, modules, args.clusters)
+        validation = C.take_examples(task.validation, args.n_val, "validation", strict=args.strict)
+        test = C.take_examples(task.test, args.test_examples, "test", strict=args.strict)
+        if args.method == "c2i":
+            calibration = C.take_examples(task.train, args.n_grad, "calibration (train)", strict=args.strict)
+            evaluation = validation
+            if args.clustered:
+                evaluation = C.take_examples(task.validation, args.n_eval, "evaluation", strict=args.strict)
+    except CommandError:
+        raise
+    except ValueError as err:  # --matrices / --layers matching nothing, a split smaller than asked with --strict
+        raise CommandError(str(err)) from err
     use_guard = args.selection == "guard" or (args.selection == "auto" and args.method == "c2i")
     guard = C.SelectionGuard(seed=args.seed) if use_guard else None
     if args.method == "laser":
@@ -162,11 +213,6 @@ def run(args: argparse.Namespace) -> int:
             guard=guard,
         )
     else:
-        calibration = C.take_examples(task.train, args.n_grad, "calibration (train)", strict=args.strict)
-        if args.clustered:
-            evaluation = C.take_examples(task.validation, args.n_eval, "evaluation", strict=args.strict)
-        else:
-            evaluation = validation
         config = C.C2ISearchConfig(
             rhos=args.rhos,
             clusters=args.clusters if args.clustered else 1,
@@ -197,7 +243,6 @@ def run(args: argparse.Namespace) -> int:
     for iv in result.chosen:
         print(f"  chosen: {iv}")
 
-    test = C.take_examples(task.test, args.test_examples, "test", strict=args.strict)
     before = evaluate(model, tok, test, kind=task.kind, batch_size=args.batch_size)
     after = before
     adapted = None
@@ -206,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         after = evaluate(adapted, tok, test, kind=task.kind, batch_size=args.batch_size)
     print(f"test accuracy ({len(test)} examples): before {before.accuracy:.3f} -> after {after.accuracy:.3f}")
 
-    out = Path(args.output)
+    out = Path(args.output)  # checked writable before the search
     out.mkdir(parents=True, exist_ok=True)
     if adapted is not None:
         adapted.save_pretrained(out)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ._common import (
+    CommandError,
     add_command,
     add_model_options,
     add_output_option,
@@ -15,7 +16,11 @@ from ._common import (
     add_push_option,
     add_seed_option,
     load_model_or_exit,
+    non_negative_float,
+    non_negative_int,
     number,
+    output_directory,
+    positive_float,
     positive_int,
     push_adapter_if_requested,
 )
@@ -75,9 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=["all-linear"],
         help="modules adapted in adapter mode, e.g. gate_proj up_proj down_proj",
     )
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    p.add_argument("--stage-lr", type=float, default=None, help="stage learning rate; left out: --lr")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="learning rate (> 0)")
+    p.add_argument("--stage-lr", type=positive_float, default=None, help="stage learning rate; left out: --lr")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay (>= 0)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="examples per optimizer micro-step")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-length", type=positive_int, default=256, help="token limit of a training sequence")
@@ -108,7 +113,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="slerp_params",
         help="merge of non-core entries: SLERP of the fine-tuned parameters (the paper) or of the task vectors",
     )
-    p.add_argument("--slerp-t", type=float, default=None, help="fixed SLERP weight; left out: equal task weights")
+    p.add_argument(
+        "--slerp-t", type=number, default=None, help="fixed SLERP weight in [0, 1]; left out: equal task weights"
+    )
     p.add_argument(
         "--until",
         choices=("probe", "cores", "grouping", "fusion", "staged"),
@@ -118,7 +125,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-examples",
         dest="max_eval",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="test examples per task in the report; 0: all",
     )
@@ -159,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tuners.core_isolation import CoreIsolationConfig
 
     if not args.tasks and not args.jsonl:
-        raise SystemExit("peft-spectral cpi: give at least one task with --tasks and/or --jsonl")
+        raise CommandError("give at least one task with --tasks and/or --jsonl")
     try:
         dependencies = None
         if args.stage_dependencies is not None:
@@ -191,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as err:
-        raise SystemExit(f"peft-spectral cpi: {err}") from err
+        raise CommandError(str(err)) from err
+    output_directory(args.output)
     tasks = load_tasks(args.tasks, args.jsonl, seed=args.seed)
     model, tok = load_model_or_exit(args)
     pipe = CPIPipeline(

@@ -14,13 +14,20 @@ import logging
 from pathlib import Path
 
 from ._common import (
+    CommandError,
     add_command,
     add_model_options,
     add_output_option,
     add_progress_option,
     add_push_option,
     add_seed_option,
+    finite_number,
     load_model_or_exit,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    output_directory,
+    positive_float,
     positive_int,
     push_adapter_if_requested,
 )
@@ -77,17 +84,20 @@ def add_parser(subparsers) -> None:
         "--population",
         type=positive_int,
         default=None,
-        help="CEM: candidates per generation; left out: 16 (reference, --no-regularize: 32)",
+        help="CEM: candidates per generation (at least 2); left out: 16 (reference, --no-regularize: 32)",
     )
     p.add_argument(
         "--elite-fraction",
-        type=float,
+        type=number_in(0, 1, low_open=True),
         default=None,
-        help="CEM: share of candidates refitted on; left out: 0.25 (reference: 0.2)",
+        help="CEM: share of candidates refitted on, in (0, 1]; left out: 0.25 (reference: 0.2)",
     )
-    p.add_argument("--init-std", type=float, default=0.5, help="CEM: initial standard deviation of alpha")
+    p.add_argument("--init-std", type=positive_float, default=0.5, help="CEM: initial standard deviation of alpha")
     p.add_argument(
-        "--init-mean", type=float, default=None, help="CEM: initial mean of alpha; left out: 0 (reference: 1/K)"
+        "--init-mean",
+        type=finite_number,
+        default=None,
+        help="CEM: initial mean of alpha; left out: 0 (reference: 1/K)",
     )
     p.add_argument(
         "--generations", type=positive_int, default=None, help="CEM: generations at most; left out: 12 (reference: 50)"
@@ -95,10 +105,20 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--no-regularize", action="store_true", help="the plain reference CEM (population 32, 50 generations)"
     )
-    p.add_argument("--holdout-fraction", type=float, default=0.4, help="shots held out to select the mixture")
-    p.add_argument("--l1-penalty", type=float, default=0.01, help="fit fitness pays this times mean |alpha|")
     p.add_argument(
-        "--patience", type=positive_int, default=4, help="generations without hold-out progress before stopping"
+        "--holdout-fraction",
+        type=number_in(0, 1, low_open=True, high_open=True),
+        default=0.4,
+        help="share of the shots held out to select the mixture, in (0, 1)",
+    )
+    p.add_argument(
+        "--l1-penalty", type=non_negative_float, default=0.01, help="fit fitness pays this times mean |alpha|"
+    )
+    p.add_argument(
+        "--patience",
+        type=non_negative_int,
+        default=4,
+        help="generations without hold-out progress before stopping (0: never stop early)",
     )
     add_progress_option(p)
     add_push_option(p)
@@ -154,9 +174,10 @@ def add_parser(subparsers) -> None:
     )
     e.add_argument(
         "--threshold",
-        type=float,
+        type=non_negative_float,
         default=None,
-        help="dispatch to 'others' (the base model) unless the top category wins by this confidence",
+        help="dispatch to 'others' (the base model) unless the top category wins by this confidence (>= 0; at most "
+        "1 with --confidence probability)",
     )
     e.add_argument("--confidence", choices=("margin", "probability"), default="margin", help="with --threshold")
     e.add_argument(
@@ -175,23 +196,26 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_eval_two_pass)
 
 
-def _library(args):
+def _check_experts(args):
+    """Every expert option, before the model loads: counts, names, the adapter directories and their fit."""
+    from ..transformer2.library import prepare_experts
+
+    for option, values in (("--names", args.names), ("--descriptions", args.descriptions)):
+        if values is not None and len(values) != len(args.experts):
+            raise CommandError(f"{option}: {len(values)} given for {len(args.experts)} experts (one per --experts)")
+    return prepare_experts(args.experts, names=args.names, descriptions=args.descriptions)
+
+
+def _library(args, experts):
     from ..transformer2 import ExpertLibrary
 
-    if args.descriptions is not None and len(args.descriptions) != len(args.experts):
-        raise SystemExit(f"--descriptions: {len(args.descriptions)} given for {len(args.experts)} experts")
-    if args.names is not None and len(args.names) != len(args.experts):
-        raise SystemExit(f"--names: {len(args.names)} given for {len(args.experts)} experts")
     model, tok = load_model_or_exit(args)
-    return ExpertLibrary.load(model, tok, args.experts, names=args.names, descriptions=args.descriptions)
+    return ExpertLibrary.load(model, tok, experts)
 
 
-def run_mix(args: argparse.Namespace) -> int:
-    from ..distributed import launched_state
-    from ..transformer2 import CEMConfig, FewShotMixer, load_shots
+def _cem_config(args):
+    from ..transformer2 import CEMConfig
 
-    shots = load_shots(args.shots)
-    kind = args.kind or ("multiple_choice" if all(s.choices for s in shots) else "generation")
     given = {
         "population": args.population,
         "elite_fraction": args.elite_fraction,
@@ -207,9 +231,39 @@ def run_mix(args: argparse.Namespace) -> int:
         l1_penalty=args.l1_penalty,
         patience=args.patience,
     )
-    config = CEMConfig.reference(**settings) if args.no_regularize else CEMConfig(**settings)
-    library = _library(args)
-    mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
+    try:
+        return CEMConfig.reference(**settings) if args.no_regularize else CEMConfig(**settings)
+    except ValueError as err:  # e.g. --population 1
+        field = str(err).split(" ", 1)[0].removeprefix("CEMConfig.")
+        raise CommandError(f"--{field.replace('_', '-')}: {err}") from err
+
+
+def _shots(path):
+    from ..transformer2 import load_shots
+
+    try:
+        shots = load_shots(path)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"--shots {path}: {err}") from err
+    if not shots:
+        raise CommandError(f"--shots {path}: no examples")
+    return shots
+
+
+def run_mix(args: argparse.Namespace) -> int:
+    from ..distributed import launched_state
+    from ..transformer2 import FewShotMixer
+
+    shots = _shots(args.shots)
+    kind = args.kind or ("multiple_choice" if all(s.choices for s in shots) else "generation")
+    config = _cem_config(args)
+    output_directory(args.output)
+    experts = _check_experts(args)
+    library = _library(args, experts)
+    try:
+        mixer = FewShotMixer(library, shots, kind=kind, per_layer=args.per_layer, batch_size=args.batch_size)
+    except ValueError as err:  # shots that do not fit --kind (no choices, no label, no target)
+        raise CommandError(f"--shots {args.shots}: {err}") from err
     result = mixer.search(config)
     processes = launched_state()
     if processes is not None and not processes.is_main_process:
@@ -252,15 +306,40 @@ def _load_examples(args):
     return task.split(args.split), task.kind, task.name
 
 
+def _check_two_pass(args) -> None:
+    """Option combinations of `eval-two-pass` and the adapter directories they name, before the model loads."""
+    from ..adapter_io import validate_adapter_dir
+
+    if args.threshold is not None and args.confidence == "probability" and args.threshold > 1:
+        raise CommandError(
+            f"--threshold {args.threshold:g}: a probability margin is at most 1 (--confidence probability)"
+        )
+    needs = {"classifier": args.classifier, "mixture": args.mixture}
+    for strategy, value in needs.items():
+        if args.strategy == strategy and not value:
+            raise CommandError(f"--strategy {strategy} needs --{strategy} DIR")
+        if value and args.strategy != strategy:
+            raise CommandError(
+                f"--{strategy} is only used with --strategy {strategy} (got --strategy {args.strategy})"
+            )
+        if value:
+            validate_adapter_dir(value, expected_type="SVF")
+    if args.threshold is not None and args.strategy not in ("dispatch", "classifier"):
+        raise CommandError(f"--threshold applies to dispatch (--strategy dispatch or classifier), not {args.strategy}")
+
+
 def run_eval_two_pass(args: argparse.Namespace) -> int:
     from ..transformer2 import DispatchPrompt, FixedDispatcher, PromptDispatcher, two_pass_evaluate
 
+    _check_two_pass(args)
+    output_directory(args.output)
     examples, kind, name = _load_examples(args)
     if args.eval_examples is not None:
         examples = examples[: args.eval_examples]
     if not examples:
-        raise SystemExit(f"no examples to evaluate in {name!r} ({args.split})")
-    library = _library(args)
+        raise CommandError(f"no examples to evaluate in {name!r} ({args.split})")
+    experts = _check_experts(args)
+    library = _library(args, experts)
     prompt = DispatchPrompt(max_question_tokens=args.max_question_tokens)
     dispatch_options = {
         "mode": args.dispatch_mode,
@@ -275,13 +354,9 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
     elif args.strategy == "dispatch":
         dispatcher = PromptDispatcher(None, **dispatch_options)
     elif args.strategy == "classifier":
-        if not args.classifier:
-            raise SystemExit("--strategy classifier needs --classifier DIR")
         adapter = library.load_extra_adapter(args.classifier, "t2_classifier", "classifier")
         dispatcher = PromptDispatcher(adapter, **dispatch_options)
     else:
-        if not args.mixture:
-            raise SystemExit("--strategy mixture needs --mixture DIR")
         dispatcher = FixedDispatcher(library.load_extra_adapter(args.mixture, "t2_mixture", "mixture"))
     result = two_pass_evaluate(
         library,

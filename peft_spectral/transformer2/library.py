@@ -54,12 +54,14 @@ class Expert:
         source (`str`): Local directory or Hub id of the saved SVF adapter.
         description (`str`): One line describing the questions this expert is for (shown to the dispatcher).
         config (`SVFConfig`, *optional*): The adapter's config, filled in when the library loads it.
+        folder (`str`, *optional*): The local adapter directory (a Hub id's download), filled in with `config`.
     """
 
     name: str
     source: str
     description: str = ""
     config: Optional[SVFConfig] = field(default=None, repr=False)
+    folder: Optional[str] = field(default=None, repr=False)
 
 
 ExpertSpec = Union[str, os.PathLike, Expert, Mapping[str, Any]]
@@ -186,6 +188,54 @@ def _normalise_targets(targets: Any) -> Any:
     return targets
 
 
+def prepare_experts(
+    experts: Sequence[ExpertSpec],
+    *,
+    names: Optional[Sequence[str]] = None,
+    descriptions: Optional[Sequence[str]] = None,
+    check_base_model: bool = True,
+    **hub_kwargs: Any,
+) -> list[Expert]:
+    """Everything [`ExpertLibrary.load`] checks before it touches a model: the experts' names and descriptions, their
+    directories (valid SVF adapters, see [`~peft_spectral.adapter_io.validate_adapter_dir`]) and that they fit
+    together. Commands call it before loading the base model, so that a bad expert fails in seconds.
+
+    Args:
+        experts, names, descriptions, check_base_model, **hub_kwargs: As for [`ExpertLibrary.load`].
+
+    Returns:
+        `list[Expert]`: The experts with their final name, description, `config` and local `folder`.
+
+    Raises:
+        [`ExpertLibraryError`] or [`~peft_spectral.adapter_io.AdapterLoadError`]: as for [`ExpertLibrary.load`].
+    """
+    if experts is None or len(experts) == 0:
+        raise ExpertLibraryError("`experts` is empty: give at least one saved SVF adapter (directory or Hub id)")
+    specs = [_expert_from_spec(s, i) for i, s in enumerate(experts)]
+    for arg, values in (("names", names), ("descriptions", descriptions)):
+        if values is not None and len(values) != len(specs):
+            raise ExpertLibraryError(f"`{arg}` has {len(values)} entries but {len(specs)} experts were given")
+    for i, spec in enumerate(specs):
+        meta = read_expert_metadata(spec.source) if Path(spec.source).is_dir() else {}
+        explicit_name = isinstance(experts[i], (Expert, Mapping)) and (
+            not isinstance(experts[i], Mapping) or "name" in experts[i]
+        )
+        if names is not None:
+            spec.name = names[i]
+        elif not explicit_name and meta.get("name"):
+            spec.name = meta["name"]
+        if descriptions is not None:
+            spec.description = descriptions[i]
+        elif not spec.description:
+            spec.description = meta.get("description", "")
+    _check_names([s.name for s in specs])
+    for spec in specs:
+        folder, config = validate_adapter_dir(spec.source, expected_type="SVF", **hub_kwargs)
+        spec.config, spec.folder = config, str(folder)
+    check_compatible(specs, check_base_model=check_base_model)
+    return specs
+
+
 class ExpertLibrary:
     """A base model with K SVF experts loaded once onto one `PeftModel`.
 
@@ -257,33 +307,10 @@ class ExpertLibrary:
             [`~peft_spectral.adapter_io.AdapterLoadError`]: an expert directory is missing, not SVF, corrupt, lacks
                 tensors of the modules it targets, or holds out-of-range `z`.
         """
-        if experts is None or len(experts) == 0:
-            raise ExpertLibraryError("`experts` is empty: give at least one saved SVF adapter (directory or Hub id)")
-        specs = [_expert_from_spec(s, i) for i, s in enumerate(experts)]
-        for arg, values in (("names", names), ("descriptions", descriptions)):
-            if values is not None and len(values) != len(specs):
-                raise ExpertLibraryError(f"`{arg}` has {len(values)} entries but {len(specs)} experts were given")
-        for i, spec in enumerate(specs):
-            meta = read_expert_metadata(spec.source) if Path(spec.source).is_dir() else {}
-            explicit_name = isinstance(experts[i], (Expert, Mapping)) and (
-                not isinstance(experts[i], Mapping) or "name" in experts[i]
-            )
-            if names is not None:
-                spec.name = names[i]
-            elif not explicit_name and meta.get("name"):
-                spec.name = meta["name"]
-            if descriptions is not None:
-                spec.description = descriptions[i]
-            elif not spec.description:
-                spec.description = meta.get("description", "")
-        _check_names([s.name for s in specs])
-
-        folders = []
-        for spec in specs:
-            folder, config = validate_adapter_dir(spec.source, expected_type="SVF", **hub_kwargs)
-            spec.config = config
-            folders.append(folder)
-        check_compatible(specs, check_base_model=check_base_model)
+        specs = prepare_experts(
+            experts, names=names, descriptions=descriptions, check_base_model=check_base_model, **hub_kwargs
+        )
+        folders = [Path(spec.folder) for spec in specs]
         _warn_base_mismatch(base_model, specs[0])
 
         model = _load_checked(base_model, folders[0], specs[0].name, specs[0].source)
