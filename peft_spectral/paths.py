@@ -50,3 +50,9 @@ def svd_cache_dir(explicit: Optional[Union[str, os.PathLike]] = None) -> Path:
     if env:
         return Path(env).expanduser()
     return cache_root() / "svd"
+
+
+def library_dir() -> Path:
+    """The SVF expert library shipped with the package (`peft_spectral/library/`: one directory per expert, with its
+    adapter, `expert.json` and model card), as package data: present in a wheel install too."""
+    return Path(__file__).resolve().parent / "library"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ._common import (
     add_command,
@@ -23,12 +24,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "demo",
         help="adapt the embedded model with SVF/Transformer², SpectralCompress and CoreIsolation; print a summary",
         description=(
-            "Runs the three methods on real BigBench tasks: SVF experts (the committed library, or trained briefly "
-            "with RL (TRL GRPO) with --train-experts), "
-            "Transformer² few-shot CEM mixing and prompt dispatch on an unseen task, a Compress-to-Impress search, "
-            "and a small CPI-FT run. Prints one summary table (accuracies with 95% CIs, Δ vs base) and writes "
-            "report.md with plots to --output. "
-            "Re-running continues from what is cached there."
+            "Runs the three methods on reasoning-gym tasks (offline, from PyPI): the SVF expert library shipped with "
+            "the package (or experts trained briefly, SFT then GRPO, with --train-experts), Transformer² few-shot CEM "
+            "mixing and prompt dispatch on a task no expert saw, a Compress-to-Impress search, and a small CPI-FT "
+            "run. Prints one summary table (accuracies with 95%% CIs, Δ vs base) and writes report.md with plots "
+            "to --output. Re-running continues from what is cached there. Tasks are task specs "
+            "(`peft-spectral tasks`)."
         ),
     )
     add_model_options(p)
@@ -37,29 +38,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--expert-tasks",
         nargs="+",
         default=None,
-        help="tasks of the SVF experts; left out: those of the committed expert library (benchmarks/experts/, "
-        "except --unseen-task), or sports_understanding strategyqa anachronisms when training",
+        metavar="SPEC",
+        help="task specs of the SVF experts; left out: those of the expert library, or three defaults when training",
     )
     p.add_argument(
         "--experts-dir",
         metavar="DIR",
         default=None,
-        help="the SVF expert library to use (directories with an adapter and expert.json); left out: "
-        "benchmarks/experts/ of the repository when the demo runs from it",
+        help="the SVF expert library (directories with an adapter and expert.json); left out: the one shipped with "
+        "the package",
     )
     p.add_argument(
         "--train-experts",
         action="store_true",
-        help="train the SVF experts (--svf-steps GRPO steps each) instead of using the committed library (also done "
-        "when there is no library or --model is given)",
+        help="train the SVF experts (SFT then GRPO, briefly) instead of using the library (also done when there is "
+        "no library or --model is given)",
     )
-    p.add_argument("--unseen-task", default=d.unseen_task, help="Transformer² task no expert was trained on")
-    p.add_argument("--compress-task", default=d.compress_task, help="task of the C2I search")
-    p.add_argument("--cpi-tasks", nargs="+", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
-    p.add_argument(
-        "--svf-steps", type=positive_int, default=d.svf_steps, help="GRPO steps per expert (--train-experts)"
-    )
-    p.add_argument("--eval-examples", type=positive_int, default=d.eval_examples, help="test examples per accuracy")
+    p.add_argument("--unseen-task", metavar="SPEC", default=d.unseen_task, help="Transformer² task no expert saw")
+    p.add_argument("--compress-task", metavar="SPEC", default=d.compress_task, help="task of the C2I search")
+    p.add_argument("--cpi-tasks", nargs="+", metavar="SPEC", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
+    p.add_argument("--eval-examples", type=positive_int, default=d.eval_examples, help="test questions per accuracy")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -72,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import TaskSpecError, check_task_spec
     from ..demo import DemoConfig, run_demo
 
     kwargs = {
@@ -88,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "progress": not args.no_progress,
     }
-    if args.quick:
-        config = DemoConfig.quick(**kwargs)
-    else:
-        config = DemoConfig(svf_steps=args.svf_steps, eval_examples=args.eval_examples, **kwargs)
+    try:
+        for spec in [*(args.expert_tasks or []), args.unseen_task, args.compress_task, *args.cpi_tasks]:
+            check_task_spec(spec)
+    except TaskSpecError as err:
+        print(f"peft-spectral demo: error: {err}", file=sys.stderr)
+        return 2
+    config = DemoConfig.quick(**kwargs) if args.quick else DemoConfig(eval_examples=args.eval_examples, **kwargs)
     run_demo(config)
     return 0
