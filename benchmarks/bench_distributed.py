@@ -40,7 +40,7 @@ import torch
 
 import peft_spectral
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table, tiny_model
-from peft_spectral.benchmarking.experts import default_library_dir, random_svf_experts, require_experts
+from peft_spectral.benchmarking.experts import default_library_dir, library_experts, random_svf_experts
 from peft_spectral.data import DEFAULT_TASK, load_task
 
 
@@ -106,7 +106,7 @@ def cem_phase(args, state) -> dict:
     """A few-shot CEM search over the library's first experts on a fresh base model, timed."""
     from peft_spectral.transformer2 import CEMConfig, ExpertLibrary, FewShotMixer
 
-    experts = require_experts(args.experts_dir, 2)[: args.cem_experts]
+    experts = library_experts(args.experts_dir, 2)[0][: args.cem_experts]  # the parent checked there are 2
     task = load_task(args.cem_task, seed=args.seed, max_examples=max(200, 2 * args.shots))
     shots = task.train[: args.shots]
     base, tok = base_model(args.model)
@@ -294,7 +294,10 @@ def main(argv=None) -> int:
             args.experts_dir = str(
                 random_svf_experts(Path(tmp) / "experts", 3) if args.smoke else default_library_dir()
             )
-        require_experts(args.experts_dir, 2)  # exit before launching anything
+        problem = library_experts(args.experts_dir, 2)[1]
+        if problem:  # before launching anything
+            print(problem, file=sys.stderr)
+            return 2
         for key in run.jobs([f"processes:{n}" for n in args.processes], desc="launches"):
             run.record(key, launch(int(key.split(":")[1]), args, Path(tmp) / f"{key.replace(':', '_')}.json"))
     runs = [dict(run.result(f"processes:{n}")) for n in args.processes]

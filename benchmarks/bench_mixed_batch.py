@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.experts import default_library_dir, random_svf_experts, require_experts
+from peft_spectral.benchmarking.experts import default_library_dir, library_experts, random_svf_experts
 from peft_spectral.data import load_task
 from peft_spectral.transformer2 import ExpertLibrary, expert_name
 from peft_spectral.tuners.svf.mixed_batch import BASE_ADAPTER
@@ -85,14 +85,6 @@ def measure(library, batch, names: list[str], rounds: int) -> dict:
     }
 
 
-def load_library(run: BenchmarkRun, experts_dir: Path):
-    """The expert library on the run's model; exits 2 when `experts_dir` holds no expert."""
-    found = require_experts(experts_dir)
-    base, tokenizer = run.load_model()
-    specs = [{"name": expert_name(e.task), "source": str(e.path)} for e in found]
-    return ExpertLibrary.load(base, tokenizer, specs)
-
-
 def prompt_batch(tokenizer, spec: str, n: int, seed: int) -> dict:
     """The first `n` test prompts of `spec`, tokenized with left padding."""
     task = load_task(spec, seed=seed, max_examples=max(100, 5 * n + 5))
@@ -136,7 +128,7 @@ def markdown(data: dict, command: str) -> str:
     return f"{intro}\n\n{table}"
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_arguments(p, name="mixed_batch")
     p.add_argument(
@@ -166,7 +158,14 @@ def main(argv=None) -> dict:
         experts_dir = args.experts_dir or (
             random_svf_experts(Path(tmp) / "experts", 3) if args.smoke else default_library_dir()
         )
-        library = load_library(run, experts_dir)
+        found, problem = library_experts(experts_dir)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+        base, tokenizer = run.load_model()
+        library = ExpertLibrary.load(
+            base, tokenizer, [{"name": expert_name(e.task), "source": str(e.path)} for e in found]
+        )
         batch = prompt_batch(library.tokenizer, args.prompt_task, args.batch_size, args.seed)
         keys = {f"share:{share}": share for share in args.base_shares}
         for key in run.jobs(list(keys), desc="base shares"):
@@ -188,8 +187,8 @@ def main(argv=None) -> dict:
     }
     command = " ".join(["python benchmarks/bench_mixed_batch.py", *(sys.argv[1:] if argv is None else argv)])
     run.write(data, markdown(data, command), title="Mixed-adapter batches vs grouped by expert (Transformer² pass 2)")
-    return data
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,24 +2,26 @@
 experts of the tiny model that a smoke run builds on the fly.
 
 ```python
-from peft_spectral.benchmarking.experts import default_library_dir, random_svf_experts, require_experts
+from peft_spectral.benchmarking.experts import default_library_dir, library_experts, random_svf_experts
 
-experts = require_experts(args.experts_dir or default_library_dir(), minimum=2)   # exits 2 with one line if short
-root = random_svf_experts(tmp / "experts", 3)                                     # smoke runs: tiny-model experts
+experts, problem = library_experts(args.experts_dir or default_library_dir(), minimum=2)
+if problem:                                          # one line, then exit status 2
+    print(problem, file=sys.stderr)
+    return 2
+root = random_svf_experts(tmp / "experts", 3)        # smoke runs: random experts of the tiny model
 ```
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Union
 
 import torch
 
 
-__all__ = ["MLP_TARGETS", "default_library_dir", "random_svf_experts", "require_experts"]
+__all__ = ["MLP_TARGETS", "default_library_dir", "library_experts", "random_svf_experts"]
 
 #: The projections the random experts adapt.
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -31,8 +33,9 @@ def default_library_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "library"
 
 
-def require_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: str = "--experts-dir") -> list:
-    """The experts of the library `root` ([`~peft_spectral.transformer2.find_experts`]), or exit.
+def library_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: str = "--experts-dir") -> tuple:
+    """The experts of the library `root` ([`~peft_spectral.transformer2.find_experts`]) and, when there are fewer
+    than `minimum`, the one line a benchmark prints before it exits with status 2.
 
     Args:
         root (`str` or `os.PathLike`): The library directory.
@@ -40,23 +43,18 @@ def require_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: 
         option (`str`, defaults to `"--experts-dir"`): The option that names `root`, quoted in the message.
 
     Returns:
-        `list[SavedExpert]`: every expert found, sorted by directory name.
-
-    Raises:
-        `SystemExit`: with status 2, after one line on stderr, when `root` holds fewer than `minimum` experts.
+        `tuple[list[SavedExpert], str]`: every expert found (sorted by directory name) and the message (`""` when
+        there are enough).
     """
     from ..transformer2 import find_experts
 
     found = find_experts(root)
-    if len(found) < minimum:
-        print(
-            f"{option} {root}: {len(found)} expert(s) (*/expert.json next to adapter_config.json), this benchmark "
-            f"needs at least {minimum}; train them first or pass {option}",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(2)
-    return found
+    if len(found) >= minimum:
+        return found, ""
+    return found, (
+        f"{option} {root}: {len(found)} expert(s) (*/expert.json next to adapter_config.json), this benchmark needs "
+        f"at least {minimum}; train them first or pass {option}"
+    )
 
 
 def random_svf_experts(root: Union[str, os.PathLike], n: int, *, seed: int = 0, scale: float = 0.5) -> Path:
