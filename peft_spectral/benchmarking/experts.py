@@ -28,9 +28,11 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 def default_library_dir() -> Path:
-    """The expert library shipped with the package, `peft_spectral/library/` (one directory per expert with its
-    adapter and `expert.json`); it may not exist yet."""
-    return Path(__file__).resolve().parents[1] / "library"
+    """The expert library shipped with the package ([`peft_spectral.paths.library_dir`], `peft_spectral/library/`:
+    one directory per expert with its adapter and `expert.json`); it may hold no expert yet."""
+    from ..paths import library_dir
+
+    return library_dir()
 
 
 def library_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: str = "--experts-dir") -> tuple:
@@ -53,7 +55,7 @@ def library_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: 
         return found, ""
     return found, (
         f"{option} {root}: {len(found)} expert(s) (*/expert.json next to adapter_config.json), this benchmark needs "
-        f"at least {minimum}; train them first or pass {option}"
+        f"at least {minimum}; train them (python benchmarks/bench_experts.py --train) or pass {option}"
     )
 
 
