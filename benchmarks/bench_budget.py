@@ -1,705 +1,601 @@
-"""Benchmark: SVF-RL, SVF-SFT, SVF-SFT→RL and LoRA r=16 (RL, SFT) at the same wall-clock training budget.
+"""Time to an expert: SVF against LoRA r=16 at the same wall clock, on reasoning-gym tasks (issues #25 §2, #26 §3).
 
-Issue 12 asks two questions of one budget: is an SFT warm start followed by RL better per CPU minute than RL or SFT
-alone, and does SVF match LoRA at equal cost? Every run here gets the same training time (`--budget` seconds,
-validation excluded: `train_svf(max_train_seconds=...)`) and the same recipe:
+Three parts, each resumable (its finished jobs are kept in `budget_<part>_state.json` next to the report):
 
-* RL: TRL GRPO with ±1 rewards, KL weight `--beta` (0.1), AdamW lr 2e-3 constant, max grad norm 1e-3 (the paper's
-  preset, `paper_rl_preset`), `--prompts-per-step` × `--num-generations` completions of ≤ `--max-completion-length`
-  tokens per step;
-* SFT: `sft_preset` (lr 2e-3, completion-only loss), `--sft-batch-size` examples per step;
-* SFT→RL: SFT for half the budget, then RL from the SFT adapter for the other half;
-* SVF on the MLP projections (gate/up/down) against LoRA r=16 (alpha 32) on the same modules, same learning rate
-  unless `--lora-lr` is given;
-* checkpoint selection on the first `--n-val` validation examples every `--eval-every` steps (and at the step the
-  budget ends), the best adapter restored;
-* test accuracy on the first `--n-test` test examples by greedy generation (the evaluation of `train-svf
-  --eval-examples`), with 95% Wilson intervals; Δ vs the base model (evaluated once on the same examples) and SVF vs
-  LoRA for the same method as paired differences with 95% CIs and exact McNemar p (`peft_spectral.stats`).
+* `steps`: step cost in one process, `--rounds` round-robin rounds (the order of the arms rotates). A round times
+  a GRPO step (the last of `--grpo-steps` of a fresh `train_svf`) of SVF with factored rollouts
+  (`compose_inference=False`), SVF with composed rollouts (the default) and LoRA r=16 on the same MLP projections at
+  each `--new-tokens` length (every sample exactly that long: `min_new_tokens`); the sampling alone (one `generate`
+  of a step's prompts and samples, after a change of the adapter's parameters) of the base model and the three arms;
+  and SFT tokens per second of SVF and LoRA. Reported: per-round ratios, median [min–max].
+* `race`: for each of `--tasks`, SVF and LoRA at every learning rate of their grids (`--svf-lrs`, `--lora-lrs`;
+  one rate for both stages): SFT for `--sft-seconds`, then GRPO for `--rl-seconds` of training time (validation
+  excluded), through `train_expert`, validation accuracy (lenient, greedy, the first `--n-val` examples every
+  `--eval-every` steps) recorded with the training seconds of each point. Per method the rate with the best final
+  validation score is chosen; for it: training minutes until validation first reaches base + `--target-gain`, test
+  accuracy on the first `--n-test` examples against the base model, SVF against LoRA (paired, 95% CIs), and
+  trainable parameters.
+* `ablation`: on `--ablation-task` (default: the first task), SVF at `--ablation-lr`: RL only, SFT only and SFT → RL
+  with the same total training time (the SFT → RL run is the race's run with the same settings: reused, not rerun).
 
-Each run (and the base evaluation) runs in a fresh process, one after the other, so that its peak memory (VmHWM) is
-its own; the processes fork from one server that imported torch/transformers/TRL once. Every finished run is written
-to a state file and skipped when the same command (same settings) runs again, so an interrupted benchmark continues;
-runs of other tasks and subsets accumulate in the same state and report.
+Every part rewrites `budget.json`, `budget.md` (each goal met or not) and `budget.png` (validation accuracy against
+training minutes, SVF and LoRA, per task) from the states of all parts in the output folder.
 
-    python benchmarks/bench_budget.py --tasks navigate --budget 240                       # all five runs
-    python benchmarks/bench_budget.py --tasks navigate --runs svf_rl svf_sft svf_sft_rl   # a subset
-    python benchmarks/bench_budget.py --report-only                                       # tables from the state
-    python benchmarks/bench_budget.py --smoke                                             # tiny random model, seconds
+    python benchmarks/bench_budget.py --part steps        # ~45 min on the 2-core machine
+    python benchmarks/bench_budget.py --part race         # ~4.5 h: 3 tasks x 2 methods x 3 rates x ~13 min, + tests
+    python benchmarks/bench_budget.py --part race --tasks 'rg:gcd?max_value=50'   # one task; tasks add up
+    python benchmarks/bench_budget.py --part ablation     # ~35 min after the race (its SFT -> RL run is reused)
+    python benchmarks/bench_budget.py --part report       # rewrite the report from the states
+    python benchmarks/bench_budget.py --part race --smoke # tiny random model, under a minute (each part)
 
-Writes `docs/results/budget.json`, `budget.md`, `budget.png` (`--out`) and the state `docs/results/budget_state.json`.
+Training runs go to `--work` (default `runs/bench_budget`, git-ignored); an interrupted run continues from its last
+checkpoint when the same command runs again.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import multiprocessing as mp
+import copy
 import os
-import platform
-import sys
+import statistics
+import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
+from peft_spectral.state import fingerprint, load_state
+from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))  # tiny_model.py for --smoke
-
-from peft_spectral.state import fingerprint, load_state, write_json_atomic  # noqa: E402
-from peft_spectral.stats import accuracy_ci, format_accuracy  # noqa: E402
-
-
-logger = logging.getLogger("bench_budget")
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
-#: run name -> (adapter, phases as (method, fraction of the budget))
-RUNS: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {
-    "svf_rl": ("svf", (("rl", 1.0),)),
-    "svf_sft": ("svf", (("sft", 1.0),)),
-    "svf_sft_rl": ("svf", (("sft", 0.5), ("rl", 0.5))),
-    "lora_rl": ("lora", (("rl", 1.0),)),
-    "lora_sft": ("lora", (("sft", 1.0),)),
+#: The experts' tasks (placeholders until the probe picks them): easy settings, 400 test questions each.
+DEFAULT_TASKS = [
+    "rg:basic_arithmetic?allow_negation=false&allow_parentheses=false&max_digits=2&max_terms=2&operators=+,-",
+    "rg:spell_backward?min_word_len=3&max_word_len=4",
+    "rg:gcd?max_value=50",
+]
+SMOKE_TASKS = DEFAULT_TASKS[1:]
+PARTS = ("steps", "race", "ablation")
+ARMS = ("svf_factored", "svf_composed", "lora")
+STEP_PAIRS = (("svf_composed", "lora"), ("svf_factored", "lora"), ("svf_composed", "svf_factored"))
+LABELS = {"svf_factored": "SVF, factored rollouts", "svf_composed": "SVF, composed rollouts", "lora": "LoRA r=16"}
+LABELS.update(base="base model", svf="SVF", rl_only="RL only", sft_only="SFT only", sft_rl="SFT → RL")
+#: Options that define a part's runs (its state is bound to them); tasks and rate grids are in the job keys.
+_SHARED = ["prompts_per_step", "num_generations", "sft_batch_size", "max_examples"]
+_TRAINING = ["sft_seconds", "rl_seconds", "rl_new_tokens", "n_val", "eval_every", "eval_max_new_tokens", "n_test"]
+PART_OPTIONS = {
+    "steps": ["rounds", "new_tokens", "grpo_steps", "sft_steps", *_SHARED],
+    "race": [*_TRAINING, "target_gain", *_SHARED],
+    "ablation": [*_TRAINING, "target_gain", *_SHARED],
 }
-LABELS = {
-    "base": "base",
-    "svf_rl": "SVF-RL",
-    "svf_sft": "SVF-SFT",
-    "svf_sft_rl": "SVF-SFT→RL",
-    "lora_rl": "LoRA-RL (r=16)",
-    "lora_sft": "LoRA-SFT (r=16)",
-}
-#: SVF vs LoRA pairs compared per task: (method, SVF run, LoRA run)
-PAIRS = (("rl", "svf_rl", "lora_rl"), ("sft", "svf_sft", "lora_sft"))
-#: SVF recipes compared per task at the same budget: (reference run, other run); Δ = other − reference
-RECIPE_PAIRS = (("svf_sft", "svf_rl"), ("svf_rl", "svf_sft_rl"), ("svf_sft", "svf_sft_rl"))
-#: The hand-written reading of the committed results (the numbers above it are generated)
-READING = ROOT / "benchmarks" / "budget_reading.md"
-PRELOAD = ["torch", "transformers", "trl", "peft", "peft_spectral.training", "peft_spectral.evaluation"]
+SMOKE = {
+    "rounds": 2, "new_tokens": [2, 4], "grpo_steps": 2, "sft_steps": 2, "prompts_per_step": 2, "num_generations": 2,
+    "sft_batch_size": 4, "rl_new_tokens": 4, "eval_max_new_tokens": 4, "sft_seconds": 0.5, "rl_seconds": 0.5,
+    "n_val": 4, "eval_every": 1, "n_test": 8, "max_examples": 120, "svf_lrs": [2e-3, 5e-3], "lora_lrs": [1e-4, 1e-3],
+}  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------------ the worker
-
-
-def _toy_task(name: str):
-    """A multiple-choice toy task for --smoke (a random model answers it at chance at best)."""
-    from peft_spectral.tasks import Example, Task
-    from peft_spectral.training import with_lettered_options
-
-    examples = [
-        with_lettered_options(
-            Example(
-                prompt=f"{name} {i}: is {i} even?", target=("yes", "no")[i % 2], choices=("yes", "no"), label=i % 2
-            )
-        )
-        for i in range(40)
-    ]
-    return Task(name=name, kind="multiple_choice", train=examples[16:], validation=examples[8:16], test=examples[:8])
-
-
-def _load(spec: dict):
-    if spec["smoke"]:
-        from tiny_model import tiny_model, tiny_tokenizer
-
-        tokenizer = tiny_tokenizer()
-        return tiny_model(tokenizer), tokenizer, _toy_task(spec["task"])
-    from peft_spectral.assets import load_model
-    from peft_spectral.tasks import load_task
-
-    model, tokenizer = load_model(spec["model"])
-    return model, tokenizer, load_task(spec["task"], seed=spec["seed"])
-
-
-def _memory_mb(field: str) -> float:
-    """`VmHWM` (peak resident memory) or `VmRSS` of this process, in MiB."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_memory() -> bool:
-    """Set this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0), so that the peak measured later is
-    that of training and evaluation, not of loading the model; `False` where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _adapter_config(adapter: str):
+def adapter_config(arm: str):
+    """The PEFT config of an arm: SVF (factored or composed rollouts) or LoRA r=16, all on the MLP projections."""
     from peft import LoraConfig
 
     from peft_spectral import SVFConfig
 
-    if adapter == "svf":
-        return SVFConfig(target_modules=MLP)
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=MLP, task_type="CAUSAL_LM")
+    if arm == "lora":
+        return LoraConfig(r=16, lora_alpha=32, target_modules=MLP, task_type="CAUSAL_LM")
+    return SVFConfig(target_modules=MLP, compose_inference=arm != "svf_factored", task_type="CAUSAL_LM")
 
 
-def _train(model, tokenizer, task, spec: dict, work: Path) -> tuple[Any, dict]:
+def job_key(*parts) -> str:
+    """A job key: its parts joined by `|` (task specs hold `:`)."""
+    return "|".join(str(p) for p in parts)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """`{"median", "min", "max", "n"}` of per-round values."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt_spread(s: dict, digits: int = 2, unit: str = "") -> str:
+    return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
+
+
+# ------------------------------------------------------------------------------------------------------- steps
+
+
+def sampling_seconds(net, tokenizer, prompts, tokens: int, args) -> float:
+    """Seconds of one `generate` of a GRPO step's prompts and samples (each exactly `tokens` new tokens), after a
+    change of the trainable parameters, as an optimizer step makes (composed weights are rebuilt once)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from peft_spectral.prompting import encode_prompt, pad_token_id
+
+    encoded = [encode_prompt(tokenizer, ex) for ex in prompts]
+    width, pad = max(map(len, encoded)), pad_token_id(tokenizer, net)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=tokens, min_new_tokens=tokens,
+        num_return_sequences=args.num_generations, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.requires_grad:
+                param.add_(1e-6)
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        out = net.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        seconds = time.perf_counter() - start
+    assert out.shape[1] == width + tokens, f"sampled {out.shape[1] - width} tokens, not {tokens}"
+    return seconds
+
+
+def time_round(model, tokenizer, task, args, work: Path, index: int) -> dict[str, Any]:
+    """One round: a GRPO step and the sampling of every arm at every length, SFT steps of SVF and LoRA."""
+    from peft import get_peft_model
+
     from peft_spectral.training import train_svf
 
-    adapter, phases = RUNS[spec["run"]]
-    lr = spec["lora_lr"] if adapter == "lora" and spec["lora_lr"] is not None else spec["lr"]
-    out: dict[str, Any] = {"phases": []}
-    for index, (method, fraction) in enumerate(phases):
-        preset: dict[str, Any] = {
-            "learning_rate": lr,
-            "seed": spec["seed"],
-            "disable_tqdm": True,
-            "logging_steps": spec["eval_every"],  # one line of metrics per validation, not per step
-        }
-        if method == "rl":
-            preset.update(
-                algorithm="grpo",
-                beta=spec["beta"],
-                prompts_per_step=spec["prompts_per_step"],
-                num_generations=spec["num_generations"],
-                max_completion_length=spec["max_completion_length"],
-            )
-        else:
-            preset.update(per_device_train_batch_size=spec["sft_batch_size"])
+    arms = list(ARMS[index % 3 :] + ARMS[: index % 3])
+    common = {"seed": args.seed, "disable_tqdm": True, "train_limit": 64}
+    out: dict[str, Any] = {"order": arms, "grpo": {}, "generate": {}, "sft": {}, "load_average": os.getloadavg()[0]}
+    nets = {"base": model, **{arm: get_peft_model(copy.deepcopy(model), adapter_config(arm)) for arm in arms}}
+    for tokens in args.new_tokens:
+        for arm in arms:
+            result = train_svf(
+                copy.deepcopy(model), tokenizer, task, method="rl", output_dir=str(work / f"grpo_{arm}"),
+                max_steps=args.grpo_steps, svf_config=adapter_config(arm), prompts_per_step=args.prompts_per_step,
+                num_generations=args.num_generations, max_completion_length=tokens,
+                generation_kwargs={"min_new_tokens": tokens}, **common,
+            )  # fmt: skip
+            lengths = [row["completions/mean_length"] for row in result.logs if "completions/mean_length" in row]
+            out["grpo"][f"{arm}@{tokens}"] = {"step_seconds": result.step_times, "mean_length": lengths}
+        for arm in ["base", *arms]:
+            seconds = sampling_seconds(nets[arm], tokenizer, task.train[: args.prompts_per_step], tokens, args)
+            out["generate"][f"{arm}@{tokens}"] = seconds
+    for arm in [a for a in arms if a != "svf_factored"]:  # SFT trains the factored form either way
         result = train_svf(
-            model,
-            tokenizer,
-            task,
-            method=method,
-            output_dir=str(work / f"phase{index}_{method}"),
-            max_steps=spec["max_steps"],
-            svf_config=_adapter_config(adapter) if index == 0 else None,  # phase 2 trains the same adapter on
-            printer=print if spec["verbose"] else _quiet_printer,
-            eval_examples=spec["n_val"],
-            eval_every=spec["eval_every"],
-            eval_max_new_tokens=spec["max_new_tokens"],
-            max_train_seconds=spec["budget"] * fraction,
-            **preset,
-        )
-        model = result.model
-        budget = result.time_budget
-        out["phases"].append(
-            {
-                "method": method,
-                "budget_s": spec["budget"] * fraction,
-                "steps": budget["steps"],
-                "train_s": budget["train_seconds"],
-                "validation_s": budget["validation_seconds"],
-                "stopped_by_budget": budget["stopped_at"] is not None,
-                "best_step": result.validation["best_step"],
-                "best_val_accuracy": result.validation["best_score"],
-                "curve": [{k: row[k] for k in ("step", "score") if k in row} for row in result.validation["curve"]],
-                "reward_last": result.final("reward"),
-                "loss_last": result.final("loss"),
-            }
-        )
-        out["trainable_parameters"] = result.trainable_parameters
-    phases_out = out["phases"]
-    out["steps"] = sum(p["steps"] for p in phases_out)
-    out["train_s"] = sum(p["train_s"] for p in phases_out)
-    out["validation_s"] = sum(p["validation_s"] for p in phases_out)
-    out["s_per_step"] = out["train_s"] / out["steps"] if out["steps"] else None
-    return model, out
-
-
-def _quiet_printer(line: str) -> None:
-    """Validation and budget lines only (every step's metrics line is left out)."""
-    if not line.startswith("step "):
-        print(f"    {line}", flush=True)
-
-
-def _worker(spec: dict, result_path: str) -> None:
-    """One run in a fresh process: load, train (unless `run == "base"`), evaluate, write the result JSON."""
-    try:
-        import torch
-
-        from peft_spectral.expert_eval import evaluate_generated
-
-        torch.set_num_threads(spec["threads"])
-        torch.manual_seed(spec["seed"])
-        start = time.perf_counter()
-        load_before = os.getloadavg()[0]
-        model, tokenizer, task = _load(spec)
-        load_peak_mb = _memory_mb("VmHWM")
-        peak_reset = _reset_peak_memory()
-        loaded_mb = _memory_mb("VmRSS")
-        test = task.test[: spec["n_test"]]
-        if not test:
-            raise ValueError(f"task {spec['task']!r} has no test examples")
-        row: dict[str, Any] = {
-            "load_s": time.perf_counter() - start,
-            "rss_loaded_mb": loaded_mb,
-            "load_peak_mb": load_peak_mb,
-            "peak_reset_after_load": peak_reset,
+            copy.deepcopy(model), tokenizer, task, method="sft", output_dir=str(work / f"sft_{arm}"),
+            max_steps=args.sft_steps, svf_config=adapter_config(arm),
+            per_device_train_batch_size=args.sft_batch_size, **common,
+        )  # fmt: skip
+        seen = [row["num_tokens"] for row in result.logs if "num_tokens" in row]  # TRL's running count
+        tokens = [b - a for a, b in zip([0.0, *seen], seen)]
+        out["sft"]["svf" if arm == "svf_composed" else arm] = {
+            "step_seconds": result.step_times,
+            "tokens": tokens,
+            "tokens_per_second": tokens[-1] / result.step_times[-1],
         }
-        if spec["run"] != "base":
-            if len(task.validation) < 1:
-                raise ValueError(f"task {spec['task']!r} has no validation examples for checkpoint selection")
-            model, trained = _train(model, tokenizer, task, spec, Path(spec["work"]))
-            row.update(trained)
-        model.eval()
-        t0 = time.perf_counter()
-        result = evaluate_generated(
-            model,
-            tokenizer,
-            test,
-            kind=task.kind,
-            max_new_tokens=spec["max_new_tokens"],
-            batch_size=spec["eval_batch_size"],
-        )
-        row.update(
-            test_accuracy=result.accuracy,
-            test_n=result.n,
-            correct=[bool(c) for c in result.correct],
-            eval_s=time.perf_counter() - t0,
-            kind=task.kind,
-            peak_rss_mb=_memory_mb("VmHWM"),
-        )
-        row["peak_over_loaded_mb"] = row["peak_rss_mb"] - loaded_mb
-        if torch.cuda.is_available():
-            row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        row["wall_s"] = time.perf_counter() - start
-        # other work on the machine takes steps from a wall-clock budget: keep the 1-minute load average with the run
-        row["load_average"] = [load_before, os.getloadavg()[0]]
-        write_json_atomic(result_path, row)
-    except BaseException:
-        write_json_atomic(result_path, {"error": traceback.format_exc()})
-        raise
-
-
-# ------------------------------------------------------------------------------------------------------ the driver
-
-
-def _spec(args, task: str, run: str) -> dict:
-    spec = {
-        "task": task,
-        "run": run,
-        "smoke": args.smoke,
-        "model": args.model,
-        "seed": args.seed,
-        "n_test": args.n_test,
-        "max_new_tokens": max(args.max_completion_length, 8),
-        "eval_batch_size": args.eval_batch_size,
-        "threads": args.threads,
-        "verbose": args.verbose,
-    }
-    if run != "base":
-        adapter = RUNS[run][0]
-        spec.update(
-            budget=args.budget,
-            max_steps=args.max_steps,
-            n_val=args.n_val,
-            eval_every=args.eval_every,
-            lr=args.lr,
-            lora_lr=args.lora_lr if adapter == "lora" else None,
-            beta=args.beta,
-            prompts_per_step=args.prompts_per_step,
-            num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length,
-            sft_batch_size=args.sft_batch_size,
-        )
-    # what defines the result (verbosity does not)
-    spec["fingerprint"] = fingerprint({k: v for k, v in spec.items() if k != "verbose"})
-    spec["work"] = str(Path(args.work) / task.replace("/", "_") / run)
-    return spec
-
-
-def _run_in_subprocess(ctx, spec: dict) -> dict:
-    result_path = Path(spec["work"]) / "result.json"
-    result_path.unlink(missing_ok=True)
-    process = ctx.Process(target=_worker, args=(spec, str(result_path)))
-    process.start()
-    process.join()
-    row = json.loads(result_path.read_text()) if result_path.exists() else {}
-    if process.exitcode != 0 or "error" in row:
-        detail = row.get("error", "").strip().splitlines()[-1:] or [f"exit code {process.exitcode}"]
-        raise RuntimeError(f"{spec['task']}/{spec['run']} failed: {detail[0]}")
-    return row
-
-
-def _estimate(spec: dict, overheads: list[float], base_walls: list[float]) -> float:
-    """Expected wall seconds of a run: its budget plus the mean overhead (load, validation, test) seen so far."""
-    if spec["run"] == "base":
-        return sum(base_walls) / len(base_walls) if base_walls else 30.0
-    guess = sum(overheads) / len(overheads) if overheads else 0.3 * spec["budget"] + 20.0
-    return spec["budget"] + guess
-
-
-def _clock(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def run_benchmark(args) -> dict:
-    state_path = Path(args.state)
-    state = load_state(state_path, what="budget benchmark state") or {"runs": {}}
-    todo, kept = [], 0
-    for task in args.tasks:
-        for run in ["base", *args.runs]:
-            spec = _spec(args, task, run)
-            done = state["runs"].get(f"{task}/{run}")
-            if done is not None and done.get("fingerprint") == spec["fingerprint"]:
-                kept += 1
-                continue
-            if done is not None:
-                print(f"{task}/{run}: settings changed since the stored result, running it again", flush=True)
-            todo.append(spec)
-    print(f"{len(todo)} run(s) to do, {kept} already in {state_path}", flush=True)
-    if todo:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        start = time.perf_counter()
-        overheads: list[float] = []
-        base_walls: list[float] = []
-        for index, spec in enumerate(todo):
-            remaining = sum(_estimate(s, overheads, base_walls) for s in todo[index:])
-            budget = f", {spec['budget']:g} s budget" if spec["run"] != "base" else ""
-            print(
-                f"[{index + 1}/{len(todo)}] {spec['task']} {LABELS[spec['run']]}{budget} | elapsed "
-                f"{_clock(time.perf_counter() - start)}, ETA {_clock(remaining)}",
-                flush=True,
-            )
-            Path(spec["work"]).mkdir(parents=True, exist_ok=True)
-            row = _run_in_subprocess(ctx, spec)
-            if spec["run"] == "base":
-                base_walls.append(row["wall_s"])
-            else:
-                overheads.append(row["wall_s"] - spec["budget"])
-            settings = {k: v for k, v in spec.items() if k not in ("fingerprint", "work", "verbose")}
-            state["runs"][f"{spec['task']}/{spec['run']}"] = {
-                "fingerprint": spec["fingerprint"],
-                "settings": settings,
-                **row,
-            }
-            state["machine"] = _machine(args)
-            write_json_atomic(state_path, state)
-            steps = f", {row['steps']} steps in {row['train_s']:.0f} s" if "steps" in row else ""
-            print(
-                f"    -> test accuracy {row['test_accuracy']:.3f} (n={row['test_n']}){steps}, "
-                f"peak {row['peak_rss_mb']:.0f} MiB, {row['wall_s']:.0f} s wall",
-                flush=True,
-            )
-    return state
-
-
-def _machine(args) -> str:
-    import torch
-
-    return f"{platform.node()} ({os.cpu_count()} CPUs, {args.threads} torch threads, torch {torch.__version__})"
-
-
-# ------------------------------------------------------------------------------------------------------ the report
-
-
-def _test_labels(base: Optional[dict]) -> Optional[list]:
-    """Gold labels of the base run's test examples (multiple choice only), loaded as the worker loaded them."""
-    if base is None or base.get("kind") != "multiple_choice":
-        return None
-    spec = base["settings"]
-    if spec["smoke"]:
-        task = _toy_task(spec["task"])
-    else:
-        from peft_spectral.tasks import load_task
-
-        task = load_task(spec["task"], seed=spec["seed"])
-    labels = [e.label for e in task.test[: spec["n_test"]]]
-    return labels if len(labels) == len(base["correct"]) else None
-
-
-def _balanced(reference: list, other: list, labels: list) -> dict:
-    from dataclasses import asdict
-
-    from peft_spectral.stats import compare_balanced
-
-    result = compare_balanced(reference, other, labels)
-    return {**asdict(result), "significant": result.significant, "above_chance": result.b_above_chance}
-
-
-def summarize(state: dict) -> dict:
-    """Per task: every run's numbers with its accuracy CI, Δ vs base (and balanced accuracy for multiple choice), SVF
-    vs LoRA for the same method, and the SVF recipes against each other."""
-    tasks: dict[str, dict] = {}
-    for key, row in state["runs"].items():
-        task, run = key.rsplit("/", 1)
-        tasks.setdefault(task, {"runs": {}})["runs"][run] = row
-    out: dict[str, Any] = {"machine": state.get("machine"), "tasks": {}}
-    for task, entry in sorted(tasks.items()):
-        runs = entry["runs"]
-        base = runs.get("base")
-        labels = _test_labels(base)
-        rows: dict[str, dict] = {}
-        for run in ["base", *RUNS]:
-            row = runs.get(run)
-            if row is None:
-                continue
-            ci = accuracy_ci(row["correct"])
-            summary = {k: v for k, v in row.items() if k not in ("correct", "fingerprint")}
-            summary["accuracy_ci"] = {"accuracy": ci.accuracy, "low": ci.low, "high": ci.high, "n": ci.n}
-            summary["accuracy_text"] = format_accuracy(ci)
-            if run != "base" and base is not None and len(base["correct"]) == len(row["correct"]):
-                summary["vs_base"] = _comparison(base["correct"], row["correct"])
-                if labels is not None:
-                    summary["balanced_vs_base"] = _balanced(base["correct"], row["correct"], labels)
-            rows[run] = summary
-        pairs = []
-        for method, svf, lora in PAIRS:
-            if svf in runs and lora in runs and len(runs[svf]["correct"]) == len(runs[lora]["correct"]):
-                pairs.append(
-                    {
-                        "method": method,
-                        "svf": svf,
-                        "lora": lora,
-                        "svf_minus_lora": _comparison(runs[lora]["correct"], runs[svf]["correct"]),
-                        "parameter_ratio": runs[lora]["trainable_parameters"] / runs[svf]["trainable_parameters"],
-                    }
-                )
-        recipes = [
-            {
-                "reference": ref,
-                "other": other,
-                "other_minus_reference": _comparison(runs[ref]["correct"], runs[other]["correct"]),
-            }
-            for ref, other in RECIPE_PAIRS
-            if ref in runs and other in runs and len(runs[ref]["correct"]) == len(runs[other]["correct"])
-        ]
-        out["tasks"][task] = {"runs": rows, "svf_vs_lora": pairs, "svf_recipes": recipes}
     return out
 
 
-def _comparison(reference: list, other: list) -> dict:
-    """`other` minus `reference` on the same examples (`expert_eval.paired_report`: paired bootstrap CI, exact
-    McNemar p, `significant`) with its text."""
-    from peft_spectral.expert_eval import paired_report
-
-    report = paired_report(reference, other)
-    return {**report["delta"], "text": report["text"]["delta"]}
+def goal(text: str, values: list[float], limit: float) -> dict[str, Any]:
+    """A goal on per-round ratios: met when their median is at most `limit`."""
+    s, within = spread(values), sum(v <= limit for v in values)
+    value = f"median {fmt_spread(s, 3)}×; ≤ {limit:.2f}× in {within} of {len(values)} rounds"
+    return {"goal": text, "met": s["median"] <= limit, "value": value}
 
 
-def _load_text(row: dict) -> str:
-    load = row.get("load_average")
-    return f"{load[0]:.1f}→{load[1]:.1f}" if load else "—"
+def row_label(key: str) -> str:
+    """`grpo:lora` -> `GRPO step, LoRA r=16`; `generate:lora/base` -> `sampling: LoRA r=16 / base model`."""
+    kind, _, arms = key.partition(":")
+    names = " / ".join(LABELS[a] for a in arms.split("/"))
+    return f"{'GRPO step' if kind == 'grpo' else 'sampling'}{': ' if '/' in arms else ', '}{names}"
 
 
-def _num(value, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
+def steps_summary(results: dict, config: dict) -> tuple[dict, str]:
+    """Seconds and per-round ratios (median [min–max]), the two goals, and the markdown section."""
+    rounds = [results[k] for k in sorted(results) if k.startswith("round")]
+    if not rounds:
+        return {}, ""
+    lengths = config["new_tokens"]
+
+    def grpo(r, arm, n):
+        return r["grpo"][f"{arm}@{n}"]["step_seconds"][-1]
+
+    def gen(r, arm, n):
+        return r["generate"][f"{arm}@{n}"]
+
+    measures = {f"grpo:{a}": lambda r, n, a=a: grpo(r, a, n) for a in ARMS}
+    measures |= {f"generate:{a}": lambda r, n, a=a: gen(r, a, n) for a in ("base", *ARMS)}
+    ratios = {f"grpo:{a}/{b}": lambda r, n, a=a, b=b: grpo(r, a, n) / grpo(r, b, n) for a, b in STEP_PAIRS}
+    ratios |= {f"generate:{a}/base": lambda r, n, a=a: gen(r, a, n) / gen(r, "base", n) for a in ARMS}
+    seconds = {f"{k}@{n}": spread([f(r, n) for r in rounds]) for k, f in measures.items() for n in lengths}
+    per_round = {f"{k}@{n}": [f(r, n) for r in rounds] for k, f in ratios.items() for n in lengths}
+    tps = {arm: [r["sft"][arm]["tokens_per_second"] for r in rounds] for arm in ("svf", "lora")}
+    per_round["sft_tokens_per_second:svf/lora"] = [s / lo for s, lo in zip(tps["svf"], tps["lora"])]
+    seconds |= {f"sft_tokens_per_second:{arm}": spread(v) for arm, v in tps.items()}
+    rat = {k: spread(v) for k, v in per_round.items()}
+    longest = max(lengths)
+    worst = max(lengths, key=lambda n: rat[f"generate:svf_composed/base@{n}"]["median"])
+    goals = [
+        goal(f"SVF GRPO step ≤ 0.95× LoRA r=16's at {longest} new tokens (composed rollouts)",
+             per_round[f"grpo:svf_composed/lora@{longest}"], 0.95),
+        goal(f"composed-rollout sampling within 1.10× of the base model's own generation ({worst} tokens, the "
+             "worse length)", per_round[f"generate:svf_composed/base@{worst}"], 1.10),
+    ]  # fmt: skip
+    head = ["measurement", *[f"{n} new tokens" for n in lengths]]
+
+    def table(keys, stats, digits, unit=""):
+        rows = [[row_label(k), *[fmt_spread(stats[f"{k}@{n}"], digits, unit) for n in lengths]] for k in keys]
+        return markdown_table(head, rows)
+
+    text = (
+        f"{len(rounds)} rounds in one process (the order of the arms rotates); median [min–max] over rounds. GRPO: "
+        f"{config['prompts_per_step']} prompts × {config['num_generations']} samples, each exactly the given number "
+        f"of new tokens; the last of {config['grpo_steps']} steps of a fresh `train_svf`. Sampling: one `generate` of "
+        "the same prompts and samples after a change of the adapter's parameters (composed weights rebuilt once, as "
+        f"after an optimizer step).\n\n{table(measures, seconds, 3, ' s')}\n\nPer-round ratios:\n\n"
+        f"{table(ratios, rat, 3)}\n\nSFT ({config['sft_batch_size']} examples per step, the last of "
+        f"{config['sft_steps']} steps): SVF {fmt_spread(seconds['sft_tokens_per_second:svf'], 0)} tokens/s, LoRA "
+        f"{fmt_spread(seconds['sft_tokens_per_second:lora'], 0)} tokens/s; SVF / LoRA "
+        f"{fmt_spread(rat['sft_tokens_per_second:svf/lora'], 3)}."
+    )  # fmt: skip
+    return {"rounds": len(rounds), "seconds": seconds, "ratios": rat, "per_round": per_round, "goals": goals}, text
 
 
-def markdown(summary: dict, smoke: bool, reading: Optional[str] = None) -> str:
-    lines = [
-        "# The same wall clock: SVF-RL, SVF-SFT, SVF-SFT→RL and LoRA r=16",
-        "",
-        (
-            f"Generated by `benchmarks/bench_budget.py`{' --smoke (tiny random model)' if smoke else ''} on "
-            f"{summary.get('machine')}. Every run has the same training time (validation excluded, the last step may "
-            "overrun it), the paper's RL preset (GRPO, ±1 rewards, AdamW, max grad norm 1e-3) or the SFT preset, SVF and "
-            "LoRA r=16 on the MLP projections (gate/up/down); the best checkpoint on the validation split is restored. "
-            "Test accuracy: greedy generation with 95% Wilson intervals; Δ: paired difference with a 95% bootstrap "
-            "interval and exact McNemar p (`*`: the interval excludes 0). Peak memory: peak RSS (VmHWM) of the run's own "
-            "process during training and test evaluation (reset after loading the model), and above the RSS after "
-            "loading. Load avg: the machine's 1-minute load average at the start and end of the run (other work on "
-            "the machine takes steps from a wall-clock budget)."
-        ),
-        "",
-    ]
-    for task, entry in summary["tasks"].items():
-        rows = entry["runs"]
-        base = rows.get("base")
-        lines += [f"## {task}", ""]
-        if base is not None:
-            lines += [f"Base model: {base['accuracy_text']}.", ""]
-        first = next((r for name, r in rows.items() if name != "base"), None)
-        if first is not None:
-            s = first["settings"]
-            lines += [
-                (
-                    f"Settings: RL {s['prompts_per_step']} prompts × {s['num_generations']} samples, ≤ "
-                    f"{s['max_completion_length']} new tokens, beta {s['beta']}; SFT batch {s['sft_batch_size']}; lr "
-                    f"{s['lr']:g}; validation: first {s['n_val']} examples every {s['eval_every']} steps."
-                ),
-                "",
-            ]
-        lines += [
-            (
-                "| run | budget s | steps | train s | s/step | validation s | trainable params | peak MiB (over loaded) "
-                "| load avg | test accuracy [95% CI] | Δ vs base [95% CI] |"
-            ),
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for run, r in rows.items():
-            if run == "base":
+# ------------------------------------------------------------------------------------------------------- race
+
+
+def expert_config(args, spec: str, method: str, lr: float, sft_seconds: float, rl_seconds: float):
+    """The `SVFTrainingConfig` of one run. Its folder under `--work` is named after a hash of the settings, so the
+    same run (e.g. the race's SFT → RL in the ablation) is found again and resumed, not trained twice."""
+    from peft_spectral.training import SVFTrainingConfig
+
+    fields = {
+        "task": spec, "peft_method": method, "seed": args.seed, "max_examples": args.max_examples,
+        "sft_steps": 100_000 if sft_seconds else 0, "sft_learning_rate": lr, "sft_max_seconds": sft_seconds or None,
+        "sft_batch_size": args.sft_batch_size, "rl_steps": 100_000 if rl_seconds else 0, "rl_learning_rate": lr,
+        "rl_max_seconds": rl_seconds or None, "prompts_per_step": args.prompts_per_step,
+        "num_generations": args.num_generations, "max_completion_length": args.rl_new_tokens,
+        "val_examples": args.n_val, "eval_every": args.eval_every, "eval_max_new_tokens": args.eval_max_new_tokens,
+        "test_examples": 0, "progress": False,
+    }  # fmt: skip
+    name = f"{spec.removeprefix('rg:').split('?')[0]}-{method}-lr{lr:g}-{fingerprint(fields, args.model_name)[:10]}"
+    return SVFTrainingConfig(output_dir=str(Path(args.work) / name), **fields)
+
+
+def train_run(config, model, tokenizer, task) -> dict[str, Any]:
+    """Train (or finish) one run with `train_expert`: per stage the steps, training seconds and validation curve."""
+    from peft_spectral.training import train_expert
+
+    def printer(line: str) -> None:
+        if line.startswith(("[expert]", "validation", "time budget")):
+            print(f"  {line}", flush=True)
+
+    load, start = os.getloadavg()[0], time.perf_counter()
+    result = train_expert(config, model, tokenizer, task=task, printer=printer)
+    stages = []
+    for stage in result.stages:
+        validation, budget = stage["validation"], stage["time_budget"]
+        stages.append({
+            "name": stage["name"], "steps_run": stage["steps_run"], "train_seconds": budget["train_seconds"],
+            "validation_seconds": budget["validation_seconds"], "best_step": validation["best_step"],
+            "best_score": validation["best_score"],
+            "curve": [{k: p[k] for k in ("step", "accuracy", "train_seconds")} for p in validation["curve"]],
+        })  # fmt: skip
+    return {
+        "path": str(result.path), "stages": stages, "wall_seconds": time.perf_counter() - start,
+        "trainable_parameters": result.stages[-1]["recipe"]["trainable_parameters"],
+        "load_average": [load, os.getloadavg()[0]],
+    }  # fmt: skip
+
+
+def curve(record: dict) -> list[tuple[float, float]]:
+    """`(training seconds since the run's start, validation accuracy)` of every point, stage after stage."""
+    points, offset = [], 0.0
+    for stage in record["stages"]:
+        points += [(offset + p["train_seconds"], p["accuracy"]) for p in stage["curve"]]
+        offset += stage["train_seconds"]
+    return points
+
+
+def time_to_target(record: dict, target: float) -> Optional[float]:
+    """Training seconds until validation accuracy first reaches `target`; `None`: not reached."""
+    return next((t for t, acc in curve(record) if acc >= target - 1e-9), None)
+
+
+def final_score(record: dict) -> float:
+    """The validation score of the run's result (the last stage's selected checkpoint)."""
+    return record["stages"][-1]["best_score"]
+
+
+def score_test(model, tokenizer, task, n: int, path: Optional[str], max_new_tokens: int) -> dict[str, list[bool]]:
+    """Lenient and strict verdicts on the first `n` test examples (of the base model when `path` is `None`)."""
+    from peft import PeftModel
+
+    from peft_spectral.evaluation import evaluate, rescore
+
+    net = model if path is None else PeftModel.from_pretrained(copy.deepcopy(model), path)
+    lenient = evaluate(net, tokenizer, task.test[:n], kind=task.kind, max_new_tokens=max_new_tokens)
+    strict = rescore(lenient, task.test[:n], kind=task.kind, extraction="strict")
+    return {"lenient": lenient.correct, "strict": strict.correct}
+
+
+def choose(results: dict, spec: str, method: str) -> Optional[str]:
+    """The learning rate (as in the job keys) with the best final validation score; a tie keeps the first run."""
+    runs = [(k.split("|")[3], v) for k, v in results.items() if k.startswith(job_key("train", spec, method, ""))]
+    return max(runs, key=lambda kv: final_score(kv[1]))[0] if runs else None
+
+
+def minutes(seconds: Optional[float]) -> str:
+    return "not reached" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def paired(a: dict, b: dict) -> tuple[dict, str]:
+    """B − A on the same test examples (lenient): the numbers and the table text."""
+    diff = compare_paired(a["lenient"], b["lenient"])
+    data = {"delta": diff.delta, "low": diff.low, "high": diff.high, "p_value": diff.p_value, "n": diff.n}
+    return {**data, "significant": diff.significant}, format_comparison(diff)
+
+
+HEAD = ["run", "trainable params", "steps", "training (wall) min", "final val", "min to target", "test [95% CI]"]
+HEAD += ["Δ vs base [95% CI]"]
+
+
+def run_row(label: str, record: dict, test: Optional[dict], base: Optional[dict], target: float) -> list:
+    train = sum(s["train_seconds"] for s in record["stages"]) / 60
+    return [
+        label, f"{record['trainable_parameters']:,}", " + ".join(str(s["steps_run"]) for s in record["stages"]),
+        f"{train:.1f} ({record['wall_seconds'] / 60:.1f})", f"{final_score(record):.3f}",
+        minutes(time_to_target(record, target)), format_accuracy(accuracy_ci(test["lenient"])) if test else "—",
+        paired(base, test)[1] if test and base else "—",
+    ]  # fmt: skip
+
+
+def race_summary(results: dict, config: dict) -> tuple[dict, str]:
+    """Per task: the chosen runs, their curves, time to target and test comparisons; the goals; the markdown."""
+    specs = dict.fromkeys(k.split("|")[1] for k in results if k.startswith("train|"))
+    tasks, sections, firsts, claims = {}, [], [], []
+    for spec in specs:
+        runs = {tuple(k.split("|")[2:]): v for k, v in results.items() if k.startswith(job_key("train", spec, ""))}
+        base_val = curve(next(iter(runs.values())))[0][1]  # step 0 of every run: the base model
+        target, base = base_val + config["target_gain"], results.get(job_key("base", spec))
+        info: dict[str, Any] = {"base_validation": base_val, "target": target, "methods": {}}
+        rows, grid, tests = [], [], {}
+        for method in ("svf", "lora"):
+            if (lr := choose(results, spec, method)) is None:
                 continue
-            phases = r.get("phases", [])
-            steps = " + ".join(f"{p['steps']} {p['method'].upper()}" for p in phases) if len(phases) > 1 else None
-            lines.append(
-                f"| {LABELS[run]} | {r['settings']['budget']:g} | {steps or r['steps']} | {r['train_s']:.1f} | "
-                f"{_num(r['s_per_step'], '.2f')} | {r['validation_s']:.0f} | {r['trainable_parameters']:,} | "
-                f"{r['peak_rss_mb']:.0f} ({r['peak_over_loaded_mb']:+.0f}) | {_load_text(r)} | {r['accuracy_text']} | "
-                f"{r.get('vs_base', {}).get('text', '—')} |"
-            )
-        balanced = {run: r["balanced_vs_base"] for run, r in rows.items() if r.get("balanced_vs_base")}
-        if balanced:
-            any_row = next(iter(balanced.values()))
-            lines += [
-                "",
-                (
-                    f"Balanced accuracy (mean over gold labels; chance {any_row['chance']:.2f}, majority label "
-                    f"{any_row['majority_share']:.0%} of the test examples; a run that always gives one answer scores "
-                    "chance): base "
-                    f"{any_row['a']:.3f}; "
-                    + "; ".join(
-                        f"{LABELS[run]} {b['b']:.3f} [{b['b_low']:.2f}, {b['b_high']:.2f}]"
-                        + ("" if b["above_chance"] else " (not above chance)")
-                        for run, b in balanced.items()
-                    )
-                    + "."
-                ),
-            ]
-        if entry["svf_vs_lora"]:
-            lines += [
-                "",
-                "SVF vs LoRA, same method and budget:",
-                "",
-                "| method | SVF | LoRA | Δ SVF − LoRA [95% CI] | LoRA / SVF parameters |",
-                "|---|---|---|---|---|",
-            ]
-            for pair in entry["svf_vs_lora"]:
-                lines.append(
-                    f"| {pair['method'].upper()} | {rows[pair['svf']]['accuracy_text']} | "
-                    f"{rows[pair['lora']]['accuracy_text']} | {pair['svf_minus_lora']['text']} | "
-                    f"{pair['parameter_ratio']:.0f} |"
-                )
-        if entry.get("svf_recipes"):
-            lines += [
-                "",
-                "SVF recipes against each other, same budget:",
-                "",
-                "| comparison | Δ [95% CI] |",
-                "|---|---|",
-            ]
-            for pair in entry["svf_recipes"]:
-                lines.append(
-                    f"| {LABELS[pair['other']]} − {LABELS[pair['reference']]} | {pair['other_minus_reference']['text']} |"
-                )
-        curves = [
-            f"{LABELS[run]} {p['method'].upper()}: best step {p['best_step']} of {p['steps']}"
-            for run, r in rows.items()
-            for p in r.get("phases", [])
-        ]
-        if curves:
-            lines += ["", "Checkpoint selection: " + "; ".join(curves) + ".", ""]
-    lines += ["## Reading", "", (reading or "_No reading given (`--reading`)._").strip(), ""]
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: Path) -> Optional[Path]:
-    """Test accuracy per task and run with 95% CI error bars; `None` (and a warning) without matplotlib."""
-    from peft_spectral.plots import ci_bar_chart
-
-    tasks = list(summary["tasks"])
-    series = {}
-    for name in ["base", *RUNS]:
-        rows = [summary["tasks"][task]["runs"].get(name) for task in tasks]
-        series[LABELS[name]] = [row and row["accuracy_ci"] for row in rows]
-    return ci_bar_chart(
-        path,
-        tasks,
-        series,
-        ylabel="test accuracy (95% Wilson CI)",
-        title="Same wall-clock training budget",
-        ylim=(0, 1),
-        figsize=(max(6.0, 2.8 * len(tasks)), 4.0),
-        legend={"fontsize": 8, "ncol": 3, "loc": "upper center", "bbox_to_anchor": (0.5, -0.12)},
-        dpi=120,
+            record, test = runs[(method, lr)], results.get(job_key("test", spec, method, lr))
+            tests[method] = test
+            info["methods"][method] = {
+                "lr": float(lr), "time_to_target": time_to_target(record, target), "curve": curve(record),
+                "final_validation": final_score(record), "trainable_parameters": record["trainable_parameters"],
+                "test_accuracy": accuracy_ci(test["lenient"]).accuracy if test else None,
+                "vs_base": paired(base, test)[0] if test and base else None,
+                "grid": {r: {"final_validation": final_score(v), "time_to_target": time_to_target(v, target)}
+                         for (m, r), v in runs.items() if m == method},
+            }  # fmt: skip
+            rows.append(run_row(f"{LABELS[method]}, lr {lr}", record, test, base, target))
+            for r, g in info["methods"][method]["grid"].items():
+                grid.append(f"{LABELS[method]} {r}: {g['final_validation']:.3f}, {minutes(g['time_to_target'])}")
+        text = f"### `{spec}`\n\nBase model: validation {base_val:.3f} (target {target:.3f})"
+        text += f", test {format_accuracy(accuracy_ci(base['lenient']))}" if base else ""
+        text += ".\n\n" + markdown_table(HEAD, rows)
+        text += "\n\nEvery rate (final validation, minutes to target): " + "; ".join(grid) + "."
+        svf, lora = info["methods"].get("svf"), info["methods"].get("lora")
+        if svf and lora:
+            t_svf, t_lora = svf["time_to_target"], lora["time_to_target"]
+            svf_first = t_svf is not None and (t_lora is None or t_svf <= t_lora)
+            first = "SVF" if svf_first else "LoRA" if t_lora is not None else "neither"
+            firsts.append((spec, svf_first, f"{minutes(t_svf)} vs {minutes(t_lora)}"))
+            text += f"\n\nMinutes to target, SVF vs LoRA: {firsts[-1][2]} ({first} first)."
+        if tests.get("svf") and tests.get("lora"):
+            info["svf_minus_lora"], diff = paired(tests["lora"], tests["svf"])
+            delta, significant = info["svf_minus_lora"]["delta"], info["svf_minus_lora"]["significant"]
+            claims.append(not (significant and delta < 0))
+            verdict = "holds (no significant difference)"
+            if significant:
+                verdict = "holds (SVF better)" if delta > 0 else "does not hold (LoRA better)"
+            ratio = lora["trainable_parameters"] / svf["trainable_parameters"]
+            text += f" Test, SVF − LoRA: {diff}, with 1/{ratio:.0f} of LoRA's parameters: the paper's claim "
+            text += f"{verdict}."
+        tasks[spec] = info
+        sections.append(text)
+    goals = []
+    if firsts:
+        wins = sum(f[1] for f in firsts)
+        per_task = "; ".join(f"{name.removeprefix('rg:').split('?')[0]} {t}" for name, _, t in firsts)
+        value = f"SVF first on {wins} of {len(firsts)} task(s); minutes, SVF vs LoRA: {per_task}"
+        goals.append(
+            {"goal": "SVF time to target ≤ LoRA's on at least 2 of 3 tasks", "met": wins >= 2, "value": value}
+        )
+    if claims:
+        value = f"holds on {sum(claims)} of {len(claims)} task(s)"
+        text = "SVF matches or beats LoRA on test (not significantly worse; the paper's claim)"
+        goals.append({"goal": text, "met": all(claims), "value": value})
+    head = (
+        f"Each run: SFT for {config['sft_seconds']:g} s, then GRPO for {config['rl_seconds']:g} s of training "
+        f"(validation excluded); validation on the first {config['n_val']} examples every {config['eval_every']} "
+        "steps (greedy, lenient); each stage keeps its best checkpoint; per method the rate with the best final "
+        f"validation score is chosen. Target: base validation accuracy + {config['target_gain']:.2f}; minutes are "
+        f"training minutes (wall minutes, validation included, in parentheses). Test: the first {config['n_test']} "
+        "test examples; Δ: paired bootstrap 95% CI, exact McNemar p.\n\n"
     )
+    return {"tasks": tasks, "goals": goals}, head + "\n\n".join(sections)
 
 
-def write_report(state: dict, args) -> dict:
-    summary = summarize(state)
-    summary["smoke"] = args.smoke
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out.with_suffix(".json"), summary)
-    reading = Path(args.reading).read_text() if args.reading and Path(args.reading).exists() else None
-    out.with_suffix(".md").write_text(markdown(summary, args.smoke, reading))
-    plot(summary, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')}, .md and .png", flush=True)
-    return summary
+def ablation_summary(results: dict, config: dict) -> tuple[dict, str]:
+    """RL only, SFT only and SFT → RL on one task: the rows and the paired test comparisons."""
+    arms = [a for a in ("rl_only", "sft_only", "sft_rl") if job_key("train", a) in results]
+    if not arms:
+        return {}, ""
+    records = {a: results[job_key("train", a)] for a in arms}
+    tests, base = {a: results.get(job_key("test", a)) for a in arms}, results.get("base")
+    base_val = curve(records[arms[0]])[0][1]
+    rows = [run_row(LABELS[a], records[a], tests[a], base, base_val + config["target_gain"]) for a in arms]
+    comparisons, lines = {}, []
+    for ref, other in (("rl_only", "sft_rl"), ("sft_only", "sft_rl"), ("sft_only", "rl_only")):
+        if tests.get(ref) and tests.get(other):
+            comparisons[f"{other} - {ref}"], text = paired(tests[ref], tests[other])
+            lines.append([f"{LABELS[other]} − {LABELS[ref]}", text])
+    text = (
+        f"`{config['task']}`, SVF at lr {config['lr']:g}, {config['sft_seconds'] + config['rl_seconds']:g} s of "
+        f"training each (SFT → RL: {config['sft_seconds']:g} + {config['rl_seconds']:g} s). Base model: validation "
+        f"{base_val:.3f}.\n\n" + markdown_table(HEAD, rows)
+    )
+    text += "\n\n" + markdown_table(["comparison (test)", "Δ [95% CI]"], lines) if lines else ""
+    arms_data = {a: {"curve": curve(records[a]), "final_validation": final_score(records[a])} for a in arms}
+    return {"arms": arms_data, "comparisons": comparisons}, text
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+def plot(path: Path, tasks: dict) -> None:
+    """Validation accuracy against training minutes, the chosen SVF and LoRA runs, one panel per task."""
+    from peft_spectral.plots import pyplot, save_figure
+
+    plt = pyplot("the budget plot")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, (spec, info) in zip(axes[0], tasks.items()):
+        for method, style in (("svf", "-o"), ("lora", "--s")):
+            if method in info["methods"]:
+                xs, ys = zip(*info["methods"][method]["curve"])
+                label = f"{LABELS[method]}, lr {info['methods'][method]['lr']:g}"
+                ax.plot([x / 60 for x in xs], ys, style, ms=3, label=label)
+        ax.axhline(info["target"], color="grey", lw=0.8, ls=":", label="target")
+        ax.set(title=spec.removeprefix("rg:").split("?")[0], xlabel="training minutes", ylabel="validation accuracy")
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def write_report(run: BenchmarkRun) -> None:
+    """`budget.{json,md,png}` from the states of every part found in the run's output folder."""
+    data, sections, goals = {}, [], []
+    titles = {"steps": "Step cost", "race": "Race to an expert", "ablation": "RL only, SFT only, SFT → RL"}
+    for part in PARTS:
+        state = load_state(run.output_dir / f"budget_{part}_state.json", what=f"budget {part} state")
+        results = (state or {}).get("results", {})
+        summary_of = {"steps": steps_summary, "race": race_summary, "ablation": ablation_summary}[part]
+        summary, text = summary_of(results, state["config"]) if results else ({}, "")
+        if not summary:
+            continue
+        machine = results.get("machine", {})
+        where = f"Last invocation: {machine.get('date', '?')[:16]} UTC, {machine.get('torch_threads')} torch threads, "
+        where += f"load average {machine.get('load_average')} at its start, commit {machine.get('git_commit')}.\n\n"
+        data[part] = {"config": state["config"], "machine": machine, **summary}
+        goals += summary.get("goals", [])
+        sections.append(f"## {titles[part]} (`--part {part}`)\n\n{where}{text}")
+        if part == "race":
+            plot(run.path(".png"), summary["tasks"])
+            sections[-1] += f"\n\n![validation accuracy against training minutes]({run.name}.png)"
+    rows = [[g["goal"], "met" if g["met"] else "**not met**", g["value"]] for g in goals]
+    top = "## Goals\n\n" + (markdown_table(["goal", "met", "measured"], rows, "lll") if goals else "No part run yet.")
+    run.write({"parts": data, "goals": goals}, "\n\n".join([top, *sections]), title="Time to an expert: SVF vs LoRA")
+
+
+# ------------------------------------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["navigate"], help="task names (peft_spectral.tasks.load_task)")
-    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (base always)")
-    ap.add_argument("--budget", type=float, default=300.0, help="training seconds per run (validation excluded)")
-    ap.add_argument("--max-steps", type=int, default=100_000, help="step cap (the budget normally ends training)")
-    ap.add_argument("--n-test", type=int, default=200, help="first N test examples")
-    ap.add_argument("--n-val", type=int, default=50, help="first N validation examples (checkpoint selection)")
-    ap.add_argument("--eval-every", type=int, default=10, help="steps between validations")
-    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate (the paper's, for SVF and LoRA)")
-    ap.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate; left out: --lr")
-    ap.add_argument("--beta", type=float, default=0.1, help="KL weight (RL)")
-    ap.add_argument("--prompts-per-step", type=int, default=4, help="RL: prompts per step")
-    ap.add_argument("--num-generations", type=int, default=4, help="RL: samples per prompt")
-    ap.add_argument("--max-completion-length", type=int, default=8, help="RL: new tokens per sample")
-    ap.add_argument("--sft-batch-size", type=int, default=8, help="SFT: examples per step")
-    ap.add_argument("--eval-batch-size", type=int, default=8)
-    ap.add_argument("--model", default=None, help="Hub id or directory; left out: the embedded SmolLM2-135M")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per run; left out: all CPUs")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "budget"), help="report path without suffix")
-    ap.add_argument("--state", default=None, help="state JSON; left out: <out>_state.json")
-    ap.add_argument("--work", default="/tmp/bench_budget", help="scratch directory of the runs")
-    ap.add_argument("--report-only", action="store_true", help="write the report from the state, run nothing")
-    ap.add_argument(
-        "--reading",
-        default=str(READING),
-        help="markdown file with the reading of the results, put under '## Reading' (none with --smoke)",
-    )
-    ap.add_argument("--smoke", action="store_true", help="tiny random model and toy tasks, seconds")
-    ap.add_argument("--verbose", action="store_true", help="print every training step")
-    args = ap.parse_args(argv)
-    for name in ("budget", "n_test", "n_val", "eval_every", "max_steps"):
-        if not getattr(args, name) > 0:
-            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_arguments(p, name="budget")
+    p.add_argument("--part", required=True, choices=[*PARTS, "report"], help="what to run ('report': only write)")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="SPEC", help="task specs (default: DEFAULT_TASKS)")
+    p.add_argument("--work", default=None, help="training runs (default: runs/bench_budget)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-examples", type=int, default=None, help="examples per task before the splits")
+    p.add_argument("--rounds", type=int, default=5, help="steps: round-robin rounds")
+    p.add_argument("--new-tokens", type=int, nargs="+", default=[8, 64], help="steps: sampled tokens per completion")
+    p.add_argument("--grpo-steps", type=int, default=2, help="steps: GRPO steps per arm and round (the last timed)")
+    p.add_argument("--sft-steps", type=int, default=3, help="steps: SFT steps per arm and round (the last timed)")
+    p.add_argument("--prompts-per-step", type=int, default=4, help="GRPO prompts per step")
+    p.add_argument("--num-generations", type=int, default=4, help="GRPO samples per prompt")
+    p.add_argument("--sft-batch-size", type=int, default=8, help="SFT examples per step")
+    p.add_argument("--rl-new-tokens", type=int, default=8, help="race, ablation: GRPO new tokens per sample")
+    p.add_argument("--svf-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 5e-3], help="race: SVF rate grid")
+    p.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="race: LoRA rate grid")
+    p.add_argument("--sft-seconds", type=float, default=300, help="race, ablation: SFT training seconds per run")
+    p.add_argument("--rl-seconds", type=float, default=300, help="race, ablation: GRPO training seconds per run")
+    p.add_argument("--n-val", type=int, default=48, help="validation examples")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between validations")
+    p.add_argument("--eval-max-new-tokens", type=int, default=16, help="validation and test generation budget")
+    p.add_argument("--n-test", type=int, default=200, help="test examples (paired comparisons)")
+    p.add_argument("--target-gain", type=float, default=0.10, help="target: base validation accuracy + this")
+    p.add_argument("--ablation-task", default=None, help="ablation task (default: the first of --tasks)")
+    p.add_argument("--ablation-lr", type=float, default=2e-3, help="ablation: SVF learning rate")
+    args = p.parse_args(argv)
     if args.smoke:
-        if args.tasks == ["navigate"]:
-            args.tasks = ["toy_a"]
-        if args.budget == 300.0:
-            args.budget = 0.5
-        args.n_test, args.n_val, args.eval_every = min(args.n_test, 8), min(args.n_val, 4), min(args.eval_every, 2)
-        args.prompts_per_step, args.num_generations, args.sft_batch_size = 2, 2, 4
-        args.max_completion_length = 4
-        if args.out == ap.get_default("out"):
-            args.out = "/tmp/bench_budget_smoke/budget"
-        if args.work == ap.get_default("work"):
-            args.work = "/tmp/bench_budget_smoke/work"
-        if args.reading == ap.get_default("reading"):
-            args.reading = None  # the committed reading is about the committed results
-    if args.threads is None:
-        args.threads = 1 if args.smoke else (os.cpu_count() or 1)
-    if args.state is None:
-        args.state = args.out + "_state.json"
+        vars(args).update(SMOKE)
+    args.tasks = args.tasks or (SMOKE_TASKS if args.smoke else DEFAULT_TASKS)
+    args.output = args.output or (tempfile.mkdtemp(prefix="budget-smoke-") if args.smoke else "docs/results")
+    args.work = args.work or (str(Path(args.output) / "runs") if args.smoke else "runs/bench_budget")
+    args.state = args.state or str(Path(args.output) / f"budget_{args.part}_state.json")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.report_only:
-        state = load_state(args.state, what="budget benchmark state")
-        if state is None:
-            raise SystemExit(f"--report-only: no state file {args.state}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    part = args.part
+    config = {k: getattr(args, k) for k in PART_OPTIONS.get(part, [])}
+    if part == "ablation":
+        config.update(task=args.ablation_task or args.tasks[0], lr=args.ablation_lr)
+    run = BenchmarkRun.from_args(args, config)
+    if part == "report":
+        write_report(run)
+        return 0
+    args.model_name = run.model_name
+    model, tokenizer = run.load_model()
+    run.record("machine", run.machine)  # where and when this invocation ran
+    from peft_spectral.data import load_task
+
+    tasks = {}
+
+    def task_of(spec):
+        if spec not in tasks:
+            tasks[spec] = load_task(spec, seed=args.seed, max_examples=args.max_examples)
+            if len(tasks[spec].test) < args.n_test:
+                raise SystemExit(f"{spec}: {len(tasks[spec].test)} test examples, fewer than --n-test {args.n_test}")
+        return tasks[spec]
+
+    def test_job(job, spec, path=None):
+        run.record(job, score_test(model, tokenizer, task_of(spec), args.n_test, path, args.eval_max_new_tokens))
+
+    def train_job(job, spec, method, lr, sft_seconds, rl_seconds):
+        config = expert_config(args, spec, method, float(lr), sft_seconds, rl_seconds)
+        run.record(job, train_run(config, model, tokenizer, task_of(spec)))
+
+    if part == "steps":
+        work = Path(args.work) / "steps"
+        for job in run.jobs([f"round{i}" for i in range(args.rounds)], desc="rounds"):
+            run.record(job, time_round(model, tokenizer, task_of(args.tasks[0]), args, work, int(job[5:])))
+    elif part == "race":
+        grids = {"svf": args.svf_lrs, "lora": args.lora_lrs}
+        jobs = [job_key("base", s) for s in args.tasks]
+        for spec in args.tasks:  # SVF and LoRA alternate, so that a partial run has both
+            for i in range(max(map(len, grids.values()))):
+                jobs += [job_key("train", spec, m, f"{g[i]:g}") for m, g in grids.items() if i < len(g)]
+        for job in run.jobs(jobs, desc="race"):
+            _, spec, *rest = job.split("|")
+            if rest:
+                train_job(job, spec, *rest, args.sft_seconds, args.rl_seconds)
+            else:
+                test_job(job, spec)
+        chosen = [job_key("test", s, m, choose(run.results(), s, m)) for s in args.tasks for m in grids]
+        for job in run.jobs(chosen, desc="race tests"):
+            _, spec, method, lr = job.split("|")
+            test_job(job, spec, run.result(job_key("train", spec, method, lr))["path"])
     else:
-        state = run_benchmark(args)
-    write_report(state, args)
-    print(Path(args.out).with_suffix(".md").read_text())
+        spec, total = config["task"], args.sft_seconds + args.rl_seconds
+        budgets = {"rl_only": (0, total), "sft_only": (total, 0), "sft_rl": (args.sft_seconds, args.rl_seconds)}
+        for job in run.jobs(["base", *[job_key(k, a) for a in budgets for k in ("train", "test")]], desc="ablation"):
+            kind, _, arm = job.partition("|")
+            if kind == "base":
+                test_job(job, spec)
+            elif kind == "train":
+                train_job(job, spec, "svf", args.ablation_lr, *budgets[arm])
+            else:
+                test_job(job, spec, run.result(job_key("train", arm))["path"])
+    write_report(run)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,85 +1,163 @@
-"""`benchmarks/bench_budget.py --smoke`: every run in its own process at the same budget, the report's fields,
-resuming from the state file and adding a task with a subset of runs."""
+"""`benchmarks/bench_budget.py --smoke`: every part (steps, race, ablation) on the tiny model, the report built from
+their states checked against the raw measurements, resuming without retraining, and the time-to-target arithmetic."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
-import sys
+import statistics
 from pathlib import Path
+
+import pytest
 
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "bench_budget.py"
-RUNS = ("svf_rl", "svf_sft", "svf_sft_rl", "lora_rl", "lora_sft")
+SPEC = importlib.util.spec_from_file_location("bench_budget", ROOT / "benchmarks" / "bench_budget.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
 
 
-def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path / "budget"), "--work", str(tmp_path)]
-    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+def _state(out: Path, part: str) -> dict:
+    return json.loads((out / f"budget_{part}_state.json").read_text())["results"]
 
 
-def test_smoke_run_reports_every_run_and_resumes(tmp_path):
-    proc = _run(tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "6 run(s) to do, 0 already" in proc.stdout and "ETA" in proc.stdout
-    report = json.loads((tmp_path / "budget.json").read_text())
-    assert report["smoke"] is True
-    runs = report["tasks"]["toy_a"]["runs"]
-    assert set(runs) == {"base", *RUNS}
-    base = runs["base"]
-    assert base["test_n"] == 8 and base["accuracy_ci"]["low"] <= base["test_accuracy"] <= base["accuracy_ci"]["high"]
-    for name in RUNS:
-        row = runs[name]
-        assert row["settings"]["budget"] == 0.5 and row["test_n"] == 8, name
-        assert row["steps"] >= 1 and row["train_s"] >= 0.5 and row["s_per_step"] > 0, name  # stopped by the budget
-        assert all(phase["stopped_by_budget"] for phase in row["phases"]), name
-        assert row["s_per_step"] == row["train_s"] / row["steps"]
-        assert row["peak_rss_mb"] >= row["rss_loaded_mb"] > 0 and row["peak_reset_after_load"], name
-        assert len(row["load_average"]) == 2, name
-        assert row["phases"][0]["curve"][0]["step"] == 0, name  # validation before the first step
-        assert row["vs_base"]["n"] == 8 and row["vs_base"]["low"] <= row["vs_base"]["delta"] <= row["vs_base"]["high"]
-        assert 0.0 <= row["vs_base"]["p_value"] <= 1.0 and row["vs_base"]["text"].startswith("Δ")
-        bal = row["balanced_vs_base"]  # the toy task is multiple choice: balanced accuracy over its yes/no labels
-        assert bal["chance"] == 0.5 and bal["n"] == 8 and bal["b_low"] <= bal["b"] <= bal["b_high"], name
-    sft_rl = runs["svf_sft_rl"]["phases"]
-    assert [(p["method"], p["budget_s"]) for p in sft_rl] == [("sft", 0.25), ("rl", 0.25)]
-    assert runs["svf_sft_rl"]["steps"] == sft_rl[0]["steps"] + sft_rl[1]["steps"]
-    svf, lora = runs["svf_rl"]["trainable_parameters"], runs["lora_rl"]["trainable_parameters"]
-    assert svf == runs["svf_sft"]["trainable_parameters"] == runs["svf_sft_rl"]["trainable_parameters"]
-    assert lora == 2 * 2 * 16 * (32 + 64) + 2 * 16 * (64 + 32)  # r=16 on gate/up (32->64) and down (64->32), 2 layers
-    pairs = report["tasks"]["toy_a"]["svf_vs_lora"]
-    assert [(p["method"], p["svf"], p["lora"]) for p in pairs] == [
-        ("rl", "svf_rl", "lora_rl"),
-        ("sft", "svf_sft", "lora_sft"),
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The three parts, one after the other, into one output folder (as the real benchmark is run)."""
+    out = tmp_path_factory.mktemp("budget")
+    for part in ("steps", "race", "ablation"):
+        assert bench.main(["--part", part, "--smoke", "--output", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "budget.json").read_text()), (out / "budget.md").read_text()
+
+
+def test_steps_ratios_come_from_the_rounds(smoke):
+    out, report, text = smoke
+    rounds = [v for k, v in sorted(_state(out, "steps").items()) if k.startswith("round")]
+    steps = report["parts"]["steps"]
+    lengths = steps["config"]["new_tokens"]
+    assert len(rounds) == steps["rounds"] == bench.SMOKE["rounds"] and len(lengths) == 2
+    assert rounds[0]["order"] != rounds[1]["order"]  # the arms rotate
+    for r in rounds:
+        for n in lengths:
+            for arm in bench.ARMS:
+                grpo = r["grpo"][f"{arm}@{n}"]
+                assert len(grpo["step_seconds"]) == bench.SMOKE["grpo_steps"] and min(grpo["step_seconds"]) > 0
+                assert grpo["mean_length"] and set(grpo["mean_length"]) == {n}  # every sample exactly n tokens
+            assert all(r["generate"][f"{arm}@{n}"] > 0 for arm in ("base", *bench.ARMS))
+        for arm in ("svf", "lora"):
+            sft = r["sft"][arm]
+            assert min(sft["tokens"]) > 0 and sft["tokens_per_second"] == sft["tokens"][-1] / sft["step_seconds"][-1]
+    n = lengths[-1]
+    expected = [
+        r["grpo"][f"svf_composed@{n}"]["step_seconds"][-1] / r["grpo"][f"lora@{n}"]["step_seconds"][-1] for r in rounds
     ]
-    assert all(p["parameter_ratio"] == lora / svf and p["svf_minus_lora"]["n"] == 8 for p in pairs)
-    recipes = report["tasks"]["toy_a"]["svf_recipes"]
-    assert [(p["reference"], p["other"]) for p in recipes] == [
-        ("svf_sft", "svf_rl"),
-        ("svf_rl", "svf_sft_rl"),
-        ("svf_sft", "svf_sft_rl"),
-    ]
-    for pair in recipes:
-        ref, other = runs[pair["reference"]]["test_accuracy"], runs[pair["other"]]["test_accuracy"]
-        assert abs(pair["other_minus_reference"]["delta"] - (other - ref)) < 1e-9
-    text = (tmp_path / "budget.md").read_text()
-    assert (
-        "| SVF-SFT→RL | 0.5 |" in text and "| load avg |" in text and "Δ SVF − LoRA" in text and "## Reading" in text
-    )
-    assert "Balanced accuracy (mean over gold labels; chance 0.50" in text
-    assert "| SVF-RL − SVF-SFT |" in text and "No reading given" in text  # --smoke never takes the committed reading
-    assert (tmp_path / "budget.png").stat().st_size > 1000
-    state = json.loads((tmp_path / "budget_state.json").read_text())
-    assert len(state["runs"]["toy_a/svf_rl"]["correct"]) == 8
+    assert steps["per_round"][f"grpo:svf_composed/lora@{n}"] == pytest.approx(expected)
+    sampling = [r["generate"][f"svf_composed@{n}"] / r["generate"][f"base@{n}"] for r in rounds]
+    assert steps["per_round"][f"generate:svf_composed/base@{n}"] == pytest.approx(sampling)
+    for key, values in steps["per_round"].items():
+        s = steps["ratios"][key]
+        assert len(values) == len(rounds) and s["min"] <= s["median"] <= s["max"], key
+        assert s["median"] == pytest.approx(statistics.median(values)), key
+    step_goal, sampling_goal = steps["goals"]
+    assert f"at {n} new tokens" in step_goal["goal"]
+    assert step_goal["met"] == (statistics.median(expected) <= 0.95)
+    worst = max(statistics.median(steps["per_round"][f"generate:svf_composed/base@{m}"]) for m in lengths)
+    assert sampling_goal["met"] == (worst <= 1.10) and f"of {len(rounds)} rounds" in sampling_goal["value"]
+    assert "## Step cost" in text and "| GRPO step, LoRA r=16 |" in text and "SFT (4 examples per step" in text
 
-    # the same runs again are taken from the state; a second task with a subset of the runs is added to the report
-    again = _run(tmp_path, "--tasks", "toy_a", "toy_b", "--runs", "svf_sft")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "2 run(s) to do, 2 already" in again.stdout
-    report = json.loads((tmp_path / "budget.json").read_text())
-    assert set(report["tasks"]["toy_b"]["runs"]) == {"base", "svf_sft"}
-    assert set(report["tasks"]["toy_a"]["runs"]) == {"base", *RUNS}
-    assert report["tasks"]["toy_b"]["svf_vs_lora"] == []
+
+def test_race_chooses_rates_on_validation_and_compares_on_test(smoke):
+    out, report, text = smoke
+    results, race = _state(out, "race"), report["parts"]["race"]
+    assert list(race["tasks"]) == bench.SMOKE_TASKS
+    trained = [k for k in results if k.startswith("train|")]
+    assert len(trained) == len(bench.SMOKE_TASKS) * (len(bench.SMOKE["svf_lrs"]) + len(bench.SMOKE["lora_lrs"]))
+    for key in trained:
+        record = results[key]
+        assert [s["name"] for s in record["stages"]] == ["sft", "rl"], key
+        for stage in record["stages"]:  # both stages ended by their time budget
+            assert stage["train_seconds"] >= bench.SMOKE["sft_seconds"] and stage["steps_run"] >= 1, key
+            times = [p["train_seconds"] for p in stage["curve"]]
+            assert times[0] < 0.05 and times == sorted(times) and times[-1] <= stage["train_seconds"], key
+        points = bench.curve(record)
+        assert [t for t, _ in points] == sorted(t for t, _ in points)  # the RL stage continues the SFT clock
+    svf_params = 2 * 3 * 32  # 2 layers x (gate, up, down), min(32, 64) singular values each
+    lora_params = 2 * 3 * 16 * (32 + 64)
+    for spec, info in race["tasks"].items():
+        assert info["target"] == pytest.approx(info["base_validation"] + race["config"]["target_gain"])
+        base = results[bench.job_key("base", spec)]["lenient"]
+        assert len(base) == bench.SMOKE["n_test"]
+        for method, grid in (("svf", bench.SMOKE["svf_lrs"]), ("lora", bench.SMOKE["lora_lrs"])):
+            chosen = info["methods"][method]
+            finals = {
+                f"{lr:g}": bench.final_score(results[bench.job_key("train", spec, method, f"{lr:g}")]) for lr in grid
+            }
+            assert max(finals.values()) == chosen["final_validation"] == finals[f"{chosen['lr']:g}"]
+            assert list(finals)[list(finals.values()).index(max(finals.values()))] == f"{chosen['lr']:g}"  # tie: first
+            record = results[bench.job_key("train", spec, method, f"{chosen['lr']:g}")]
+            reached = [t for t, acc in bench.curve(record) if acc >= info["target"] - 1e-9]
+            assert chosen["time_to_target"] == (reached[0] if reached else None)
+            test = results[bench.job_key("test", spec, method, f"{chosen['lr']:g}")]["lenient"]
+            assert chosen["test_accuracy"] == pytest.approx(sum(test) / len(test))
+            assert chosen["vs_base"]["delta"] == pytest.approx((sum(test) - sum(base)) / len(base))
+            assert chosen["trainable_parameters"] == (svf_params if method == "svf" else lora_params)
+        svf, lora = (results[bench.job_key("test", spec, m, f"{info['methods'][m]['lr']:g}")] for m in ("svf", "lora"))
+        delta = info["svf_minus_lora"]
+        assert delta["delta"] == pytest.approx((sum(svf["lenient"]) - sum(lora["lenient"])) / len(base))
+        assert delta["low"] <= delta["delta"] <= delta["high"] and delta["n"] == len(base)
+        assert f"### `{spec}`" in text
+    goals = {g["goal"]: g for g in report["goals"]}
+    firsts = []
+    for info in race["tasks"].values():
+        t_svf, t_lora = info["methods"]["svf"]["time_to_target"], info["methods"]["lora"]["time_to_target"]
+        firsts.append(t_svf is not None and (t_lora is None or t_svf <= t_lora))
+    assert goals["SVF time to target ≤ LoRA's on at least 2 of 3 tasks"]["met"] == (sum(firsts) >= 2)
+    assert "| SVF, lr " in text and "| LoRA r=16, lr " in text and "paper's claim" in text
+    assert (out / "budget.png").stat().st_size > 1000 and "![validation accuracy" in text
+
+
+def test_ablation_reuses_the_race_run_and_compares_recipes(smoke):
+    out, report, text = smoke
+    results, ablation = _state(out, "ablation"), report["parts"]["ablation"]
+    race = _state(out, "race")
+    spec, lr = ablation["config"]["task"], ablation["config"]["lr"]
+    assert spec == bench.SMOKE_TASKS[0] and f"{lr:g}" in [f"{x:g}" for x in bench.SMOKE["svf_lrs"]]
+    runs = {arm: results[bench.job_key("train", arm)] for arm in ("rl_only", "sft_only", "sft_rl")}
+    assert [s["name"] for s in runs["rl_only"]["stages"]] == ["rl"]
+    assert [s["name"] for s in runs["sft_only"]["stages"]] == ["sft"]
+    total = bench.SMOKE["sft_seconds"] + bench.SMOKE["rl_seconds"]
+    assert min(runs[arm]["stages"][0]["train_seconds"] for arm in ("rl_only", "sft_only")) >= total
+    from_race = race[bench.job_key("train", spec, "svf", f"{lr:g}")]
+    assert runs["sft_rl"]["path"] == from_race["path"] and runs["sft_rl"]["stages"] == from_race["stages"]  # reused
+    for name, comparison in ablation["comparisons"].items():
+        other, ref = name.split(" - ")
+        a, b = (results[bench.job_key("test", arm)]["lenient"] for arm in (ref, other))
+        assert comparison["delta"] == pytest.approx((sum(b) - sum(a)) / len(a)), name
+    assert len(ablation["comparisons"]) == 3 and "| SFT → RL − RL only |" in text
+    assert "## RL only, SFT only, SFT → RL" in text
+
+
+def test_a_second_run_trains_nothing_and_the_report_part_only_writes(smoke, tmp_path):
+    out, report, _ = smoke
+    before = {k: v for k, v in _state(out, "race").items() if k != "machine"}
+    assert bench.main(["--part", "race", "--smoke", "--output", str(out), "--no-progress"]) == 0
+    assert {k: v for k, v in _state(out, "race").items() if k != "machine"} == before  # no job ran again
+    assert json.loads((out / "budget.json").read_text())["goals"] == report["goals"]
+    assert bench.main(["--part", "report", "--smoke", "--output", str(tmp_path), "--no-progress"]) == 0
+    assert "No part run yet." in (tmp_path / "budget.md").read_text()
+
+
+def test_time_to_target_runs_on_training_seconds_across_stages():
+    record = {
+        "stages": [
+            {"train_seconds": 100.0, "best_score": 0.3, "curve": [{"train_seconds": 0.0, "accuracy": 0.1},
+                                                                  {"train_seconds": 100.0, "accuracy": 0.3}]},
+            {"train_seconds": 50.0, "best_score": 0.45, "curve": [{"train_seconds": 0.0, "accuracy": 0.3},
+                                                                  {"train_seconds": 49.0, "accuracy": 0.45}]},
+        ]
+    }  # fmt: skip
+    assert bench.curve(record) == [(0.0, 0.1), (100.0, 0.3), (100.0, 0.3), (149.0, 0.45)]
+    assert bench.time_to_target(record, 0.3) == 100.0 and bench.time_to_target(record, 0.4) == 149.0
+    assert bench.time_to_target(record, 0.5) is None and bench.final_score(record) == 0.45
+    results = {bench.job_key("train", "t", "svf", lr): record for lr in ("0.001", "0.002")}
+    assert bench.choose(results, "t", "svf") == "0.001" and bench.choose(results, "t", "lora") is None
