@@ -22,9 +22,9 @@ Every part rewrites `budget.json`, `budget.md` (each goal met or not) and `budge
 training minutes, SVF and LoRA, per task) from the states of all parts in the output folder.
 
     python benchmarks/bench_budget.py --part steps        # ~45 min on the 2-core machine
-    python benchmarks/bench_budget.py --part race         # ~4.5 h: 3 tasks x 2 methods x 3 rates x ~13 min, + tests
+    python benchmarks/bench_budget.py --part race         # ~5 h: 3 tasks x 2 methods x 3 rates x ~16 min, + tests
     python benchmarks/bench_budget.py --part race --tasks 'rg:gcd?max_value=50'   # one task; tasks add up
-    python benchmarks/bench_budget.py --part ablation     # ~35 min after the race (its SFT -> RL run is reused)
+    python benchmarks/bench_budget.py --part ablation     # ~40 min after the race (its SFT -> RL run is reused)
     python benchmarks/bench_budget.py --part report       # rewrite the report from the states
     python benchmarks/bench_budget.py --part race --smoke # tiny random model, under a minute (each part)
 
