@@ -10,7 +10,8 @@
 * plain TRL (`GRPOTrainer` / `RLOOTrainer` with `peft_config=SVFConfig(...)`) composes once per generation round and
   reaches the z of a run without it (also with `steps_per_generation > 1` and gradient accumulation); the base weights
   stay bit-identical;
-* the embedded model (slow): logits and greedy completions of the composed form against the factored form.
+* the embedded model (slow): logits (within 5e-3) and greedy completions of the composed form against the factored
+  form.
 """
 
 from __future__ import annotations
@@ -460,8 +461,9 @@ def test_plain_trl_with_composed_rollouts_reaches_the_same_z(tmp_path, algorithm
 
 @pytest.mark.slow
 def test_embedded_model_composed_matches_factored():
-    """SmolLM2-135M, SVF on every linear layer with a trained-like z: logits within 1e-3 (float32, logits ~20),
-    greedy completions of 64 tokens token for token."""
+    """SmolLM2-135M, SVF on every linear layer (210 matrices) with a trained-like z (1 ± 5 %): logits within 5e-3
+    (float32, logits up to ~40; 1.6e-3 measured, the two forms sum in different orders through 30 blocks), greedy
+    completions of up to 64 tokens token for token."""
     from peft_spectral import assets
 
     base, tok = assets.load_default_model()
@@ -479,7 +481,7 @@ def test_embedded_model_composed_matches_factored():
     ids = tok(texts, return_tensors="pt", padding=True, padding_side="left")
     composed = logits(model, ids)
     reference = logits(model, ids, compose=False)
-    torch.testing.assert_close(composed, reference, atol=1e-3, rtol=0)
+    torch.testing.assert_close(composed, reference, atol=5e-3, rtol=0)
     gen = {"max_new_tokens": 64, "do_sample": False, "pad_token_id": tok.pad_token_id}
     with torch.no_grad(), composed_inference(model, True):
         greedy_composed = model.generate(**ids, **gen)
