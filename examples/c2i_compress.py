@@ -1,8 +1,8 @@
 """Compress to Impress: one gradient pass ranks every (matrix, rank fraction) truncation, the best few are checked
 on validation examples, and the ones that help are saved as a SpectralCompress PEFT adapter.
 
-    python examples/c2i_compress.py                                   # embedded SmolLM2-135M, BigBench epistemic_reasoning
-    python examples/c2i_compress.py --task my_task.jsonl --clustered  # your JSONL task, multi-subspace truncation
+    python examples/c2i_compress.py                                   # embedded SmolLM2-135M, 1-digit sums (reasoning-gym)
+    python examples/c2i_compress.py --task jsonl:my_task.jsonl --clustered  # your JSONL task, multi-subspace truncation
     python examples/c2i_compress.py --tiny                            # tiny random model, a few seconds
 """
 
@@ -17,8 +17,8 @@ from peft import PeftModel
 from tiny_model import load
 
 from peft_spectral.compress import C2ISearchConfig, apply_result, compress_to_impress, find_target_modules
+from peft_spectral.data import load_task
 from peft_spectral.evaluation import evaluate
-from peft_spectral.tasks import load_task
 
 
 DATA = Path(__file__).parent / "data"
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument(
         "--task",
         default=None,
-        help="BigBench task name or .jsonl file (default: epistemic_reasoning; capitals.jsonl with --tiny)",
+        help="task spec (docs/data.md); default: 1-digit sums from reasoning-gym, capitals.jsonl with --tiny",
     )
     parser.add_argument("--clustered", action="store_true", help="multi-subspace truncation (CL-100G-100E mode)")
     parser.add_argument("--output", default="runs/c2i", help="output directory")
@@ -40,7 +40,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load(args.tiny, args.model)
-    task_name = args.task or (str(DATA / "capitals.jsonl") if args.tiny else "epistemic_reasoning")
+    default = "rg:basic_arithmetic?max_digits=1&max_terms=2&min_terms=2&operators=+,-&allow_negation=false"
+    task_name = args.task or (f"jsonl:{DATA / 'capitals.jsonl'}" if args.tiny else default)
     task = load_task(task_name, max_examples=None if args.tiny else 400)
     print(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test")
 

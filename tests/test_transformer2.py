@@ -411,7 +411,7 @@ def test_few_shot_bad_inputs(library, tmp_path):
     with pytest.raises(ValueError, match=r"shots\.jsonl:1.*label"):
         load_shots(bad)
     bad.write_text("\n")
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="holds no records"):
         load_shots(bad)
     good = tmp_path / "good.jsonl"
     good.write_text('{"input": "q", "options": ["a", "b"], "target": "b"}\n{"prompt": "2+2", "target": "4"}\n')

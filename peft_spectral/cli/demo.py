@@ -54,9 +54,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="train the SVF experts (SFT then GRPO, briefly) instead of using the library (also done when there is "
         "no library or --model is given)",
     )
-    p.add_argument("--unseen-task", metavar="SPEC", default=d.unseen_task, help="Transformer² task no expert saw")
-    p.add_argument("--compress-task", metavar="SPEC", default=d.compress_task, help="task of the C2I search")
-    p.add_argument("--cpi-tasks", nargs="+", metavar="SPEC", default=list(d.cpi_tasks), help="tasks of the CPI-FT run")
+    p.add_argument(
+        "--unseen-task",
+        metavar="SPEC",
+        default=None,
+        help=f"Transformer² task no expert saw; left out: {d.unseen_task}",
+    )
+    p.add_argument(
+        "--compress-task", metavar="SPEC", default=None, help=f"task of the C2I search; left out: {d.compress_task}"
+    )
+    p.add_argument(
+        "--cpi-tasks",
+        nargs="+",
+        metavar="SPEC",
+        default=None,
+        help=f"tasks of the CPI-FT run; left out: {' '.join(d.cpi_tasks)}",
+    )
     p.add_argument("--eval-examples", type=positive_int, default=d.eval_examples, help="test questions per accuracy")
     p.add_argument(
         "--quick",
@@ -73,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data import TaskSpecError, check_task_spec
     from ..demo import DemoConfig, run_demo
 
+    defaults = DemoConfig()
+    args.unseen_task = args.unseen_task or defaults.unseen_task
+    args.compress_task = args.compress_task or defaults.compress_task
+    args.cpi_tasks = args.cpi_tasks or list(defaults.cpi_tasks)
     kwargs = {
         "model": args.model,
         "output_dir": args.output,

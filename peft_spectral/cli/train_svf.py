@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
+from pathlib import Path
 from typing import Any, Optional
 
 from ._common import add_command, add_push_option, push_adapter_if_requested
 
 
-#: Config fields whose option has the CLI-wide spelling rather than `--<field-name>`.
-_RENAMED = {"output_dir": "--output"}
-#: Fields given by a flag of the other sense.
-_NEGATED = {"progress": "--no-progress"}
+#: Config fields whose option has the CLI-wide spelling rather than `--<field-name>`: field -> (flag, dest).
+_RENAMED = {"output_dir": ("--output", "output")}
+#: Config fields given by a flag of the other sense: field -> (flag, dest).
+_NEGATED = {"progress": ("--no-progress", "no_progress")}
+#: Where `argparse` notes the options given on the command line (they win over `--config FILE`).
+_GIVEN = "_given_options"
 
 
 def _option_type(annotation: Any):
@@ -41,41 +45,64 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Given(argparse.Action):
+    """Store the value and note that the option was given (so that it wins over a `--config` file's value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        setattr(namespace, self.dest, value)
+        given = set(getattr(namespace, _GIVEN, set()))
+        setattr(namespace, _GIVEN, given | {self.dest})
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One option per field of a config dataclass: its default, help text and choices (defaults are shown but not
-    set on the namespace, so that `--config FILE` values are overridden only by options given explicitly)."""
+    """One option per field of a config dataclass, with its default, help text and choices; the options given on the
+    command line are noted, so that [`config_from_args`] lets only them override a `--config` file."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name in _NEGATED:
+            flag, dest = _NEGATED[f.name]
             parser.add_argument(
-                _NEGATED[f.name], dest=f.name, action="store_const", const=False, help=f"no {help_text}"
+                flag, dest=dest, action=_Given, nargs=0, const=True, default=False, help=f"no {help_text}"
             )
             continue
         kind, nargs = _option_type(hints[f.name])
-        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
+        flag, dest = _RENAMED.get(f.name, ("--" + f.name.replace("_", "-"), f.name))
         if kind is bool and default is False:
-            parser.add_argument(
-                flag, dest=f.name, action="store_const", const=True, default=argparse.SUPPRESS, help=help_text
-            )
+            parser.add_argument(flag, dest=dest, action=_Given, nargs=0, const=True, default=False, help=help_text)
             continue
+        shown = "" if default is None else f" (default: {default})"
+        if isinstance(default, str) and len(default) > 40:  # a task spec: argparse would break it inside --help
+            shown, default = f"; left out: {default}", None
         parser.add_argument(
             flag,
-            dest=f.name,
+            dest=dest,
+            action=_Given,
             type=_bool if kind is bool else kind,
             nargs=nargs,
             choices=f.metadata.get("choices"),
-            default=argparse.SUPPRESS,
+            default=default,
             metavar=None if f.metadata.get("choices") else f.name.upper(),
-            help=f"{help_text} (default: {default!r})",
+            help=f"{help_text}{shown}",
         )
 
 
 def config_from_args(config_cls, args: argparse.Namespace, base: Optional[dict] = None):
-    """The config of `args`: `base` (e.g. read from `--config`), overridden by the options given."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
-    return config_cls.from_dict({**(base or {}), **given})
+    """The config of `args`: the options' defaults, then `base` (e.g. read from `--config`), then the options given
+    on the command line."""
+    values = {}
+    given = getattr(args, _GIVEN, set())
+    for f in dataclasses.fields(config_cls):
+        negated = _NEGATED.get(f.name)
+        dest = negated[1] if negated else _RENAMED.get(f.name, (None, f.name))[1]
+        value = (not getattr(args, dest)) if negated else getattr(args, dest)
+        if base is not None and dest not in given and f.name in base:
+            values[f.name] = base[f.name]
+        elif value is not None or f.default is None:
+            values[f.name] = value  # (an option left out whose default is too long for --help is None: the field's)
+    return config_cls.from_dict(values)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -102,15 +129,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _read_config(path: str) -> dict:
+    """The fields of a `--config` JSON file (checked by building the config from them)."""
+    from ..training.expert_job import SVFTrainingConfig
+
+    fields = json.loads(Path(path).read_text())
+    SVFTrainingConfig.from_dict(fields)
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import TaskSpecError, check_task_spec
     from ..training.expert_job import SVFTrainingConfig, train_expert
 
     try:
-        base = SVFTrainingConfig.from_json(args.config).to_dict() if args.config else None
+        base = _read_config(args.config) if args.config else None
         config = config_from_args(SVFTrainingConfig, args, base)
         check_task_spec(config.task)  # a bad spec is one line, before the model loads
-    except (ValueError, TaskSpecError) as err:
+    except (OSError, ValueError, TaskSpecError) as err:
         print(f"peft-spectral train-svf: error: {err}", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
