@@ -38,6 +38,7 @@ import torch
 
 from peft_spectral import compress as C
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table, tiny_model
+from peft_spectral.benchmarking.reporting import stat_entry, task_label
 from peft_spectral.compress.ranking import ranking_task
 from peft_spectral.compress.results import timed_eval
 from peft_spectral.data import Example, Task, load_task
@@ -202,27 +203,19 @@ def run_task(model, tok, task: Task, generate: list, args, laser_state: Path, pr
     }
 
 
-def _entry(stat) -> dict:
-    """A `peft_spectral.stats` result as JSON, with its table text (and whether its interval excludes 0)."""
-    out = {**dataclasses.asdict(stat), "text": str(stat)}
-    if hasattr(stat, "significant"):
-        out["significant"] = stat.significant
-    return out
-
-
 def summarise(row: dict) -> dict:
     """Every statistic of one task, from the verdicts stored in its row."""
     base, labels = row["base"], row["labels"]
     tested = {name: m["test"] or base for name, m in row["methods"].items()}  # kept nothing = the base model
-    out = {"task": row["task"], "base": _entry(accuracy_ci(base["correct"])), "methods": {}}
+    out = {"task": row["task"], "base": stat_entry(accuracy_ci(base["correct"])), "methods": {}}
     if base["generated"]:
-        out["base_generated"] = _entry(accuracy_ci(base["generated"]["lenient"]))
+        out["base_generated"] = stat_entry(accuracy_ci(base["generated"]["lenient"]))
     laser = row["methods"]["laser"]["search"]
     for name, m in row["methods"].items():
         v, s = tested[name], m["search"]
         e = {
-            "test": _entry(accuracy_ci(v["correct"])),
-            "delta": _entry(compare_paired(base["correct"], v["correct"])),
+            "test": stat_entry(accuracy_ci(v["correct"])),
+            "delta": stat_entry(compare_paired(base["correct"], v["correct"])),
             "kept_nothing": m["test"] is None,
             "selection": {"base": s["base"]["accuracy"], "chosen": s["best"]["accuracy"], "n": s["base"]["n"]},
             "wall_time_s": s["wall_time_s"],
@@ -232,13 +225,13 @@ def summarise(row: dict) -> dict:
         }
         if v["generated"]:
             gen_base, gen = base["generated"]["lenient"], v["generated"]["lenient"]
-            e["generated"] = _entry(accuracy_ci(gen))
-            e["generated_delta"] = _entry(compare_paired(gen_base, gen))
+            e["generated"] = stat_entry(accuracy_ci(gen))
+            e["generated_delta"] = stat_entry(compare_paired(gen_base, gen))
         if labels is not None:
-            e["balanced"] = _entry(compare_balanced(base["correct"], v["correct"], labels))
+            e["balanced"] = stat_entry(compare_balanced(base["correct"], v["correct"], labels))
         if name != "laser":
             e["speedup_vs_laser"] = laser["wall_time_s"] / max(s["wall_time_s"], 1e-9)
-            e["vs_laser"] = _entry(compare_paired(tested["laser"]["correct"], v["correct"]))
+            e["vs_laser"] = stat_entry(compare_paired(tested["laser"]["correct"], v["correct"]))
         out["methods"][name] = e
     below = [n for n, e in out["methods"].items() if e["delta"]["high"] < 0]
     below += [n for n, e in out["methods"].items() if "balanced" in e and e["balanced"]["high"] < 0 and n not in below]
@@ -310,8 +303,10 @@ def markdown(rows: list, summaries: list, args, missing: list) -> tuple[str, dic
     table = []
     for s in summaries:
         base = {"test": s["base"], **({"generated": s["base_generated"]} if "base_generated" in s else {})}
-        table.append([_short(s["task"]), "base"] + [f(base) if h[:4] in ("test", "gene") else "" for h, f in columns])
-        table += [[_short(s["task"]), m] + [f(e) for _, f in columns] for m, e in s["methods"].items()]
+        table.append(
+            [task_label(s["task"]), "base"] + [f(base) if h[:4] in ("test", "gene") else "" for h, f in columns]
+        )
+        table += [[task_label(s["task"]), m] + [f(e) for _, f in columns] for m, e in s["methods"].items()]
     headers = ["task", "method"] + [h for h, _ in columns]
     lines += [markdown_table(headers, table, "ll" + "r" * (len(columns) - 1) + "l"), ""]
     goals = overall_goals(summaries)
@@ -330,7 +325,7 @@ def markdown(rows: list, summaries: list, args, missing: list) -> tuple[str, dic
     for s in summaries:
         below = ", ".join(s["below_base"]) or "none"
         versus = "; ".join(f"{m} − LASER {_delta(e['vs_laser'])}" for m, e in s["methods"].items() if "vs_laser" in e)
-        lines.append(f"- **{_short(s['task'])}**: significantly below base: {below}; {versus}.")
+        lines.append(f"- **{task_label(s['task'])}**: significantly below base: {below}; {versus}.")
     lines += ["", RULES]
     table = []
     for row, s in zip(rows, summaries):
@@ -338,12 +333,19 @@ def markdown(rows: list, summaries: list, args, missing: list) -> tuple[str, dic
             corr = ["–" if q.get(k) is None else f"{q[k]:+.2f}" for k in ("spearman_loss", "spearman_accuracy")]
             rank = "–" if q.get("laser_best_rank") is None else f"{q['laser_best_rank']} of {q['candidates']}"
             table.append(
-                [_short(s["task"]), m, *corr, rank, COLUMNS[-1][1](s["methods"][m]), _delta(s["methods"][m]["delta"])]
+                [
+                    task_label(s["task"]),
+                    m,
+                    *corr,
+                    rank,
+                    COLUMNS[-1][1](s["methods"][m]),
+                    _delta(s["methods"][m]["delta"]),
+                ]
             )
     headers = ["task", "rule", "Spearman vs Δ loss", "Spearman vs −Δ acc", "rank of LASER's pick", "chosen", "test Δ"]
     lines += [markdown_table(headers, table, "llrrrll"), ""]
     grid = [
-        f"{_short(r['task'])} {r['laser_mean_eval_s']:.1f} s per evaluation of {r['sizes']['val']} → "
+        f"{task_label(r['task'])} {r['laser_mean_eval_s']:.1f} s per evaluation of {r['sizes']['val']} → "
         f"{(FULL_GRID + 1) * r['laser_mean_eval_s'] / 3600:.1f} h"
         for r in rows
     ]
@@ -355,12 +357,8 @@ def _delta(d: dict) -> str:
     return d["text"].removeprefix("Δ ")
 
 
-def _short(spec: str) -> str:
-    return spec.split("?", maxsplit=1)[0].removeprefix("rg:")
-
-
 def overall_goals(summaries: list) -> dict:
-    violations = [f"{m} on {_short(s['task'])}" for s in summaries for m in s["c2i_below_base"]]
+    violations = [f"{m} on {task_label(s['task'])}" for s in summaries for m in s["c2i_below_base"]]
     counts: dict = {}
     for s in summaries:
         for m, e in s["methods"].items():
@@ -380,7 +378,7 @@ def plot(summaries: list, path: Path) -> None:
     series = {m: [s["methods"][m]["delta"] for s in summaries] for m in summaries[0]["methods"]}
     ci_bar_chart(
         path,
-        [_short(s["task"]) for s in summaries],
+        [task_label(s["task"]) for s in summaries],
         series,
         value="delta",
         ylabel="test Δ vs base (95% CI)",
