@@ -75,12 +75,10 @@ def truncate_tokenized(dataset, max_length: int):
 
     Args:
         dataset (`datasets.Dataset`): The tokenized dataset (`trainer.train_dataset` after `SFTTrainer.__init__`).
-        max_length (`int`): Tokens kept per example.
+        max_length (`int`): Tokens kept per example (>= 1).
     """
     from datasets import Dataset
 
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
     if isinstance(dataset, Dataset) and max((len(ids) for ids in dataset["input_ids"]), default=0) <= max_length:
         return dataset  # nothing to cut: keep TRL's prepared (and cached) dataset as it is
 
