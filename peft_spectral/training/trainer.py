@@ -127,6 +127,12 @@ def build_trainer(
         args: A TRL config (see [`paper_rl_preset`], [`sft_preset`]); required.
         reward_funcs: Reward callables for RL (required for RL).
 
+    SFT with padding-free batches (the default of [`sft_preset`]): the tokenized data is cut to the preset's
+    `max_length` as TRL would, and a model whose attention lets packed examples see each other
+    ([`~peft_spectral.training.packing.supports_padding_free`]) is trained on padded batches instead, with a warning.
+    Sampling (RL) and evaluation run SVF's composed weight where it pays (`SVFConfig.compose_inference`); nothing
+    here is needed for that.
+
     Returns:
         The trainer (`GRPOTrainer`, `RLOOTrainer` or `SFTTrainer`).
     """
