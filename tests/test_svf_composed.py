@@ -278,6 +278,18 @@ def test_cache_follows_merge_unmerge_and_disable():
     assert (logits(model, ids) - composed).abs().max() > 1e-3
 
 
+def test_moving_the_model_frees_the_cache():
+    model, tok = svf_model()
+    ids = prompt_ids(tok)
+    assert_follows(model, ids)
+    model.to(torch.float64)
+    assert composed_weight_bytes(model) == 0
+    with torch.no_grad(), composed_inference(model):
+        out = model(**ids).logits
+    assert out.dtype == torch.float64
+    assert all(layer.svf_composed.weight.dtype == torch.float64 for layer in layers(model))
+
+
 def test_cache_follows_a_replaced_base_weight():
     model, tok = svf_model()
     ids = prompt_ids(tok)

@@ -497,5 +497,12 @@ class SVFLinear(nn.Module, SVFLayer):
             y = y + base.bias.to(y.dtype)
         return y.to(x.dtype)
 
+    def _apply(self, fn, *args: Any, **kwargs: Any):
+        # `.to()`, `.cuda()`, `.half()`: a composed weight on the old device or in the old dtype is only memory now
+        cache = getattr(self, "svf_composed", None)
+        if cache is not None:
+            cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     def __repr__(self) -> str:
         return "svf." + super().__repr__()
