@@ -37,7 +37,7 @@ from peft_spectral import SVFConfig
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table, tiny_model
 from peft_spectral.svd_cache import SVDCache
 from peft_spectral.tuners import weight_matrix
-from peft_spectral.tuners.svf.compute import linear_macs_per_token
+from peft_spectral.benchmarking.step_cost import linear_macs_per_token
 
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -254,7 +254,7 @@ def paired_ratios(numerator: list[float], denominator: list[float]) -> dict:
 
 
 def arithmetic(model) -> dict:
-    """Multiply-adds per token of the linear layers (`peft_spectral.tuners.svf.compute`) and the predicted step-time
+    """Multiply-adds per token of the linear layers (`peft_spectral.benchmarking.step_cost`) and the predicted step-time
     ratios SVF / LoRA r=16 they imply, for the MLP and all-linear targets."""
     out = {}
     for label, targets in (("mlp", MLP), ("all", ALL)):
@@ -362,7 +362,7 @@ def markdown(results: dict, command: str) -> str:
             + [f"{a[key]['svf_over_lora']:.2f}×", f"{r[f'svf_step_vs_lora_{key}']:.2f}×"]
         )
     parts.append(
-        "Arithmetic (`peft_spectral/tuners/svf/compute.py`): multiply-adds per token of the linear layers, LM head "
+        "Arithmetic (`peft_spectral/benchmarking/step_cost.py`): multiply-adds per token of the linear layers, LM head "
         "included, attention scores not; the ratio is the step time they predict.\n\n"
         + markdown_table(
             ["targets", "base", "LoRA r=16", "SVF (default, fast)", "SVF exact", "predicted SVF / LoRA", "measured"],

@@ -25,16 +25,9 @@ import torch
 from .data.answers import Extraction, check_extraction
 from .data.scoring import is_correct
 from .data.types import Example, check_kind
+from .model_utils import eval_mode, model_device, pad_token_id, progress_bar
 from .option_scoring import multiple_choice_metrics, score_examples
-from .prompting import (
-    encode_answer,
-    encode_prompt,
-    eval_mode,
-    format_prompt,
-    model_device,
-    pad_token_id,
-    progress_bar,
-)
+from .prompting import encode_answer, encode_prompt, format_prompt
 
 
 __all__ = [

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Example
-from .prompting import encode_answer, encode_prompt, eval_mode, model_device, pad_token_id
+from .model_utils import eval_mode, model_device, pad_token_id
+from .prompting import encode_answer, encode_prompt
 
 
 @dataclass

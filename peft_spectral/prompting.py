@@ -1,4 +1,4 @@
-"""Prompt formatting and tokenisation shared by every pipeline, plus small model helpers.
+"""Prompt formatting and tokenisation shared by every pipeline.
 
 Every method of the package (SVF training, Transformer² dispatch, SpectralCompress search, CoreIsolation) shows a
 model the same text for an [`~peft_spectral.tasks.Example`] and scores the same answer tokens, so these functions are a
@@ -11,24 +11,10 @@ contract:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
-import torch
-
 from .data import Example
 
 
-__all__ = [
-    "encode_answer",
-    "encode_prompt",
-    "eval_mode",
-    "format_prompt",
-    "model_device",
-    "pad_token_id",
-    "progress_bar",
-    "uses_chat_template",
-]
+__all__ = ["encode_answer", "encode_prompt", "format_prompt", "uses_chat_template"]
 
 
 def uses_chat_template(tokenizer, chat: bool | None = None) -> bool:
@@ -82,43 +68,3 @@ def encode_answer(tokenizer, text: str) -> list[int]:
     if not ids:
         raise ValueError(f"answer text {text!r} encodes to zero tokens")
     return ids
-
-
-def pad_token_id(tokenizer, model=None) -> int:
-    """The id used for padding: the tokenizer's pad token, else its EOS, else the model's generation config, else 0."""
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "pad_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-def model_device(model) -> torch.device:
-    """The device of `model`'s first parameter (CPU for a model without parameters)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameter-less model
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Put `model` in eval mode and restore the mode it had."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def progress_bar(iterable, total: int, enabled: bool, desc: str):
-    """`iterable` wrapped in a tqdm bar when `enabled`."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)

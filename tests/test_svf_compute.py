@@ -1,11 +1,11 @@
-"""`peft_spectral.tuners.svf.compute`: multiply-adds per token, against hand-computed values and a counted model."""
+"""`peft_spectral.benchmarking.step_cost`: multiply-adds per token, against hand-computed values and a counted model."""
 
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from peft_spectral.tuners.svf.compute import linear_macs_per_token, matrix_macs
+from peft_spectral.benchmarking.step_cost import linear_macs_per_token, matrix_macs
 
 
 def test_matrix_macs_hand_computed():

@@ -1,4 +1,4 @@
-"""The SVF memory model (`peft_spectral.tuners.svf.memory`) against hand arithmetic, real layers and its docs page."""
+"""The SVF memory model (`peft_spectral.benchmarking.svf_memory`) against hand arithmetic, real layers and its docs page."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import SVFConfig
 from peft_spectral.tuners.svf.layer import SVFLinear
-from peft_spectral.tuners.svf.memory import (
+from peft_spectral.benchmarking.svf_memory import (
     LLAMA2_7B_BLOCK,
     LLAMA2_7B_PARAMS,
     MLP_TARGETS,
@@ -99,4 +99,4 @@ def test_bad_arguments_are_named():
 def test_docs_page_is_current():
     text = DOC.read_text(encoding="utf-8")
     for table in memory_tables().strip().split("\n\n"):
-        assert table.strip() in text, "docs/svf_memory.md is stale: run python -m peft_spectral.tuners.svf.memory"
+        assert table.strip() in text, "docs/svf_memory.md is stale: run python -m peft_spectral.benchmarking.svf_memory"

@@ -53,7 +53,8 @@ def target_nll(model: nn.Module, tokenizer, examples: Sequence[Example]) -> torc
         `torch.Tensor`: A scalar on the model's device.
     """
     from ..evaluation import answer_nll
-    from ..prompting import encode_answer, encode_prompt, model_device, pad_token_id
+    from ..model_utils import model_device, pad_token_id
+    from ..prompting import encode_answer, encode_prompt
 
     if not examples:
         raise ValueError("target_nll needs at least one example")

@@ -24,8 +24,9 @@ from typing import Optional, Protocol, Union
 
 from ..data import Example
 from ..evaluation import generate_answers
+from ..model_utils import pad_token_id
 from ..option_scoring import PrefixState, common_prefix_length, run_prefix, score_option_ids
-from ..prompting import encode_answer, encode_prompt, pad_token_id
+from ..prompting import encode_answer, encode_prompt
 from .library import OTHERS, ExpertLibrary
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ..evaluation import answer_logliks, generate_answers, score_prediction
+from ..model_utils import eval_mode, pad_token_id
 from ..option_scoring import OptionScores, encode_examples, multiple_choice_metrics, score_option_ids
-from ..prompting import encode_answer, encode_prompt, eval_mode, pad_token_id
+from ..prompting import encode_answer, encode_prompt
 from ..tasks import Example
 from ..tuners.svf.layer import SVFLayer
 from ..tuners.svf.mixed_batch import BASE_ADAPTER, mixed_batch_hooks

@@ -16,7 +16,7 @@ optimizer). No choice of kernel removes the difference: adapting every singular 
 rank-`m` factorisation of it, whereas LoRA adds a rank-`r` term to a matmul that is done anyway.
 
 ```python
-from peft_spectral.tuners.svf.compute import linear_macs_per_token
+from peft_spectral.benchmarking.step_cost import linear_macs_per_token
 
 base, lora, svf = (linear_macs_per_token(model, targets, method=m) for m in ("base", "lora", "svf"))
 print(f"predicted SVF / LoRA: {svf / lora:.2f}x")

@@ -13,7 +13,7 @@ The numbers follow what [`SVFLinear`] keeps for a weight of shape `(out, in)`, `
 The base weight itself and the activations are not counted: they are the same as for any adapter, except that the
 factored forward keeps one `tokens × m` intermediate per targeted matrix for the backward.
 
-Run `python -m peft_spectral.tuners.svf.memory` to print the table of `docs/svf_memory.md`.
+Run `python -m peft_spectral.benchmarking.svf_memory` to print the table of `docs/svf_memory.md`.
 """
 
 from __future__ import annotations
