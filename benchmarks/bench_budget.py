@@ -110,7 +110,8 @@ def sampling_seconds(net, tokenizer, prompts, tokens: int, args) -> float:
     import torch
     from transformers import GenerationConfig
 
-    from peft_spectral.prompting import encode_prompt, pad_token_id
+    from peft_spectral.model_utils import pad_token_id
+    from peft_spectral.prompting import encode_prompt
 
     encoded = [encode_prompt(tokenizer, ex) for ex in prompts]
     width, pad = max(map(len, encoded)), pad_token_id(tokenizer, net)

@@ -18,8 +18,8 @@ from typing import Any, Optional, Union
 import torch
 
 from ..evaluation import evaluate
+from ..model_utils import pad_token_id
 from ..option_scoring import encode_examples, multiple_choice_metrics, score_option_ids
-from ..prompting import pad_token_id
 from ..tasks import Example
 from ..tuners.svf.model import combine_svf_adapters, layer_index
 from .cem import CEMConfig, CEMResult, cross_entropy_method, regularized_cross_entropy_method, split_sizes
