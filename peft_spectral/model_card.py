@@ -29,7 +29,15 @@ from .assets import DEFAULT_HUB_ID, DEFAULT_MODEL_REQUIREMENT
 from .state import write_json_atomic
 
 
-__all__ = ["CARD_FILE", "EXPERT_FILE", "expert_json", "model_card", "read_expert_json", "write_expert_files"]
+__all__ = [
+    "CARD_FILE",
+    "EXPERT_FILE",
+    "LEGACY_EXPERT_FILE",
+    "expert_json",
+    "model_card",
+    "read_expert_json",
+    "write_expert_files",
+]
 
 #: The model card's file name (what the Hub shows).
 CARD_FILE = "README.md"
@@ -437,7 +445,46 @@ def write_expert_files(
     return card, meta
 
 
+#: The metadata file of experts saved by versions before 0.2 (`{"name", "description"}`); still read, deprecated.
+LEGACY_EXPERT_FILE = "transformer2_expert.json"
+
+
 def read_expert_json(directory: Union[str, os.PathLike]) -> dict[str, Any]:
-    """The `expert.json` of an adapter directory, or `{}` when there is none."""
-    path = Path(directory) / EXPERT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The metadata of the expert saved in `directory`: its `expert.json`, or `{}` when there is none.
+
+    This is the one reader of expert metadata. An expert saved by an older version with only a
+    `transformer2_expert.json` (`{"name", "description"}`) is read too, with a `FutureWarning`: re-save it (its
+    `name` becomes the `task`).
+
+    Raises:
+        `ValueError`: naming the file, when it is not valid JSON or not a JSON object.
+    """
+    folder = Path(directory)
+    path = folder / EXPERT_FILE
+    legacy = folder / LEGACY_EXPERT_FILE
+    if not path.is_file() and legacy.is_file():
+        import warnings
+
+        warnings.warn(
+            f"{legacy} is the metadata file of an older version: it is still read, but write expert.json instead "
+            "(peft_spectral.model_card.write_expert_files, or train the expert again)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        data = _json_object(legacy)
+        return {
+            "task": str(data.get("name", "")),
+            "name": data.get("name"),
+            "description": data.get("description", ""),
+        }
+    return _json_object(path) if path.is_file() else {}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data

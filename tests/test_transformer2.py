@@ -112,8 +112,12 @@ def test_expert_metadata_files(tmp_path):
 
     (tmp_path / "expert.json").write_text(json.dumps({"task": "arithmetic/2_digit", "description": "Sums.\n Big."}))
     assert read_expert_metadata(tmp_path) == {"name": "arithmetic_2_digit", "description": "Sums. Big."}
+    # expert.json wins over an older version's file; the old file alone is still read, with a deprecation warning
     (tmp_path / "transformer2_expert.json").write_text(json.dumps({"name": "math", "description": "d"}))
-    assert read_expert_metadata(tmp_path) == {"name": "math", "description": "d"}
+    assert read_expert_metadata(tmp_path)["name"] == "arithmetic_2_digit"
+    (tmp_path / "expert.json").unlink()
+    with pytest.warns(FutureWarning, match="transformer2_expert.json is the metadata file of an older version"):
+        assert read_expert_metadata(tmp_path) == {"name": "math", "description": "d"}
 
 
 def test_find_experts_reads_one_level_below_the_library(tmp_path, caplog):

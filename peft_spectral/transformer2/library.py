@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..adapter_io import load_adapter, validate_adapter_dir
-from ..model_card import EXPERT_FILE
+from ..model_card import EXPERT_FILE, read_expert_json
 from ..tuners.svf.config import SVFConfig
 from ..tuners.svf.layer import SVFLinear
 from ..tuners.svf.model import SVFBaseWeightsWarning, layer_index
@@ -116,8 +116,8 @@ class SavedExpert(NamedTuple):
 def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
     """The saved SVF experts of a library directory: every `root/<name>/expert.json` next to an `adapter_config.json`.
 
-    This is the layout `peft-spectral train-svf`, `benchmarks/bench_experts.py` and the committed library
-    (`benchmarks/experts/`) use: one directory per expert, one level below `root`, holding the adapter and the
+    This is the layout `peft-spectral train-svf`, `benchmarks/bench_experts.py` and the shipped library
+    (`peft_spectral/library/`) use: one directory per expert, one level below `root`, holding the adapter and the
     `expert.json` of [`peft_spectral.model_card.write_expert_files`] (its `task` names the task).
 
     Args:
@@ -136,7 +136,10 @@ def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
         if not (folder / "adapter_config.json").is_file():
             logger.warning("%s has an %s but no adapter_config.json: not an expert, skipped", folder, EXPERT_FILE)
             continue
-        meta = _read_json_object(meta_file, 'e.g. {"task": "navigate", "description": "..."}')
+        try:
+            meta = read_expert_json(folder)
+        except ValueError as err:
+            raise ExpertLibraryError(str(err)) from None
         if not isinstance(meta.get("task"), str) or not meta["task"]:
             raise ExpertLibraryError(
                 f"{meta_file} names no 'task' (the task the expert was trained on); add it, e.g. "
@@ -147,28 +150,24 @@ def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
 
 
 def read_expert_metadata(source: Union[str, os.PathLike]) -> dict[str, str]:
-    """Name and description an expert directory declares, if any.
-
-    Reads `transformer2_expert.json` (`{"name": ..., "description": ...}`) or, failing that, the `expert.json` written
-    next to a trained expert ([`peft_spectral.model_card.write_expert_files`]: `{"task": ..., "description": ...}`,
-    the name derived from the task by [`expert_name`]) of a local adapter directory. Returns an empty dict when there
+    """Name and description an expert directory declares, if any, from its metadata
+    ([`peft_spectral.model_card.read_expert_json`]: `expert.json`, or an older version's `transformer2_expert.json`):
+    the name is the old file's `name`, else derived from the task by [`expert_name`]. Returns an empty dict when there
     is none (Hub ids are not fetched for this).
+
+    Raises:
+        [`ExpertLibraryError`]: naming the file, when it is malformed.
     """
-    folder = Path(source)
-    path = folder / "transformer2_expert.json"
-    if path.is_file():
-        data = _read_json_object(path, 'e.g. {"name": "math", "description": "..."}')
-        return {k: str(v) for k, v in data.items() if k in ("name", "description")}
-    path = folder / EXPERT_FILE
-    if path.is_file():
-        data = _read_json_object(path, 'e.g. {"task": "navigate", "description": "..."}')
-        out = {}
-        if data.get("task"):
-            out["name"] = expert_name(str(data["task"]))
-        if data.get("description"):
-            out["description"] = " ".join(str(data["description"]).split())
-        return out
-    return {}
+    try:
+        data = read_expert_json(source)
+    except ValueError as err:
+        raise ExpertLibraryError(str(err)) from None
+    out = {}
+    if data.get("name") or data.get("task"):
+        out["name"] = str(data.get("name") or expert_name(str(data["task"])))
+    if data.get("description"):
+        out["description"] = " ".join(str(data["description"]).split())
+    return out
 
 
 def _read_json_object(path: Path, example: str) -> dict[str, Any]:
