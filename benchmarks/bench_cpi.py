@@ -450,8 +450,10 @@ def setting_lines(s: str, scen: dict, setting: dict, args) -> list[str]:
     if cpi is not None:
         pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
         jac = "; ".join(f"{task_label(names[i])}–{task_label(names[j])} {cpi['jaccard'][i][j]:.3f}" for i, j in pairs)
-        lines.append(f"- CPI-FT groups (τ = {args.tau}): {cpi['groups']}; stage order {cpi['stage_order']}; core "
-                     f"sizes {cpi['core_sizes']}; frozen entries per stage {cpi['frozen_counts']}; Jaccard {jac}.")  # fmt: skip
+        groups, order = ([[task_label(n) for n in g] for g in cpi[k]] for k in ("groups", "stage_order"))
+        cores = {task_label(n): size for n, size in cpi["core_sizes"].items()}
+        lines.append(f"- CPI-FT groups (τ = {args.tau}): {groups}; stage order {order}; core sizes {cores}; frozen "
+                     f"entries per stage {cpi['frozen_counts']}; Jaccard {jac}.")  # fmt: skip
     return lines + [""]
 
 
