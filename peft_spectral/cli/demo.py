@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ._common import (
     add_command,
@@ -11,6 +10,7 @@ from ._common import (
     add_output_option,
     add_progress_option,
     add_seed_option,
+    output_directory,
     positive_int,
 )
 
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import TaskSpecError, check_task_spec
+    from ..data import check_task_spec
     from ..demo import DemoConfig, run_demo
 
     defaults = DemoConfig()
@@ -104,12 +104,9 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "progress": not args.no_progress,
     }
-    try:
-        for spec in [*(args.expert_tasks or []), args.unseen_task, args.compress_task, *args.cpi_tasks]:
-            check_task_spec(spec)
-    except TaskSpecError as err:
-        print(f"peft-spectral demo: error: {err}", file=sys.stderr)
-        return 2
+    for spec in [*(args.expert_tasks or []), args.unseen_task, args.compress_task, *args.cpi_tasks]:
+        check_task_spec(spec)  # a bad spec: one line (TaskSpecError, reported by cli.main), before the model loads
+    output_directory(args.output)
     config = DemoConfig.quick(**kwargs) if args.quick else DemoConfig(eval_examples=args.eval_examples, **kwargs)
     run_demo(config)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ._common import add_command, add_seed_option, positive_int
 
@@ -63,16 +62,6 @@ def _list_sources() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import TaskSpecError
-
-    try:
-        return _run(args)
-    except TaskSpecError as err:
-        print(f"peft-spectral tasks: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     if args.show:
         from ..data import check_task_spec
 

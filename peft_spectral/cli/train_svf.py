@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from ._common import add_command, add_push_option, push_adapter_if_requested
+from ._common import add_command, add_push_option, output_directory, push_adapter_if_requested
 
 
 #: Config fields whose option has the CLI-wide spelling rather than `--<field-name>`: field -> (flag, dest).
@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         base = _read_config(args.config) if args.config else None
         config = config_from_args(SVFTrainingConfig, args, base)
         check_task_spec(config.task)  # a bad spec is one line, before the model loads
+        output_directory(config.output_dir)
     except (OSError, ValueError, TaskSpecError) as err:
         print(f"peft-spectral train-svf: error: {err}", file=sys.stderr)
         return 2
