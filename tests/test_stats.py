@@ -209,9 +209,9 @@ def test_bigbench_splits_and_shots_are_disjoint_by_content(monkeypatch):
     assert len(_contents(val)) == len(val) and len(_contents(test)) == len(test)
     assert len(_contents(train) | _contents(val) | _contents(test)) == 200
 
-    from peft_spectral import assets
+    from peft_spectral.data.sources import bigbench
 
-    monkeypatch.setattr(assets, "bigbench_task_json", lambda name: data)
+    monkeypatch.setattr(bigbench, "bigbench_task_json", lambda name: data)
     task = load_bigbench_task("toy", seed=0)
     shots = draw_shots(task, 16)
     assert len(shots) == 16 and not _contents(shots) & (_contents(task.validation) | _contents(task.test))

@@ -132,9 +132,16 @@ def test_sft_dataset_uses_chat_template_and_answer_format():
     assert plain[0]["prompt"].endswith("\n") and plain[0]["completion"] == "A. red"
     assert sft_answer(Example("2+2?", "4"), "generation") == "4"
     # the SFT answer is scored as right by the task's own reward
-    reward = reward_for_task(task)
-    assert reward([ds[i]["completion"] for i in range(3)], choices=ds["choices"], label=ds["label"]) == [1.0, 1.0, 1.0]
-    assert reward(["C", "A", "A"], choices=ds["choices"], label=ds["label"]) == [-1.0, -1.0, -1.0]
+    reward = reward_for_task(task, extraction="lenient")  # each completion scored by its example's scorer
+    index = ds["example_index"][:3]
+    assert reward([ds[i]["completion"] for i in range(3)], example_index=index) == [1.0, 1.0, 1.0]
+    assert reward(["C", "A", "A"], example_index=index) == [-1.0, -1.0, -1.0]
+    column = reward_for_task(task.kind)  # the column reward of the kind, for datasets built without the package
+    assert (
+        column([ds[i]["completion"] for i in range(3)], choices=ds["choices"][:3], label=ds["label"][:3]) == [1.0] * 3
+    )
+    with pytest.raises(ValueError, match="example_index"):
+        reward(["A"], choices=ds["choices"][:1], label=ds["label"][:1])
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
