@@ -148,13 +148,20 @@ def _target_pairs(tokenizer, examples: Sequence[Example]) -> list[tuple[list[int
 def answer_logliks(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8) -> torch.Tensor:
     """Mean per-token log p(target | prompt) of each example's gold `target` (no gradient).
 
+    An example whose target encodes to no token (an empty answer) gets NaN (`nanmean` skips it).
+
     Returns:
         `torch.Tensor`: Shape `(len(examples),)`, float32, on CPU.
     """
     if not examples:
         return torch.zeros(0)
-    logps = _batched_logprobs(model, tokenizer, _target_pairs(tokenizer, examples), batch_size)
-    return torch.stack([lp.mean() for lp in logps])
+    scored = [i for i, ex in enumerate(examples) if tokenizer(ex.target, add_special_tokens=False)["input_ids"]]
+    out = torch.full((len(examples),), float("nan"))
+    if scored:
+        pairs = _target_pairs(tokenizer, [examples[i] for i in scored])
+        logps = _batched_logprobs(model, tokenizer, pairs, batch_size)
+        out[scored] = torch.stack([lp.mean() for lp in logps])
+    return out
 
 
 def answer_nll(model, tokenizer, examples: Sequence[Example]) -> torch.Tensor:
@@ -456,7 +463,7 @@ def evaluate(
             model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
         )
         correct = [score_prediction(kind, p, ex, extraction) for p, ex in zip(predictions, examples)]
-        mean_loglik = float(answer_logliks(model, tokenizer, examples, batch_size=batch_size).mean())
+        mean_loglik = float(answer_logliks(model, tokenizer, examples, batch_size=batch_size).nanmean())
         return EvalResult(
             accuracy=sum(correct) / len(correct),
             mean_loglik=mean_loglik,

@@ -228,3 +228,19 @@ def test_bigbench_from_a_directory(tmp_path, monkeypatch):
     task = load_task("bigbench:toy")
     assert task.kind == "multiple_choice" and task.spec == "bigbench:toy" and len(task.train) == 6
     assert load_task("toy").train == task.train  # a bare name, now that BigBench is configured
+
+
+def test_degenerate_generator_entries_are_skipped():
+    # reasoning-gym writes 0 in another base as "": such entries cannot be scored or trained on
+    task = load_task("rg:base_conversion?max_base=10&max_value=15", max_examples=600)
+    assert all(e.target.strip() for e in task.train + task.validation + task.test)
+
+
+def test_answer_logliks_of_an_empty_target_is_nan(tiny_llama):
+    import math
+
+    from peft_spectral.evaluation import answer_logliks
+
+    model, tokenizer = tiny_llama
+    values = answer_logliks(model, tokenizer, [Example("2+2?", "4"), Example("0 in base 6?", "")]).tolist()
+    assert math.isfinite(values[0]) and math.isnan(values[1])

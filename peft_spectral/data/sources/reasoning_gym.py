@@ -220,6 +220,8 @@ class ReasoningGymSource(TaskSource):
             entry = streams[split][drawn[split]]
             drawn[split] += 1
             question = str(entry["question"]).strip()
+            if not str(entry.get("answer", "")).strip():  # a generator's degenerate entry (e.g. 0 in base 6 is "")
+                continue
             if question not in seen:
                 seen.add(question)
                 out[split].append(_example(entry, scorer))
