@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
-#: Largest factor by which a `"linear"`-mode SVF adapter may scale a weight's spectral norm: `|z_i| σ_i <= 100 σ_1`
-#: for every singular value (checked when an adapter is loaded or combined). `"sigmoid"` mode is bounded by
-#: construction (`σ_i f(z_i) <= Σσ`).
-SVF_MAX_GAIN = 100.0
+#: Largest factor by which a `"linear"`-mode SVF adapter may scale a weight's spectral norm: `|z_i| σ_i <= 1e6 σ_1`
+#: for every singular value (checked when an adapter is loaded or combined). No training of the base model's tasks
+#: gets near it (PEFT's own stress tests, which train toy MLPs at high learning rates, reach about 3e5), while a
+#: corrupt or hostile file (`z = 1e30` is finite, survives a safe merge, and turns every logit into NaN) is refused.
+#: `"sigmoid"` mode is bounded by construction (`σ_i f(z_i) <= Σσ`).
+SVF_MAX_GAIN = 1e6
 
 
 class SVFBaseWeightsWarning(UserWarning):
@@ -206,29 +208,32 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
             layer = _submodule(model, path)
             if isinstance(layer, SVFLayer):
                 check_z(value, layer.svf_S, config.mode, adapter_name, module)
+        tuner = model if isinstance(model, SVFModel) else getattr(model, "base_model", None)
+        if isinstance(tuner, SVFModel):  # an adapter loaded from a file: check it belongs to these base weights
+            tuner._check_base_weights(adapter_name)
         return remapped
 
     # ------------------------------------------------------------------ the base weights an adapter belongs to
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        """Inject as PEFT does, then record (new adapter) or check (saved adapter) the sketch of its base weights.
-
-        See `SVFConfig.base_weights_sketch`; a mismatch warns with [`SVFBaseWeightsWarning`] and is kept for
-        [`SVFModel.base_weights_mismatch`].
+        """Inject as PEFT does, then record the sketch of the adapter's base weights in its config (what
+        `save_pretrained` writes), keeping the sketch the config held before: when the adapter's weights are then
+        loaded from a file, [`_remap_adapter_state_dict_for_load`] compares the two (see
+        `SVFConfig.base_weights_sketch`). A new adapter is never checked, so a config object reused on another model
+        raises no false alarm.
         """
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        self._check_base_weights(adapter_name)
+        self._record_base_weights(adapter_name)
 
     def base_weights_mismatch(self, adapter_name: str) -> Optional[str]:
         """Why adapter `adapter_name` does not belong to this model's base weights, or `None` when it does (or when
         it recorded no sketch of them)."""
         return getattr(self, "_base_mismatch", {}).get(adapter_name)
 
-    def _check_base_weights(self, adapter_name: str) -> None:
-        mismatches = self.__dict__.setdefault("_base_mismatch", {})
-        mismatches.pop(adapter_name, None)
+    def _record_base_weights(self, adapter_name: str) -> None:
         config = self.peft_config.get(adapter_name)
         layers = [(n, m) for n, m in self.svf_layers() if adapter_name in m.svf_z]
+        self.__dict__.setdefault("_sketch_before", {}).pop(adapter_name, None)
         if not isinstance(config, SVFConfig) or not layers:
             return
         if any(m.merged for _, m in layers):
@@ -242,17 +247,23 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
                 with gather_params_ctx(layer.get_base_layer().weight):
                     yield name, weight_matrix(layer.get_base_layer())
 
-        current = weights_sketch(base_weights())
-        recorded = config.base_weights_sketch
+        self._sketch_before[adapter_name] = config.base_weights_sketch
+        config.base_weights_sketch = weights_sketch(base_weights())
+
+    def _check_base_weights(self, adapter_name: str) -> None:
+        """Compare the sketch the loaded adapter was saved with to this model's; warn and remember a mismatch."""
+        mismatches = self.__dict__.setdefault("_base_mismatch", {})
+        mismatches.pop(adapter_name, None)
+        config = self.peft_config.get(adapter_name)
+        recorded = getattr(self, "_sketch_before", {}).get(adapter_name)
+        current = getattr(config, "base_weights_sketch", None)
+        if current is None:
+            return
         if recorded is None:
             logger.debug(
-                "SVF adapter %r has no base-weight sketch (a new adapter, or one saved before sketches existed): "
-                "nothing to check; recording this model's",
+                "SVF adapter %r has no base-weight sketch (saved before sketches existed): nothing to check",
                 adapter_name,
             )
-            config = copy.copy(config)  # not the caller's object: a config reused on another model must not carry it
-            config.base_weights_sketch = current
-            self.peft_config[adapter_name] = config
             return
         difference = sketch_difference(recorded, current)
         if difference <= SKETCH_TOLERANCE:
