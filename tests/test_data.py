@@ -141,6 +141,8 @@ def test_answer_extraction_modes():
     assert "3" in found and found[0] == "The GCD of 9 and 3 is 3"
     assert "dog cat" in lenient_answers("Reversed: dog cat")
     assert "5" in lenient_answers("x = 5") and "3/4" in lenient_answers("It is 3/4 of it")
+    assert "No" in lenient_answers("No, it does not logically follow.")  # the first clause
+    assert "3.5" in lenient_answers("3.5 is the answer") and "3" not in lenient_answers("3.5 is the answer")
     assert lenient_answers("") == []
 
 

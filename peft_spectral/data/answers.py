@@ -8,9 +8,10 @@ Two modes decide what counts as the answer:
   there is one, else the first non-empty line, stripped, without one trailing period. "3" and "3." are read as "3";
   "The GCD is 3." is read as itself (and is wrong).
 * **lenient** ([`lenient_answers`]): the strict reading and the places a sentence puts its answer are all tried, and
-  an answer is right when any of them is: the content of `\boxed{...}` or `**...**`, the text after the last answer
-  marker ("answer is", "answer:", "is", "=", ":"), the last line, the last number, and the whole text. "The GCD of 9
-  and 3 is 3." is read as "3". The price: an answer that lists several candidates may be counted right when one of
+  an answer is right when any of them is: the content of `\boxed{...}` or `**...**`, the first clause (up to the first
+  `,` `.` `;` `!`: "No, it does not follow" is read as "No"), the text after the last answer marker ("answer is",
+  "answer:", "is", "=", ":"), the last line, the last number, and the whole text. "The GCD of 9 and 3 is 3." is read
+  as "3". The price: an answer that lists several candidates may be counted right when one of
   the places holds the gold answer (e.g. the last of several numbers).
 
 Learning the answer format alone moves strict accuracy, not lenient accuracy; comparing two models on lenient
@@ -52,6 +53,7 @@ _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _BOLD = re.compile(r"\*\*([^*]+)\*\*")
 _MARKER = re.compile(r"(?i)\b(?:final answer|answer|result|is|are|equals)\b|=|:")
 _TRAILING = " \t.,;!"
+_FIRST_CLAUSE = re.compile(r"[,;!]|\.(?=\s|$)")
 
 
 def check_extraction(extraction: str) -> str:
@@ -125,6 +127,8 @@ def lenient_answers(text: str) -> list[str]:
     candidates += [m.strip() for m in _BOXED.findall(text)]
     candidates += [m.strip() for m in _BOLD.findall(text)]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines:
+        candidates.append(_FIRST_CLAUSE.split(lines[0], maxsplit=1)[0].strip())
     for line in reversed(lines):
         markers = list(_MARKER.finditer(line))
         if markers:
