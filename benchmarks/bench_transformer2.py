@@ -62,13 +62,13 @@ UNSEEN = {
     "letters_longer": ("related", "rg:letter_counting?max_words=6&min_words=4", "counting"),
     "count_bits_big": ("related", "rg:count_bits?max_n=4095&min_n=256", "counting"),
     "leg_counting": ("two_skill", "rg:leg_counting?max_animals=2&max_instances=3&min_animals=1", None),
-    "coin_flip": ("control", "rg:coin_flip?max_trials=6", None),
-    "base_conversion": ("control", "rg:base_conversion?max_base=10&max_value=15", None),
+    "number_format": ("control", "rg:number_format?max_num_candidates=4&min_num_candidates=3", None),
+    "syllogism": ("control", "rg:syllogism?inversion_probability=0.5", None),
 }
-#: Tasks of the `others` class (classifier training, threshold fitting): disjoint from the experts' and UNSEEN.
+#: Tasks of the `others` class (classifier training, threshold fitting): generators of neither the experts nor UNSEEN.
 OTHERS_TASKS = (
     "rg:caesar_cipher?max_words=1&min_words=1",
-    "rg:syllogism?inversion_probability=0",
+    "rg:isomorphic_strings?max_string_length=4",
     "rg:fraction_simplification?max_factor=5&max_value=20&styles=plain",
 )
 DISPATCHERS = ("prompt_dispatch", "classifier_dispatch")

@@ -19,7 +19,7 @@ import argparse
 import copy
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.data import load_task
+from peft_spectral.data import load_task, parse_task_spec
 from peft_spectral.evaluation import evaluate, pass_at_k, rescore, sample_answers, score_prediction
 from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
 
@@ -162,13 +162,19 @@ def probe_sft(model, tokenizer, task, n: int, steps: int, max_new_tokens: int, s
     }
 
 
+def _canonical(spec: str) -> str:
+    return str(parse_task_spec(spec))
+
+
 def report(specs: dict, results: dict) -> tuple[dict, str]:
+    # SFT candidates may be named with their parameters in another order: match them by canonical spec
+    sft_results = {_canonical(k.removeprefix("sft:")): v for k, v in results.items() if k.startswith("sft:")}
     rows, table = [], []
     for spec, (family, gen, level) in specs.items():
         base = results.get(f"base:{spec}")
         if base is None:
             continue
-        sft = results.get(f"sft:{spec}")
+        sft = sft_results.get(_canonical(spec))
         row = {
             "family": family,
             "generator": gen,
