@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
 from peft_spectral.data import load_task, parse_task_spec
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
         candidates = args.sft or [s for s, (_, _, level) in specs.items() if level == 1]
         for key in run.jobs([f"sft:{s}" for s in candidates], desc="short SFT"):
             spec = key.removeprefix("sft:")
-            work = str(run.output_dir / "probe_sft_checkpoints")
+            work = str(Path("runs") / "probe_sft_checkpoints")
             run.record(
                 key,
                 probe_sft(
