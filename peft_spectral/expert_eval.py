@@ -13,7 +13,7 @@ from peft_spectral.expert_eval import evaluate_generated, paired_report, write_t
 base = evaluate_generated(model, tokenizer, task.test[:200], kind=task.kind)
 expert = evaluate_generated(peft_model, tokenizer, task.test[:200], kind=task.kind)
 report = paired_report(base, expert, task=task.name)
-write_test_eval("svf-navigate", report)  # svf-navigate/test_eval.json
+write_test_eval("svf-gcd", report)  # svf-gcd/test_eval.json
 ```
 """
 

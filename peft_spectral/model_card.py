@@ -10,7 +10,7 @@ difference to the base model (from [`peft_spectral.expert_eval.paired_report`]),
 ```python
 from peft_spectral.model_card import write_expert_files
 
-write_expert_files("svf-navigate", task="navigate", description=task.description, kind=task.kind,
+write_expert_files("svf-gcd", task=task.name, description=task.description, kind=task.kind,
                    base_model=model.name_or_path, recipe={"method": "rl", ...}, wall_seconds=812.0,
                    validation=result.validation, test_eval=report)
 ```
@@ -255,7 +255,7 @@ def model_card(
     """The text of an SVF expert's `README.md`.
 
     Args:
-        task (`str`): The task name (e.g. a BigBench task).
+        task (`str`): The task name (its task spec for a generator, e.g. `"rg:gcd?max_value=30"`).
         description (`str`, *optional*): What the task asks.
         kind (`str`, *optional*): The task's kind (`"multiple_choice"`, `"generation"`, ...).
         base_model (`str`, *optional*): The base model's name (the `front matter`'s `base_model`); defaults to

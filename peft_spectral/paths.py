@@ -1,4 +1,5 @@
-"""Where peft_spectral keeps its caches (embedded model, BigBench tasks, SVD factors).
+"""Where peft_spectral keeps its caches (embedded model, HumanEval, extracted BigBench tasks, SVD factors) and the
+shipped expert library.
 
 Every location comes from the user: an explicit argument, or the environment. Nothing read from a model or adapter
 file (e.g. an `adapter_config.json` downloaded from the Hub) decides where the library reads or writes.

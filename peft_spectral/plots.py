@@ -6,7 +6,7 @@ from peft_spectral.plots import ci_bars, pyplot, save_figure
 
 plt = pyplot("the report's plot")
 fig, ax = plt.subplots()
-ci_bars(ax, ["navigate", "snarks"], {"base": [base_nav, base_snarks], "SVF": [svf_nav, None]})
+ci_bars(ax, ["gcd", "lcm"], {"base": [base_gcd, base_lcm], "SVF": [svf_gcd, None]})
 save_figure(fig, "accuracy.png")
 ```
 """

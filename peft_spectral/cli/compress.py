@@ -65,7 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "search.json to --output."
         ),
     )
-    p.add_argument("--task", required=True, help="task name, e.g. a BigBench task such as epistemic_reasoning")
+    p.add_argument(
+        "--task", required=True, metavar="SPEC", help="task spec, e.g. 'rg:gcd?max_value=100' (docs/data.md)"
+    )
     add_model_options(p)
     add_output_option(p, "the SpectralCompress adapter and search.json")
     p.add_argument("--method", choices=("c2i", "laser"), default="c2i", help="search: Compress to Impress or LASER")
@@ -173,8 +175,8 @@ def _check_clusters(model, modules, clusters: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import compress as C
     from ..compress.distributed import launched_state
+    from ..data import load_task
     from ..evaluation import evaluate
-    from ..tasks import load_task
 
     check_arguments(args)
     task = load_task(args.task, seed=args.seed)

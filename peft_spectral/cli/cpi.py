@@ -43,7 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "with --train-params full) and a report (report.json/.md, jaccard.png)."
         ),
     )
-    p.add_argument("--tasks", nargs="+", default=[], metavar="NAME", help="BigBench task names")
+    p.add_argument(
+        "--tasks", nargs="+", default=[], metavar="SPEC", help="task specs, e.g. 'rg:gcd?max_value=30' (docs/data.md)"
+    )
     p.add_argument("--jsonl", nargs="+", default=[], metavar="PATH", help="task files in the package's JSONL format")
     add_model_options(p)
     add_output_option(p, "the run's state (resumed when it exists), final/ and the report")
@@ -138,12 +140,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def load_tasks(names: list[str], jsonl: list[str], seed: int = 0) -> list:
-    """BigBench tasks by name, then JSONL task files, in the order given."""
-    from .. import tasks as T
+    """The tasks of the task specs, then of the JSONL files, in the order given; all split with `seed`."""
+    from ..data import load_task
 
-    out = [T.load_task(name, seed=seed) for name in names]
-    out += [T.load_jsonl_task(path) for path in jsonl]
-    return out
+    return [load_task(spec, seed=seed) for spec in [*names, *(f"jsonl:{path}" for path in jsonl)]]
 
 
 def make_eval_fn(max_eval: int | None, batch_size: int = 8):

@@ -137,7 +137,7 @@ def add_parser(subparsers) -> None:
     )
     _add_expert_args(e)
     src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="a BigBench task name")
+    src.add_argument("--task", metavar="SPEC", help="a task spec, e.g. 'rg:gcd?max_value=30' (docs/data.md)")
     src.add_argument("--task-file", metavar="FILE.jsonl", help="a JSONL task file (same format as mix --shots)")
     add_output_option(e, f"{TWO_PASS_RESULTS} (accuracy, expert choices, timings)")
     e.add_argument("--split", choices=("train", "validation", "test"), default="test", help="split to evaluate")
@@ -300,7 +300,7 @@ def _load_examples(args):
         examples = load_shots(args.task_file)
         kind = "multiple_choice" if all(e.choices for e in examples) else "generation"
         return examples, kind, Path(args.task_file).stem
-    from ..tasks import load_task
+    from ..data import load_task
 
     task = load_task(args.task, seed=args.seed)
     return task.split(args.split), task.kind, task.name

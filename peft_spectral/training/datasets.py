@@ -22,7 +22,7 @@ def with_lettered_options(
 ) -> Example:
     """A multiple-choice example whose prompt lists its options as `A. ...`, `B. ...` and asks for the letter.
 
-    BigBench prompts often do not show the options; a policy that generates its answer (RL) must see them. A prompt
+    Multiple-choice prompts from some sources do not show the options; a policy that generates its answer (RL) must see them. A prompt
     that already lists lettered options is returned unchanged. The options, label and target are kept, so the
     letter (`"B"`) and the option text are both scored right by [`peft_spectral.rewards.extract_choice`].
     """

@@ -143,7 +143,7 @@ def find_experts(root: Union[str, os.PathLike]) -> list[SavedExpert]:
         if not isinstance(meta.get("task"), str) or not meta["task"]:
             raise ExpertLibraryError(
                 f"{meta_file} names no 'task' (the task the expert was trained on); add it, e.g. "
-                '{"task": "navigate", "description": "..."}'
+                '{"task": "rg:gcd?max_value=30", "description": "..."}'
             )
         found.append(SavedExpert(meta["task"], folder, meta))
     return found
