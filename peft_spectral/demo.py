@@ -33,8 +33,8 @@ _SUMS = "allow_negation=false&allow_parentheses=false&operators=+,-"
 #: Expert tasks trained when there is no library (or `train_experts=True`) and none are named.
 DEFAULT_EXPERT_TASKS = (
     f"rg:basic_arithmetic?max_digits=2&max_terms=2&min_terms=2&{_SUMS}",
-    "rg:spell_backward?max_word_len=4&min_word_len=3",
-    "rg:leg_counting?max_animals=2&max_instances=3&min_animals=1",
+    "rg:word_sequence_reversal?max_words=3&min_words=2",
+    "rg:letter_counting?max_words=3&min_words=1",
 )
 
 
@@ -73,14 +73,14 @@ class DemoConfig:
     compress_task: str = f"rg:basic_arithmetic?max_digits=1&max_terms=2&min_terms=2&{_SUMS}"
     cpi_tasks: Sequence[str] = (
         f"rg:basic_arithmetic?max_digits=1&max_terms=2&min_terms=2&{_SUMS}",
-        "rg:spell_backward?max_word_len=4&min_word_len=3",
-        "rg:gcd?max_value=20",
+        "rg:word_sequence_reversal?max_words=3&min_words=2",
+        "rg:letter_counting?max_words=3&min_words=1",
     )
-    eval_examples: int = 60
+    eval_examples: int = 50
     max_new_tokens: int = 16
-    cem_shots: int = 16
-    cem_population: int = 12
-    cem_generations: int = 6
+    cem_shots: int = 12
+    cem_population: int = 10
+    cem_generations: int = 5
     c2i_layer_stride: int = 3
     c2i_grad_examples: int = 100
     c2i_eval_examples: int = 40
