@@ -35,9 +35,9 @@ from peft import IA3Config, LoraConfig, get_peft_model
 
 from peft_spectral import SVFConfig
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table, tiny_model
+from peft_spectral.benchmarking.step_cost import linear_macs_per_token
 from peft_spectral.svd_cache import SVDCache
 from peft_spectral.tuners import weight_matrix
-from peft_spectral.benchmarking.step_cost import linear_macs_per_token
 
 
 MLP = ["gate_proj", "up_proj", "down_proj"]

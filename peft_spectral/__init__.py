@@ -12,7 +12,7 @@ modules (`peft_spectral.data`, `peft_spectral.training`, `peft_spectral.transfor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .data import load_task
 from .tuners.core_isolation import CoreIsolationConfig, CoreIsolationLayer, CoreIsolationLinear, CoreIsolationModel
@@ -24,6 +24,10 @@ from .tuners.spectral_compress import (
 )
 from .tuners.svf import SVFConfig, SVFLayer, SVFLinear, SVFModel, combine_svf_adapters
 
+
+if TYPE_CHECKING:  # for type checkers and linters; at run time `__getattr__` imports them on first access
+    from .evaluation import evaluate
+    from .training.expert_job import SVFTrainingConfig, train_expert
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,6 @@ from peft import get_peft_model
 from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import SVFConfig
-from peft_spectral.tuners.svf.layer import SVFLinear
 from peft_spectral.benchmarking.svf_memory import (
     LLAMA2_7B_BLOCK,
     LLAMA2_7B_PARAMS,
@@ -20,6 +19,7 @@ from peft_spectral.benchmarking.svf_memory import (
     model_memory,
     svf_matrix_memory,
 )
+from peft_spectral.tuners.svf.layer import SVFLinear
 
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "svf_memory.md"
@@ -99,4 +99,6 @@ def test_bad_arguments_are_named():
 def test_docs_page_is_current():
     text = DOC.read_text(encoding="utf-8")
     for table in memory_tables().strip().split("\n\n"):
-        assert table.strip() in text, "docs/svf_memory.md is stale: run python -m peft_spectral.benchmarking.svf_memory"
+        assert table.strip() in text, (
+            "docs/svf_memory.md is stale: run python -m peft_spectral.benchmarking.svf_memory"
+        )
