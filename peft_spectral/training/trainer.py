@@ -183,6 +183,7 @@ def build_trainer(
                 trainer.eval_dataset = {k: truncate_tokenized(v, max_length) for k, v in trainer.eval_dataset.items()}
             elif trainer.eval_dataset is not None:
                 trainer.eval_dataset = truncate_tokenized(trainer.eval_dataset, max_length)
+        _check_sft_examples_kept(train_dataset, trainer.train_dataset, max_length or args.max_length)
     else:
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -198,6 +199,7 @@ def build_trainer(
         # A user's reward that returns NaN or None would leave z unchanged behind TRL's generic warning: check them all.
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
+        _check_prompts_fit(model, tokenizer, train_dataset, getattr(args, "max_completion_length", None))
         trainer = trainer_cls(
             model=model,
             reward_funcs=funcs,
@@ -212,3 +214,56 @@ def build_trainer(
         if fixed:
             logger.info("copied the trained SVF z into TRL's 'ref' adapter in %d layers", fixed)
     return trainer
+
+
+def _check_sft_examples_kept(before, after, max_length: Optional[int]) -> None:
+    """SFT drops the examples whose answer tokens all fall past `max_length`: none left is an error, some a warning."""
+    if not hasattr(before, "__len__") or not hasattr(after, "__len__") or len(after) >= len(before):
+        return
+    lost = len(before) - len(after)
+    if len(after) == 0:
+        raise ValueError(
+            f"every one of the {len(before)} SFT examples is longer than max_length={max_length} tokens before its "
+            "answer starts, so none has a token to learn from: raise max_length (sft_preset) or shorten the prompts"
+        )
+    message = (
+        f"{lost} of {len(before)} SFT examples dropped: their answer starts past max_length={max_length} tokens "
+        "(raise max_length or shorten the prompts)"
+    )
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _prompt_lengths(tokenizer, dataset) -> list[int]:
+    lengths = []
+    for prompt in dataset["prompt"]:
+        if isinstance(prompt, list):  # conversational: as TRL renders it for generation
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in recent transformers
+        else:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        lengths.append(len(ids))
+    return lengths
+
+
+def _check_prompts_fit(model, tokenizer, dataset, max_completion_length: Optional[int]) -> None:
+    """RL samples a completion after the whole prompt: prompts that leave no room in the model's context are refused
+    (all of them) or reported (some), instead of sampling past the positions the model was trained on."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int) or "prompt" not in getattr(dataset, "column_names", ()):
+        return
+    room = context - int(max_completion_length or 0)
+    lengths = _prompt_lengths(tokenizer, dataset)
+    too_long = sum(length > room for length in lengths)
+    if not too_long:
+        return
+    detail = (
+        f"prompt + max_completion_length={max_completion_length} exceeds the model's context of {context} tokens "
+        f"(longest prompt: {max(lengths)} tokens)"
+    )
+    if too_long == len(lengths):
+        raise ValueError(f"every one of the {len(lengths)} RL prompts is too long: {detail}; shorten the prompts")
+    message = f"{too_long} of {len(lengths)} RL prompts are too long: {detail}; their completions will be unreliable"
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)
