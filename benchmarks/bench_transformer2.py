@@ -14,7 +14,7 @@ disjoint from every task scored); **CEM** (few-shot mixing weights on shots from
 (the related expert; every single expert on the two-skill task). Reported: Δ vs base with paired 95% CIs, dispatch
 accuracy, pass-1 / pass-2 time, the goals of issue #25 §3 met or not.
 
-    python benchmarks/bench_transformer2.py          # the embedded model and the shipped library (~2 h on 2 cores)
+    python benchmarks/bench_transformer2.py          # the embedded model and the shipped library (~3 h on 2 cores)
     python benchmarks/bench_transformer2.py --smoke  # tiny model, random experts, seconds
 
 Resumable: every answer set, pass-1 score set, classifier and CEM search is a job in the run state.
@@ -61,6 +61,11 @@ UNSEEN = {
     "word_sorting": ("related", "rg:word_sorting?max_word_length=6&max_words=3&min_words=3", "reversal"),
     "letters_longer": ("related", "rg:letter_counting?max_words=6&min_words=4", "counting"),
     "count_bits_big": ("related", "rg:count_bits?max_n=4095&min_n=256", "counting"),
+    "gcd_larger": ("related", "rg:gcd?max_value=200&min_value=51", "number_theory"),
+    "prime_factors": ("related", "rg:prime_factorization?max_value=60", "number_theory"),
+    # family_relationships is reasoning-gym's only kinship generator: two harder settings instead of a sibling
+    "kinship_6": ("related", "rg:family_relationships?max_family_size=6&min_family_size=5", "kinship"),
+    "kinship_8": ("related", "rg:family_relationships?max_family_size=8&min_family_size=7", "kinship"),
     "leg_counting": ("two_skill", "rg:leg_counting?max_animals=2&max_instances=3&min_animals=1", None),
     "number_format": ("control", "rg:number_format?max_num_candidates=4&min_num_candidates=3", None),
     "syllogism": ("control", "rg:syllogism?inversion_probability=0.5", None),

@@ -59,5 +59,7 @@ def test_task_sets_are_disjoint():
     assert all(related.count(e) >= 2 for e in set(related))  # two related tasks per family expert
     recipes = json.loads((ROOT / "peft_spectral" / "library" / "recipes.json").read_text())["experts"]
     assert set(related) <= set(recipes)
+    families = {recipes[e]["family"] for e in related}
+    assert families == {r["family"] for r in recipes.values()}  # every skill family of the library has related tasks
     expert_specs = {part for r in recipes.values() for part in r["config"]["task"].split(";")}
     assert not expert_specs & set(specs) and not expert_specs & set(bench.OTHERS_TASKS)
