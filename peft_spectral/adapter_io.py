@@ -146,7 +146,8 @@ def load_adapter(
                 peft_model = PeftModel.from_pretrained(
                     model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, use_safetensors=True
                 )
-        expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        # save_embedding_layers=False: "auto" looks the base model up on the Hub (a warning per load offline)
+        expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
         missing = sorted(set(expected) - saved)
         if missing:
             modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 1)[0] for k in missing})

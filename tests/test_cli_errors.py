@@ -22,7 +22,7 @@ import pytest
 import torch
 from testing_utils import build_tiny_llama, build_tiny_tokenizer, save_svf_expert
 
-from peft_spectral import compress, tasks
+from peft_spectral import compress, data
 from peft_spectral.cli import compress as cli_compress
 from peft_spectral.cli import cpi as cli_cpi
 from peft_spectral.cli import main
@@ -47,7 +47,7 @@ def no_model(monkeypatch):
 
     for module in (cli_compress, cli_mix, cli_cpi):
         monkeypatch.setattr(module, "load_model_or_exit", refuse)
-    monkeypatch.setattr(tasks, "load_task", refuse, raising=False)
+    monkeypatch.setattr(data, "load_task", refuse, raising=False)
     monkeypatch.setattr(cli_cpi, "load_tasks", refuse)
 
 
@@ -139,7 +139,7 @@ def tiny_compress(monkeypatch):
     """`compress` with a tiny model (seed 0, or 3 after `swap()`) and a 6-example task."""
     tok = build_tiny_tokenizer()
     seeds = [0]
-    monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: _task(), raising=False)
+    monkeypatch.setattr(data, "load_task", lambda name, seed=0, max_examples=None: _task(), raising=False)
     monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda args: (build_tiny_llama(tok, seed=seeds[0]), tok))
     return seeds
 

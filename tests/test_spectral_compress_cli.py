@@ -8,7 +8,7 @@ import json
 import pytest
 from testing_utils import build_tiny_llama, build_tiny_tokenizer
 
-from peft_spectral import tasks
+from peft_spectral import data
 from peft_spectral.cli import build_parser
 from peft_spectral.cli import compress as cli_compress
 from peft_spectral.compress import planted_problem
@@ -41,7 +41,7 @@ def planted_task():
 @pytest.mark.parametrize("method", ["laser", "c2i"])
 def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, method):
     model, tok, task = planted_task
-    monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
+    monkeypatch.setattr(data, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
     monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
     out = tmp_path / method
     argv = [
@@ -83,7 +83,7 @@ def test_cli_compress_end_to_end(planted_task, monkeypatch, tmp_path, capsys, me
 
 def test_cli_rejects_unknown_matrix(planted_task, monkeypatch):
     model, tok, task = planted_task
-    monkeypatch.setattr(tasks, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
+    monkeypatch.setattr(data, "load_task", lambda name, seed=0, max_examples=None: task, raising=False)
     monkeypatch.setattr(cli_compress, "load_model_or_exit", lambda name: (model, tok))
     args = build_parser().parse_args(["compress", "--task", "planted", "--matrices", "wq", "--output", "unused"])
     with pytest.raises(ValueError, match="match no linear module"):

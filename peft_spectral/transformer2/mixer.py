@@ -257,7 +257,7 @@ class FewShotMixer:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.library.model.save_pretrained(tmp, selected_adapters=[self.adapter_name])
+            self.library.model.save_pretrained(tmp, selected_adapters=[self.adapter_name], save_embedding_layers=False)
             src = Path(tmp) / self.adapter_name if self.adapter_name != "default" else Path(tmp)
             for f in src.iterdir():
                 if f.is_file():
