@@ -357,64 +357,39 @@ def long_prompt_task(n_long: int, n_short: int) -> Task:
     return Task(name="lengths", kind="generation", train=examples, validation=examples[:2], test=examples[:2])
 
 
+def train_on_lengths(tmp_path, n_long: int, n_short: int, method: str, **kwargs):
+    tok = build_tiny_tokenizer()
+    options = {"max_length": 64} if method == "sft" else {"reward_funcs": [varied_reward], **FAST_RL}
+    return train_svf(
+        build_tiny_llama(tok),
+        tok,
+        long_prompt_task(n_long, n_short),
+        method=method,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        svf_config=svf_config(),
+        **options,
+        **kwargs,
+    )
+
+
 def test_sft_on_prompts_past_max_length_is_a_clear_error(tmp_path):
     """Every answer past max_length left TRL with 0 examples and a bare `num_samples=0` from the sampler."""
-    tok = build_tiny_tokenizer()
     with pytest.raises(ValueError, match=r"every one of the 4 SFT examples is longer than max_length=64"):
-        train_svf(
-            build_tiny_llama(tok),
-            tok,
-            long_prompt_task(4, 0),
-            method="sft",
-            output_dir=str(tmp_path),
-            max_steps=1,
-            svf_config=svf_config(),
-            max_length=64,
-        )
+        train_on_lengths(tmp_path, 4, 0, "sft")
 
 
 def test_sft_dropping_some_examples_warns(tmp_path):
-    tok = build_tiny_tokenizer()
     with pytest.warns(UserWarning, match=r"2 of 6 SFT examples dropped: their answer starts past max_length=64"):
-        train_svf(
-            build_tiny_llama(tok),
-            tok,
-            long_prompt_task(2, 4),
-            method="sft",
-            output_dir=str(tmp_path),
-            max_steps=1,
-            svf_config=svf_config(),
-            max_length=64,
-            per_device_train_batch_size=2,
-        )
+        train_on_lengths(tmp_path, 2, 4, "sft", per_device_train_batch_size=2)
 
 
 def test_rl_on_prompts_past_the_context_is_refused_or_reported(tmp_path):
     """RL sampled after prompts longer than the model's context without a word."""
-    tok = build_tiny_tokenizer()
     with pytest.raises(ValueError, match=r"every one of the 4 RL prompts is too long: .* context of 512 tokens"):
-        train_svf(
-            build_tiny_llama(tok),
-            tok,
-            long_prompt_task(4, 0),
-            output_dir=str(tmp_path / "all"),
-            max_steps=1,
-            svf_config=svf_config(),
-            reward_funcs=[varied_reward],
-            **FAST_RL,
-        )
+        train_on_lengths(tmp_path / "all", 4, 0, "rl")
     with pytest.warns(UserWarning, match=r"1 of 5 RL prompts are too long"):
-        train_svf(
-            build_tiny_llama(tok),
-            tok,
-            long_prompt_task(1, 4),
-            output_dir=str(tmp_path / "some"),
-            max_steps=1,
-            svf_config=svf_config(),
-            reward_funcs=[varied_reward],
-            train_limit=None,
-            **FAST_RL,
-        )
+        train_on_lengths(tmp_path / "some", 1, 4, "rl")
 
 
 def test_bad_arguments_name_themselves(tmp_path):
