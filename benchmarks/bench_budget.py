@@ -1,13 +1,8 @@
 """Time to an expert: SVF against LoRA r=16 at the same wall clock, on reasoning-gym tasks (issues #25 §2, #26 §3).
 
-Three parts, each resumable (its finished jobs are kept in `budget_<part>_state.json` next to the report):
+Two parts, each resumable (its finished jobs are kept in `budget_<part>_state.json` next to the report); the cost of
+one GRPO step, SVF against LoRA, is `bench_grpo_step.py`.
 
-* `steps`: step cost in one process, `--rounds` round-robin rounds (the order of the arms rotates). A round times
-  a GRPO step (the last of `--grpo-steps` of a fresh `train_svf`) of SVF with factored rollouts
-  (`compose_inference=False`), SVF with composed rollouts (the default) and LoRA r=16 on the same MLP projections at
-  each `--new-tokens` length (every sample exactly that long: `min_new_tokens`); the sampling alone (one `generate`
-  of a step's prompts and samples, after a change of the adapter's parameters) of the base model and the three arms;
-  and SFT tokens per second of SVF and LoRA. Reported: per-round ratios, median [min–max].
 * `race`: for each of `--tasks`, SVF and LoRA at every learning rate of their grids (`--svf-lrs`, `--lora-lrs`;
   one rate for both stages): SFT for `--sft-seconds`, then GRPO for `--rl-seconds` of training time (validation
   excluded), through `train_expert`, validation accuracy (lenient, greedy, the first `--n-val` examples every
@@ -18,13 +13,12 @@ Three parts, each resumable (its finished jobs are kept in `budget_<part>_state.
 * `ablation`: on `--ablation-task` (default: the first task), SVF at `--ablation-lr`: RL only, SFT only and SFT → RL
   with the same total training time (the SFT → RL run is the race's run with the same settings: reused, not rerun).
 
-Every part rewrites `budget.json`, `budget.md` (each goal met or not) and `budget.png` (validation accuracy against
+Each part rewrites `budget.json`, `budget.md` (each goal met or not) and `budget.png` (validation accuracy against
 training minutes, SVF and LoRA, per task) from the states of all parts in the output folder.
 
-    python benchmarks/bench_budget.py --part steps        # ~45 min on the 2-core machine
-    python benchmarks/bench_budget.py --part race         # ~5 h: 3 tasks x 2 methods x 3 rates x ~16 min, + tests
+    python benchmarks/bench_budget.py --part race         # ~70 min: 3 tasks x 2 methods x 2 rates x ~5 min, + tests
     python benchmarks/bench_budget.py --part race --tasks 'rg:gcd?max_value=50'   # one task; tasks add up
-    python benchmarks/bench_budget.py --part ablation     # ~40 min after the race (its SFT -> RL run is reused)
+    python benchmarks/bench_budget.py --part ablation     # ~15 min after the race (its SFT -> RL run is reused)
     python benchmarks/bench_budget.py --part report       # rewrite the report from the states
     python benchmarks/bench_budget.py --part race --smoke # tiny random model, under a minute (each part)
 
@@ -37,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +41,6 @@ from peft_spectral.state import fingerprint, load_state
 from peft_spectral.stats import accuracy_ci, compare_paired, format_accuracy, format_comparison
 
 
-MLP = ["gate_proj", "up_proj", "down_proj"]
 #: Three of the library experts' tasks (docs/results/probe.md: learnable by short SFT), 400 test questions each.
 DEFAULT_TASKS = [
     "rg:basic_arithmetic?allow_negation=false&allow_parentheses=false&max_digits=2&max_terms=2&operators=+,-",
@@ -56,185 +48,22 @@ DEFAULT_TASKS = [
     "rg:word_sequence_reversal?max_words=4&min_words=2",
 ]
 SMOKE_TASKS = ["rg:spell_backward?min_word_len=3&max_word_len=4", "rg:gcd?max_value=50"]
-PARTS = ("steps", "race", "ablation")
-ARMS = ("svf_factored", "svf_composed", "lora")
-STEP_PAIRS = (("svf_composed", "lora"), ("svf_factored", "lora"), ("svf_composed", "svf_factored"))
-LABELS = {"svf_factored": "SVF, factored rollouts", "svf_composed": "SVF, composed rollouts", "lora": "LoRA r=16"}
-LABELS.update(base="base model", svf="SVF", rl_only="RL only", sft_only="SFT only", sft_rl="SFT → RL")
+PARTS = ("race", "ablation")
+LABELS = {"lora": "LoRA r=16", "base": "base model", "svf": "SVF", "rl_only": "RL only", "sft_only": "SFT only"}
+LABELS["sft_rl"] = "SFT → RL"
 #: Options that define a part's runs (its state is bound to them); tasks and rate grids are in the job keys.
-_SHARED = ["prompts_per_step", "num_generations", "sft_batch_size", "max_examples"]
-_TRAINING = ["sft_seconds", "rl_seconds", "rl_new_tokens", "n_val", "eval_every", "eval_max_new_tokens", "n_test"]
-PART_OPTIONS = {
-    "steps": ["rounds", "new_tokens", "grpo_steps", "sft_steps", *_SHARED],
-    "race": [*_TRAINING, "target_gain", *_SHARED],
-    "ablation": [*_TRAINING, "target_gain", *_SHARED],
-}
+OPTIONS = ["sft_seconds", "rl_seconds", "rl_new_tokens", "n_val", "eval_every", "eval_max_new_tokens", "n_test"]
+OPTIONS += ["target_gain", "prompts_per_step", "num_generations", "sft_batch_size", "max_examples"]
 SMOKE = {
-    "rounds": 2, "new_tokens": [2, 4], "grpo_steps": 2, "sft_steps": 2, "prompts_per_step": 2, "num_generations": 2,
-    "sft_batch_size": 4, "rl_new_tokens": 4, "eval_max_new_tokens": 4, "sft_seconds": 0.5, "rl_seconds": 0.5,
-    "n_val": 4, "eval_every": 1, "n_test": 8, "max_examples": 120, "svf_lrs": [2e-3, 5e-3], "lora_lrs": [1e-4, 1e-3],
+    "prompts_per_step": 2, "num_generations": 2, "sft_batch_size": 4, "rl_new_tokens": 4, "eval_max_new_tokens": 4,
+    "sft_seconds": 0.5, "rl_seconds": 0.5, "n_val": 4, "eval_every": 1, "n_test": 8, "max_examples": 120,
+    "svf_lrs": [2e-3, 5e-3], "lora_lrs": [1e-4, 1e-3],
 }  # fmt: skip
-
-
-def adapter_config(arm: str):
-    """The PEFT config of an arm: SVF (factored or composed rollouts) or LoRA r=16, all on the MLP projections."""
-    from peft import LoraConfig
-
-    from peft_spectral import SVFConfig
-
-    if arm == "lora":
-        return LoraConfig(r=16, lora_alpha=32, target_modules=MLP, task_type="CAUSAL_LM")
-    return SVFConfig(target_modules=MLP, compose_inference=arm != "svf_factored", task_type="CAUSAL_LM")
 
 
 def job_key(*parts) -> str:
     """A job key: its parts joined by `|` (task specs hold `:`)."""
     return "|".join(str(p) for p in parts)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """`{"median", "min", "max", "n"}` of per-round values."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def fmt_spread(s: dict, digits: int = 2, unit: str = "") -> str:
-    return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
-
-
-# ------------------------------------------------------------------------------------------------------- steps
-
-
-def sampling_seconds(net, tokenizer, prompts, tokens: int, args) -> float:
-    """Seconds of one `generate` of a GRPO step's prompts and samples (each exactly `tokens` new tokens), after a
-    change of the trainable parameters, as an optimizer step makes (composed weights are rebuilt once)."""
-    import torch
-    from transformers import GenerationConfig
-
-    from peft_spectral.model_utils import pad_token_id
-    from peft_spectral.prompting import encode_prompt
-
-    encoded = [encode_prompt(tokenizer, ex) for ex in prompts]
-    width, pad = max(map(len, encoded)), pad_token_id(tokenizer, net)
-    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=tokens, min_new_tokens=tokens,
-        num_return_sequences=args.num_generations, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    with torch.no_grad():
-        for param in net.parameters():
-            if param.requires_grad:
-                param.add_(1e-6)
-        torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        out = net.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        seconds = time.perf_counter() - start
-    assert out.shape[1] == width + tokens, f"sampled {out.shape[1] - width} tokens, not {tokens}"
-    return seconds
-
-
-def time_round(model, tokenizer, task, args, work: Path, index: int) -> dict[str, Any]:
-    """One round: a GRPO step and the sampling of every arm at every length, SFT steps of SVF and LoRA."""
-    from peft import get_peft_model
-
-    from peft_spectral.training import train_svf
-
-    arms = list(ARMS[index % 3 :] + ARMS[: index % 3])
-    common = {"seed": args.seed, "disable_tqdm": True, "train_limit": 64}
-    out: dict[str, Any] = {"order": arms, "grpo": {}, "generate": {}, "sft": {}, "load_average": os.getloadavg()[0]}
-    nets = {"base": model, **{arm: get_peft_model(copy.deepcopy(model), adapter_config(arm)) for arm in arms}}
-    for tokens in args.new_tokens:
-        for arm in arms:
-            result = train_svf(
-                copy.deepcopy(model), tokenizer, task, method="rl", output_dir=str(work / f"grpo_{arm}"),
-                max_steps=args.grpo_steps, svf_config=adapter_config(arm), prompts_per_step=args.prompts_per_step,
-                num_generations=args.num_generations, max_completion_length=tokens,
-                generation_kwargs={"min_new_tokens": tokens}, **common,
-            )  # fmt: skip
-            lengths = [row["completions/mean_length"] for row in result.logs if "completions/mean_length" in row]
-            out["grpo"][f"{arm}@{tokens}"] = {"step_seconds": result.step_times, "mean_length": lengths}
-        for arm in ["base", *arms]:
-            seconds = sampling_seconds(nets[arm], tokenizer, task.train[: args.prompts_per_step], tokens, args)
-            out["generate"][f"{arm}@{tokens}"] = seconds
-    for arm in [a for a in arms if a != "svf_factored"]:  # SFT trains the factored form either way
-        result = train_svf(
-            copy.deepcopy(model), tokenizer, task, method="sft", output_dir=str(work / f"sft_{arm}"),
-            max_steps=args.sft_steps, svf_config=adapter_config(arm),
-            per_device_train_batch_size=args.sft_batch_size, **common,
-        )  # fmt: skip
-        seen = [row["num_tokens"] for row in result.logs if "num_tokens" in row]  # TRL's running count
-        tokens = [b - a for a, b in zip([0.0, *seen], seen)]
-        out["sft"]["svf" if arm == "svf_composed" else arm] = {
-            "step_seconds": result.step_times,
-            "tokens": tokens,
-            "tokens_per_second": tokens[-1] / result.step_times[-1],
-        }
-    return out
-
-
-def goal(text: str, values: list[float], limit: float) -> dict[str, Any]:
-    """A goal on per-round ratios: met when their median is at most `limit`."""
-    s, within = spread(values), sum(v <= limit for v in values)
-    value = f"median {fmt_spread(s, 3)}×; ≤ {limit:.2f}× in {within} of {len(values)} rounds"
-    return {"goal": text, "met": s["median"] <= limit, "value": value}
-
-
-def row_label(key: str) -> str:
-    """`grpo:lora` -> `GRPO step, LoRA r=16`; `generate:lora/base` -> `sampling: LoRA r=16 / base model`."""
-    kind, _, arms = key.partition(":")
-    names = " / ".join(LABELS[a] for a in arms.split("/"))
-    return f"{'GRPO step' if kind == 'grpo' else 'sampling'}{': ' if '/' in arms else ', '}{names}"
-
-
-def steps_summary(results: dict, config: dict) -> tuple[dict, str]:
-    """Seconds and per-round ratios (median [min–max]), the two goals, and the markdown section."""
-    rounds = [results[k] for k in sorted(results) if k.startswith("round")]
-    if not rounds:
-        return {}, ""
-    lengths = config["new_tokens"]
-
-    def grpo(r, arm, n):
-        return r["grpo"][f"{arm}@{n}"]["step_seconds"][-1]
-
-    def gen(r, arm, n):
-        return r["generate"][f"{arm}@{n}"]
-
-    measures = {f"grpo:{a}": lambda r, n, a=a: grpo(r, a, n) for a in ARMS}
-    measures |= {f"generate:{a}": lambda r, n, a=a: gen(r, a, n) for a in ("base", *ARMS)}
-    ratios = {f"grpo:{a}/{b}": lambda r, n, a=a, b=b: grpo(r, a, n) / grpo(r, b, n) for a, b in STEP_PAIRS}
-    ratios |= {f"generate:{a}/base": lambda r, n, a=a: gen(r, a, n) / gen(r, "base", n) for a in ARMS}
-    seconds = {f"{k}@{n}": spread([f(r, n) for r in rounds]) for k, f in measures.items() for n in lengths}
-    per_round = {f"{k}@{n}": [f(r, n) for r in rounds] for k, f in ratios.items() for n in lengths}
-    tps = {arm: [r["sft"][arm]["tokens_per_second"] for r in rounds] for arm in ("svf", "lora")}
-    per_round["sft_tokens_per_second:svf/lora"] = [s / lo for s, lo in zip(tps["svf"], tps["lora"])]
-    seconds |= {f"sft_tokens_per_second:{arm}": spread(v) for arm, v in tps.items()}
-    rat = {k: spread(v) for k, v in per_round.items()}
-    longest = max(lengths)
-    worst = max(lengths, key=lambda n: rat[f"generate:svf_composed/base@{n}"]["median"])
-    goals = [
-        goal(f"SVF GRPO step ≤ 0.95× LoRA r=16's at {longest} new tokens (composed rollouts)",
-             per_round[f"grpo:svf_composed/lora@{longest}"], 0.95),
-        goal(f"composed-rollout sampling within 1.10× of the base model's own generation ({worst} tokens, the "
-             "worse length)", per_round[f"generate:svf_composed/base@{worst}"], 1.10),
-    ]  # fmt: skip
-    head = ["measurement", *[f"{n} new tokens" for n in lengths]]
-
-    def table(keys, stats, digits, unit=""):
-        rows = [[row_label(k), *[fmt_spread(stats[f"{k}@{n}"], digits, unit) for n in lengths]] for k in keys]
-        return markdown_table(head, rows)
-
-    text = (
-        f"{len(rounds)} rounds in one process (the order of the arms rotates); median [min–max] over rounds. GRPO: "
-        f"{config['prompts_per_step']} prompts × {config['num_generations']} samples, each exactly the given number "
-        f"of new tokens; the last of {config['grpo_steps']} steps of a fresh `train_svf`. Sampling: one `generate` of "
-        "the same prompts and samples after a change of the adapter's parameters (composed weights rebuilt once, as "
-        f"after an optimizer step).\n\n{table(measures, seconds, 3, ' s')}\n\nPer-round ratios:\n\n"
-        f"{table(ratios, rat, 3)}\n\nSFT ({config['sft_batch_size']} examples per step, the last of "
-        f"{config['sft_steps']} steps): SVF {fmt_spread(seconds['sft_tokens_per_second:svf'], 0)} tokens/s, LoRA "
-        f"{fmt_spread(seconds['sft_tokens_per_second:lora'], 0)} tokens/s; SVF / LoRA "
-        f"{fmt_spread(rat['sft_tokens_per_second:svf/lora'], 3)}."
-    )  # fmt: skip
-    return {"rounds": len(rounds), "seconds": seconds, "ratios": rat, "per_round": per_round, "goals": goals}, text
 
 
 # ------------------------------------------------------------------------------------------------------- race
@@ -466,11 +295,11 @@ def plot(path: Path, tasks: dict) -> None:
 def write_report(run: BenchmarkRun) -> None:
     """`budget.{json,md,png}` from the states of every part found in the run's output folder."""
     data, sections, goals = {}, [], []
-    titles = {"steps": "Step cost", "race": "Race to an expert", "ablation": "RL only, SFT only, SFT → RL"}
+    titles = {"race": "Race to an expert", "ablation": "RL only, SFT only, SFT → RL"}
     for part in PARTS:
         state = load_state(run.output_dir / f"budget_{part}_state.json", what=f"budget {part} state")
         results = (state or {}).get("results", {})
-        summary_of = {"steps": steps_summary, "race": race_summary, "ablation": ablation_summary}[part]
+        summary_of = {"race": race_summary, "ablation": ablation_summary}[part]
         summary, text = summary_of(results, state["config"]) if results else ({}, "")
         if not summary:
             continue
@@ -499,18 +328,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="training runs (default: runs/bench_budget)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--max-examples", type=int, default=None, help="examples per task before the splits")
-    p.add_argument("--rounds", type=int, default=5, help="steps: round-robin rounds")
-    p.add_argument("--new-tokens", type=int, nargs="+", default=[8, 64], help="steps: sampled tokens per completion")
-    p.add_argument("--grpo-steps", type=int, default=2, help="steps: GRPO steps per arm and round (the last timed)")
-    p.add_argument("--sft-steps", type=int, default=3, help="steps: SFT steps per arm and round (the last timed)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="GRPO prompts per step")
     p.add_argument("--num-generations", type=int, default=4, help="GRPO samples per prompt")
     p.add_argument("--sft-batch-size", type=int, default=8, help="SFT examples per step")
-    p.add_argument("--rl-new-tokens", type=int, default=8, help="race, ablation: GRPO new tokens per sample")
+    p.add_argument("--rl-new-tokens", type=int, default=8, help="GRPO new tokens per sample")
     p.add_argument("--svf-lrs", type=float, nargs="+", default=[2e-3, 5e-3], help="race: SVF rate grid")
     p.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-4, 1e-3], help="race: LoRA rate grid")
-    p.add_argument("--sft-seconds", type=float, default=180, help="race, ablation: SFT training seconds per run")
-    p.add_argument("--rl-seconds", type=float, default=180, help="race, ablation: GRPO training seconds per run")
+    p.add_argument("--sft-seconds", type=float, default=150, help="SFT training seconds per run")
+    p.add_argument("--rl-seconds", type=float, default=60, help="GRPO training seconds per run")
     p.add_argument("--n-val", type=int, default=48, help="validation examples")
     p.add_argument("--eval-every", type=int, default=10, help="steps between validations")
     p.add_argument("--eval-max-new-tokens", type=int, default=16, help="validation and test generation budget")
@@ -535,7 +360,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     part = args.part
-    config = {k: getattr(args, k) for k in PART_OPTIONS.get(part, [])}
+    config = {k: getattr(args, k) for k in OPTIONS} if part in PARTS else {}
     if part == "ablation":
         config.update(task=args.ablation_task or args.tasks[0], lr=args.ablation_lr)
     run = BenchmarkRun.from_args(args, config)
@@ -563,11 +388,7 @@ def main(argv=None) -> int:
         config = expert_config(args, spec, method, float(lr), sft_seconds, rl_seconds)
         run.record(job, train_run(config, model, tokenizer, task_of(spec)))
 
-    if part == "steps":
-        work = Path(args.work) / "steps"
-        for job in run.jobs([f"round{i}" for i in range(args.rounds)], desc="rounds"):
-            run.record(job, time_round(model, tokenizer, task_of(args.tasks[0]), args, work, int(job[5:])))
-    elif part == "race":
+    if part == "race":
         grids = {"svf": args.svf_lrs, "lora": args.lora_lrs}
         jobs = [job_key("base", s) for s in args.tasks]
         for spec in args.tasks:  # SVF and LoRA alternate, so that a partial run has both

@@ -1,11 +1,10 @@
-"""`benchmarks/bench_budget.py --smoke`: every part (steps, race, ablation) on the tiny model, the report built from
-their states checked against the raw measurements, resuming without retraining, and the time-to-target arithmetic."""
+"""`benchmarks/bench_budget.py --smoke`: both parts (race, ablation) on the tiny model, the report built from their
+states checked against the raw measurements, resuming without retraining, and the time-to-target arithmetic."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 from pathlib import Path
 
 import pytest
@@ -23,47 +22,11 @@ def _state(out: Path, part: str) -> dict:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """The three parts, one after the other, into one output folder (as the real benchmark is run)."""
+    """Both parts, one after the other, into one output folder (as the real benchmark is run)."""
     out = tmp_path_factory.mktemp("budget")
-    for part in ("steps", "race", "ablation"):
+    for part in ("race", "ablation"):
         assert bench.main(["--part", part, "--smoke", "--output", str(out), "--no-progress"]) == 0
     return out, json.loads((out / "budget.json").read_text()), (out / "budget.md").read_text()
-
-
-def test_steps_ratios_come_from_the_rounds(smoke):
-    out, report, text = smoke
-    rounds = [v for k, v in sorted(_state(out, "steps").items()) if k.startswith("round")]
-    steps = report["parts"]["steps"]
-    lengths = steps["config"]["new_tokens"]
-    assert len(rounds) == steps["rounds"] == bench.SMOKE["rounds"] and len(lengths) == 2
-    assert rounds[0]["order"] != rounds[1]["order"]  # the arms rotate
-    for r in rounds:
-        for n in lengths:
-            for arm in bench.ARMS:
-                grpo = r["grpo"][f"{arm}@{n}"]
-                assert len(grpo["step_seconds"]) == bench.SMOKE["grpo_steps"] and min(grpo["step_seconds"]) > 0
-                assert grpo["mean_length"] and set(grpo["mean_length"]) == {n}  # every sample exactly n tokens
-            assert all(r["generate"][f"{arm}@{n}"] > 0 for arm in ("base", *bench.ARMS))
-        for arm in ("svf", "lora"):
-            sft = r["sft"][arm]
-            assert min(sft["tokens"]) > 0 and sft["tokens_per_second"] == sft["tokens"][-1] / sft["step_seconds"][-1]
-    n = lengths[-1]
-    expected = [
-        r["grpo"][f"svf_composed@{n}"]["step_seconds"][-1] / r["grpo"][f"lora@{n}"]["step_seconds"][-1] for r in rounds
-    ]
-    assert steps["per_round"][f"grpo:svf_composed/lora@{n}"] == pytest.approx(expected)
-    sampling = [r["generate"][f"svf_composed@{n}"] / r["generate"][f"base@{n}"] for r in rounds]
-    assert steps["per_round"][f"generate:svf_composed/base@{n}"] == pytest.approx(sampling)
-    for key, values in steps["per_round"].items():
-        s = steps["ratios"][key]
-        assert len(values) == len(rounds) and s["min"] <= s["median"] <= s["max"], key
-        assert s["median"] == pytest.approx(statistics.median(values)), key
-    step_goal, sampling_goal = steps["goals"]
-    assert f"at {n} new tokens" in step_goal["goal"]
-    assert step_goal["met"] == (statistics.median(expected) <= 0.95)
-    worst = max(statistics.median(steps["per_round"][f"generate:svf_composed/base@{m}"]) for m in lengths)
-    assert sampling_goal["met"] == (worst <= 1.10) and f"of {len(rounds)} rounds" in sampling_goal["value"]
-    assert "## Step cost" in text and "| GRPO step, LoRA r=16 |" in text and "SFT (4 examples per step" in text
 
 
 def test_race_chooses_rates_on_validation_and_compares_on_test(smoke):
