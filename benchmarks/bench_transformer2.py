@@ -76,7 +76,11 @@ OTHERS_TASKS = (
     "rg:isomorphic_strings?max_string_length=4",
     "rg:fraction_simplification?max_factor=5&max_value=20&styles=plain",
 )
-DISPATCHERS = ("prompt_dispatch", "classifier_dispatch")
+DISPATCHERS = ("prompt_dispatch", "calibrated_dispatch", "classifier_dispatch")
+LABELS = {"prompt_dispatch": "prompt dispatch", "calibrated_dispatch": "prompt dispatch, calibrated"}
+LABELS["classifier_dispatch"] = "classifier dispatch"
+#: Content-free questions of the calibrated prompt dispatch (contextual calibration, see docs/transformer2.md).
+CONTENT_FREE = ("N/A", "", "?")
 GOALS = {"mean_delta": 0.05, "recovery": 0.8}
 
 
@@ -203,7 +207,11 @@ def main(argv=None) -> int:
         train_classifier_expert(library, data, folder, steps=args.classifier_steps, seed=args.seed)
         run.record("classifier", {"seconds": time.perf_counter() - t0, "examples": len(data)})
     classifier = library.load_extra_adapter(folder, "classifier", "classifier")
-    dispatchers = {"prompt_dispatch": PromptDispatcher(None), "classifier_dispatch": PromptDispatcher(classifier)}
+    dispatchers = {
+        "prompt_dispatch": PromptDispatcher(None),
+        "calibrated_dispatch": PromptDispatcher(None, content_free=CONTENT_FREE),
+        "classifier_dispatch": PromptDispatcher(classifier),
+    }
     categories = names + [OTHERS]
     decisions, calibration, pass1_seconds = {}, {}, {}
     for label, dispatcher in dispatchers.items():
@@ -351,11 +359,13 @@ def _dispatch_cell(entry: dict) -> str:
 
 def report(results: dict, calibration: dict, timing: dict, goals: dict, experts: dict) -> str:
     rows = [
-        [f"`{n}` ({r['role']})", r["n"], f"{r['base']['accuracy']:.3f} [{r['base']['low']:.2f}, {r['base']['high']:.2f}]", _cell(r["prompt_dispatch"]), _cell(r["classifier_dispatch"]), _cell(r["cem"]), _cell(r["oracle"]) if "oracle" in r else "— (base)"]
+        [f"`{n}` ({r['role']})", r["n"], f"{r['base']['accuracy']:.3f} [{r['base']['low']:.2f}, {r['base']['high']:.2f}]", *(_cell(r[d]) for d in DISPATCHERS), _cell(r["cem"]), _cell(r["oracle"]) if "oracle" in r else "— (base)"]
         for n, r in results.items()
     ]  # fmt: skip
     table = markdown_table(
-        ["task", "n", "base", "prompt dispatch", "classifier dispatch", "CEM", "oracle"], rows, "lrrrrrr"
+        ["task", "n", "base", *(LABELS[d] for d in DISPATCHERS), "CEM", "oracle"],
+        rows,
+        "lr" + "r" * (len(DISPATCHERS) + 3),
     )
     met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
     g = goals
@@ -376,9 +386,9 @@ def report(results: dict, calibration: dict, timing: dict, goals: dict, experts:
         "## Dispatch",
         "",
         markdown_table(
-            ["task", "right choice", "prompt dispatch: accuracy, chosen", "classifier dispatch: accuracy, chosen"],
+            ["task", "right choice", *(f"{LABELS[d]}: accuracy, chosen" for d in DISPATCHERS)],
             [[n, r["related"] or OTHERS, *(_dispatch_cell(r[d]) for d in DISPATCHERS)] for n, r in results.items()],
-            "llll",
+            "l" * (len(DISPATCHERS) + 2),
         ),
         "",
         "Thresholds fitted on validation prompts of the experts' tasks and the `others` tasks: "

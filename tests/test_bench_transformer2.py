@@ -40,7 +40,7 @@ def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
     two = next(r for r in rows.values() if r["role"] == "two_skill")
     assert len(two["experts"]) == 3  # every single expert is scored on the two-skill task
     goals = saved["goals"]
-    assert set(goals["mean_delta_related"]) == {"prompt_dispatch", "classifier_dispatch", "cem"}
+    assert set(goals["mean_delta_related"]) == {"prompt_dispatch", "calibrated_dispatch", "classifier_dispatch", "cem"}
     text = (tmp_path / "transformer2.md").read_text()
     assert "## Goals (issue #25 §3)" in text and "smoke run, not a result" in text
     assert (tmp_path / "transformer2.png").read_bytes()[:4] == b"\x89PNG"

@@ -211,6 +211,8 @@ def test_bad_experts_fail_before_the_model_loads(files, no_model, capsys, tmp_pa
     [
         ("eval-two-pass", ["--strategy", "dispatch", "--classifier", "somewhere"], "--classifier"),
         ("eval-two-pass", ["--strategy", "mixture"], "--mixture"),
+        ("eval-two-pass", ["--strategy", "base", "--content-free", "N/A"], "--content-free"),
+        ("eval-two-pass", ["--dispatch-mode", "generate", "--content-free", "N/A"], "--content-free"),
         ("compress", ["--method", "c2i", "--state", "s.json"], "--state"),
         ("compress", ["--method", "laser", "--clustered"], "--clustered"),
     ],

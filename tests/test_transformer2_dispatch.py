@@ -117,6 +117,51 @@ def test_threshold_dispatch_all_others_when_high_argmax_at_zero(library, confide
         PromptDispatcher(None, threshold="library")(lib, exs)
 
 
+def test_content_free_calibration_subtracts_the_normalised_prior(library):
+    lib, _ = library
+    exs = _questions(5)
+    texts = ("N/A", "", "?")
+    raw = PromptDispatcher(None)
+    raw_scores = raw.scores(lib, exs)
+    raw_tokens = raw.last_tokens_run
+    # reference: the raw scores of the content-free questions, log-softmax over the categories, mean per category
+    rows = torch.tensor(raw.scores(lib, [Example(prompt=t, target="") for t in texts]), dtype=torch.float64)
+    prior = torch.log_softmax(rows, dim=1).mean(0)
+    calibrated = PromptDispatcher(None, content_free=texts)
+    got = calibrated.scores(lib, exs)
+    expected = torch.tensor(raw_scores, dtype=torch.float64) - prior
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5)
+    assert calibrated.last_prior == pytest.approx(prior.tolist(), abs=1e-6)
+    assert calibrated.last_tokens_run == raw_tokens  # the prior's questions are not counted as this call's
+    assert calibrated.last_confidences == [category_confidence(r, "margin") for r in got]
+    # decisions follow the calibrated scores
+    names = lib.names + [OTHERS]
+    assert calibrated(lib, exs) == decide_categories(expected.tolist(), names)
+    # a content-free question itself then has no preferred category (the prior of one text is its own scores)
+    one = PromptDispatcher(None, content_free=("N/A",))
+    flat = one.scores(lib, [Example(prompt="N/A", target="")])[0]
+    assert max(flat) - min(flat) < 1e-4
+    # the prior is cached per adapter and library, and forgotten by clear_cache
+    assert len(calibrated._priors) == 1
+    calibrated.scores(lib, exs[:2])
+    assert len(calibrated._priors) == 1
+    calibrated.clear_cache()
+    assert not calibrated._priors
+
+
+@pytest.mark.parametrize("bad", [(), "N/A", ("N/A", 3)])
+def test_content_free_must_be_strings(bad):
+    with pytest.raises(ValueError, match="content_free"):
+        PromptDispatcher(None, content_free=bad)
+
+
+def test_content_free_needs_loglik_mode():
+    with pytest.raises(ValueError, match="content_free needs mode='loglik'"):
+        PromptDispatcher(None, mode="generate", content_free=("N/A",))
+    with pytest.raises(ValueError, match="no content_free"):
+        PromptDispatcher(None).prior(None)
+
+
 def test_fit_threshold_picks_documented_midpoint():
     cats = ["a", "b", OTHERS]
     # margins 4, 3, 1, 0.5: the two confident prompts are "a"; the two hesitant ones should go to the base model

@@ -181,6 +181,14 @@ def add_parser(subparsers) -> None:
     )
     e.add_argument("--confidence", choices=("margin", "probability"), default="margin", help="with --threshold")
     e.add_argument(
+        "--content-free",
+        nargs="+",
+        metavar="TEXT",
+        default=None,
+        help="pass 1: contextual calibration, subtract each category's prior on these content-free questions "
+        "(e.g. --content-free N/A '' ?); loglik dispatch only",
+    )
+    e.add_argument(
         "--prefix-sharing",
         choices=("prompts", "instruction"),
         default="prompts",
@@ -324,8 +332,13 @@ def _check_two_pass(args) -> None:
             )
         if value:
             validate_adapter_dir(value, expected_type="SVF")
-    if args.threshold is not None and args.strategy not in ("dispatch", "classifier"):
-        raise CommandError(f"--threshold applies to dispatch (--strategy dispatch or classifier), not {args.strategy}")
+    for option, value in (("--threshold", args.threshold), ("--content-free", args.content_free)):
+        if value is not None and args.strategy not in ("dispatch", "classifier"):
+            raise CommandError(
+                f"{option} applies to dispatch (--strategy dispatch or classifier), not {args.strategy}"
+            )
+    if args.content_free is not None and args.dispatch_mode != "loglik":
+        raise CommandError(f"--content-free needs --dispatch-mode loglik (got {args.dispatch_mode})")
 
 
 def run_eval_two_pass(args: argparse.Namespace) -> int:
@@ -348,6 +361,7 @@ def run_eval_two_pass(args: argparse.Namespace) -> int:
         "threshold": args.threshold,
         "confidence": args.confidence,
         "prefix_sharing": args.prefix_sharing,
+        "content_free": args.content_free,
     }
     if args.strategy == "base":
         dispatcher = FixedDispatcher(None)

@@ -166,6 +166,13 @@ class PromptDispatcher:
             `"instruction"` only the instructions and category list (the former behaviour, cached across calls).
             Both give the same scores up to float rounding; `"prompts"` runs fewer tokens when the questions share a
             beginning.
+        content_free (`Sequence[str]`, *optional*): Contextual calibration (Zhao et al., 2021, "Calibrate Before
+            Use"; `"loglik"` mode): the category question is also asked of these content-free questions (e.g.
+            `("N/A", "", "?")`), and each category's mean log-probability over them (normalised over the categories)
+            is subtracted from every prompt's scores. A small model that favours one category name whatever the
+            question (a prior of the label, not of the question) then no longer sends every prompt to it. `None`
+            (default): the raw scores, as in the paper. The prior is cached per adapter and library (`last_prior`);
+            [`clear_cache`] forgets it.
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class PromptDispatcher:
         threshold: Optional[Union[float, str]] = None,
         confidence: str = "margin",
         prefix_sharing: str = "prompts",
+        content_free: Optional[Sequence[str]] = None,
     ):
         if mode not in ("loglik", "generate"):
             raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
@@ -193,6 +201,12 @@ class PromptDispatcher:
             raise ValueError(f"threshold must be a number, None or 'library', got {threshold!r}")
         if threshold is not None and mode != "loglik":
             raise ValueError("threshold needs mode='loglik' (category scores); generate mode has none")
+        if content_free is not None:
+            if isinstance(content_free, str) or not content_free or not all(isinstance(t, str) for t in content_free):
+                raise ValueError(f"content_free must be a non-empty sequence of strings, got {content_free!r}")
+            if mode != "loglik":
+                raise ValueError("content_free needs mode='loglik' (category scores); generate mode has none")
+        self.content_free = tuple(content_free) if content_free is not None else None
         self.label_tokens = label_tokens
         self.adapter = adapter
         self.mode = mode
@@ -207,7 +221,10 @@ class PromptDispatcher:
         self.last_confidences: list[float] = []
         #: Tokens run through the model by the last `"loglik"` call (shared prefix once + each question's rest).
         self.last_tokens_run: int = 0
+        #: The content-free prior subtracted from the scores (per category), when `content_free` is set.
+        self.last_prior: Optional[list[float]] = None
         self._prefix: dict[tuple, PrefixState] = {}
+        self._priors: dict[tuple, list[float]] = {}
 
     @property
     def key(self) -> str:
@@ -221,8 +238,9 @@ class PromptDispatcher:
         return [self.prompt.example(library.tokenizer, names, descriptions, ex.prompt) for ex in examples]
 
     def clear_cache(self) -> None:
-        """Forget cached prefix keys/values (call after changing the adapter's weights)."""
+        """Forget cached prefix keys/values and content-free priors (call after changing the adapter's weights)."""
         self._prefix.clear()
+        self._priors.clear()
 
     def resolved_threshold(self, library: ExpertLibrary) -> Optional[float]:
         """The threshold in use: the number given, the library's fitted one for `"library"`, or `None`."""
@@ -264,13 +282,37 @@ class PromptDispatcher:
         return picks
 
     def scores(self, library: ExpertLibrary, examples: Sequence[Example]) -> list[list[float]]:
-        """Log-likelihood of each category (experts in order, then `others`) as the answer, per example.
+        """Log-likelihood of each category (experts in order, then `others`) as the answer, per example; with
+        `content_free`, minus the content-free prior of each category.
 
-        Also sets `last_scores`, `last_confidences` and `last_tokens_run`.
+        Also sets `last_scores`, `last_confidences`, `last_tokens_run` and `last_prior`.
         """
         self._check_adapter(library)
         if not examples:
             return []
+        if self.content_free is not None:
+            self.last_prior = self.prior(library)  # first: `last_tokens_run` counts the examples' tokens
+        sums = self._raw_scores(library, examples)
+        if self.last_prior is not None and self.content_free is not None:
+            sums = [[s - p for s, p in zip(row, self.last_prior)] for row in sums]
+        self.last_scores = sums
+        self.last_confidences = [category_confidence(s, self.confidence) for s in sums]
+        return sums
+
+    def prior(self, library: ExpertLibrary) -> list[float]:
+        """The content-free prior: per category, the mean over the `content_free` questions of its log-probability
+        normalised over the categories (`score - logsumexp(scores)`)."""
+        if self.content_free is None:
+            raise ValueError("this dispatcher has no content_free questions")
+        names = tuple(library.names)
+        key = (self.adapter, names, tuple(library.experts[n].description for n in names))
+        if key not in self._priors:
+            rows = self._raw_scores(library, [Example(prompt=t, target="") for t in self.content_free])
+            normalised = [[v - _logsumexp(row) for v in row] for row in rows]
+            self._priors[key] = [sum(col) / len(col) for col in zip(*normalised)]
+        return list(self._priors[key])
+
+    def _raw_scores(self, library: ExpertLibrary, examples: Sequence[Example]) -> list[list[float]]:
         questions = self.category_examples(library, examples)
         tok = library.tokenizer
         prompts = [encode_prompt(tok, q) for q in questions]
@@ -291,9 +333,7 @@ class PromptDispatcher:
             )
         plen = len(prefix.ids) if prefix is not None else 0
         self.last_tokens_run = plen + sum(len(p) - plen for p in prompts)
-        self.last_scores = result.sums
-        self.last_confidences = [category_confidence(s, self.confidence) for s in result.sums]
-        return result.sums
+        return [list(row) for row in result.sums]
 
     def _check_adapter(self, library: ExpertLibrary) -> None:
         if self.adapter is not None and self.adapter not in library.model.peft_config:
@@ -323,6 +363,11 @@ class PromptDispatcher:
 
 
 CONFIDENCE_MEASURES = ("margin", "probability")
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def category_confidence(scores: Sequence[float], confidence: str = "margin") -> float:

@@ -1,0 +1,56 @@
+"""`benchmarks/bench_dispatch.py --smoke`: raw and calibrated prompt dispatch on the tiny model and random experts,
+the report's accuracies and paired difference recomputed from the recorded choices, and a bad `--related` pair."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from peft_spectral.transformer2 import OTHERS
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = importlib.util.spec_from_file_location("bench_dispatch", ROOT / "benchmarks" / "bench_dispatch.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dispatch")
+    assert bench.main(["--smoke", "--output", str(out), "--no-progress"]) == 0
+    state = json.loads((out / "dispatch_state.json").read_text())["results"]
+    return out, state, json.loads((out / "dispatch.json").read_text()), (out / "dispatch.md").read_text()
+
+
+def test_accuracies_come_from_the_recorded_choices(smoke):
+    _, state, report, text = smoke
+    groups = report["groups"]
+    # two experts' own tasks, one related task, one `others` task, 4 prompts each
+    assert [g["right"] for g in groups.values()] == ["random_0", "random_1", "random_0", OTHERS]
+    truth = [g["right"] for g in groups.values() for _ in range(g["n"])]
+    assert report["n"] == len(truth) == 16
+    for label in ("raw", "calibrated"):
+        chosen = state[label]["chosen"]
+        assert len(chosen) == len(truth) and set(chosen) <= {"random_0", "random_1", OTHERS}
+        right = sum(c == t for c, t in zip(chosen, truth))
+        assert report["dispatchers"][label]["accuracy"] == pytest.approx(right / len(truth))
+        start = 0
+        for g in groups.values():
+            part = chosen[start : start + g["n"]]
+            assert g[label]["chosen"] == {c: part.count(c) for c in set(part)}
+            assert g[label]["accuracy"] == pytest.approx(sum(c == g["right"] for c in part) / g["n"])
+            start += g["n"]
+    delta = report["calibrated_minus_raw"]
+    expected = report["dispatchers"]["calibrated"]["accuracy"] - report["dispatchers"]["raw"]["accuracy"]
+    assert delta["delta"] == pytest.approx(expected) and delta["n"] == 16
+    assert delta["low"] <= delta["delta"] <= delta["high"]
+    assert "Calibrated − raw, paired" in text and "| related: gcd → random_0 |" in text
+
+
+def test_an_unknown_related_expert_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="no expert 'nobody'"):
+        bench.main(["--smoke", "--output", str(tmp_path), "--no-progress", "--related", "rg:gcd?max_value=10@nobody"])
