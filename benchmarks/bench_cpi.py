@@ -37,8 +37,9 @@ from transformers import TrainerCallback
 from peft_spectral import CoreIsolationConfig
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
 from peft_spectral.benchmarking.reporting import stat_entry, task_label
+from peft_spectral.benchmarking.tiny import tiny_tasks
 from peft_spectral.cpi import FUSION_MODES, STAGE_ORDERS, CPIConfig, CPIPipeline, mixed_examples, sft_train
-from peft_spectral.data import Example, Task, load_task
+from peft_spectral.data import Task, load_task
 from peft_spectral.evaluation import evaluate, rescore
 from peft_spectral.plots import ci_bars, pyplot, save_figure
 from peft_spectral.state import StateFileError
@@ -57,14 +58,14 @@ SCENARIOS = {
     ),
 }
 LABELS = {
-    "base": "base (no training)",
-    "reference": "single-task SFT (reference)",
-    "multitask": "multi-task SFT (mixed)",
-    "naive_multistage": "naive multi-stage SFT",
-    "cpi_ft": "CPI-FT",
-}
+    "base": "base (no training)", "reference": "single-task SFT (reference)", "multitask": "multi-task SFT (mixed)",
+    "naive_multistage": "naive multi-stage SFT", "cpi_ft": "CPI-FT",
+}  # fmt: skip
 METHODS = tuple(LABELS)[1:]
 OTHER = {"strict": "lenient", "lenient": "strict"}
+#: The options that define a run (its state is bound to them).
+RUN_OPTIONS = ("tasks", "budget", "probe_steps", "lr", "weight_decay", "batch_size", "max_length", "p", "tau")
+RUN_OPTIONS += ("n_train", "n_test", "eval_batch", "max_new_tokens", "extraction", "stage_order", "fusion")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--report-only", action="store_true", help="only write the report from the state")
     if "--smoke" in (argv if argv is not None else sys.argv[1:]):
-        tasks = {f"{s}_tasks": [t.name for t in ts] for s, ts in smoke_tasks().items()}
+        tasks = {f"{s}_tasks": [t.name for t in ts] for s, ts in tiny_tasks().items()}
         p.set_defaults(budget=12, probe_steps=4, lr=5e-2, n_test=10, max_new_tokens=4, **tasks)
     args = p.parse_args(argv)
     args.tasks = {"compatible": args.compatible_tasks, "conflicting": args.conflicting_tasks}
@@ -104,30 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if len(set(specs)) != len(specs) or not 2 <= len(specs) <= args.budget:
             p.error(f"--{s}-tasks needs 2 to --budget distinct tasks, got {specs}")
     return args
-
-
-def run_config(args) -> dict:
-    keys = ("tasks", "budget", "probe_steps", "lr", "weight_decay", "batch_size", "max_length", "p", "tau")
-    keys += ("n_train", "n_test", "eval_batch", "max_new_tokens", "extraction", "stage_order", "fusion")
-    return {k: getattr(args, k) for k in keys}
-
-
-def smoke_tasks() -> dict[str, list[Task]]:
-    """Synthetic tasks a tiny model learns in a few steps: two-option ones and short generated answers."""
-
-    def task(name, fn, choices=()):
-        ex = [Example(f"{name}: {i}", fn(i), choices, choices.index(fn(i)) if choices else None) for i in range(40)]
-        return Task(name, "multiple_choice" if choices else "generation", train=ex[10:], validation=[], test=ex[:10])
-
-    parity = task("parity", lambda i: "yes" if i % 2 else "no", ("yes", "no"))
-    return {
-        "compatible": [
-            parity,
-            task("big", lambda i: "high" if i >= 20 else "low", ("high", "low")),
-            task("third", lambda i: "true" if i % 3 == 0 else "false", ("true", "false")),
-        ],
-        "conflicting": [task("inc", lambda i: str(i + 1)), parity, task("rev", lambda i: str(i)[::-1])],
-    }
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -222,17 +199,13 @@ def run_part(part: Part, scenario: str, method: str, fraction, tasks: list[Task]
     times = {"train_s": train_s, "probe_s": extra.pop("probe_s", 0.0), "eval_s": part.eval_s}
     times["total_s"] = time.time() - start
     return {
-        "method": method,
-        "scenario": scenario,
-        "train_fraction": fraction,
+        "method": method, "scenario": scenario, "train_fraction": fraction,
         "tasks": [{"name": t.name, "kind": t.kind, "n_test": len(t.test), "n_train": len(t.train)} for t in tasks],
-        "verdicts": {**primary, "other": other},
-        "sft_steps": sum(r["steps"] for r in extra["sft_runs"]),
+        "verdicts": {**primary, "other": other}, "sft_steps": sum(r["steps"] for r in extra["sft_runs"]),
         "planned_sft_steps": 0 if method == "base" else part.args.budget,
         "probe_steps": sum(r["steps"] for r in extra["probe_runs"]),
-        "timings_s": {k: round(v, 1) for k, v in times.items()},
-        **extra,
-    }
+        "timings_s": {k: round(v, 1) for k, v in times.items()}, **extra,
+    }  # fmt: skip
 
 
 def run_cpi(part: Part, scenario: str, fraction: float, tasks: list[Task]):
@@ -276,11 +249,6 @@ def acc_entry(verdicts: list[int]) -> dict:
     return stat_entry(accuracy_ci(verdicts))
 
 
-def comparison_entry(a: list[int], b: list[int]) -> dict:
-    """B − A on the same examples (paired bootstrap CI, exact McNemar p)."""
-    return stat_entry(compare_paired(a, b))
-
-
 def pooled(verdicts: dict, names: list[str]) -> list[int]:
     return [v for n in names for v in verdicts[n]]
 
@@ -292,8 +260,8 @@ def forgetting_entry(record: dict):
         return None
     return {
         "tasks": list(earlier),
-        "per_task": {n: comparison_entry(v["final"][n], v["after_own"][n]) for n in earlier},
-        "pooled": comparison_entry(pooled(v["final"], earlier), pooled(v["after_own"], earlier)),
+        "per_task": {n: stat_entry(compare_paired(v["final"][n], v["after_own"][n])) for n in earlier},
+        "pooled": stat_entry(compare_paired(pooled(v["final"], earlier), pooled(v["after_own"], earlier))),
         "after_own": {n: acc_entry(v["after_own"][n]) for n in earlier},
     }
 
@@ -330,14 +298,10 @@ def forgetting_goal(naive: dict, cpi: dict) -> dict:
     nf, cf = float(n_fg.mean()), float(c_fg.mean())
     diff, half = bootstrap_mean_ci(n_fg - c_fg), bootstrap_mean_ci(0.5 * n_fg - c_fg)
     out = {
-        "tasks": common,
-        "n": int(n_fg.size),
-        "naive": nf,
-        "cpi": cf,
-        "ratio": cf / nf if nf > 0 else None,
+        "tasks": common, "n": int(n_fg.size), "naive": nf, "cpi": cf, "ratio": cf / nf if nf > 0 else None,
         "naive_minus_cpi": {"delta": nf - cf, "low": diff[0], "high": diff[1]},
         "half_naive_minus_cpi": {"delta": 0.5 * nf - cf, "low": half[0], "high": half[1]},
-    }
+    }  # fmt: skip
     if nf <= 0:
         return dict(out, met=None, note="naive multi-stage SFT forgot nothing on these tasks (≤ 0): nothing to halve")
     return dict(out, met=bool(cf <= 0.5 * nf and diff[0] > 0))
@@ -345,7 +309,8 @@ def forgetting_goal(naive: dict, cpi: dict) -> dict:
 
 def average_goal(multitask: dict, cpi: dict) -> dict:
     names = [t["name"] for t in cpi["tasks"]]
-    cmp = comparison_entry(pooled(multitask["verdicts"]["final"], names), pooled(cpi["verdicts"]["final"], names))
+    mt, cpi_v = pooled(multitask["verdicts"]["final"], names), pooled(cpi["verdicts"]["final"], names)
+    cmp = stat_entry(compare_paired(mt, cpi_v))  # CPI-FT − multi-task, paired over the same examples
     return {"cpi_minus_multitask": cmp, "met": bool(cmp["delta"] >= 0)}
 
 
@@ -481,9 +446,8 @@ def plot(results: dict, path: Path, budget: int) -> None:
         rows = ([("base", scen["base"])] if scen["base"] else []) + list(setting["methods"].items())
         ci_bars(ax, [*names, "pooled"], {LABELS[m]: [r["final"][n] for n in names] + [r["pooled"]] for m, r in rows})
         ax.set_xticks(range(len(names) + 1), [*map(task_label, names), "pooled"])
-        ax.set_ylim(0, 1.25)  # room for the legend above the bars
-        ax.set_ylabel("test accuracy (95% CI)")
-        ax.set_title(f"{s}, train fraction {fk}: same SFT budget S = {budget}")
+        title = f"{s}, train fraction {fk}: same SFT budget S = {budget}"
+        ax.set(ylim=(0, 1.25), ylabel="test accuracy (95% CI)", title=title)  # ylim: room for the legend
         ax.legend(fontsize=7, ncol=5, loc="upper center")
     save_figure(fig, path)
 
@@ -504,24 +468,19 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        run = BenchmarkRun.from_args(args, run_config(args))
+        run = BenchmarkRun.from_args(args, {k: getattr(args, k) for k in RUN_OPTIONS})
     except StateFileError as err:
         raise SystemExit(str(err)) from None
     parts = ["base", *(f"{f:g}/{m}" for f in args.train_fraction for m in METHODS)]
-    keys = [
-        f"{s}/{part}" for s in args.scenarios for part in parts
-    ]  # "<scenario>/base", "<scenario>/<fraction>/<method>"
+    keys = [f"{s}/{part}" for s in args.scenarios for part in parts]  # "<scenario>/base", "<s>/<fraction>/<method>"
     if not args.report_only and not all(run.done(k) for k in keys):
         n_total = max(args.n_train * 5 // 3, args.n_test * 5)  # 0.6 / 0.2 / 0.2 splits
-        tasks = smoke_tasks() if args.smoke else {
+        tasks = tiny_tasks() if args.smoke else {
             s: [load_task(spec, seed=args.seed, max_examples=n_total) for spec in args.tasks[s]] for s in args.scenarios
         }  # fmt: skip
-        for ts in tasks.values():
-            for t in ts:
-                t.train, t.test = list(t.train[: args.n_train]), list(t.test[: args.n_test])
-        model, tok = run.load_model()
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
+        for t in (t for ts in tasks.values() for t in ts):
+            t.train, t.test = list(t.train[: args.n_train]), list(t.test[: args.n_test])
+        model, tok = run.load_model()  # with a pad token
         cfg = make_config(args)
         work = run.output_dir / "cpi_work" if args.smoke else Path("runs") / "bench_cpi"  # trainer and CPI-FT scratch
         for key in run.jobs(keys, desc="parts"):

@@ -1,4 +1,5 @@
-"""The tiny random models every benchmark's `--smoke` mode and the test suite run on (no network).
+"""The tiny random models every benchmark's `--smoke` mode and the test suite run on (no network), and toy tasks such a
+model learns in a few steps.
 
 The tokenizer is a byte-level BPE with no merges (every UTF-8 byte is one token), so any text round-trips, plus
 ChatML-style special tokens and a chat template, like SmolLM2-Instruct's.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "tiny_gpt2", "tiny_llama", "tiny_model", "tiny_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "tiny_gpt2", "tiny_llama", "tiny_model", "tiny_tasks", "tiny_tokenizer"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -105,3 +106,24 @@ def tiny_model(seed: int = 0, **overrides):
     model = tiny_llama(tokenizer, seed=seed, **overrides)
     model.name_or_path = "tiny-llama"
     return model, tokenizer
+
+
+def tiny_tasks() -> dict[str, list]:
+    """Toy tasks a tiny model learns in a few steps (40 examples each: 30 train, 10 test, no validation), in two
+    scenarios: `"compatible"` (three two-option multiple-choice tasks) and `"conflicting"` (short generated answers
+    and a multiple-choice task), as the CPI-FT benchmark's smoke run uses them."""
+    from ..data import Example, Task
+
+    def task(name, fn, choices=()):
+        ex = [Example(f"{name}: {i}", fn(i), choices, choices.index(fn(i)) if choices else None) for i in range(40)]
+        return Task(name, "multiple_choice" if choices else "generation", train=ex[10:], validation=[], test=ex[:10])
+
+    parity = task("parity", lambda i: "yes" if i % 2 else "no", ("yes", "no"))
+    return {
+        "compatible": [
+            parity,
+            task("big", lambda i: "high" if i >= 20 else "low", ("high", "low")),
+            task("third", lambda i: "true" if i % 3 == 0 else "false", ("true", "false")),
+        ],
+        "conflicting": [task("inc", lambda i: str(i + 1)), parity, task("rev", lambda i: str(i)[::-1])],
+    }
