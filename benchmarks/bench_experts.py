@@ -12,20 +12,27 @@ package). Every stage is resumable: running the command again continues where it
 **Evaluation**: every expert's `test_eval.json` (written by `train_expert`: base model and expert on the same test
 questions, greedy answers read leniently — the answer may sit in a sentence — and strictly — the bare answer). The
 goal of issue #25 per expert: at least +15 points over the base model, lenient, with n ≥ 300 and the paired 95%
-interval above 0. Writes `docs/results/experts.{json,md,png}`.
+interval above 0. Beside it, the **majority answer**: a constant that answers every test question with the most
+frequent answer of the training split (right where the test answer equals it). An expert that learned to give that
+answer gains over the base model without the skill; reported: the constant's accuracy, expert − constant (paired), and
+Δ vs base on the questions whose answer is not the majority one. Writes `docs/results/experts.{json,md,png}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
+from peft_spectral.benchmarking.reporting import stat_entry
+from peft_spectral.data import load_task
 from peft_spectral.expert_eval import read_test_eval
 from peft_spectral.model_card import read_expert_json
 from peft_spectral.paths import library_dir
 from peft_spectral.plots import ci_bar_chart
+from peft_spectral.stats import accuracy_ci, compare_paired
 from peft_spectral.training import SVFTrainingConfig, train_expert
 
 
@@ -78,6 +85,27 @@ def train_library(recipes: dict[str, dict], library: Path, run: BenchmarkRun, ov
         run.record(name, {"stages": [s["name"] for s in result.stages], "path": str(result.path)})
 
 
+def majority_baseline(meta: dict, report: dict) -> dict:
+    """The constant that gives the training split's most frequent answer, on the expert's test questions: its
+    accuracy, expert − constant (paired), and expert − base on the questions whose answer is another one."""
+    config = meta.get("config") or {}
+    task = load_task(
+        meta.get("task_spec") or meta["task"], seed=config.get("seed", 0), max_examples=config.get("max_examples")
+    )
+    test = task.test[: report["n"]]
+    expert, base = report["adapter"]["correct"], report["base"]["correct"]
+    if len(test) != len(expert):
+        raise SystemExit(f"{meta.get('task')}: {len(test)} test questions for {len(expert)} recorded verdicts")
+    answer, _ = Counter(ex.target for ex in task.train).most_common(1)[0]
+    constant = [ex.target == answer for ex in test]
+    rest = [i for i, ex in enumerate(test) if ex.target != answer]
+    return {
+        "answer": answer, "constant": stat_entry(accuracy_ci(constant)),
+        "expert_minus_constant": stat_entry(compare_paired(constant, expert)), "rest_n": len(rest),
+        "rest_delta": stat_entry(compare_paired([base[i] for i in rest], [expert[i] for i in rest])) if rest else None,
+    }  # fmt: skip
+
+
 def library_rows(recipes: dict[str, dict], library: Path) -> list[dict]:
     """One row per expert of the library: its task, family, budget and paired test report."""
     rows = []
@@ -104,6 +132,10 @@ def library_rows(recipes: dict[str, dict], library: Path) -> list[dict]:
                 if report.get("strict")
                 else None,
                 "goal_met": report["n"] >= GOAL_N and delta["delta"] >= GOAL_DELTA and delta["low"] > 0,
+                "majority": (majority := majority_baseline(meta, report)),
+                "goal_met_beyond_majority": report["n"] >= GOAL_N
+                and majority["expert_minus_constant"]["delta"] >= GOAL_DELTA
+                and majority["expert_minus_constant"]["low"] > 0,
                 "train_minutes": ((meta.get("metrics") or {}).get("train_seconds") or 0) / 60,
                 "stages": [f"{s.get('method')} {s.get('steps_run')}" for s in meta.get("stages") or []],
             }
@@ -133,7 +165,20 @@ def report(rows: list[dict]) -> str:
         ],
         "llrrrrlrl",
     )  # fmt: skip
+    majority = markdown_table(
+        ["expert", "majority answer (train)", "constant's accuracy", "expert − constant [95% CI]", "goal beyond it", "Δ vs base without it [95% CI]"],
+        [
+            [
+                f"`{r['name']}`", f"`{r['majority']['answer']}`", r["majority"]["constant"]["text"],
+                _delta(r["majority"]["expert_minus_constant"]), "met" if r["goal_met_beyond_majority"] else "**not met**",
+                f"{_delta(r['majority']['rest_delta'])} (n={r['majority']['rest_n']})" if r["majority"]["rest_delta"] else "—",
+            ]
+            for r in rows
+        ],
+        "llrrlr",
+    )  # fmt: skip
     met = sum(r["goal_met"] for r in rows)
+    beyond = sum(r["goal_met_beyond_majority"] for r in rows)
     families = sorted({r["family"] for r in rows})
     tasks = "\n".join(f"- `{r['name']}`: `{r['task']}`" for r in rows)
     return (
@@ -141,7 +186,12 @@ def report(rows: list[dict]) -> str:
         f"split, lenient extraction for both, n ≥ {GOAL_N}, paired 95% interval above 0: **met by {met} of {len(rows)}"
         f"** experts in {len(families)} families ({', '.join(families)}). Accuracies are greedy answers scored by the "
         "task's own verifier; lenient reading finds the answer in a sentence, strict takes the text as the answer "
-        "(so a strict gain without a lenient one is the answer format, not the skill).\n\nTask specs:\n\n" + tasks
+        "(so a strict gain without a lenient one is the answer format, not the skill).\n\n"
+        "**The majority answer.** A constant giving the training split's most frequent answer to every question (right "
+        "where the test answer equals it): an expert that learned to give that answer gains over the base model "
+        "without the skill. Expert − constant is paired on the same questions; the last column is Δ vs base on the "
+        f"questions whose answer is another one. Goal beyond it (Δ over the constant ≥ +{100 * GOAL_DELTA:.0f}, CI "
+        f"above 0): **met by {beyond} of {len(rows)}**.\n\n{majority}\n\nTask specs:\n\n" + tasks
     )
 
 

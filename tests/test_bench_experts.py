@@ -40,8 +40,22 @@ def test_smoke_run_trains_resumes_and_reports(tmp_path, capsys):
     ci = accuracy_ci(report["adapter"]["correct"])
     assert gcd["expert"]["accuracy"] == ci.accuracy and gcd["expert"]["low"] == pytest.approx(ci.low)
     assert gcd["goal_met"] is False  # n = 8 < 300: the goal cannot be met on a smoke run
+    # the majority-answer constant: the training split's most frequent answer, scored on the same test questions
+    from collections import Counter
+
+    from peft_spectral.data import load_task
+
+    task = load_task("rg:gcd?max_value=10", seed=0, max_examples=bench.SMOKE_SETTINGS["max_examples"])
+    answer = Counter(ex.target for ex in task.train).most_common(1)[0][0]
+    constant = [ex.target == answer for ex in task.test[:8]]
+    majority = gcd["majority"]
+    assert majority["answer"] == answer and majority["constant"]["accuracy"] == pytest.approx(sum(constant) / 8)
+    expected = (sum(report["adapter"]["correct"]) - sum(constant)) / 8
+    assert majority["expert_minus_constant"]["delta"] == pytest.approx(expected)
+    assert majority["rest_n"] == 8 - sum(constant) and gcd["goal_met_beyond_majority"] is False
     text = (tmp_path / "experts.md").read_text()
     assert "smoke run, not a result" in text and "met by 0 of 2" in text and "`rg:gcd?max_value=10`" in text
+    assert "**The majority answer.**" in text and f"| `gcd` | `{answer}` |" in text
     assert (tmp_path / "experts.png").read_bytes()[:4] == b"\x89PNG"
 
 
