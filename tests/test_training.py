@@ -23,6 +23,7 @@ from peft_spectral.training import (
     paper_rl_preset,
     reward_for_task,
     sft_answer,
+    sft_preset,
     svf_parameters,
     train_svf,
 )
@@ -413,6 +414,17 @@ def test_paper_preset_values(tmp_path):
     assert type(rloo).__name__ == "RLOOConfig" and rloo.beta == 0.1
     # the default KL weight is the paper's 0.1 (grid {0, 0.1, 0.2, 0.3}), not 0
     assert paper_rl_preset(str(tmp_path)).beta == PAPER_BETA == 0.1
+
+
+def test_sft_preset_turns_trl_gradient_checkpointing_off(tmp_path):
+    import dataclasses
+
+    from trl import SFTConfig
+
+    trl_default = next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "gradient_checkpointing")
+    assert trl_default is True  # TRL's default, which the preset changes
+    assert sft_preset(str(tmp_path), max_steps=1).gradient_checkpointing is False
+    assert sft_preset(str(tmp_path), max_steps=1, gradient_checkpointing=True).gradient_checkpointing is True
 
 
 def test_causal_lm_config_defaults():
