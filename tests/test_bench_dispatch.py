@@ -3,19 +3,15 @@ the report's accuracies and paired difference recomputed from the recorded choic
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from testing_utils import load_benchmark
 
 from peft_spectral.transformer2 import OTHERS
 
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("bench_dispatch", ROOT / "benchmarks" / "bench_dispatch.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("bench_dispatch")
 
 
 @pytest.fixture(scope="module")

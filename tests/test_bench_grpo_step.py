@@ -3,20 +3,16 @@ the raw per-round times, resuming without re-running, and the spread helpers of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
+from testing_utils import load_benchmark
 
 from peft_spectral.benchmarking.reporting import format_spread, round_spread
 
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("bench_grpo_step", ROOT / "benchmarks" / "bench_grpo_step.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("bench_grpo_step")
 
 
 @pytest.fixture(scope="module")

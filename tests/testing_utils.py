@@ -22,6 +22,17 @@ build_tiny_llama = tiny_llama
 build_tiny_gpt2 = tiny_gpt2
 
 
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_svf_expert(path, seed: int, svd_dir, targets=("gate_proj", "up_proj", "down_proj"), base_name="tiny-llama"):
     """Save an SVF adapter of a fresh tiny Llama whose z vectors are random (`1 + 0.5 N(0, 1)`, seeded).
 
