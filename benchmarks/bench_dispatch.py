@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.experts import library_experts, random_svf_experts
+from peft_spectral.benchmarking.experts import library_experts, library_specs, random_svf_experts
 from peft_spectral.benchmarking.reporting import stat_entry, task_label
 from peft_spectral.data import load_task
-from peft_spectral.model_card import read_expert_json
 from peft_spectral.paths import library_dir
 from peft_spectral.stats import accuracy_ci, compare_paired
 from peft_spectral.transformer2 import OTHERS, ExpertLibrary, PromptDispatcher
@@ -39,16 +38,13 @@ SMOKE_TASKS = ["rg:gcd?max_value=10", "rg:spell_backward?max_word_len=3"]
 
 
 def expert_tasks(root: Path, smoke: bool) -> tuple[list[dict], dict[str, str]]:
-    """The library's experts as `ExpertLibrary` specs, and `expert name -> task spec`."""
-    found, message = library_experts(root, minimum=2, option="--library")
+    """The library's experts as `ExpertLibrary` specs, and `expert name -> task spec` (tiny tasks in a smoke run)."""
+    _, message = library_experts(root, minimum=2, option="--library")
     if message:
         raise SystemExit(message)
-    specs, tasks = [], {}
-    for k, expert in enumerate(found):
-        meta = read_expert_json(expert.path)
-        name = expert.path.name
-        specs.append({"name": name, "source": str(expert.path), "description": meta.get("description", "")[:120]})
-        tasks[name] = SMOKE_TASKS[k % len(SMOKE_TASKS)] if smoke else meta.get("task_spec") or expert.task
+    specs, tasks = library_specs(root)
+    if smoke:
+        tasks = {name: SMOKE_TASKS[k % len(SMOKE_TASKS)] for k, name in enumerate(tasks)}
     return specs, tasks
 
 

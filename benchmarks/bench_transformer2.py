@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.experts import random_svf_experts
+from peft_spectral.benchmarking.experts import library_specs, random_svf_experts
 from peft_spectral.data import load_task
 from peft_spectral.evaluation import evaluate
-from peft_spectral.model_card import read_expert_json
 from peft_spectral.paths import library_dir
 from peft_spectral.plots import ci_bar_chart
 from peft_spectral.stats import accuracy_ci, compare_paired
@@ -42,7 +41,6 @@ from peft_spectral.transformer2 import (
     PromptDispatcher,
     build_classifier_examples,
     decide_categories,
-    find_experts,
     fit_threshold,
     train_classifier_expert,
 )
@@ -82,17 +80,6 @@ LABELS["classifier_dispatch"] = "classifier dispatch"
 #: Content-free questions of the calibrated prompt dispatch (contextual calibration, see docs/transformer2.md).
 CONTENT_FREE = ("N/A", "", "?")
 GOALS = {"mean_delta": 0.05, "recovery": 0.8}
-
-
-def library_specs(root: Path) -> tuple[list[dict], dict[str, str]]:
-    """The library's experts as `ExpertLibrary` specs and `name -> task spec`."""
-    specs, tasks = [], {}
-    for expert in find_experts(root):
-        name = expert.path.name
-        meta = read_expert_json(expert.path)
-        specs.append({"name": name, "source": str(expert.path), "description": meta.get("description", "")[:120]})
-        tasks[name] = meta.get("task_spec") or expert.task
-    return specs, tasks
 
 
 def answers(run, library, key: str, adapter, task, n: int, max_new_tokens: int) -> list[bool]:

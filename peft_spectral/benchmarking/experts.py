@@ -21,7 +21,7 @@ from typing import Union
 import torch
 
 
-__all__ = ["MLP_TARGETS", "default_library_dir", "library_experts", "random_svf_experts"]
+__all__ = ["MLP_TARGETS", "default_library_dir", "library_experts", "library_specs", "random_svf_experts"]
 
 #: The projections the random experts adapt.
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -57,6 +57,25 @@ def library_experts(root: Union[str, os.PathLike], minimum: int = 1, *, option: 
         f"{option} {root}: {len(found)} expert(s) (*/expert.json next to adapter_config.json), this benchmark needs "
         f"at least {minimum}; train them (python benchmarks/bench_experts.py --train) or pass {option}"
     )
+
+
+def library_specs(root: Union[str, os.PathLike]) -> tuple[list[dict], dict[str, str]]:
+    """The experts of the library `root` as [`~peft_spectral.transformer2.ExpertLibrary`] specs (`name`, `source`,
+    `description` cut to 120 characters) and `expert name -> task spec` (from each `expert.json`).
+
+    Args:
+        root (`str` or `os.PathLike`): The library directory.
+    """
+    from ..model_card import read_expert_json
+    from ..transformer2 import find_experts
+
+    specs, tasks = [], {}
+    for expert in find_experts(root):
+        name = expert.path.name
+        meta = read_expert_json(expert.path)
+        specs.append({"name": name, "source": str(expert.path), "description": meta.get("description", "")[:120]})
+        tasks[name] = meta.get("task_spec") or expert.task
+    return specs, tasks
 
 
 def random_svf_experts(root: Union[str, os.PathLike], n: int, *, seed: int = 0, scale: float = 0.5) -> Path:

@@ -290,11 +290,12 @@ class PromptDispatcher:
         self._check_adapter(library)
         if not examples:
             return []
-        if self.content_free is not None:
-            self.last_prior = self.prior(library)  # first: `last_tokens_run` counts the examples' tokens
+        # the prior first, so that `last_tokens_run` counts this call's examples only
+        prior = self.prior(library) if self.content_free is not None else None
         sums = self._raw_scores(library, examples)
-        if self.last_prior is not None and self.content_free is not None:
-            sums = [[s - p for s, p in zip(row, self.last_prior)] for row in sums]
+        if prior is not None:
+            sums = [[s - p for s, p in zip(row, prior)] for row in sums]
+        self.last_prior = prior
         self.last_scores = sums
         self.last_confidences = [category_confidence(s, self.confidence) for s in sums]
         return sums
