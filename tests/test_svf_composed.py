@@ -24,11 +24,13 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 from testing_utils import build_tiny_gpt2, build_tiny_llama, build_tiny_tokenizer
 
 from peft_spectral import SVFConfig
+from peft_spectral.tuners.svf import composed as composed_module
 from peft_spectral.tuners.svf.composed import (
     clear_composed_weights,
     composed_inference,
     composed_weight_bytes,
     is_sharded,
+    new_tokens_of_generate,
 )
 from peft_spectral.tuners.svf.layer import SVFLinear
 
@@ -173,6 +175,81 @@ def test_automatic_composition_waits_for_its_break_even():
     with torch.no_grad():
         model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
     assert all(layer.svf_composed.weight is not None for layer in layers(model))  # a decoding step composes
+
+
+def _greedy(model, ids, tok, **kwargs) -> list[list[int]]:
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, pad_token_id=tok.pad_token_id, **kwargs)
+    return out.tolist()
+
+
+def test_generation_length_keeps_short_generations_factored(monkeypatch):
+    """Inside `generate` the layers know how many decoding steps are left: a generation too short to pay for the
+    composition stays factored, a long one composes at its first decoding step, repeated short ones at the same z
+    compose once their count pays, and a decoding step of unknown length composes at once (the old rule)."""
+    monkeypatch.setitem(composed_module.DECODING_STEP_TOKENS, "cpu", 1)  # a decoding step counts as its 1 row
+    model, tok = svf_model()
+    reference, _ = svf_model(compose_inference=False)  # same seed: the same adapter, always factored
+    ids = tok(["0123456789"], return_tensors="pt")  # 10 prompt tokens, one row
+    break_even = {
+        layer.module_name: layer.compose_break_even_tokens(layer.svf_z["default"].shape[0]) for layer in layers(model)
+    }
+    assert sorted(set(break_even.values())) == [32.0, 64.0]
+
+    # 5 new tokens: 10 prompt tokens + 4 decoding steps = 14 < 32: nothing composes; the same completion
+    assert _greedy(model, ids, tok, max_new_tokens=5) == _greedy(reference, ids, tok, max_new_tokens=5)
+    assert composed_weight_bytes(model) == 0
+    assert all(layer.svf_decoding_steps_left is None for layer in layers(model))  # reset after generate
+
+    # repeated short generations (TRL passes a generation_config): each call adds 14 tokens at this z
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    calls = 1
+    while composed_weight_bytes(model) == 0 or any(layer.svf_composed.weight is None for layer in layers(model)):
+        with torch.no_grad():
+            out = model.generate(**ids, generation_config=config).tolist()
+        assert out == _greedy(reference, ids, tok, max_new_tokens=5)
+        calls += 1
+        assert calls <= 6, "repeated short generations never composed"
+    assert calls == math.ceil(64 / 14)  # the MLP matrices (64 tokens) are the last to compose, during the 5th call
+
+    # a long generation at a new z composes at its first decoding step
+    seen = {}
+    for layer, reference_layer in zip(layers(model), layers(reference)):
+        with torch.no_grad():
+            layer.svf_z["default"].mul_(1.01)
+            reference_layer.svf_z["default"].mul_(1.01)
+        original = layer._compose
+
+        def compose(names, layer=layer, original=original):
+            seen[layer.module_name] = layer.svf_decoding_steps_left
+            return original(names)
+
+        monkeypatch.setattr(layer, "_compose", compose)
+    assert _greedy(model, ids, tok, max_new_tokens=40) == _greedy(reference, ids, tok, max_new_tokens=40)
+    assert set(seen.values()) == {38}  # 39 decoding steps, composed at the first (the square ones would pay by 22)
+
+    # a decoding step outside a generation of known length (a hand-written loop) composes at once
+    clear_composed_weights(model)
+    with torch.no_grad():
+        first = model(**ids, use_cache=True)
+        step = first.logits[:, -1:].argmax(-1)
+        mask = torch.cat([ids["attention_mask"], torch.ones_like(step)], dim=1)
+        model(input_ids=step, attention_mask=mask, cache=first.past_key_values)
+    assert all(layer.svf_composed.weight is not None for layer in layers(model))
+
+
+def test_new_tokens_of_generate_reads_the_generate_kwargs():
+    from transformers import GenerationConfig
+
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    assert new_tokens_of_generate({"input_ids": ids, "max_new_tokens": 7}) == 7
+    assert new_tokens_of_generate({"generation_config": GenerationConfig(max_new_tokens=9)}) == 9
+    assert new_tokens_of_generate({"input_ids": ids, "max_length": 20}) == 8
+    assert new_tokens_of_generate({"input_ids": ids, "generation_config": GenerationConfig(max_length=15)}) == 3
+    assert new_tokens_of_generate({"input_ids": ids}) is None  # a forward's kwargs
+    assert new_tokens_of_generate({"max_length": 20}) is None  # no prompt to subtract
 
 
 # ---------------------------------------------------------------------------------------------- invalidation

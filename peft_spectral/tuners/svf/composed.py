@@ -10,14 +10,19 @@ and it frees the cached one, so that a training step's peak memory holds no dens
 
 **When it composes** (`SVFConfig.compose_inference=True`, the default). Composing costs `out·in·m` multiply-adds,
 as much as `out·in·m / (m·(out + in) - out·in)` tokens of the factored form's extra cost (1,540 tokens for
-SmolLM2-135M's 576×1536 MLP matrices, 576 for its square ones; `SVFLinear.compose_break_even_tokens`). So a layer
-composes at a decoding step (one new token per row: generation runs many more at the same `z`, and a decoding
-step's small matmuls are bound by reading the weights, where one dense `W'` beats two factors), or once the tokens
-it has run without gradient at the current `z` reach that break-even (a ski-rental rule: never more than twice the
-cheaper choice in hindsight). A sampling round of GRPO/RLOO therefore composes once and decodes every token with
-`W'`; a validation evaluation or Transformer²'s pass 2 likewise; CEM's few shots per candidate stay factored unless
-they are many. `composed_inference(model, True)` composes at the first forward without gradient, whatever the
-count.
+SmolLM2-135M's 576×1536 MLP matrices, 576 for its square ones; `SVFLinear.compose_break_even_tokens`). A layer
+composes once the tokens it has run without gradient at the current `z`, plus those it will still run in the current
+generation, reach that break-even (a ski-rental rule: never more than about twice the cheaper choice in hindsight).
+A decoding step (one new token per row) counts as [`decoding_step_tokens`] tokens or its rows, whichever is more: its
+small matmuls are bound by reading the weights, where one dense `W'` beats two factors by more than the arithmetic
+says. How many steps a generation still has is known inside `generate` of an SVF `PeftModel` (`max_new_tokens`,
+`generation_config.max_new_tokens` or `max_length`; see [`generation_length`]): a long generation composes at its
+first decoding step, a short one (a few tokens on a CPU) stays factored, and repeated short ones at the same `z` (an
+evaluation's batches) compose once their count makes it pay. Where the length is unknown (a hand-written decoding
+loop, `generate` of the base model under the adapter) a decoding step composes at once. A sampling round of
+GRPO/RLOO therefore composes once and decodes every token with `W'`; a validation evaluation or Transformer²'s pass 2
+likewise from its first or second batch; CEM's few shots per candidate stay factored unless they are many.
+`composed_inference(model, True)` composes at the first forward without gradient, whatever the count.
 
 **When `W'` is rebuilt.** A cached `W'` belongs to one set of active adapters and to the exact tensors it was built
 from: each `z`, the base weight and its bias, by identity, storage and in-place version (`_version`, which
@@ -57,8 +62,26 @@ __all__ = [
     "clear_composed_weights",
     "composed_inference",
     "composed_weight_bytes",
+    "decoding_step_tokens",
+    "generation_length",
     "is_sharded",
 ]
+
+#: Per device type: the tokens of the factored form whose extra multiply-adds cost as much time as one decoding step
+#: loses to the composed weight (a decoding step reads the factors, `m·(out + in)` values, instead of `out·in`).
+#: The CPU figure is measured: on 2 cores, composing SmolLM2-135M's 90 MLP matrices (~0.9 s) paid for itself after
+#: ~22 decoding steps of a batch of 8 (`benchmarks/bench_rollout.py`), i.e. `1540 / 22 ≈ 70` tokens per step. The
+#: other devices' figure is an estimate from their ratio of arithmetic to memory bandwidth, not a measurement; edit
+#: this mapping to tune it for a machine.
+DECODING_STEP_TOKENS: dict[str, int] = {"cpu": 64}
+#: [`DECODING_STEP_TOKENS`] of a device type the mapping does not name (accelerators: compose within a few steps).
+DEFAULT_DECODING_STEP_TOKENS = 512
+
+
+def decoding_step_tokens(device: torch.device) -> int:
+    """Tokens of the factored form one decoding step on `device` counts as (see [`DECODING_STEP_TOKENS`])."""
+    return DECODING_STEP_TOKENS.get(torch.device(device).type, DEFAULT_DECODING_STEP_TOKENS)
+
 
 # Bumped by every optimizer step in the process; part of every cache key (see the module docstring).
 _optimizer_steps = 0
@@ -187,3 +210,52 @@ def composed_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]
     finally:
         for layer, value in zip(layers, previous):
             layer.svf_compose_override = value
+
+
+def new_tokens_of_generate(kwargs: dict) -> Optional[int]:
+    """How many tokens a `generate(**kwargs)` call will decode at most, or `None` where its kwargs do not say.
+
+    Read from `max_new_tokens`, then `generation_config.max_new_tokens`, then `max_length` (of the kwargs or the
+    generation config) minus the prompt's length. Only calls that pass one of `max_new_tokens`, `max_length` or
+    `generation_config` are read (a `forward` passes none of them).
+    """
+    config = kwargs.get("generation_config")
+    if "max_new_tokens" not in kwargs and "max_length" not in kwargs and config is None:
+        return None
+    new = kwargs.get("max_new_tokens")
+    if new is None and config is not None:
+        new = getattr(config, "max_new_tokens", None)
+    if new is None:
+        max_length = kwargs.get("max_length") or getattr(config, "max_length", None)
+        ids = kwargs.get("input_ids")
+        if max_length is None or ids is None:
+            return None
+        new = max_length - ids.shape[-1]
+    return max(int(new), 0)
+
+
+@contextlib.contextmanager
+def generation_length(model: nn.Module, max_new_tokens: Optional[int]) -> Iterator[None]:
+    """Context telling the SVF layers of `model` that the generation inside decodes at most `max_new_tokens` tokens,
+    so that the automatic rule (see the module docstring) keeps a short generation factored.
+
+    `generate` of an SVF `PeftModel` enters it by itself; call it around a generation that does not go through it
+    (e.g. `generate` of the base model with the adapter active). `None` leaves the layers as they are.
+
+    Args:
+        model (`nn.Module`): The model holding the SVF layers.
+        max_new_tokens (`int` or `None`): The generation's budget of new tokens.
+    """
+    if max_new_tokens is None:
+        yield
+        return
+    layers = _svf_layers(model)
+    previous = [layer.svf_decoding_steps_left for layer in layers]
+    try:
+        for layer in layers:
+            # the first new token comes from the prompt's forward; the others from decoding steps
+            layer.svf_decoding_steps_left = max(int(max_new_tokens) - 1, 0)
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.svf_decoding_steps_left = value

@@ -52,7 +52,7 @@ from ...svd_cache import SpectralFactors
 from .._checks import check_finite_adapter
 from .._linear import linear_features, weight_matrix
 from .._merge import restore_weight, write_merged_weight
-from .composed import ComposedWeightCache, is_sharded
+from .composed import ComposedWeightCache, decoding_step_tokens, is_sharded
 from .config import SVFConfig
 from .factor_dtype import resolve_factor_dtype, scaled_matmul
 from .mixed_batch import mixed_batch_forward
@@ -74,6 +74,8 @@ class SVFLayer(BaseTunerLayer):
             gradient (see [`peft_spectral.tuners.svf.composed`]).
         svf_compose_override (`bool` or `None`): Set by `composed_inference(model, enabled)`; `None` follows the
             adapters' `SVFConfig.compose_inference`.
+        svf_decoding_steps_left (`int` or `None`): Decoding steps left in the current generation (set by
+            `generation_length`, which `generate` of an SVF `PeftModel` enters); `None` outside one.
     """
 
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
@@ -96,6 +98,7 @@ class SVFLayer(BaseTunerLayer):
         self._svf_checked: dict[str, tuple[int, int]] = {}  # adapter -> (data_ptr, _version) of the last finite z
         self.svf_composed = ComposedWeightCache()
         self.svf_compose_override: Optional[bool] = None
+        self.svf_decoding_steps_left: Optional[int] = None
 
         base = self.get_base_layer()
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base, "SVF", module_name)
@@ -356,13 +359,20 @@ class SVFLayer(BaseTunerLayer):
         return compose / saved if saved > 0 else float("inf")
 
     def _composition_pays(self, x: torch.Tensor, names: tuple[str, ...], tensors: list[torch.Tensor]) -> bool:
-        """`"auto"`: compose for a decoding step (one new token per row: a generation runs many more at this `z`),
-        or once the tokens run without gradient at this `z` reach the break-even (a ski-rental rule: never more than
-        twice the cheaper choice in hindsight), e.g. CEM's few shots per candidate stay factored."""
-        if x.ndim >= 3 and x.shape[-2] == 1:
-            return True
+        """`"auto"`: compose once the tokens run without gradient at this `z`, plus those the current generation
+        will still run, reach the break-even (a ski-rental rule, see `peft_spectral.tuners.svf.composed`). A decoding
+        step (one new token per row) counts as `decoding_step_tokens(device)` tokens or its rows, whichever is more;
+        outside a generation of known length it composes at once."""
         tokens = x.numel() // max(x.shape[-1], 1)
         k = max(self.svf_z[a].shape[0] for a in names)
+        if x.ndim >= 3 and x.shape[-2] == 1:
+            left = self.svf_decoding_steps_left
+            if left is None:
+                return True
+            step = max(tokens, decoding_step_tokens(x.device))
+            self.svf_decoding_steps_left = max(left - 1, 0)
+            expected = self.svf_composed.add_tokens(names, tensors, step) + self.svf_decoding_steps_left * step
+            return expected >= self.compose_break_even_tokens(k)
         return self.svf_composed.add_tokens(names, tensors, tokens) >= self.compose_break_even_tokens(k)
 
     def composed_output(self, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:

@@ -24,6 +24,7 @@ from ...svd_cache import SVDCache
 from .._checks import SKETCH_TOLERANCE, check_finite_weight, sketch_difference, weights_sketch
 from .._linear import is_conv1d, weight_matrix
 from .._tuner import SpectralTunerMixin
+from .composed import generation_length, new_tokens_of_generate
 from .config import SVF_DEFAULT_TARGET_MODULES, SVFConfig
 from .layer import SVFLayer, SVFLinear
 from .mixed_batch import mixed_batch_hooks
@@ -288,12 +289,15 @@ class SVFModel(SpectralTunerMixin, BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """Mixed-adapter batches: `adapter_names=[...]` (one per example) in `forward`/`generate`, as for LoRA."""
-        adapter_names = kwargs.get("adapter_names")
-        if adapter_names is None:
-            yield
-            return
-        with mixed_batch_hooks(self.model, adapter_names, layer_cls=SVFLayer, num_beams=kwargs.get("num_beams")):
+        """Mixed-adapter batches: `adapter_names=[...]` (one per example) in `forward`/`generate`, as for LoRA; in
+        `generate`, the generation's length for the composed weight's rule (see `generation_length`)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(generation_length(self.model, new_tokens_of_generate(kwargs)))
+            adapter_names = kwargs.get("adapter_names")
+            if adapter_names is not None:
+                stack.enter_context(
+                    mixed_batch_hooks(self.model, adapter_names, layer_cls=SVFLayer, num_beams=kwargs.get("num_beams"))
+                )
             yield
 
     def svf_layers(self) -> list[tuple[str, SVFLinear]]:
