@@ -4,9 +4,10 @@ Measured in one run, round-robin (each round runs every variant of a part back t
 processes hits all alike; medians over rounds, and per-round ratios with their range):
 
 * **sampling** (`generate(do_sample=True)`, a batch of chat prompts, exactly 8 and 64 new tokens): SVF in its
-  factored form (`composed_inference(model, False)`), SVF with the default `compose_inference=True` (the cache
-  cleared before each call, so every call pays one composition, as a GRPO step does after its optimizer step), the
-  base model (adapters disabled) and LoRA r=16 (unmerged, as TRL samples with it);
+  factored form (`composed_inference(model, False)`), SVF with the default `compose_inference=True` (the automatic
+  rule, which knows the generation's length; the cache cleared before each call, so that a call that composes pays
+  one composition, as a GRPO step does after its optimizer step), the base model (adapters disabled) and LoRA r=16
+  (unmerged, as TRL samples with it);
 * **evaluations per second**, factored (before) against the default (after), the answers compared: (a) a validation
   evaluation during training (`evaluation.evaluate`, greedy, what `ValidationCallback` runs; cache cleared first),
   (b) Transformer² pass 2 with one expert (`two_pass_generate` with a `FixedDispatcher`), (c) CEM candidate
