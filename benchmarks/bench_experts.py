@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.reporting import stat_entry
+from peft_spectral.benchmarking.reporting import majority_baseline
 from peft_spectral.data import load_task
 from peft_spectral.expert_eval import read_test_eval
 from peft_spectral.model_card import read_expert_json
 from peft_spectral.paths import library_dir
 from peft_spectral.plots import ci_bar_chart
-from peft_spectral.stats import accuracy_ci, compare_paired
 from peft_spectral.training import SVFTrainingConfig, train_expert
 
 
@@ -85,7 +83,7 @@ def train_library(recipes: dict[str, dict], library: Path, run: BenchmarkRun, ov
         run.record(name, {"stages": [s["name"] for s in result.stages], "path": str(result.path)})
 
 
-def majority_baseline(meta: dict, report: dict) -> dict:
+def expert_majority(meta: dict, report: dict) -> dict:
     """The constant that gives the training split's most frequent answer, on the expert's test questions: its
     accuracy, expert − constant (paired), and expert − base on the questions whose answer is another one."""
     config = meta.get("config") or {}
@@ -96,14 +94,8 @@ def majority_baseline(meta: dict, report: dict) -> dict:
     expert, base = report["adapter"]["correct"], report["base"]["correct"]
     if len(test) != len(expert):
         raise SystemExit(f"{meta.get('task')}: {len(test)} test questions for {len(expert)} recorded verdicts")
-    answer, _ = Counter(ex.target for ex in task.train).most_common(1)[0]
-    constant = [ex.target == answer for ex in test]
-    rest = [i for i, ex in enumerate(test) if ex.target != answer]
-    return {
-        "answer": answer, "constant": stat_entry(accuracy_ci(constant)),
-        "expert_minus_constant": stat_entry(compare_paired(constant, expert)), "rest_n": len(rest),
-        "rest_delta": stat_entry(compare_paired([base[i] for i in rest], [expert[i] for i in rest])) if rest else None,
-    }  # fmt: skip
+    out = majority_baseline(task.train, test, base, expert)
+    return {**out, "expert_minus_constant": out["minus_constant"]}
 
 
 def library_rows(recipes: dict[str, dict], library: Path) -> list[dict]:
@@ -132,7 +124,7 @@ def library_rows(recipes: dict[str, dict], library: Path) -> list[dict]:
                 if report.get("strict")
                 else None,
                 "goal_met": report["n"] >= GOAL_N and delta["delta"] >= GOAL_DELTA and delta["low"] > 0,
-                "majority": (majority := majority_baseline(meta, report)),
+                "majority": (majority := expert_majority(meta, report)),
                 "goal_met_beyond_majority": report["n"] >= GOAL_N
                 and majority["expert_minus_constant"]["delta"] >= GOAL_DELTA
                 and majority["expert_minus_constant"]["low"] > 0,

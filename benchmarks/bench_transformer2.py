@@ -12,9 +12,10 @@ Strategies, each scored on the same n test questions (greedy answers read lenien
 classifier's `others` class are fitted on validation prompts of the experts' tasks and of separate `others` tasks,
 disjoint from every task scored); **CEM** (few-shot mixing weights on shots from the task's train split); **oracle**
 (the related expert; every single expert on the two-skill task). Reported: Δ vs base with paired 95% CIs, dispatch
-accuracy, pass-1 / pass-2 time, the goals of issue #25 §3 met or not.
+accuracy, pass-1 / pass-2 time, the goals of issue #25 §3 met or not, and each gain beside the majority answer (a
+constant giving the training split's most frequent answer: a gain it also gets is an answer prior, not a skill).
 
-    python benchmarks/bench_transformer2.py          # the embedded model and the shipped library (~3 h on 2 cores)
+    python benchmarks/bench_transformer2.py          # the embedded model and the shipped library (~1.8 h on 2 cores)
     python benchmarks/bench_transformer2.py --smoke  # tiny model, random experts, seconds
 
 Resumable: every answer set, pass-1 score set, classifier and CEM search is a job in the run state.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
 from peft_spectral.benchmarking.experts import library_specs, random_svf_experts
+from peft_spectral.benchmarking.reporting import majority_baseline
 from peft_spectral.data import load_task
 from peft_spectral.evaluation import evaluate
 from peft_spectral.paths import library_dir
@@ -225,17 +227,19 @@ def main(argv=None) -> int:
             e: answers(run, library, f"answers:{e}:{n}", e, task, args.n_test, args.max_new_tokens) for e in singles
         }
         row["experts"] = {e: compare(base, c) for e, c in single.items()}
+        verdicts = {}
         if related:
-            row["oracle"] = row["experts"][related]
+            row["oracle"], verdicts["oracle"] = row["experts"][related], single[related]
         elif role == "two_skill":
-            row["oracle"] = max(row["experts"].values(), key=lambda r: r["accuracy"])
+            best = max(single, key=lambda e: sum(single[e]))
+            row["oracle"], verdicts["oracle"] = row["experts"][best], single[best]
         for label in DISPATCHERS:
             picks = decisions[(label, n)]
             correct = list(base)
             for e in sorted(set(picks) - {OTHERS}):
                 chosen = answers(run, library, f"answers:{e}:{n}", e, task, args.n_test, args.max_new_tokens)
                 correct = [c if p == e else k for p, c, k in zip(picks, chosen, correct)]
-            right = related or OTHERS
+            right, verdicts[label] = related or OTHERS, correct
             row[label] = {
                 **compare(base, correct),
                 "chosen": {c: picks.count(c) for c in sorted(set(picks))},
@@ -251,20 +255,21 @@ def main(argv=None) -> int:
         )
         mixer.around_base = cem["around_base"]
         mixer.apply(cem["best_alpha"])
+        verdicts["cem"] = answers(
+            run, library, f"answers:cem:{n}", mixer.adapter_name, task, args.n_test, args.max_new_tokens
+        )
         row["cem"] = {
-            **compare(
-                base,
-                answers(run, library, f"answers:cem:{n}", mixer.adapter_name, task, args.n_test, args.max_new_tokens),
-            ),
+            **compare(base, verdicts["cem"]),
             "alpha": dict(zip(names, cem["best_alpha"])),
             "search_seconds": cem["seconds"],
         }
+        row["majority"] = majority_of(task, base, verdicts)
         results[n] = row
         answer_seconds[n] = run.result(f"answers:base:{n}")["seconds"]
     timing = {
         label: sum(pass1_seconds[(label, n)] for n in tasks) / sum(answer_seconds.values()) for label in DISPATCHERS
     }
-    goals = evaluate_goals(results)
+    goals = evaluate_goals(results, args.n_test)
     data = {
         "rows": results,
         "calibration": calibration,
@@ -274,7 +279,11 @@ def main(argv=None) -> int:
         "others_tasks": list(others),
     }
     plot(results, run.path(".png"))
-    run.write(data, report(results, calibration, timing, goals, expert_tasks), title="Transformer² on unseen tasks")
+    run.write(
+        data,
+        report(results, calibration, timing, goals, expert_tasks, args.n_test),
+        title="Transformer² on unseen tasks",
+    )
     return 0
 
 
@@ -306,7 +315,24 @@ def search_cem(library, task, args, name: str) -> dict:
     }
 
 
-def evaluate_goals(results: dict) -> dict:
+def majority_of(task, base: list[bool], verdicts: dict[str, list[bool]]) -> dict:
+    """The majority-answer baseline of one task (see `majority_baseline`) against every strategy's verdicts."""
+    test = task.test[: len(base)]
+    rows = {s: majority_baseline(task.train, test, base, v) for s, v in verdicts.items()}
+    first = next(iter(rows.values()))
+    keep = ("minus_constant", "rest_n", "rest_delta", "right_on_majority", "top_right")
+    return {
+        "answer": first["answer"],
+        "share": first["share"],
+        "constant": first["constant"],
+        "strategies": {s: {k: r[k] for k in keep} for s, r in rows.items()},
+    }
+
+
+def evaluate_goals(results: dict, n_test: int) -> dict:
+    """Issue #25 §3's goals; tasks with fewer than `n_test` test questions are left out of them (and named)."""
+    too_small = sorted(n for n, r in results.items() if r["n"] < n_test)
+    results = {n: r for n, r in results.items() if n not in too_small}
     related = {n: r for n, r in results.items() if r["role"] == "related"}
     strategies = [*DISPATCHERS, "cem"]
     mean = {s: sum(r[s]["delta"] for r in related.values()) / max(1, len(related)) for s in strategies}
@@ -320,9 +346,25 @@ def evaluate_goals(results: dict) -> dict:
     }
     two = next((r for r in results.values() if r["role"] == "two_skill"), None)
     cem_beats = None if two is None else all(two["cem"]["accuracy"] > e["accuracy"] for e in two["experts"].values())
+    beyond = {
+        s: sum(r["majority"]["strategies"][s]["rest_delta"]["delta"] for r in related.values()) / max(1, len(related))
+        for s in strategies
+        if all(r.get("majority") and r["majority"]["strategies"][s]["rest_delta"] for r in related.values())
+    }
+    beyond_top = {
+        s: sum(r["majority"]["strategies"][s]["top_right"]["rest_delta"]["delta"] for r in related.values())
+        / max(1, len(related))
+        for s in strategies
+        if all(
+            r.get("majority") and r["majority"]["strategies"][s]["top_right"]["rest_delta"] for r in related.values()
+        )
+    }
     return {
+        "left_out_too_few_questions": too_small,
         "best_strategy": best,
         "mean_delta_related": mean,
+        "mean_delta_related_beyond_majority": beyond,
+        "mean_delta_related_beyond_top_right_answer": beyond_top,
         "best_mean_delta_met": mean[best] >= GOALS["mean_delta"] and significant * 2 >= len(related),
         "best_significant_tasks": f"{significant} of {len(related)}",
         "none_significantly_below_base": not below,
@@ -344,7 +386,37 @@ def _dispatch_cell(entry: dict) -> str:
     return f"{'—' if accuracy is None else f'{accuracy:.2f}'}, {entry['chosen']}"
 
 
-def report(results: dict, calibration: dict, timing: dict, goals: dict, experts: dict) -> str:
+def _points(entry: dict) -> str:
+    return f"{100 * entry['delta']:+.1f} [{100 * entry['low']:+.1f}, {100 * entry['high']:+.1f}]"
+
+
+def majority_table(results: dict) -> str:
+    shown = ("classifier_dispatch", "cem", "oracle")
+    rows = []
+    for n, r in results.items():
+        m = r.get("majority")
+        if not m:
+            continue
+        cells = []
+        for s in shown:
+            e = m["strategies"].get(s)
+            if not e or not e["rest_delta"]:
+                cells.append("—")
+                continue
+            top = e["top_right"]
+            if not top["right"]:
+                cells.append(f"{_points(e['rest_delta'])}; none right")
+                continue
+            besides = f"; without `{top['answer']}` {_points(top['rest_delta'])}" if top["rest_delta"] else ""
+            cells.append(
+                f"{_points(e['rest_delta'])}; {top['right']} of {top['of_right']} right on `{top['answer']}`{besides}"
+            )
+        rows.append([f"`{n}`", f"`{m['answer']}` ({m['share']:.2f})", m["strategies"]["cem"]["rest_n"], *cells])
+    headers = ["task", "majority answer (share of test)", "n without it", *(LABELS.get(s, s) for s in shown)]
+    return markdown_table(headers, rows, "llr" + "r" * len(shown))
+
+
+def report(results: dict, calibration: dict, timing: dict, goals: dict, experts: dict, n_test: int) -> str:
     rows = [
         [f"`{n}` ({r['role']})", r["n"], f"{r['base']['accuracy']:.3f} [{r['base']['low']:.2f}, {r['base']['high']:.2f}]", *(_cell(r[d]) for d in DISPATCHERS), _cell(r["cem"]), _cell(r["oracle"]) if "oracle" in r else "— (base)"]
         for n, r in results.items()
@@ -369,6 +441,21 @@ def report(results: dict, calibration: dict, timing: dict, goals: dict, experts:
         f"- dispatch recovers ≥ 80% of the oracle gain on the related tasks: {met(g['recovery_met'])} ("
         + ", ".join(f"{s} {'n/a' if v is None else f'{100 * v:.0f}%'}" for s, v in g["oracle_recovery"].items()) + ")",
         f"- on the two-skill task CEM beats every single expert: {met(g['cem_beats_every_single_expert_on_two_skill'])}",
+        "- the same mean Δ on the questions whose answer is not the training split's most frequent one: "
+        + (", ".join(f"{s} {100 * v:+.1f}" for s, v in g["mean_delta_related_beyond_majority"].items()) or "—"),
+        "- and without the questions of the answer each strategy is most often right on (a constant-answer check): "
+        + (", ".join(f"{s} {100 * v:+.1f}" for s, v in g["mean_delta_related_beyond_top_right_answer"].items()) or "—"),
+        f"- left out of the goals, fewer than {n_test} test questions: {', '.join(g['left_out_too_few_questions']) or 'none'}",
+        "",
+        "## Beyond the majority answer",
+        "",
+        ("A constant that gives the training split's most frequent answer to every question is right on that answer's "
+        "share of the test; a gain it also gets is an answer prior, not a skill. Per strategy: Δ vs base in points "
+        "[paired 95% CI] on the other questions; then the gold answer it is right on most often, how many of its "
+        "right answers are on it (all of them: it gives one answer to everything), and Δ vs base without that "
+        "answer's questions (chosen on these test questions: a check, not a selection)."),
+        "",
+        majority_table(results),
         "",
         "## Dispatch",
         "",

@@ -37,12 +37,33 @@ def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
         assert row["cem"]["delta"] == pytest.approx(compare_paired(base, cem).delta)
         for label in bench.DISPATCHERS:
             assert sum(row[label]["chosen"].values()) == 6
+    # the majority-answer baseline: the train split's most frequent answer, scored on the same test questions
+    from collections import Counter
+
+    from peft_spectral.data import load_task
+
+    for name, row in rows.items():
+        task = load_task(row["spec"], seed=0, max_examples=1000)
+        answer = Counter(e.target for e in task.train).most_common(1)[0][0]
+        constant = [e.target == answer for e in task.test[:6]]
+        cem = state[f"answers:cem:{name}"]["correct"]
+        majority = row["majority"]
+        assert majority["answer"] == answer and majority["share"] == pytest.approx(sum(constant) / 6)
+        entry = majority["strategies"]["cem"]
+        assert entry["minus_constant"]["delta"] == pytest.approx(compare_paired(constant, cem).delta)
+        assert entry["right_on_majority"] == sum(c and k for c, k in zip(constant, cem))
+        assert entry["rest_n"] == 6 - sum(constant)
+        top = entry["top_right"]
+        assert top["of_right"] == sum(cem) and top["right"] == max(
+            sum(ok for e, ok in zip(task.test[:6], cem) if e.target == a) for a in {e.target for e in task.test[:6]}
+        )
     two = next(r for r in rows.values() if r["role"] == "two_skill")
     assert len(two["experts"]) == 3  # every single expert is scored on the two-skill task
     goals = saved["goals"]
     assert set(goals["mean_delta_related"]) == {"prompt_dispatch", "calibrated_dispatch", "classifier_dispatch", "cem"}
     text = (tmp_path / "transformer2.md").read_text()
     assert "## Goals (issue #25 §3)" in text and "smoke run, not a result" in text
+    assert "## Beyond the majority answer" in text
     assert (tmp_path / "transformer2.png").read_bytes()[:4] == b"\x89PNG"
     # resumable: a second run answers nothing again and reports the same rows
     assert bench.main(argv) == 0
@@ -63,3 +84,17 @@ def test_task_sets_are_disjoint():
     assert families == {r["family"] for r in recipes.values()}  # every skill family of the library has related tasks
     expert_specs = {part for r in recipes.values() for part in r["config"]["task"].split(";")}
     assert not expert_specs & set(specs) and not expert_specs & set(bench.OTHERS_TASKS)
+
+
+def test_goals_leave_out_tasks_with_too_few_questions():
+    bench = _bench()
+
+    def row(n, delta, low):
+        cell = {"accuracy": 0.5, "delta": delta, "delta_low": low, "delta_high": delta + 0.05}
+        return {"role": "related", "n": n, "oracle": cell, "cem": cell, **{d: cell for d in bench.DISPATCHERS}}
+
+    results = {"big": row(200, 0.10, 0.02), "small": row(12, -0.50, -0.9)}
+    goals = bench.evaluate_goals(results, 200)
+    assert goals["left_out_too_few_questions"] == ["small"]
+    assert goals["mean_delta_related"]["cem"] == pytest.approx(0.10)  # "small" would pull it to -0.20
+    assert goals["best_mean_delta_met"] and goals["best_significant_tasks"] == "1 of 1"

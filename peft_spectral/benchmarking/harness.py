@@ -159,6 +159,9 @@ class BenchmarkRun:
         self.fingerprint = fingerprint(name, self.config)
         state = load_state(self.state_path, self.fingerprint, what=f"{name} benchmark state")
         self._results: dict[str, Any] = dict((state or {}).get("results", {}))
+        # when and on which commit the recorded jobs ran (a report rewritten from the state later says so)
+        self._recorded: dict[str, Any] = dict((state or {}).get("recorded", {}))
+        self._recorded_now = False
         self._started = time.perf_counter()
         self.machine = machine_info()
         if self._results:
@@ -213,9 +216,20 @@ class BenchmarkRun:
     def record(self, key: str, value: Any) -> Any:
         """Record the result of job `key` (JSON-ready) and write the state file atomically; returns `value`."""
         self._results[key] = json.loads(json.dumps(value, default=str))
+        now = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": self.machine.get("git_commit"),
+        }
+        self._recorded = {"first": self._recorded.get("first") or now, "last": now}
+        self._recorded_now = True
         write_json_atomic(
             self.state_path,
-            {"fingerprint": self.fingerprint, "config": self.config, "results": self._results},
+            {
+                "fingerprint": self.fingerprint,
+                "config": self.config,
+                "results": self._results,
+                "recorded": self._recorded,
+            },
             digest=True,
         )
         return self._results[key]
@@ -269,6 +283,19 @@ class BenchmarkRun:
             f"model `{self.model_name}`, commit {m.get('git_commit') or 'n/a'}"
             + (" — **smoke run, not a result**" if self.smoke else "")
             + "."
+            + self._earlier_jobs()
+        )
+
+    def _earlier_jobs(self) -> str:
+        """A sentence saying when the jobs of a resumed run were recorded, where that was before this process."""
+        first, last = self._recorded.get("first"), self._recorded.get("last")
+        if not first or not self._results or first["date"] >= self.machine["date"]:
+            return ""
+        span = f"{first['date'][:16].replace('T', ' ')} to {last['date'][:16].replace('T', ' ')} UTC"
+        commits = ", ".join(sorted({c for c in (first.get("commit"), last.get("commit")) if c}))
+        return (
+            f" Jobs recorded from {span}{f' (commit {commits})' if commits else ''}"
+            f"{', this run added some' if self._recorded_now else '; this report was rewritten from that state'}."
         )
 
     def write(self, data: dict[str, Any], markdown: str, *, title: Optional[str] = None) -> tuple[Path, Path]:
