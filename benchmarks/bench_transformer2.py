@@ -329,6 +329,16 @@ def majority_of(task, base: list[bool], verdicts: dict[str, list[bool]]) -> dict
     }
 
 
+def _mean_rest_delta(related: dict, strategies: list[str], entry) -> dict[str, float]:
+    """Per strategy, the mean over `related` of the paired Δ that `entry` picks from its majority analysis (strategies
+    without one on every task are left out)."""
+    picked = {
+        s: [entry(r["majority"]["strategies"][s]) if r.get("majority") else None for r in related.values()]
+        for s in strategies
+    }
+    return {s: sum(e["delta"] for e in v) / len(v) for s, v in picked.items() if v and all(v)}
+
+
 def evaluate_goals(results: dict, n_test: int) -> dict:
     """Issue #25 §3's goals; tasks with fewer than `n_test` test questions are left out of them (and named)."""
     too_small = sorted(n for n, r in results.items() if r["n"] < n_test)
@@ -346,19 +356,8 @@ def evaluate_goals(results: dict, n_test: int) -> dict:
     }
     two = next((r for r in results.values() if r["role"] == "two_skill"), None)
     cem_beats = None if two is None else all(two["cem"]["accuracy"] > e["accuracy"] for e in two["experts"].values())
-    beyond = {
-        s: sum(r["majority"]["strategies"][s]["rest_delta"]["delta"] for r in related.values()) / max(1, len(related))
-        for s in strategies
-        if all(r.get("majority") and r["majority"]["strategies"][s]["rest_delta"] for r in related.values())
-    }
-    beyond_top = {
-        s: sum(r["majority"]["strategies"][s]["top_right"]["rest_delta"]["delta"] for r in related.values())
-        / max(1, len(related))
-        for s in strategies
-        if all(
-            r.get("majority") and r["majority"]["strategies"][s]["top_right"]["rest_delta"] for r in related.values()
-        )
-    }
+    beyond = _mean_rest_delta(related, strategies, lambda e: e["rest_delta"])
+    beyond_top = _mean_rest_delta(related, strategies, lambda e: e["top_right"]["rest_delta"])
     return {
         "left_out_too_few_questions": too_small,
         "best_strategy": best,

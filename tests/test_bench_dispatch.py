@@ -3,10 +3,8 @@ the report's accuracies and paired difference recomputed from the recorded choic
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from testing_utils import load_benchmark
+from testing_utils import load_benchmark, run_smoke
 
 from peft_spectral.transformer2 import OTHERS
 
@@ -16,10 +14,7 @@ bench = load_benchmark("bench_dispatch")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dispatch")
-    assert bench.main(["--smoke", "--output", str(out), "--no-progress"]) == 0
-    state = json.loads((out / "dispatch_state.json").read_text())["results"]
-    return out, state, json.loads((out / "dispatch.json").read_text()), (out / "dispatch.md").read_text()
+    return run_smoke("dispatch", tmp_path_factory.mktemp("dispatch"))
 
 
 def test_accuracies_come_from_the_recorded_choices(smoke):

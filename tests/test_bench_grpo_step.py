@@ -7,7 +7,7 @@ import json
 import statistics
 
 import pytest
-from testing_utils import load_benchmark
+from testing_utils import load_benchmark, run_smoke
 
 from peft_spectral.benchmarking.reporting import format_spread, round_spread
 
@@ -17,10 +17,7 @@ bench = load_benchmark("bench_grpo_step")
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_step")
-    assert bench.main(["--smoke", "--output", str(out), "--no-progress"]) == 0
-    state = json.loads((out / "grpo_step_state.json").read_text())["results"]
-    return out, state, json.loads((out / "grpo_step.json").read_text()), (out / "grpo_step.md").read_text()
+    return run_smoke("grpo_step", tmp_path_factory.mktemp("grpo_step"))
 
 
 def test_ratios_and_goals_come_from_the_rounds(smoke):

@@ -33,6 +33,16 @@ def load_benchmark(name: str):
     return module
 
 
+def run_smoke(name: str, folder):
+    """Run `benchmarks/<name>.py --smoke` into `folder`; returns `(folder, state results, <name>.json, <name>.md)`."""
+    import json
+
+    bench = load_benchmark(f"bench_{name}")
+    assert bench.main(["--smoke", "--output", str(folder), "--no-progress"]) == 0
+    state = json.loads((folder / f"{name}_state.json").read_text())["results"]
+    return folder, state, json.loads((folder / f"{name}.json").read_text()), (folder / f"{name}.md").read_text()
+
+
 def save_svf_expert(path, seed: int, svd_dir, targets=("gate_proj", "up_proj", "down_proj"), base_name="tiny-llama"):
     """Save an SVF adapter of a fresh tiny Llama whose z vectors are random (`1 + 0.5 N(0, 1)`, seeded).
 
