@@ -193,7 +193,13 @@ def main(argv=None) -> int:
     parser.add_argument("--train", action="store_true", help="train the library first (resumable)")
     parser.add_argument("--recipes", default=None, help="recipe file; left out: <library>/recipes.json")
     parser.add_argument("--library", default=None, help="library directory; left out: peft_spectral/library/")
-    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="train only these experts")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="train only these experts (the report lists every expert of the library)",
+    )
     args = parser.parse_args(argv)
     run = BenchmarkRun.from_args(args, {"train": args.train, "only": args.only})
     if args.smoke:
@@ -206,9 +212,8 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.only) - set(recipes))
         if unknown:
             raise SystemExit(f"--only: no recipe named {unknown}; recipes: {sorted(recipes)}")
-        recipes = {k: v for k, v in recipes.items() if k in args.only}
     if args.train or args.smoke:
-        train_library(recipes, library, run, overrides)
+        train_library({k: v for k, v in recipes.items() if not args.only or k in args.only}, library, run, overrides)
     rows = library_rows(recipes, library)
     if not rows:
         raise SystemExit(f"no trained expert with a test evaluation in {library}: run with --train")

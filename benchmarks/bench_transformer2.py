@@ -18,7 +18,9 @@ constant giving the training split's most frequent answer: a gain it also gets i
     python benchmarks/bench_transformer2.py          # the embedded model and the shipped library (~1.8 h on 2 cores)
     python benchmarks/bench_transformer2.py --smoke  # tiny model, random experts, seconds
 
-Resumable: every answer set, pass-1 score set, classifier and CEM search is a job in the run state.
+Resumable: every answer set, pass-1 score set, classifier and CEM search is a job in the run state. A job's key
+names what it used (the task spec's digest, each expert's content digest, the classifier's inputs), so a retrained
+expert or a changed task re-runs only the jobs that used it.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import time
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.experts import library_specs, random_svf_experts
+from peft_spectral.benchmarking.experts import expert_digest, library_specs, random_svf_experts
 from peft_spectral.benchmarking.reporting import majority_baseline
 from peft_spectral.data import load_task
 from peft_spectral.evaluation import evaluate
 from peft_spectral.paths import library_dir
 from peft_spectral.plots import ci_bar_chart
+from peft_spectral.state import fingerprint
 from peft_spectral.stats import accuracy_ci, compare_paired
 from peft_spectral.transformer2 import (
     OTHERS,
@@ -62,7 +65,7 @@ UNSEEN = {
     "letters_longer": ("related", "rg:letter_counting?max_words=6&min_words=4", "counting"),
     "count_bits_big": ("related", "rg:count_bits?max_n=4095&min_n=256", "counting"),
     "gcd_larger": ("related", "rg:gcd?max_value=200&min_value=51", "number_theory"),
-    "prime_factors": ("related", "rg:prime_factorization?max_value=60", "number_theory"),
+    "prime_factors": ("related", "rg:prime_factorization?max_value=2000&min_value=100", "number_theory"),
     # family_relationships is reasoning-gym's only kinship generator: two harder settings instead of a sibling
     "kinship_6": ("related", "rg:family_relationships?max_family_size=6&min_family_size=5", "kinship"),
     "kinship_8": ("related", "rg:family_relationships?max_family_size=8&min_family_size=7", "kinship"),
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
         for k, v in vars(args).items()
         if k not in ("output", "state", "no_progress", "smoke", "model", "benchmark_name")
     }
-    run = BenchmarkRun.from_args(args, {**config, "unseen": UNSEEN, "others": OTHERS_TASKS})
+    # the unseen tasks and the experts are in the job keys (see `JobKeys`), not in the run's fingerprint
+    run = BenchmarkRun.from_args(args, {**config, "others": OTHERS_TASKS})
     model, tok = run.load_model()
     if args.smoke:
         root = run.output_dir / "library"
@@ -178,6 +182,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"task sets overlap: {sorted(overlap)}")
     library = ExpertLibrary.load(model, tok, specs)
     names = library.names
+    keys = JobKeys(unseen, specs, expert_tasks, others)
     load = lambda spec: load_task(spec, seed=args.seed, max_examples=max(1000, 5 * args.n_test))  # noqa: E731
     tasks = {n: load(s) for n, (_, s, _) in unseen.items()}
     exp_tasks = {n: load(s) for n, s in expert_tasks.items()}
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------------------------------- pass 1: dispatchers
     folder = run.output_dir / "transformer2_classifier"
-    if not run.done("classifier") or not (folder / "adapter_config.json").is_file():
+    if not run.done(keys.classifier) or not (folder / "adapter_config.json").is_file():
         data = build_classifier_examples(
             library,
             {n: t.train for n, t in exp_tasks.items()},
@@ -194,7 +199,7 @@ def main(argv=None) -> int:
         )
         t0 = time.perf_counter()
         train_classifier_expert(library, data, folder, steps=args.classifier_steps, seed=args.seed)
-        run.record("classifier", {"seconds": time.perf_counter() - t0, "examples": len(data)})
+        run.record(keys.classifier, {"seconds": time.perf_counter() - t0, "examples": len(data)})
     classifier = library.load_extra_adapter(folder, "classifier", "classifier")
     dispatchers = {
         "prompt_dispatch": PromptDispatcher(None),
@@ -206,13 +211,14 @@ def main(argv=None) -> int:
     for label, dispatcher in dispatchers.items():
         scores, truth = [], []
         for n, t in [*exp_tasks.items(), *oth_tasks.items()]:
-            rows, _ = pass1(run, library, f"pass1:{label}:calibrate:{n}", dispatcher, t.validation[: args.n_calibrate])
+            key = keys.pass1(label, n, calibrate=True)
+            rows, _ = pass1(run, library, key, dispatcher, t.validation[: args.n_calibrate])
             scores += rows
             truth += [n if n in exp_tasks else OTHERS] * len(rows)
         threshold, fitted = fit_threshold(scores, categories, truth)
         calibration[label] = {"threshold": threshold, "validation_accuracy": fitted["accuracy"], "n": len(truth)}
         for n, t in tasks.items():
-            rows, seconds = pass1(run, library, f"pass1:{label}:{n}", dispatcher, t.test[: args.n_test])
+            rows, seconds = pass1(run, library, keys.pass1(label, n), dispatcher, t.test[: args.n_test])
             decisions[(label, n)] = decide_categories(rows, categories, threshold=threshold)
             pass1_seconds[(label, n)] = seconds
 
@@ -220,11 +226,11 @@ def main(argv=None) -> int:
     results, answer_seconds = {}, {}
     for n, (role, spec, related) in progress(unseen.items(), run.progress):
         task = tasks[n]
-        base = answers(run, library, f"answers:base:{n}", None, task, args.n_test, args.max_new_tokens)
+        base = answers(run, library, keys.answers(None, n), None, task, args.n_test, args.max_new_tokens)
         row = {"role": role, "spec": spec, "related": related, "n": len(base), "base": compare(base, base)}
         singles = names if role == "two_skill" else [related] if related else []
         single = {
-            e: answers(run, library, f"answers:{e}:{n}", e, task, args.n_test, args.max_new_tokens) for e in singles
+            e: answers(run, library, keys.answers(e, n), e, task, args.n_test, args.max_new_tokens) for e in singles
         }
         row["experts"] = {e: compare(base, c) for e, c in single.items()}
         verdicts = {}
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
             picks = decisions[(label, n)]
             correct = list(base)
             for e in sorted(set(picks) - {OTHERS}):
-                chosen = answers(run, library, f"answers:{e}:{n}", e, task, args.n_test, args.max_new_tokens)
+                chosen = answers(run, library, keys.answers(e, n), e, task, args.n_test, args.max_new_tokens)
                 correct = [c if p == e else k for p, c, k in zip(picks, chosen, correct)]
             right, verdicts[label] = related or OTHERS, correct
             row[label] = {
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
                 "chosen": {c: picks.count(c) for c in sorted(set(picks))},
                 "dispatch_accuracy": (sum(p == right for p in picks) / len(picks)) if role != "two_skill" else None,
             }
-        cem = run.cached(f"cem:{n}", lambda task=task, n=n: search_cem(library, task, args, n))
+        cem = run.cached(keys.cem(n), lambda task=task, n=n: search_cem(library, task, args, n))
         mixer = FewShotMixer(
             library,
             task.train[: args.shots],
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
         mixer.around_base = cem["around_base"]
         mixer.apply(cem["best_alpha"])
         verdicts["cem"] = answers(
-            run, library, f"answers:cem:{n}", mixer.adapter_name, task, args.n_test, args.max_new_tokens
+            run, library, keys.answers("cem", n), mixer.adapter_name, task, args.n_test, args.max_new_tokens
         )
         row["cem"] = {
             **compare(base, verdicts["cem"]),
@@ -265,7 +271,7 @@ def main(argv=None) -> int:
         }
         row["majority"] = majority_of(task, base, verdicts)
         results[n] = row
-        answer_seconds[n] = run.result(f"answers:base:{n}")["seconds"]
+        answer_seconds[n] = run.result(keys.answers(None, n))["seconds"]
     timing = {
         label: sum(pass1_seconds[(label, n)] for n in tasks) / sum(answer_seconds.values()) for label in DISPATCHERS
     }
@@ -285,6 +291,40 @@ def main(argv=None) -> int:
         title="Transformer² on unseen tasks",
     )
     return 0
+
+
+class JobKeys:
+    """The run state's job keys, each naming the inputs its result depends on beyond the run's settings: the unseen
+    task's spec (digest), the expert's saved weights ([`expert_digest`]), the whole library (CEM mixes every expert),
+    the classifier's training tasks, the prompt dispatcher's expert descriptions."""
+
+    def __init__(self, unseen: dict, specs: list[dict], expert_tasks: dict[str, str], others) -> None:
+        self.task = {n: f"{n}@{fingerprint(spec)[:8]}" for n, (_, spec, _) in unseen.items()}
+        self.expert = {s["name"]: f"{s['name']}@{expert_digest(s['source'])}" for s in specs}
+        self.library = fingerprint(sorted(self.expert.values()))[:8]
+        self.classifier = f"classifier@{fingerprint(expert_tasks, list(others))[:8]}"
+        described = fingerprint([(s["name"], s["description"]) for s in specs])[:8]
+        self.label = {label: f"{label}@{described}" for label in DISPATCHERS}
+        self.label["classifier_dispatch"] = f"classifier_dispatch@{self.classifier}"
+        self.calibrate = {n: f"{n}@{fingerprint(spec)[:8]}" for n, spec in expert_tasks.items()}
+
+    def answers(self, who, n: str) -> str:
+        """Answers of the base model (`who=None`), an expert, or CEM's mixture on unseen task `n`."""
+        if who is None:
+            return f"answers:base:{self.task[n]}"
+        if who == "cem":
+            return f"answers:cem@{self.library}:{self.task[n]}"
+        return f"answers:{self.expert[who]}:{self.task[n]}"
+
+    def pass1(self, label: str, n: str, calibrate: bool = False) -> str:
+        """Pass-1 scores of dispatcher `label` on unseen task `n`, or on validation prompts of an expert's task or an
+        `others` task (`calibrate=True`)."""
+        if calibrate:
+            return f"pass1:{self.label[label]}:calibrate:{self.calibrate.get(n, n)}"
+        return f"pass1:{self.label[label]}:{self.task[n]}"
+
+    def cem(self, n: str) -> str:
+        return f"cem@{self.library}:{self.task[n]}"
 
 
 def progress(items, enabled: bool):

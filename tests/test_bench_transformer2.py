@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,12 @@ def _bench():
     return module
 
 
+def _job(state: dict, prefix: str, name: str):
+    """The one job `prefix:name@<task digest>` of the state (keys name the digests of what the job used)."""
+    (key,) = [k for k in state if k.startswith(prefix) and k.endswith(f":{name}@{k.rsplit('@', 1)[-1]}")]
+    return state[key]
+
+
 def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
     from peft_spectral.stats import compare_paired
 
@@ -31,8 +38,8 @@ def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
     assert {r["role"] for r in rows.values()} == {"related", "two_skill", "control"}
     state = json.loads((tmp_path / "transformer2_state.json").read_text())["results"]
     for name, row in rows.items():
-        base = state[f"answers:base:{name}"]["correct"]
-        cem = state[f"answers:cem:{name}"]["correct"]
+        base = _job(state, "answers:base:", name)["correct"]
+        cem = _job(state, "answers:cem@", name)["correct"]
         assert row["n"] == len(base) == 6
         assert row["cem"]["delta"] == pytest.approx(compare_paired(base, cem).delta)
         for label in bench.DISPATCHERS:
@@ -46,7 +53,7 @@ def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
         task = load_task(row["spec"], seed=0, max_examples=1000)
         answer = Counter(e.target for e in task.train).most_common(1)[0][0]
         constant = [e.target == answer for e in task.test[:6]]
-        cem = state[f"answers:cem:{name}"]["correct"]
+        cem = _job(state, "answers:cem@", name)["correct"]
         majority = row["majority"]
         assert majority["answer"] == answer and majority["share"] == pytest.approx(sum(constant) / 6)
         entry = majority["strategies"]["cem"]
@@ -68,6 +75,30 @@ def test_smoke_run_reports_every_strategy_and_resumes(tmp_path):
     # resumable: a second run answers nothing again and reports the same rows
     assert bench.main(argv) == 0
     assert json.loads((tmp_path / "transformer2.json").read_text())["rows"] == rows
+
+
+def test_a_retrained_expert_reruns_only_the_jobs_that_used_it(tmp_path, monkeypatch):
+    bench = _bench()
+    argv = ["--smoke", "--output", str(tmp_path), "--no-progress"]
+    assert bench.main(argv) == 0
+    path = tmp_path / "transformer2_state.json"
+    first = json.loads(path.read_text())["results"]
+    build = bench.random_svf_experts
+
+    def retrained(root, n, **kwargs):  # the same library, but random_0 with other weights
+        build(root, n, **kwargs)
+        build(tmp_path / "other", 1, scale=0.9)
+        shutil.copy(tmp_path / "other" / "random_0" / "adapter_model.safetensors", Path(root, "random_0"))
+        return Path(root)
+
+    monkeypatch.setattr(bench, "random_svf_experts", retrained)
+    assert bench.main(argv) == 0
+    second = json.loads(path.read_text())["results"]
+    added = set(second) - set(first)
+    assert added, "the retrained expert's jobs must run again"
+    assert all(k.startswith(("answers:random_0@", "answers:cem@", "cem@")) for k in added), sorted(added)
+    assert any(k.startswith("answers:random_0@") for k in added) and any(k.startswith("cem@") for k in added)
+    assert {k: second[k] for k in first} == first  # nothing recorded before is changed or re-run
 
 
 def test_task_sets_are_disjoint():

@@ -43,6 +43,8 @@ def _config(tmp_path, **overrides):
         ("peft_method", "ia3", "peft_method must be one of"),
         ("reward_extraction", "loose", "reward_extraction must be one of"),
         ("test_examples", True, "test_examples must be an integer"),
+        ("max_answer_share", 0.0, "max_answer_share must be a finite number > 0"),
+        ("max_answer_share", 1.5, r"max_answer_share must be in \(0, 1\]"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_field(tmp_path, field, value, match):
@@ -58,6 +60,30 @@ def test_bad_task_spec_fails_before_the_model_is_used(tmp_path):
     config = _config(tmp_path, task="rg:gcd?max_valu=3")
     with pytest.raises(ValueError, match="max_valu"):
         train_expert(config, model=object(), tokenizer=object())
+
+
+def test_max_answer_share_caps_the_train_split_only(tmp_path):
+    from collections import Counter
+
+    from peft_spectral.data import load_task
+    from peft_spectral.training.expert_job import train_split
+
+    task = load_task("rg:gcd?max_value=20", seed=0, max_examples=300)
+    share = Counter(ex.target for ex in task.train).most_common(1)[0][1] / len(task.train)
+    assert share > 0.4  # the case the option is for: gcd of small numbers is mostly 1
+    config = _config(tmp_path, task="rg:gcd?max_value=20", max_answer_share=0.25)
+    kept = train_split(task, config)
+    counts = Counter(ex.target for ex in kept)
+    assert max(counts.values()) <= 0.25 * len(kept) and len(kept) < len(task.train)
+    assert set(counts) == {ex.target for ex in task.train}  # no answer is lost
+    assert (
+        len(task.validation)
+        and task.validation == load_task("rg:gcd?max_value=20", seed=0, max_examples=300).validation
+    )
+    assert train_split(task, _config(tmp_path)) == task.train  # off: every example
+    # too few distinct answers for the share: refused before any model is used
+    with pytest.raises(ValueError, match=r"max_answer_share=0\.01 needs at least 100 distinct answers"):
+        train_expert(_config(tmp_path, max_answer_share=0.01), model=object(), tokenizer=object(), printer=print)
 
 
 def test_staged_expert_writes_its_files_and_resumes(tmp_path, tiny_llama):

@@ -143,3 +143,25 @@ def test_cli_tasks_sources_list_and_show(fake_bigbench, capsys):
     assert "spec:        rg:gcd?max_value=20" in out and "reasoning-gym's gcd verifier" in out
     assert main(["tasks", "--show", "missing_task"]) == 2
     assert "unknown task 'missing_task'" in capsys.readouterr().err
+
+
+def test_cap_answer_share_keeps_the_largest_subset_under_the_share():
+    from collections import Counter
+
+    from peft_spectral.data import Example, cap_answer_share
+
+    targets = ["1"] * 60 + ["2"] * 25 + ["3"] * 10 + ["4"] * 5
+    examples = [Example(prompt=f"q{i}", target=t) for i, t in enumerate(targets)]
+    kept = cap_answer_share(examples, 0.4, seed=3)
+    counts = Counter(ex.target for ex in kept)
+    # the largest cap m with m <= 0.4 * sum(min(count, m)): 26 <= 0.4 * 66, 27 > 0.4 * 67
+    assert counts == {"1": 26, "2": 25, "3": 10, "4": 5}
+    assert max(counts.values()) <= 0.4 * len(kept)
+    assert [int(ex.prompt[1:]) for ex in kept] == sorted(int(ex.prompt[1:]) for ex in kept)  # order kept
+    assert cap_answer_share(examples, 0.4, seed=3) == kept  # seeded
+    assert cap_answer_share(examples, 0.4, seed=4) != kept  # another draw of the "1"s
+    assert cap_answer_share(examples, 1.0) == examples
+    with pytest.raises(ValueError, match="needs at least 5 distinct answers; the examples have 4"):
+        cap_answer_share(examples, 0.2)
+    with pytest.raises(ValueError, match=r"max_answer_share must be in \(0, 1\]"):
+        cap_answer_share(examples, 0)

@@ -21,7 +21,14 @@ from typing import Union
 import torch
 
 
-__all__ = ["MLP_TARGETS", "default_library_dir", "library_experts", "library_specs", "random_svf_experts"]
+__all__ = [
+    "MLP_TARGETS",
+    "default_library_dir",
+    "expert_digest",
+    "library_experts",
+    "library_specs",
+    "random_svf_experts",
+]
 
 #: The projections the random experts adapt.
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -76,6 +83,14 @@ def library_specs(root: Union[str, os.PathLike]) -> tuple[list[dict], dict[str, 
         specs.append({"name": name, "source": str(expert.path), "description": meta.get("description", "")[:120]})
         tasks[name] = meta.get("task_spec") or expert.task
     return specs, tasks
+
+
+def expert_digest(path: Union[str, os.PathLike], length: int = 12) -> str:
+    """A short content digest of the expert saved in `path` (xxh3-128 of its `adapter_model.safetensors`): benchmark
+    jobs that used an expert put it in their key, so a retrained expert never reuses the old expert's results."""
+    import xxhash
+
+    return xxhash.xxh3_128(Path(path, "adapter_model.safetensors").read_bytes()).hexdigest()[:length]
 
 
 def random_svf_experts(root: Union[str, os.PathLike], n: int, *, seed: int = 0, scale: float = 0.5) -> Path:

@@ -27,7 +27,7 @@ from .scoring import (
 )
 from .sources import ReasoningGymScorer, TaskSource, get_source, list_sources, register_source
 from .spec import TaskSpec, TaskSpecError, parse_task_spec
-from .splits import draw_shots, example_content, split_examples
+from .splits import cap_answer_share, draw_shots, example_content, split_examples
 from .types import MC_INSTRUCTION, TASK_KINDS, Example, Task, TaskKind, multiple_choice_prompt
 
 
@@ -48,6 +48,7 @@ __all__ = [
     "TaskSource",
     "TaskSpec",
     "TaskSpecError",
+    "cap_answer_share",
     "check_task_spec",
     "draw_shots",
     "example_content",

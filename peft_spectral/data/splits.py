@@ -9,7 +9,15 @@ from collections.abc import Iterable, Sequence
 from .types import Example, Task
 
 
-__all__ = ["check_fractions", "draw_shots", "example_content", "make_task", "split_examples", "split_sizes"]
+__all__ = [
+    "cap_answer_share",
+    "check_fractions",
+    "draw_shots",
+    "example_content",
+    "make_task",
+    "split_examples",
+    "split_sizes",
+]
 
 
 def check_fractions(fractions) -> tuple[float, float, float]:
@@ -112,3 +120,46 @@ def draw_shots(task: Task, n: int) -> list[Example]:
     if n > len(task.train):
         raise ValueError(f"task {task.name!r} has {len(task.train)} train examples, fewer than n={n} shots")
     return list(task.train[:n])
+
+
+def cap_answer_share(examples: Sequence[Example], max_share: float, *, seed: int = 0) -> list[Example]:
+    """The largest subset of `examples` in which no gold answer (`target`) is more than `max_share` of the whole.
+
+    Generators whose answers are mostly one value (letter counting: two thirds "1"; gcd of small numbers: "1") teach
+    that value to a model trained on them; capped, a constant answer no longer pays. Over-represented answers lose
+    examples drawn with `random.Random(seed)`; every kept example keeps its place in the order.
+
+    Args:
+        examples (`Sequence[Example]`): Usually a train split.
+        max_share (`float`): In (0, 1]; 1 keeps everything.
+        seed (`int`, defaults to 0): Which examples of an over-represented answer are dropped.
+
+    Returns:
+        `list[Example]`: The kept examples, in their order.
+
+    Raises:
+        `ValueError`: `max_share` out of range, or too few distinct answers to meet it (fewer than `1 / max_share`).
+    """
+    if not isinstance(max_share, (int, float)) or not 0 < max_share <= 1:
+        raise ValueError(f"max_answer_share must be in (0, 1], got {max_share!r}")
+    by_answer: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_answer.setdefault(ex.target, []).append(i)
+    counts = sorted((len(v) for v in by_answer.values()), reverse=True)
+    # The largest per-answer cap m with m <= max_share * sum(min(count, m)); the right side grows slower than m.
+    cap = 0
+    for m in range(counts[0] if counts else 0, 0, -1):
+        if m <= max_share * sum(min(c, m) for c in counts) + 1e-9:
+            cap = m
+            break
+    if counts and cap == 0:
+        raise ValueError(
+            f"max_answer_share={max_share} needs at least {math.ceil(1 / max_share)} distinct answers; "
+            f"the examples have {len(counts)}"
+        )
+    rng = random.Random(seed)
+    kept: set[int] = set()
+    for answer in sorted(by_answer):
+        indices = by_answer[answer]
+        kept.update(indices if len(indices) <= cap else rng.sample(indices, cap))
+    return [ex for i, ex in enumerate(examples) if i in kept]

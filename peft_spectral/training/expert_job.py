@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import Task, check_task_spec, load_task
+from ..data import Task, cap_answer_share, check_task_spec, load_task
 from ..state import load_state, write_json_atomic
 
 
@@ -72,6 +72,13 @@ class SVFTrainingConfig:
         default=None, metadata=_help("examples of the task in all (before the splits); left out: the source's default")
     )
     train_examples: Optional[int] = field(default=None, metadata=_help("use only the first N train examples"))
+    max_answer_share: Optional[float] = field(
+        default=None,
+        metadata=_help(
+            "drop train examples so that no answer is more than this share of them (a task whose answers are "
+            "mostly one value otherwise teaches that value); validation and test are left as they are"
+        ),
+    )
     peft_method: str = field(
         default="svf", metadata=_help("'svf', or 'lora' for a LoRA baseline on the same path", choices=("svf", "lora"))
     )
@@ -139,6 +146,10 @@ class SVFTrainingConfig:
         for name in ("sft_learning_rate", "rl_learning_rate", "temperature"):
             _check_float(self, name, positive=True)
         _check_float(self, "beta", positive=False)
+        if self.max_answer_share is not None:
+            _check_float(self, "max_answer_share", positive=True)
+            if self.max_answer_share > 1:
+                raise ValueError(f"max_answer_share must be in (0, 1], got {self.max_answer_share!r}")
         for name in ("sft_max_seconds", "rl_max_seconds"):
             if getattr(self, name) is not None:
                 _check_float(self, name, positive=True)
@@ -242,6 +253,14 @@ def _stage_plan(config: SVFTrainingConfig) -> list[dict[str, Any]]:
     return plan
 
 
+def train_split(task: Task, config: SVFTrainingConfig) -> list:
+    """The train examples the stages use: the first `config.train_examples`, capped by `config.max_answer_share`."""
+    train = task.train[: config.train_examples] if config.train_examples else list(task.train)
+    if config.max_answer_share is not None and config.max_answer_share < 1:
+        train = cap_answer_share(train, config.max_answer_share, seed=config.seed)
+    return train
+
+
 def _run_stage(stage, base, tokenizer, task, config, start_adapter, folder: Path, printer) -> dict[str, Any]:
     from .svf import train_svf
 
@@ -251,7 +270,7 @@ def _run_stage(stage, base, tokenizer, task, config, start_adapter, folder: Path
         model = _load_adapter(model, start_adapter, config.peft_method)
     else:
         svf_config = _adapter_config(config)
-    train = task.train[: config.train_examples] if config.train_examples else task.train
+    train = train_split(task, config)
     common = {
         "seed": config.seed,
         "disable_tqdm": not config.progress,
@@ -378,6 +397,12 @@ def train_expert(
     config.validate()
     check_task_spec(config.task)
     task = task or load_task(config.task, seed=config.seed, max_examples=config.max_examples)
+    if config.max_answer_share is not None:
+        kept = train_split(task, config)  # before the model loads: too few distinct answers is an error here
+        printer(
+            f"[expert] max_answer_share={config.max_answer_share}: {len(kept)} of "
+            f"{len(task.train[: config.train_examples] if config.train_examples else task.train)} train examples kept"
+        )
     if model is None:
         from ..assets import load_model
 
@@ -436,7 +461,7 @@ def _write_card(out: Path, expert, task: Task, config: SVFTrainingConfig, stages
     recipe = {
         **last.get("recipe", {}),
         "task_spec": task.spec or task.name,
-        "train_examples": len(task.train[: config.train_examples] if config.train_examples else task.train),
+        "train_examples": len(train_split(task, config)),
         "seed": config.seed,
     }
     write_expert_files(
