@@ -28,6 +28,7 @@ from .data.types import Example, check_kind
 from .model_utils import eval_mode, model_device, pad_token_id, progress_bar
 from .option_scoring import multiple_choice_metrics, score_examples
 from .prompting import encode_answer, encode_prompt, format_prompt
+from .tuners.svf.composed import later_decoding_steps
 
 
 __all__ = [
@@ -208,7 +209,9 @@ def _generate(
     device = model_device(model)
     answers: list[list[str]] = [[] for _ in examples]
     with eval_mode(model), torch.no_grad():
-        for batch in progress_bar(batches, len(batches), progress, "generating"):
+        for number, batch in enumerate(progress_bar(batches, len(batches), progress, "generating")):
+            # the decoding steps of the batches still to come count toward composing SVF weights in this one
+            later = later_decoding_steps(model, (len(batches) - 1 - number) * max(gen_config.max_new_tokens - 1, 0))
             width = max(len(encoded[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -216,9 +219,12 @@ def _generate(
                 ids = encoded[idx]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, width - len(ids) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=gen_config
-            )
+            with later:
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=gen_config,
+                )
             for row, idx in enumerate(batch):
                 for k in range(samples):
                     new_tokens = output[row * samples + k, width:].tolist()

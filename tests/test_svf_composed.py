@@ -30,6 +30,7 @@ from peft_spectral.tuners.svf.composed import (
     composed_inference,
     composed_weight_bytes,
     is_sharded,
+    later_decoding_steps,
     new_tokens_of_generate,
 )
 from peft_spectral.tuners.svf.layer import SVFLinear
@@ -238,6 +239,43 @@ def test_generation_length_keeps_short_generations_factored(monkeypatch):
         mask = torch.cat([ids["attention_mask"], torch.ones_like(step)], dim=1)
         model(input_ids=step, attention_mask=mask, cache=first.past_key_values)
     assert all(layer.svf_composed.weight is not None for layer in layers(model))
+
+
+def test_later_decoding_steps_compose_in_the_first_of_several_short_generations(monkeypatch):
+    """An evaluation's batches at one z: the decoding steps its later batches will run count in the first batch, so
+    it composes there when they pay together (without the hint the first short call stays factored)."""
+    monkeypatch.setitem(composed_module.DECODING_STEP_TOKENS, "cpu", 1)
+    model, tok = svf_model()
+    reference, _ = svf_model(compose_inference=False)
+    ids = tok(["0123456789"], return_tensors="pt")
+    with later_decoding_steps(model, 0):
+        assert _greedy(model, ids, tok, max_new_tokens=5) == _greedy(reference, ids, tok, max_new_tokens=5)
+    assert composed_weight_bytes(model) == 0  # 14 tokens < 32: factored
+    clear_composed_weights(model)
+    with torch.no_grad():
+        for layer, reference_layer in zip(layers(model), layers(reference)):
+            layer.svf_z["default"].mul_(1.01)
+            reference_layer.svf_z["default"].mul_(1.01)
+    with later_decoding_steps(model, 60):  # 10 + 1 + (3 + 60) >= 64 at the first decoding step
+        assert _greedy(model, ids, tok, max_new_tokens=5) == _greedy(reference, ids, tok, max_new_tokens=5)
+    assert all(layer.svf_composed.weight is not None for layer in layers(model))
+    assert all(layer.svf_decoding_steps_later == 0 for layer in layers(model))  # reset on exit
+
+    # the evaluation's generation announces its later batches: (batches left) x (new tokens - 1)
+    from peft_spectral import evaluation
+    from peft_spectral.data import Example
+
+    seen = []
+    original = evaluation.later_decoding_steps
+
+    def record(model, steps):
+        seen.append(steps)
+        return original(model, steps)
+
+    monkeypatch.setattr(evaluation, "later_decoding_steps", record)
+    examples = [Example(prompt=f"{i} + 1 =", target=str(i + 1)) for i in range(5)]
+    evaluation.generate_answers(model, tok, examples, max_new_tokens=5, batch_size=2)
+    assert seen == [8, 4, 0]
 
 
 def test_new_tokens_of_generate_reads_the_generate_kwargs():

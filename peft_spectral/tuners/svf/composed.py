@@ -18,7 +18,9 @@ small matmuls are bound by reading the weights, where one dense `W'` beats two f
 says. How many steps a generation still has is known inside `generate` of an SVF `PeftModel` (`max_new_tokens`,
 `generation_config.max_new_tokens` or `max_length`; see [`generation_length`]): a long generation composes at its
 first decoding step, a short one (a few tokens on a CPU) stays factored, and repeated short ones at the same `z` (an
-evaluation's batches) compose once their count makes it pay. Where the length is unknown (a hand-written decoding
+evaluation's batches) compose once their count makes it pay — or at once where the caller says how many decoding
+steps its later calls will run ([`later_decoding_steps`]; `peft_spectral.evaluation`'s generation does, so an
+evaluation whose batches together pay composes in its first batch). Where the length is unknown (a hand-written decoding
 loop, `generate` of the base model under the adapter) a decoding step composes at once. A sampling round of
 GRPO/RLOO therefore composes once and decodes every token with `W'`; a validation evaluation or Transformer²'s pass 2
 likewise from its first or second batch; CEM's few shots per candidate stay factored unless they are many.
@@ -65,6 +67,7 @@ __all__ = [
     "decoding_step_tokens",
     "generation_length",
     "is_sharded",
+    "later_decoding_steps",
 ]
 
 #: Per device type: the tokens of the factored form whose extra multiply-adds cost as much time as one decoding step
@@ -259,3 +262,25 @@ def generation_length(model: nn.Module, max_new_tokens: Optional[int]) -> Iterat
     finally:
         for layer, value in zip(layers, previous):
             layer.svf_decoding_steps_left = value
+
+
+@contextlib.contextmanager
+def later_decoding_steps(model: nn.Module, steps: int) -> Iterator[None]:
+    """Context telling the SVF layers of `model` that, after the generation inside, later generations at the same `z`
+    will run about `steps` more decoding steps (an evaluation's remaining batches), so that the automatic rule counts
+    them with the current generation's and composes in the first call when the whole evaluation pays for it.
+
+    Args:
+        model (`nn.Module`): The model holding the SVF layers.
+        steps (`int`): Decoding steps of the later calls (their batches times their new tokens, less the first token
+            of each, which comes from the prompt's forward).
+    """
+    layers = _svf_layers(model)
+    previous = [layer.svf_decoding_steps_later for layer in layers]
+    try:
+        for layer in layers:
+            layer.svf_decoding_steps_later = max(int(steps), 0)
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.svf_decoding_steps_later = value

@@ -76,6 +76,8 @@ class SVFLayer(BaseTunerLayer):
             adapters' `SVFConfig.compose_inference`.
         svf_decoding_steps_left (`int` or `None`): Decoding steps left in the current generation (set by
             `generation_length`, which `generate` of an SVF `PeftModel` enters); `None` outside one.
+        svf_decoding_steps_later (`int`): Decoding steps that later generations at the same `z` will run (set by
+            `later_decoding_steps`, e.g. for an evaluation's remaining batches); 0 outside one.
     """
 
     adapter_layer_names: tuple[str, ...] = ("svf_z",)
@@ -99,6 +101,7 @@ class SVFLayer(BaseTunerLayer):
         self.svf_composed = ComposedWeightCache()
         self.svf_compose_override: Optional[bool] = None
         self.svf_decoding_steps_left: Optional[int] = None
+        self.svf_decoding_steps_later: int = 0
 
         base = self.get_base_layer()
         self.in_features, self.out_features, self.fan_in_fan_out = linear_features(base, "SVF", module_name)
@@ -361,7 +364,8 @@ class SVFLayer(BaseTunerLayer):
     def _composition_pays(self, x: torch.Tensor, names: tuple[str, ...], tensors: list[torch.Tensor]) -> bool:
         """`"auto"`: compose once the tokens run without gradient at this `z`, plus those the current generation
         will still run, reach the break-even (a ski-rental rule, see `peft_spectral.tuners.svf.composed`). A decoding
-        step (one new token per row) counts as `decoding_step_tokens(device)` tokens or its rows, whichever is more;
+        step (one new token per row) counts as `decoding_step_tokens(device)` tokens or its rows, whichever is more,
+        and the steps still to come are this generation's and those later calls announced (`later_decoding_steps`);
         outside a generation of known length it composes at once."""
         tokens = x.numel() // max(x.shape[-1], 1)
         k = max(self.svf_z[a].shape[0] for a in names)
@@ -371,7 +375,8 @@ class SVFLayer(BaseTunerLayer):
                 return True
             step = max(tokens, decoding_step_tokens(x.device))
             self.svf_decoding_steps_left = max(left - 1, 0)
-            expected = self.svf_composed.add_tokens(names, tensors, step) + self.svf_decoding_steps_left * step
+            ahead = self.svf_decoding_steps_left + self.svf_decoding_steps_later
+            expected = self.svf_composed.add_tokens(names, tensors, step) + ahead * step
             return expected >= self.compose_break_even_tokens(k)
         return self.svf_composed.add_tokens(names, tensors, tokens) >= self.compose_break_even_tokens(k)
 
