@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 
 from peft_spectral.benchmarking import BenchmarkRun, add_benchmark_arguments, markdown_table
-from peft_spectral.benchmarking.experts import expert_digest, library_specs, random_svf_experts
-from peft_spectral.benchmarking.reporting import majority_baseline
+from peft_spectral.benchmarking.experts import LibraryJobKeys, library_specs, random_svf_experts
+from peft_spectral.benchmarking.reporting import majority_by_strategy
 from peft_spectral.data import load_task
 from peft_spectral.evaluation import evaluate
 from peft_spectral.paths import library_dir
 from peft_spectral.plots import ci_bar_chart
-from peft_spectral.state import fingerprint
 from peft_spectral.stats import accuracy_ci, compare_paired
 from peft_spectral.transformer2 import (
     OTHERS,
@@ -143,7 +142,7 @@ def main(argv=None) -> int:
         for k, v in vars(args).items()
         if k not in ("output", "state", "no_progress", "smoke", "model", "benchmark_name")
     }
-    # the unseen tasks and the experts are in the job keys (see `JobKeys`), not in the run's fingerprint
+    # the unseen tasks and the experts are in the job keys (`LibraryJobKeys`), not in the run's fingerprint
     run = BenchmarkRun.from_args(args, {**config, "others": OTHERS_TASKS})
     model, tok = run.load_model()
     if args.smoke:
@@ -182,7 +181,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"task sets overlap: {sorted(overlap)}")
     library = ExpertLibrary.load(model, tok, specs)
     names = library.names
-    keys = JobKeys(unseen, specs, expert_tasks, others)
+    labels = {"prompt_dispatch": "descriptions", "calibrated_dispatch": "descriptions"}
+    keys = LibraryJobKeys(unseen, specs, expert_tasks, others, {**labels, "classifier_dispatch": "classifier"})
     load = lambda spec: load_task(spec, seed=args.seed, max_examples=max(1000, 5 * args.n_test))  # noqa: E731
     tasks = {n: load(s) for n, (_, s, _) in unseen.items()}
     exp_tasks = {n: load(s) for n, s in expert_tasks.items()}
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
             "alpha": dict(zip(names, cem["best_alpha"])),
             "search_seconds": cem["seconds"],
         }
-        row["majority"] = majority_of(task, base, verdicts)
+        row["majority"] = majority_by_strategy(task.train, task.test[: len(base)], base, verdicts)
         results[n] = row
         answer_seconds[n] = run.result(keys.answers(None, n))["seconds"]
     timing = {
@@ -291,40 +291,6 @@ def main(argv=None) -> int:
         title="Transformer² on unseen tasks",
     )
     return 0
-
-
-class JobKeys:
-    """The run state's job keys, each naming the inputs its result depends on beyond the run's settings: the unseen
-    task's spec (digest), the expert's saved weights ([`expert_digest`]), the whole library (CEM mixes every expert),
-    the classifier's training tasks, the prompt dispatcher's expert descriptions."""
-
-    def __init__(self, unseen: dict, specs: list[dict], expert_tasks: dict[str, str], others) -> None:
-        self.task = {n: f"{n}@{fingerprint(spec)[:8]}" for n, (_, spec, _) in unseen.items()}
-        self.expert = {s["name"]: f"{s['name']}@{expert_digest(s['source'])}" for s in specs}
-        self.library = fingerprint(sorted(self.expert.values()))[:8]
-        self.classifier = f"classifier@{fingerprint(expert_tasks, list(others))[:8]}"
-        described = fingerprint([(s["name"], s["description"]) for s in specs])[:8]
-        self.label = {label: f"{label}@{described}" for label in DISPATCHERS}
-        self.label["classifier_dispatch"] = f"classifier_dispatch@{self.classifier}"
-        self.calibrate = {n: f"{n}@{fingerprint(spec)[:8]}" for n, spec in expert_tasks.items()}
-
-    def answers(self, who, n: str) -> str:
-        """Answers of the base model (`who=None`), an expert, or CEM's mixture on unseen task `n`."""
-        if who is None:
-            return f"answers:base:{self.task[n]}"
-        if who == "cem":
-            return f"answers:cem@{self.library}:{self.task[n]}"
-        return f"answers:{self.expert[who]}:{self.task[n]}"
-
-    def pass1(self, label: str, n: str, calibrate: bool = False) -> str:
-        """Pass-1 scores of dispatcher `label` on unseen task `n`, or on validation prompts of an expert's task or an
-        `others` task (`calibrate=True`)."""
-        if calibrate:
-            return f"pass1:{self.label[label]}:calibrate:{self.calibrate.get(n, n)}"
-        return f"pass1:{self.label[label]}:{self.task[n]}"
-
-    def cem(self, n: str) -> str:
-        return f"cem@{self.library}:{self.task[n]}"
 
 
 def progress(items, enabled: bool):
@@ -352,20 +318,6 @@ def search_cem(library, task, args, name: str) -> dict:
         "seconds": result.seconds,
         "evaluations": result.evaluations,
         "history": result.history,
-    }
-
-
-def majority_of(task, base: list[bool], verdicts: dict[str, list[bool]]) -> dict:
-    """The majority-answer baseline of one task (see `majority_baseline`) against every strategy's verdicts."""
-    test = task.test[: len(base)]
-    rows = {s: majority_baseline(task.train, test, base, v) for s, v in verdicts.items()}
-    first = next(iter(rows.values()))
-    keep = ("minus_constant", "rest_n", "rest_delta", "right_on_majority", "top_right")
-    return {
-        "answer": first["answer"],
-        "share": first["share"],
-        "constant": first["constant"],
-        "strategies": {s: {k: r[k] for k in keep} for s, r in rows.items()},
     }
 
 

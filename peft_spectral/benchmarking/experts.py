@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 
 __all__ = [
     "MLP_TARGETS",
+    "LibraryJobKeys",
     "default_library_dir",
     "expert_digest",
     "library_experts",
@@ -91,6 +92,54 @@ def expert_digest(path: Union[str, os.PathLike], length: int = 12) -> str:
     import xxhash
 
     return xxhash.xxh3_128(Path(path, "adapter_model.safetensors").read_bytes()).hexdigest()[:length]
+
+
+class LibraryJobKeys:
+    """Job keys of a benchmark over an expert library and unseen tasks, each naming the inputs its result depends on
+    beyond the run's settings, so that a retrained expert or a changed task re-runs only the jobs that used it: the
+    task's spec (digest), the expert's saved weights ([`expert_digest`]), the whole library (a mixture of every
+    expert), the classifier's training tasks, the experts' descriptions (what a prompt dispatcher reads).
+
+    Args:
+        unseen (`dict`): Task name -> `(role, spec, related expert)`.
+        specs (`list[dict]`): The library's expert specs ([`library_specs`]: `name`, `source`, `description`).
+        expert_tasks (`dict[str, str]`): Expert name -> its task spec.
+        others (`Sequence[str]`): The task specs of the `others` class.
+        labels (`dict[str, str]`): Dispatcher label -> what its scores depend on: `"descriptions"` or `"classifier"`.
+    """
+
+    def __init__(self, unseen: dict, specs: list[dict], expert_tasks: dict[str, str], others, labels: dict) -> None:
+        from ..state import fingerprint
+
+        self.task = {n: f"{n}@{fingerprint(spec)[:8]}" for n, (_, spec, _) in unseen.items()}
+        self.expert = {s["name"]: f"{s['name']}@{expert_digest(s['source'])}" for s in specs}
+        self.library = fingerprint(sorted(self.expert.values()))[:8]
+        self.classifier = f"classifier@{fingerprint(expert_tasks, list(others))[:8]}"
+        depends = {
+            "descriptions": fingerprint([(s["name"], s["description"]) for s in specs])[:8],
+            "classifier": self.classifier,
+        }
+        self.label = {label: f"{label}@{depends[on]}" for label, on in labels.items()}
+        self.calibrate = {n: f"{n}@{fingerprint(spec)[:8]}" for n, spec in expert_tasks.items()}
+
+    def answers(self, who: Optional[str], task: str) -> str:
+        """Answers of the base model (`who=None`), an expert, or the mixture of the library (`who="cem"`) on `task`."""
+        if who is None:
+            return f"answers:base:{self.task[task]}"
+        if who == "cem":
+            return f"answers:cem@{self.library}:{self.task[task]}"
+        return f"answers:{self.expert[who]}:{self.task[task]}"
+
+    def pass1(self, label: str, task: str, calibrate: bool = False) -> str:
+        """Pass-1 scores of dispatcher `label` on unseen `task`, or on validation prompts of an expert's task or an
+        `others` task (`calibrate=True`)."""
+        if calibrate:
+            return f"pass1:{self.label[label]}:calibrate:{self.calibrate.get(task, task)}"
+        return f"pass1:{self.label[label]}:{self.task[task]}"
+
+    def cem(self, task: str) -> str:
+        """The CEM search of the library's mixing weights on `task`."""
+        return f"cem@{self.library}:{self.task[task]}"
 
 
 def random_svf_experts(root: Union[str, os.PathLike], n: int, *, seed: int = 0, scale: float = 0.5) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 from ..stats import accuracy_ci, compare_paired
 
 
-__all__ = ["format_spread", "majority_baseline", "round_spread", "stat_entry", "task_label"]
+__all__ = ["format_spread", "majority_baseline", "majority_by_strategy", "round_spread", "stat_entry", "task_label"]
 
 
 def stat_entry(stat: Any) -> dict[str, Any]:
@@ -99,4 +99,18 @@ def majority_baseline(train: Sequence[Any], test: Sequence[Any], base: Sequence[
             if besides
             else None,
         },
+    }
+
+
+def majority_by_strategy(train: Sequence[Any], test: Sequence[Any], base: Sequence[bool], verdicts: dict) -> dict:
+    """[`majority_baseline`] of one task against every strategy's verdicts: the constant (`answer`, `share`,
+    `constant`) once, and per strategy what sets its gain beside the constant."""
+    rows = {s: majority_baseline(train, test, base, v) for s, v in verdicts.items()}
+    first = next(iter(rows.values()))
+    keep = ("minus_constant", "rest_n", "rest_delta", "right_on_majority", "top_right")
+    return {
+        "answer": first["answer"],
+        "share": first["share"],
+        "constant": first["constant"],
+        "strategies": {s: {k: r[k] for k in keep} for s, r in rows.items()},
     }
