@@ -261,7 +261,7 @@ def train_split(task: Task, config: SVFTrainingConfig) -> list:
     return train
 
 
-def _run_stage(stage, base, tokenizer, task, config, start_adapter, folder: Path, printer) -> dict[str, Any]:
+def _run_stage(stage, base, tokenizer, task, train, config, start_adapter, folder: Path, printer) -> dict[str, Any]:
     from .svf import train_svf
 
     model = copy.deepcopy(base)
@@ -270,7 +270,6 @@ def _run_stage(stage, base, tokenizer, task, config, start_adapter, folder: Path
         model = _load_adapter(model, start_adapter, config.peft_method)
     else:
         svf_config = _adapter_config(config)
-    train = train_split(task, config)
     common = {
         "seed": config.seed,
         "disable_tqdm": not config.progress,
@@ -397,12 +396,9 @@ def train_expert(
     config.validate()
     check_task_spec(config.task)
     task = task or load_task(config.task, seed=config.seed, max_examples=config.max_examples)
+    train = train_split(task, config)  # before the model loads: too few distinct answers is an error here
     if config.max_answer_share is not None:
-        kept = train_split(task, config)  # before the model loads: too few distinct answers is an error here
-        printer(
-            f"[expert] max_answer_share={config.max_answer_share}: {len(kept)} of "
-            f"{len(task.train[: config.train_examples] if config.train_examples else task.train)} train examples kept"
-        )
+        printer(f"[expert] max_answer_share={config.max_answer_share}: {len(train)} train examples kept")
     if model is None:
         from ..assets import load_model
 
@@ -433,7 +429,7 @@ def train_expert(
             printer(f"[expert] stage {stage['name']}: done already ({folder})")
         else:
             printer(f"[expert] stage {stage['name']}: {stage['method']} for {stage['steps']} steps")
-            done = _run_stage(stage, model, tokenizer, task, config, start_adapter, folder, printer)
+            done = _run_stage(stage, model, tokenizer, task, train, config, start_adapter, folder, printer)
         stages.append(done)
         start_adapter = str(folder)
 
@@ -447,13 +443,13 @@ def train_expert(
 
         write_test_eval(out, test_eval)
         printer("\n".join([f"[expert] {task.name}, test (lenient):", *report_lines(test_eval)]))
-    _write_card(out, expert, task, config, stages, test_eval)
+    _write_card(out, expert, task, config, stages, test_eval, len(train))
     log["stages"] = [{k: v for k, v in s.items() if k != "logs"} for s in stages]
     write_json_atomic(log_path, log)
     return ExpertResult(model=expert, path=out, stages=stages, test_eval=test_eval, task=task)
 
 
-def _write_card(out: Path, expert, task: Task, config: SVFTrainingConfig, stages, test_eval) -> None:
+def _write_card(out: Path, expert, task: Task, config: SVFTrainingConfig, stages, test_eval, n_train: int) -> None:
     from ..model_card import write_expert_files
 
     base = expert.get_base_model()
@@ -461,7 +457,7 @@ def _write_card(out: Path, expert, task: Task, config: SVFTrainingConfig, stages
     recipe = {
         **last.get("recipe", {}),
         "task_spec": task.spec or task.name,
-        "train_examples": len(train_split(task, config)),
+        "train_examples": n_train,
         "seed": config.seed,
     }
     write_expert_files(
